@@ -1,0 +1,54 @@
+//! Test support for clip: real services, real images, and the oracle.
+//!
+//! # Model
+//!
+//! Every integration test in the project runs against the real thing, started here on loopback
+//! with a random port and a temp directory, and stopped (with its files removed) on drop:
+//!
+//! - [`Registry`] — the CNCF distribution registry (`docker-registry serve`), anonymous, with
+//!   htpasswd Basic auth, with Bearer tokens from the testkit's [`token`] server (configurable
+//!   lifetime, so expiry is testable), and/or with TLS from a generated CA. It can be stopped and
+//!   restarted on the same port to model an outage.
+//! - [`S3`] — the `s3s-fs` S3 API server with random credentials.
+//! - [`ImageBuilder`] — seeded, deterministic OCI and Docker images (every compression, every
+//!   entry kind, every merge rule; see [`image::edge_cases`]) pushed to a [`Registry`] or written
+//!   as an OCI layout.
+//! - [`Buildah`] — real `buildah bud` / `buildah push`.
+//! - The oracle: [`oracle::oracle_unpack`] (`skopeo copy` + `umoci unpack`) and [`Tree::compare`],
+//!   which reports every difference between two trees.
+//!
+//! A service's log goes to a file in its temp directory and is printed when a test panics.
+//!
+//! ```no_run
+//! use clip_testkit::{Registry, ImageBuilder, ManifestFormat, image::{edge_cases, EdgeCaseOptions}};
+//! let registry = Registry::start_anonymous()?;
+//! let image = ImageBuilder::new(ManifestFormat::Oci).image(edge_cases(&EdgeCaseOptions::default())).build()?;
+//! let pushed = image.push(&registry, "test/edge", "v1")?;
+//! println!("{} is {}", pushed.reference, pushed.digest);
+//! # Ok::<(), clip_testkit::Error>(())
+//! ```
+
+pub mod buildah;
+mod error;
+pub mod http;
+pub mod image;
+pub mod oracle;
+pub mod pki;
+pub mod process;
+pub mod registry;
+pub mod s3;
+pub mod token;
+pub mod tree;
+
+pub use buildah::Buildah;
+pub use error::{Error, Result};
+pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat};
+pub use registry::{Auth, Registry, RegistryOptions};
+pub use s3::S3;
+pub use tree::{CompareOptions, Tree};
+
+/// Whether the tests run as root (needed for devices, owners and FUSE).
+#[must_use]
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
