@@ -410,7 +410,9 @@ fn oracle_applies_every_edge_case_as_the_oci_spec_says() {
         std::fs::read_link(r.join("usr/bin/abs-link")).unwrap(),
         Path::new("/etc/passwd")
     );
-    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&md("data/fifo").file_type()));
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &md("data/fifo").file_type()
+    ));
     assert_eq!(md("data/hl-a").ino(), md("data/hl-c").ino());
     assert_eq!(md("data/hl-a").nlink(), 3);
     assert_eq!(
