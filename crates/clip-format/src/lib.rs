@@ -2,25 +2,101 @@
 //!
 //! # Model
 //!
-//! A `.clip` file is one versioned container for three kinds of archive, told apart by its header so
-//! a reader can auto-detect what it was handed:
+//! A `.clip` file is one versioned container for three kinds of archive, told apart by its header
+//! so a reader can auto-detect what it was handed ([`ArchiveKind`]):
 //!
 //! - **v1 local** — the merged root filesystem's index *and* every file's bytes (data-carrying);
-//! - **v1 remote** — the same index plus a reference to the data object in object storage;
-//! - **v2 OCI** — the index plus the image's registry location (registry, repository, manifest
-//!   digest), its layer table and, per layer, the checkpoints that allow random access into the
-//!   compressed layer blob. No file data at all.
+//! - **v1 remote** — the same index plus a pointer to the data object in object storage;
+//! - **v2 OCI** — the index plus the image's registry location (pinned by manifest digest), its
+//!   layer table and, per layer, the checkpoints that allow random access into the compressed
+//!   layer blob. No file data at all.
 //!
-//! The file starts with a fixed header (magic, format version, kind, flags) and a section table;
-//! each section (index, strings, layers, checkpoints, image config, data) is located by offset and
-//! length and protected by a checksum. The index is sorted so that a path lookup is a binary search
-//! and a directory's children are one contiguous range. Readers treat archives as untrusted input:
-//! every offset and length is checked before use.
+//! The file is a fixed header (magic, format version, kind, a section table with an xxh3-64
+//! checksum per section, and a header checksum) followed by 8-byte-aligned sections of
+//! fixed-width little-endian records. The index is laid out breadth first with each directory's
+//! children contiguous and sorted by name, so a path lookup is a binary search per component and a
+//! directory listing reads exactly its children. Attributes that repeat across entries (mode,
+//! owner, link count, mtime) are stored once in an attribute table, and all strings once in a
+//! string table, which keeps the index near 50 bytes per entry.
 //!
-//! This crate is pure: no I/O beyond `Read`/`Write` and byte slices, no async.
+//! [`Archive::open`] memory-maps the file and validates it once (checksums, every offset, every
+//! reference, the tree shape, name rules); afterwards every accessor reads the mapping in place
+//! without copying. Archives are untrusted input: malformed ones produce a typed [`Error`] naming
+//! what is wrong, never a panic, and no allocation is sized by an unchecked field.
 //!
-//! Status: the format is specified and implemented in its own issue; this crate currently only
-//! fixes the magic bytes every archive starts with.
+//! Writers ([`write_v2`], [`V1Writer`], [`write_v1_remote`]) take an owned [`Tree`] and publish
+//! atomically (temp file, fsync, rename). `docs/format.md` is the byte-level specification.
+//!
+//! ```
+//! use clip_format::{Archive, Meta, Source, Tree, Metadata, NodeKind, LayerSpan, write_v2};
+//! # let dir = tempfile::tempdir()?;
+//! let mut tree = Tree::default();
+//! tree.insert(b"etc/hostname", NodeKind::File { size: 5, span: Some(LayerSpan { layer: 0, offset: 512 }) },
+//!             Metadata { mode: 0o644, ..Metadata::default() })?;
+//! let meta = Meta { source: Some(Source { manifest_digest: format!("sha256:{}", "0".repeat(64)), ..Source::default() }), ..Meta::default() };
+//! let layer = clip_format::LayerInfo { digest: "sha256:…".into(), diff_id: "sha256:…".into(),
+//!     media: clip_format::MediaKind::Tar, single_frame: false, compressed_size: 2048, uncompressed_size: 2048, span_size: 0 };
+//! let path = dir.path().join("img.clip");
+//! write_v2(&path, &tree, &meta, &[layer], &[vec![]])?;
+//!
+//! let archive = Archive::open(&path)?;
+//! let entry = archive.lookup(b"/etc/hostname").expect("present");
+//! assert_eq!(entry.size(), 5);
+//! assert_eq!(archive.root().children().count(), 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
-/// The eight bytes every `.clip` archive starts with.
-pub const MAGIC: [u8; 8] = *b"CLIPARC\0";
+mod error;
+pub mod layout;
+mod meta;
+mod read;
+pub mod tree;
+mod write;
+
+pub use error::{Error, Result};
+pub use layout::{FORMAT_VERSION, MAGIC, SectionId};
+pub use meta::{
+    Checkpoint, CheckpointKind, ImageConfig, LayerInfo, MediaKind, Meta, Remote, Source,
+};
+pub use read::{Archive, DataLocation, Entry, EntryKind, SectionInfo};
+pub use tree::{LayerSpan, Metadata, NodeKind, Tree};
+pub use write::{V1Writer, WriteSummary, publish_bytes, write_v1_remote, write_v2};
+
+/// The three kinds of archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ArchiveKind {
+    /// Index plus embedded file data.
+    V1Local,
+    /// Index plus a pointer to the data in object storage.
+    V1Remote,
+    /// Index plus registry location and checkpoints; file data stays in the registry.
+    V2Oci,
+}
+
+impl ArchiveKind {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Self::V1Local => 1,
+            Self::V1Remote => 2,
+            Self::V2Oci => 3,
+        }
+    }
+    pub(crate) fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(Self::V1Local),
+            2 => Some(Self::V1Remote),
+            3 => Some(Self::V2Oci),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ArchiveKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::V1Local => "v1-local",
+            Self::V1Remote => "v1-remote",
+            Self::V2Oci => "v2-oci",
+        })
+    }
+}

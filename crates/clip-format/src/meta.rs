@@ -1,0 +1,178 @@
+//! The archive's JSON metadata section: image config, registry source, remote data reference.
+
+use serde::{Deserialize, Serialize};
+
+/// The runtime configuration of the image, so a container can start without the registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageConfig {
+    /// `os` of the image's platform.
+    pub os: String,
+    /// `architecture` of the image's platform.
+    pub architecture: String,
+    /// Platform variant (e.g. `v8`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// `KEY=value` environment.
+    pub env: Vec<String>,
+    /// Entrypoint.
+    pub entrypoint: Vec<String>,
+    /// Default command.
+    pub cmd: Vec<String>,
+    /// User (name or uid[:gid]).
+    pub user: String,
+    /// Working directory.
+    pub working_dir: String,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Exposed ports (`80/tcp`).
+    pub exposed_ports: Vec<String>,
+    /// Volumes.
+    pub volumes: Vec<String>,
+    /// Stop signal.
+    pub stop_signal: String,
+}
+
+/// Where a v2 archive's image lives: pinned by manifest digest, never only a tag.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Source {
+    /// Registry host (and port), e.g. `docker.io` or `127.0.0.1:5000`.
+    pub registry: String,
+    /// Repository, e.g. `library/ubuntu`.
+    pub repository: String,
+    /// `sha256:…` of the platform manifest the archive was built from.
+    pub manifest_digest: String,
+    /// The reference the user gave (informational: tags move).
+    pub reference: String,
+}
+
+/// Where a v1-remote archive's data lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Remote {
+    /// Object URL (`s3://bucket/key`, `file:///dir/key`, …).
+    pub url: String,
+    /// Size of the object in bytes.
+    pub size: u64,
+    /// Offset inside the object where the data region starts (file offsets are relative to it).
+    pub data_offset: u64,
+    /// Length of the data region.
+    pub data_length: u64,
+}
+
+/// The metadata section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Meta {
+    /// The image's runtime configuration.
+    pub image: ImageConfig,
+    /// v2: the registry location.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// v1 remote: the data object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<Remote>,
+    /// Which program wrote the archive.
+    pub created_by: String,
+}
+
+/// Compression of a layer blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MediaKind {
+    /// Uncompressed tar.
+    Tar,
+    /// gzip (one or several members).
+    Gzip,
+    /// zstd (one or several frames).
+    Zstd,
+}
+
+impl MediaKind {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Self::Tar => 1,
+            Self::Gzip => 2,
+            Self::Zstd => 3,
+        }
+    }
+    pub(crate) fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(Self::Tar),
+            2 => Some(Self::Gzip),
+            3 => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// One layer of a v2 archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerInfo {
+    /// Blob digest (`sha256:…`).
+    pub digest: String,
+    /// Digest of the uncompressed tar.
+    pub diff_id: String,
+    /// Compression.
+    pub media: MediaKind,
+    /// A single zstd frame: no seek points, readers materialise the layer once.
+    pub single_frame: bool,
+    /// Blob size.
+    pub compressed_size: u64,
+    /// Uncompressed tar size.
+    pub uncompressed_size: u64,
+    /// Nominal distance between checkpoints (uncompressed bytes).
+    pub span_size: u64,
+}
+
+/// What a checkpoint resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum CheckpointKind {
+    /// A deflate block boundary inside a gzip member (needs bits and window).
+    Deflate,
+    /// The start of a gzip member (header follows; no window needed).
+    GzipMember,
+    /// The start of a zstd frame.
+    ZstdFrame,
+    /// A plain offset into an uncompressed blob.
+    Plain,
+}
+
+impl CheckpointKind {
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Self::Deflate => 1,
+            Self::GzipMember => 2,
+            Self::ZstdFrame => 3,
+            Self::Plain => 4,
+        }
+    }
+    pub(crate) fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(Self::Deflate),
+            2 => Some(Self::GzipMember),
+            3 => Some(Self::ZstdFrame),
+            4 => Some(Self::Plain),
+            _ => None,
+        }
+    }
+}
+
+/// A point where decompression of a layer can resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    /// What kind of resume point this is.
+    pub kind: CheckpointKind,
+    /// Offset in the compressed blob of the first byte to feed.
+    pub compressed_offset: u64,
+    /// Offset in the uncompressed stream this checkpoint produces first.
+    pub uncompressed_offset: u64,
+    /// Bits (0–7) of the byte before `compressed_offset` that belong to the next block.
+    pub bits: u8,
+    /// The preceding 32 KiB of output, compressed (empty where no window is needed).
+    #[serde(skip)]
+    pub window: Vec<u8>,
+    /// sha256 of the uncompressed span from this checkpoint to the next (or the layer's end).
+    #[serde(skip)]
+    pub span_digest: [u8; 32],
+}

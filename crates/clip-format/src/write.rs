@@ -1,0 +1,677 @@
+//! Writers: v1 local (file data streamed in), v1 remote (index + pointer), v2 OCI (index only).
+//!
+//! Every writer publishes atomically: it writes a temp file beside the destination, fsyncs it,
+//! renames it into place and fsyncs the directory, so readers never see a partial archive.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::ArchiveKind;
+use crate::error::{Error, Result};
+use crate::layout::{
+    FORMAT_VERSION, HEADER_FIXED, MAGIC, MAX_STRING, SECTION_ROW, SECTION_UNCHECKED, SectionId,
+    checksum, put_varint,
+};
+use crate::meta::{Checkpoint, LayerInfo, Meta};
+use crate::read::Archive;
+use crate::tree::{NodeKind, Tree};
+
+/// Deduplicating string table.
+#[derive(Default)]
+struct Strings {
+    buf: Vec<u8>,
+    map: HashMap<Vec<u8>, u32>,
+}
+
+impl Strings {
+    fn add(&mut self, s: &[u8]) -> Result<u32> {
+        if let Some(&o) = self.map.get(s) {
+            return Ok(o);
+        }
+        let len = u32::try_from(s.len())
+            .ok()
+            .filter(|l| *l <= MAX_STRING)
+            .ok_or_else(|| {
+                Error::InvalidTree(format!("string of {} bytes is too long", s.len()))
+            })?;
+        let off = u32::try_from(self.buf.len())
+            .map_err(|_| Error::InvalidTree("string table exceeds 4 GiB".into()))?;
+        put_varint(&mut self.buf, len);
+        self.buf.extend_from_slice(s);
+        self.map.insert(s.to_vec(), off);
+        Ok(off)
+    }
+}
+
+/// Where a file's data is, as the writer records it.
+#[derive(Clone, Copy)]
+enum FileLoc {
+    V1 { digest_index: u32, offset: u64 },
+    V2 { layer: u32, offset: u64 },
+}
+
+struct Index {
+    strings: Strings,
+    entries: Vec<u8>,
+    attrs: Vec<u8>,
+    xattrs: Vec<u8>,
+}
+
+/// Follows hard links to the file node they name.
+fn resolve_links(tree: &Tree) -> Result<HashMap<usize, usize>> {
+    let mut canon = HashMap::new();
+    for id in tree.breadth_first() {
+        let Some(node) = tree.node(id) else { continue };
+        let NodeKind::HardLink(_) = node.kind else {
+            continue;
+        };
+        let mut cur = id;
+        for _ in 0..64 {
+            let Some(NodeKind::HardLink(target)) = tree.node(cur).map(|n| &n.kind) else {
+                break;
+            };
+            cur = tree.lookup(target).ok_or_else(|| {
+                Error::InvalidTree(format!(
+                    "hard link {} points at missing {}",
+                    String::from_utf8_lossy(&tree.path_of(id)),
+                    String::from_utf8_lossy(target)
+                ))
+            })?;
+        }
+        match tree.node(cur).map(|n| &n.kind) {
+            Some(NodeKind::File { .. }) => {
+                canon.insert(id, cur);
+            }
+            _ => {
+                return Err(Error::InvalidTree(format!(
+                    "hard link {} does not resolve to a regular file",
+                    String::from_utf8_lossy(&tree.path_of(id))
+                )));
+            }
+        }
+    }
+    Ok(canon)
+}
+
+fn build_index(
+    tree: &Tree,
+    canon: &HashMap<usize, usize>,
+    loc: &mut dyn FnMut(usize) -> Result<FileLoc>,
+) -> Result<Index> {
+    let order = tree.breadth_first();
+    let index_of: HashMap<usize, u32> = order
+        .iter()
+        .enumerate()
+        .map(|(i, id)| u32::try_from(i).map(|i| (*id, i)))
+        .collect::<Result<_, _>>()
+        .map_err(|_| Error::InvalidTree("more than 2^32 entries".into()))?;
+    let canonical = |id: usize| canon.get(&id).copied().unwrap_or(id);
+    let mut links: HashMap<usize, u32> = HashMap::new();
+    for &id in &order {
+        if matches!(
+            tree.node(canonical(id)).map(|n| &n.kind),
+            Some(NodeKind::File { .. })
+        ) {
+            *links.entry(canonical(id)).or_default() += 1;
+        }
+    }
+    let mut inode: HashMap<usize, u32> = HashMap::new();
+    let mut strings = Strings::default();
+    strings.add(b"")?;
+    let mut entries = Vec::with_capacity(order.len() * crate::layout::ENTRY_SIZE);
+    let mut attrs = Vec::new();
+    let mut attr_ids: HashMap<(u32, u32, u32, u32, i64, u32), u32> = HashMap::new();
+    let mut xattrs = Vec::new();
+
+    for &id in &order {
+        let node = tree
+            .node(id)
+            .ok_or_else(|| Error::InvalidTree("dangling node".into()))?;
+        let cid = canonical(id);
+        let cnode = tree
+            .node(cid)
+            .ok_or_else(|| Error::InvalidTree("dangling link".into()))?;
+        let next_ino = u32::try_from(inode.len() + 1)
+            .map_err(|_| Error::InvalidTree("too many inodes".into()))?;
+        let ino = *inode.entry(cid).or_insert(next_ino);
+        let (nlink, a, b, c, size): (u32, u32, u32, u64, u64) = match &cnode.kind {
+            NodeKind::Dir => {
+                let subdirs = cnode
+                    .children
+                    .values()
+                    .filter(|k| tree.node(**k).is_some_and(|n| n.kind == NodeKind::Dir))
+                    .count();
+                let first = cnode.children.values().next().map_or(0, |k| index_of[k]);
+                let count = u32::try_from(cnode.children.len()).unwrap_or(u32::MAX);
+                (
+                    u32::try_from(subdirs + 2).unwrap_or(u32::MAX),
+                    first,
+                    count,
+                    0,
+                    0,
+                )
+            }
+            NodeKind::File { size, .. } => {
+                let (a, c) = match loc(cid)? {
+                    FileLoc::V1 {
+                        digest_index,
+                        offset,
+                    } => (digest_index, offset),
+                    FileLoc::V2 { layer, offset } => (layer, offset),
+                };
+                (links[&cid], a, 0, c, *size)
+            }
+            NodeKind::Symlink(t) => (1, strings.add(t)?, 0, 0, t.len() as u64),
+            NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
+                (1, *major, *minor, 0, 0)
+            }
+            NodeKind::Fifo | NodeKind::Socket => (1, 0, 0, 0, 0),
+            NodeKind::HardLink(_) => return Err(Error::InvalidTree("unresolved hard link".into())),
+        };
+        let m = &cnode.meta;
+        if m.mtime_nsec >= 1_000_000_000 {
+            return Err(Error::InvalidTree("mtime nanoseconds out of range".into()));
+        }
+        let st_mode = cnode.kind.type_bits() | (m.mode & 0o7777);
+        let key = (st_mode, m.uid, m.gid, nlink, m.mtime_sec, m.mtime_nsec);
+        let next_attr = u32::try_from(attr_ids.len())
+            .map_err(|_| Error::InvalidTree("too many attrs".into()))?;
+        let attr = *attr_ids.entry(key).or_insert_with(|| {
+            attrs.extend_from_slice(&st_mode.to_le_bytes());
+            attrs.extend_from_slice(&m.uid.to_le_bytes());
+            attrs.extend_from_slice(&m.gid.to_le_bytes());
+            attrs.extend_from_slice(&nlink.to_le_bytes());
+            attrs.extend_from_slice(&m.mtime_sec.to_le_bytes());
+            attrs.extend_from_slice(&m.mtime_nsec.to_le_bytes());
+            attrs.extend_from_slice(&0u32.to_le_bytes());
+            next_attr
+        });
+        let name = strings.add(&node.name)?;
+        let parent = index_of[&node.parent];
+        entries.extend_from_slice(&name.to_le_bytes());
+        entries.extend_from_slice(&parent.to_le_bytes());
+        entries.extend_from_slice(&attr.to_le_bytes());
+        entries.extend_from_slice(&ino.to_le_bytes());
+        entries.extend_from_slice(&size.to_le_bytes());
+        entries.extend_from_slice(&a.to_le_bytes());
+        entries.extend_from_slice(&b.to_le_bytes());
+        entries.extend_from_slice(&c.to_le_bytes());
+
+        // A name given twice keeps its last value, as with repeated PAX records.
+        let xs: std::collections::BTreeMap<&[u8], &[u8]> = m
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        for (k, v) in xs {
+            if k.is_empty() {
+                return Err(Error::InvalidTree("empty xattr name".into()));
+            }
+            xattrs.extend_from_slice(&index_of[&id].to_le_bytes());
+            xattrs.extend_from_slice(&strings.add(k)?.to_le_bytes());
+            xattrs.extend_from_slice(&strings.add(v)?.to_le_bytes());
+        }
+    }
+    Ok(Index {
+        strings,
+        entries,
+        attrs,
+        xattrs,
+    })
+}
+
+fn meta_json(meta: &Meta) -> Result<Vec<u8>> {
+    serde_json::to_vec(meta).map_err(|e| Error::InvalidMeta(e.to_string()))
+}
+
+struct Section {
+    id: SectionId,
+    bytes: Vec<u8>,
+}
+
+fn header_len(sections: usize) -> usize {
+    (HEADER_FIXED + SECTION_ROW * sections + 8).next_multiple_of(8)
+}
+
+/// A section table row: id, flags, offset, length, checksum.
+type Row = (SectionId, u32, u64, u64, u64);
+
+fn header(kind: ArchiveKind, rows: &[Row], total: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(header_len(rows.len()));
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h.push(kind.code());
+    h.push(0);
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&u32::try_from(rows.len()).unwrap_or(u32::MAX).to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&total.to_le_bytes());
+    for (id, flags, off, len, sum) in rows {
+        h.extend_from_slice(&id.0.to_le_bytes());
+        h.extend_from_slice(&flags.to_le_bytes());
+        h.extend_from_slice(&off.to_le_bytes());
+        h.extend_from_slice(&len.to_le_bytes());
+        h.extend_from_slice(&sum.to_le_bytes());
+    }
+    let sum = checksum(&h);
+    h.extend_from_slice(&sum.to_le_bytes());
+    h.resize(header_len(rows.len()), 0);
+    h
+}
+
+/// Serialises an archive whose sections are all in memory.
+fn assemble(kind: ArchiveKind, sections: &[Section]) -> Vec<u8> {
+    let mut off = header_len(sections.len()) as u64;
+    let mut rows = Vec::new();
+    for s in sections {
+        rows.push((s.id, 0, off, s.bytes.len() as u64, checksum(&s.bytes)));
+        off = (off + s.bytes.len() as u64).next_multiple_of(8);
+    }
+    let mut out = header(kind, &rows, off);
+    for s in sections {
+        out.extend_from_slice(&s.bytes);
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
+pub fn publish_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_beside(path)?;
+    tmp.write_all(bytes)
+        .map_err(|e| io("writing", tmp.path(), e))?;
+    persist(tmp, path)
+}
+
+fn io(context: &'static str, path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        context,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    tempfile::Builder::new()
+        .prefix(".clip-tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| io("creating a temp file in", dir, e))
+}
+
+fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| io("syncing", tmp.path(), e))?;
+    tmp.persist(path)
+        .map_err(|e| io("renaming into", path, e.error))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// What a writer produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteSummary {
+    /// Archive kind.
+    pub kind: ArchiveKind,
+    /// Entries in the index.
+    pub entries: usize,
+    /// Total archive size.
+    pub bytes: u64,
+    /// Size of everything but file data and checkpoint windows.
+    pub index_bytes: u64,
+}
+
+/// Writes a v2 (index-only) archive of `tree`, whose files carry [`crate::tree::LayerSpan`]s.
+pub fn write_v2(
+    path: &Path,
+    tree: &Tree,
+    meta: &Meta,
+    layers: &[LayerInfo],
+    checkpoints: &[Vec<Checkpoint>],
+) -> Result<WriteSummary> {
+    let source = meta
+        .source
+        .as_ref()
+        .ok_or_else(|| Error::InvalidMeta("a v2 archive needs a source".into()))?;
+    if !source.manifest_digest.starts_with("sha256:") {
+        return Err(Error::InvalidMeta(
+            "the source must be pinned by a sha256 manifest digest".into(),
+        ));
+    }
+    if checkpoints.len() != layers.len() {
+        return Err(Error::InvalidTree(
+            "one checkpoint list per layer is needed".into(),
+        ));
+    }
+    let canon = resolve_links(tree)?;
+    let mut index = build_index(
+        tree,
+        &canon,
+        &mut |id| match tree.node(id).map(|n| &n.kind) {
+            Some(NodeKind::File { span: Some(s), .. }) => Ok(FileLoc::V2 {
+                layer: s.layer,
+                offset: s.offset,
+            }),
+            Some(NodeKind::File { size: 0, .. }) => Ok(FileLoc::V2 {
+                layer: 0,
+                offset: 0,
+            }),
+            _ => Err(Error::InvalidTree(format!(
+                "file {} has no layer location",
+                String::from_utf8_lossy(&tree.path_of(id))
+            ))),
+        },
+    )?;
+    let mut layer_bytes = Vec::new();
+    let mut cp_bytes = Vec::new();
+    let mut windows = Vec::new();
+    let mut first = 0u32;
+    for (l, cps) in layers.iter().zip(checkpoints) {
+        let count = u32::try_from(cps.len())
+            .map_err(|_| Error::InvalidTree("too many checkpoints".into()))?;
+        layer_bytes.extend_from_slice(&index.strings.add(l.digest.as_bytes())?.to_le_bytes());
+        layer_bytes.extend_from_slice(&index.strings.add(l.diff_id.as_bytes())?.to_le_bytes());
+        layer_bytes.push(l.media.code());
+        layer_bytes.push(u8::from(l.single_frame));
+        layer_bytes.extend_from_slice(&0u16.to_le_bytes());
+        layer_bytes.extend_from_slice(&first.to_le_bytes());
+        layer_bytes.extend_from_slice(&count.to_le_bytes());
+        layer_bytes.extend_from_slice(&0u32.to_le_bytes());
+        layer_bytes.extend_from_slice(&l.compressed_size.to_le_bytes());
+        layer_bytes.extend_from_slice(&l.uncompressed_size.to_le_bytes());
+        layer_bytes.extend_from_slice(&l.span_size.to_le_bytes());
+        first = first
+            .checked_add(count)
+            .ok_or_else(|| Error::InvalidTree("too many checkpoints".into()))?;
+        for cp in cps {
+            let woff = u32::try_from(windows.len())
+                .map_err(|_| Error::InvalidTree("windows exceed 4 GiB".into()))?;
+            let wlen = u32::try_from(cp.window.len())
+                .map_err(|_| Error::InvalidTree("window too large".into()))?;
+            windows.extend_from_slice(&cp.window);
+            cp_bytes.extend_from_slice(&cp.compressed_offset.to_le_bytes());
+            cp_bytes.extend_from_slice(&cp.uncompressed_offset.to_le_bytes());
+            cp_bytes.extend_from_slice(&woff.to_le_bytes());
+            cp_bytes.extend_from_slice(&wlen.to_le_bytes());
+            cp_bytes.push(cp.bits);
+            cp_bytes.push(cp.kind.code());
+            cp_bytes.extend_from_slice(&[0u8; 6]);
+            cp_bytes.extend_from_slice(&cp.span_digest);
+        }
+    }
+    let sections = vec![
+        Section {
+            id: SectionId::STRINGS,
+            bytes: std::mem::take(&mut index.strings.buf),
+        },
+        Section {
+            id: SectionId::ENTRIES,
+            bytes: index.entries,
+        },
+        Section {
+            id: SectionId::ATTRS,
+            bytes: index.attrs,
+        },
+        Section {
+            id: SectionId::XATTRS,
+            bytes: index.xattrs,
+        },
+        Section {
+            id: SectionId::LAYERS,
+            bytes: layer_bytes,
+        },
+        Section {
+            id: SectionId::CHECKPOINTS,
+            bytes: cp_bytes,
+        },
+        Section {
+            id: SectionId::WINDOWS,
+            bytes: windows,
+        },
+        Section {
+            id: SectionId::META,
+            bytes: meta_json(meta)?,
+        },
+    ];
+    let window_len = sections[6].bytes.len() as u64;
+    let bytes = assemble(ArchiveKind::V2Oci, &sections);
+    // Validate what we are about to publish with the reader's own checks.
+    let archive = Archive::from_bytes(bytes)?;
+    publish_bytes(path, archive.as_bytes())?;
+    let total = archive.as_bytes().len() as u64;
+    Ok(WriteSummary {
+        kind: ArchiveKind::V2Oci,
+        entries: archive.len(),
+        bytes: total,
+        index_bytes: total - window_len,
+    })
+}
+
+/// Streams a v1 local (data-carrying) archive: file data first, index last.
+///
+/// Call [`V1Writer::add_file`] for every regular file with data (in any order), then
+/// [`V1Writer::finish`] with the tree. Memory stays bounded: data goes straight to disk.
+pub struct V1Writer {
+    path: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    out: BufWriter<File>,
+    data_start: u64,
+    cursor: u64,
+    located: HashMap<usize, (u64, u64, [u8; 32])>,
+}
+
+/// Sections of a v1 local archive.
+const V1_LOCAL_SECTIONS: usize = 7;
+
+impl V1Writer {
+    /// Starts writing the archive that will be published at `path`.
+    pub fn create(path: &Path) -> Result<Self> {
+        let tmp = temp_beside(path)?;
+        let file = tmp.reopen().map_err(|e| io("opening", tmp.path(), e))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let data_start = header_len(V1_LOCAL_SECTIONS) as u64;
+        out.write_all(&vec![0u8; header_len(V1_LOCAL_SECTIONS)])
+            .map_err(|e| io("writing", tmp.path(), e))?;
+        Ok(Self {
+            path: path.to_owned(),
+            tmp,
+            out,
+            data_start,
+            cursor: 0,
+            located: HashMap::new(),
+        })
+    }
+
+    /// Appends the content of tree node `node`; returns its length and sha256.
+    pub fn add_file(&mut self, node: usize, mut reader: impl Read) -> Result<(u64, [u8; 32])> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let start = self.cursor;
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| io("reading file data for", &self.path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            self.out
+                .write_all(&buf[..n])
+                .map_err(|e| io("writing", self.tmp.path(), e))?;
+            self.cursor += n as u64;
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        let len = self.cursor - start;
+        self.located.insert(node, (start, len, digest));
+        Ok((len, digest))
+    }
+
+    /// Writes the index, the header, and publishes the archive.
+    pub fn finish(mut self, tree: &Tree, meta: &Meta) -> Result<WriteSummary> {
+        let canon = resolve_links(tree)?;
+        let mut digests: Vec<u8> = Vec::new();
+        let mut digest_index: HashMap<usize, u32> = HashMap::new();
+        let empty: [u8; 32] = Sha256::digest(b"").into();
+        let located = &self.located;
+        let mut index = build_index(tree, &canon, &mut |id| {
+            let size = match tree.node(id).map(|n| &n.kind) {
+                Some(NodeKind::File { size, .. }) => *size,
+                _ => 0,
+            };
+            let (offset, len, digest) = match located.get(&id) {
+                Some(l) => *l,
+                None if size == 0 => (0, 0, empty),
+                None => {
+                    return Err(Error::InvalidTree(format!(
+                        "no data was written for {}",
+                        String::from_utf8_lossy(&tree.path_of(id))
+                    )));
+                }
+            };
+            if len != size {
+                return Err(Error::InvalidTree(format!(
+                    "{} is {size} bytes in the tree but {len} bytes of data were written",
+                    String::from_utf8_lossy(&tree.path_of(id))
+                )));
+            }
+            let next = u32::try_from(digest_index.len())
+                .map_err(|_| Error::InvalidTree("too many files".into()))?;
+            let di = *digest_index.entry(id).or_insert_with(|| {
+                digests.extend_from_slice(&digest);
+                next
+            });
+            Ok(FileLoc::V1 {
+                digest_index: di,
+                offset,
+            })
+        })?;
+        let data_len = self.cursor;
+        let sections = [
+            Section {
+                id: SectionId::STRINGS,
+                bytes: std::mem::take(&mut index.strings.buf),
+            },
+            Section {
+                id: SectionId::ENTRIES,
+                bytes: index.entries,
+            },
+            Section {
+                id: SectionId::ATTRS,
+                bytes: index.attrs,
+            },
+            Section {
+                id: SectionId::XATTRS,
+                bytes: index.xattrs,
+            },
+            Section {
+                id: SectionId::DIGESTS,
+                bytes: digests,
+            },
+            Section {
+                id: SectionId::META,
+                bytes: meta_json(meta)?,
+            },
+        ];
+        let w = |e| io("writing", self.tmp.path(), e);
+        let mut off = (self.data_start + data_len).next_multiple_of(8);
+        let pad = off - (self.data_start + data_len);
+        self.out
+            .write_all(&vec![0u8; usize::try_from(pad).unwrap_or(0)])
+            .map_err(w)?;
+        let mut rows = vec![(
+            SectionId::DATA,
+            SECTION_UNCHECKED,
+            self.data_start,
+            data_len,
+            0,
+        )];
+        for s in &sections {
+            rows.push((s.id, 0, off, s.bytes.len() as u64, checksum(&s.bytes)));
+            self.out.write_all(&s.bytes).map_err(w)?;
+            let end = off + s.bytes.len() as u64;
+            let next = end.next_multiple_of(8);
+            self.out
+                .write_all(&vec![0u8; usize::try_from(next - end).unwrap_or(0)])
+                .map_err(w)?;
+            off = next;
+        }
+        let index_bytes = off - data_len;
+        let hdr = header(ArchiveKind::V1Local, &rows, off);
+        self.out.seek(SeekFrom::Start(0)).map_err(w)?;
+        self.out.write_all(&hdr).map_err(w)?;
+        self.out.flush().map_err(w)?;
+        drop(self.out);
+        // Validate before publishing.
+        let archive = Archive::open(self.tmp.path())?;
+        let entries = archive.len();
+        drop(archive);
+        persist(self.tmp, &self.path)?;
+        Ok(WriteSummary {
+            kind: ArchiveKind::V1Local,
+            entries,
+            bytes: off,
+            index_bytes,
+        })
+    }
+}
+
+/// Writes the small v1-remote archive for `local` (a v1 local archive) whose bytes were uploaded
+/// to `url`: the same index, no data, and a pointer to the data region inside the object.
+pub fn write_v1_remote(local: &Archive, url: &str, path: &Path) -> Result<WriteSummary> {
+    if local.kind() != ArchiveKind::V1Local {
+        return Err(Error::WrongKind {
+            operation: "making a v1-remote archive",
+            needed: "v1-local",
+            found: local.kind(),
+        });
+    }
+    let data = local
+        .section_info(SectionId::DATA)
+        .ok_or_else(|| Error::InvalidTree("no data section".into()))?;
+    let mut meta = local.meta().clone();
+    meta.remote = Some(crate::meta::Remote {
+        url: url.to_owned(),
+        size: local.as_bytes().len() as u64,
+        data_offset: data.offset,
+        data_length: data.length,
+    });
+    let copy = |id| Section {
+        id,
+        bytes: local.section(id).to_vec(),
+    };
+    let sections = [
+        copy(SectionId::STRINGS),
+        copy(SectionId::ENTRIES),
+        copy(SectionId::ATTRS),
+        copy(SectionId::XATTRS),
+        copy(SectionId::DIGESTS),
+        Section {
+            id: SectionId::META,
+            bytes: meta_json(&meta)?,
+        },
+    ];
+    let bytes = assemble(ArchiveKind::V1Remote, &sections);
+    let archive = Archive::from_bytes(bytes)?;
+    publish_bytes(path, archive.as_bytes())?;
+    let total = archive.as_bytes().len() as u64;
+    Ok(WriteSummary {
+        kind: ArchiveKind::V1Remote,
+        entries: archive.len(),
+        bytes: total,
+        index_bytes: total,
+    })
+}
