@@ -3,7 +3,8 @@
     clippy::unwrap_used,
     missing_docs,
     clippy::many_single_char_names,
-    clippy::single_match_else
+    clippy::single_match_else,
+    clippy::type_complexity
 )]
 
 use std::collections::BTreeMap;
