@@ -12,3 +12,6 @@
 //!   an overlay on top of the read-only mount.
 //!
 //! Status: implemented in the image service issue.
+
+pub use clip_extract as extract;
+pub use clip_format as format;

@@ -164,3 +164,34 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u32) {
 pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
+
+/// Recomputes the total length, every section checksum and the header checksum of `b` in place,
+/// so that a deliberately mutated archive (fuzzing, corruption tests) reaches the structural
+/// checks behind the checksums. Never used on the read path.
+pub fn reseal(b: &mut [u8]) {
+    if b.len() < HEADER_FIXED {
+        return;
+    }
+    let total = b.len() as u64;
+    b[24..32].copy_from_slice(&total.to_le_bytes());
+    let n = u32_at(b, 16) as usize;
+    let Some(end) = n.checked_mul(SECTION_ROW).map(|t| t + HEADER_FIXED) else {
+        return;
+    };
+    if end + 8 > b.len() {
+        return;
+    }
+    for i in 0..n {
+        let row = HEADER_FIXED + SECTION_ROW * i;
+        let (off, len) = (u64_at(b, row + 8), u64_at(b, row + 16));
+        let range = usize::try_from(off).ok().zip(usize::try_from(len).ok());
+        if let Some((off, len)) = range
+            && off.checked_add(len).is_some_and(|e| e <= b.len())
+        {
+            let sum = checksum(&b[off..off + len]);
+            b[row + 24..row + 32].copy_from_slice(&sum.to_le_bytes());
+        }
+    }
+    let sum = checksum(&b[..end]);
+    b[end..end + 8].copy_from_slice(&sum.to_le_bytes());
+}

@@ -524,6 +524,20 @@ impl Archive {
                     ));
                 }
             }
+            // Fields a type does not use must be zero (see docs/format.md).
+            let unused_ok = match kind {
+                EntryKind::File => e.b() == 0,
+                EntryKind::Symlink => e.b() == 0 && e.c() == 0,
+                EntryKind::Dir | EntryKind::CharDevice | EntryKind::BlockDevice => {
+                    e.size() == 0 && e.c() == 0
+                }
+                EntryKind::Fifo | EntryKind::Socket => {
+                    e.size() == 0 && e.a() == 0 && e.b() == 0 && e.c() == 0
+                }
+            };
+            if !unused_ok {
+                return Err(entry_err(i, "a field its type does not use is not zero"));
+            }
             match kind {
                 EntryKind::Dir => {
                     let (first, count) = (e.a(), e.b());

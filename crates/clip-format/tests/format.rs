@@ -530,14 +530,41 @@ fn flipped_bytes_are_detected() {
 
 fn rewrite_header(mut b: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     f(&mut b);
+    let total = b[24..32].to_vec();
+    clip_format::layout::reseal(&mut b);
+    b[24..32].copy_from_slice(&total); // keep a lying total length as the test set it
     let n = u32::from_le_bytes(b[16..20].try_into().unwrap()) as usize;
     let end = HEADER_FIXED + SECTION_ROW * n;
-    if end + 8 > b.len() {
-        return b;
+    if end + 8 <= b.len() {
+        let sum = xxhash_rust::xxh3::xxh3_64(&b[..end]);
+        b[end..end + 8].copy_from_slice(&sum.to_le_bytes());
     }
-    let sum = xxhash_rust::xxh3::xxh3_64(&b[..end]);
-    b[end..end + 8].copy_from_slice(&sum.to_le_bytes());
     b
+}
+
+#[test]
+fn resealed_structural_damage_is_still_rejected() {
+    // Corrupt records behind valid checksums: the structural validation must catch them.
+    for g in all_goldens() {
+        let a = Archive::from_bytes(g.clone()).unwrap();
+        let entries = a.section_info(SectionId::ENTRIES).unwrap();
+        let mut rejected = 0;
+        for field in (0..40).step_by(4) {
+            for value in [u32::MAX, 0x7fff_ffff, 1000] {
+                let mut bad = g.clone();
+                let at = (entries.offset + 40 + field) as usize; // entry 1
+                bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+                clip_format::layout::reseal(&mut bad);
+                if open_and_walk(bad).is_err() {
+                    rejected += 1;
+                }
+            }
+        }
+        assert_eq!(
+            rejected, 30,
+            "only {rejected} of 30 structural corruptions were rejected"
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,87 @@
+//! The `clip` binary end to end: archive a directory, inspect, ls and cat it.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn clip(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_clip"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn archive_inspect_ls_cat() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(root.join("usr/bin/tool"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(
+        root.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("usr/bin/tool", root.join("tool")).unwrap();
+    std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool2")).unwrap();
+    let archive = dir.path().join("a.clip");
+    let a = archive.to_str().unwrap();
+
+    let o = clip(&[
+        "archive",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "-o",
+        a,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "v1-local");
+    assert_eq!(v["entries"], 6);
+
+    let o = clip(&["inspect", a, "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "v1-local");
+    assert_eq!(v["entries"], 6);
+    assert!(
+        v["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "data")
+    );
+    let text = String::from_utf8(clip(&["inspect", a]).stdout).unwrap();
+    assert!(text.contains("kind:        v1-local"), "{text}");
+
+    let ls = String::from_utf8(clip(&["ls", a, "/usr/bin"]).stdout).unwrap();
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("-rwsr-xr-x   2") && l.ends_with(" tool")),
+        "{ls}"
+    );
+    let ls = String::from_utf8(clip(&["ls", a]).stdout).unwrap();
+    assert!(ls.contains("tool -> usr/bin/tool"), "{ls}");
+
+    let o = clip(&["cat", a, "usr/bin/tool2"]);
+    assert_eq!(o.stdout, b"#!/bin/sh\necho hi\n");
+    let o = clip(&["cat", a, "nope"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope: no such entry"));
+    let o = clip(&["cat", a, "usr"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a regular file"));
+
+    std::fs::write(
+        dir.path().join("junk.clip"),
+        b"not an archive at all, sorry",
+    )
+    .unwrap();
+    let o = clip(&["inspect", dir.path().join("junk.clip").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a .clip archive"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
