@@ -26,7 +26,7 @@ fn tree() -> (Tree, Vec<Vec<u8>>) {
             NodeKind::Dir,
             Metadata {
                 mode: 0o755,
-                mtime_sec: 1_700_000_000 + (d % 300) as i64,
+                mtime_sec: 1_700_000_000 + i64::try_from(d % 300).expect("small"),
                 ..Metadata::default()
             },
         )
@@ -39,7 +39,7 @@ fn tree() -> (Tree, Vec<Vec<u8>>) {
             let path = format!("{dir}/file-{f:02}-{}.so", x % 1000);
             let meta = Metadata {
                 mode: if f % 4 == 0 { 0o755 } else { 0o644 },
-                mtime_sec: 1_700_000_000 + (d % 300) as i64,
+                mtime_sec: 1_700_000_000 + i64::try_from(d % 300).expect("small"),
                 ..Metadata::default()
             };
             t.insert(

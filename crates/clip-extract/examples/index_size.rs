@@ -2,7 +2,7 @@
 //! and as the v2 index the same tree would have (file spans assigned as a tar would lay them
 //! out; no file data).
 //!
-//! usage: cargo run --release -p clip-extract --example index_size -- ROOTFS
+//! usage: `cargo run --release -p clip-extract --example index_size -- ROOTFS`
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
 use clip_format::{
