@@ -19,7 +19,7 @@ pub struct ImageConfig {
     pub entrypoint: Vec<String>,
     /// Default command.
     pub cmd: Vec<String>,
-    /// User (name or uid[:gid]).
+    /// User (`name`, `uid` or `uid:gid`).
     pub user: String,
     /// Working directory.
     pub working_dir: String,
