@@ -162,7 +162,8 @@ impl Registry {
             std::fs::write(&config, yaml).ctx(|| format!("writing {}", config.display()))?;
             let log = dir.path().join("registry.log");
             let mut service = spawn(&program, &config, &log)?;
-            match service.wait_ready(Duration::from_secs(20), || port_open(addr)) {
+            let probe = v2_probe(addr, options.tls, ca.as_deref())?;
+            match service.wait_ready(Duration::from_secs(20), || port_open(addr) && probe()) {
                 Ok(()) => {
                     return Ok(Self {
                         service,
@@ -265,10 +266,22 @@ impl Registry {
         let log = self.dir.path().join("registry.log");
         let mut service = spawn(&program, &self.config, &log)?;
         let addr = self.addr;
-        service.wait_ready(Duration::from_secs(20), || port_open(addr))?;
+        let probe = v2_probe(addr, self.options.tls, self.ca.as_deref())?;
+        service.wait_ready(Duration::from_secs(20), || port_open(addr) && probe())?;
         self.service = service;
         Ok(())
     }
+}
+
+/// A readiness check: `GET /v2/` gets an HTTP answer (200, or 401 when auth is on).
+fn v2_probe(addr: SocketAddr, tls: bool, ca: Option<&TestCa>) -> Result<impl Fn() -> bool + use<>> {
+    let scheme = if tls { "https" } else { "http" };
+    let client = HttpClient::new(format!("{scheme}://{addr}"), ca.map(TestCa::cert_pem), None)?;
+    Ok(move || {
+        client
+            .raw(reqwest::Method::GET, "/v2/", None)
+            .is_ok_and(|r| r.status == 200 || r.status == 401)
+    })
 }
 
 fn spawn(program: &Path, config: &Path, log: &Path) -> Result<Service> {
