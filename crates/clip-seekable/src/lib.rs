@@ -6,17 +6,189 @@
 //! *uncompressed* stream without inflating everything before `a`, the layer is streamed once at
 //! indexing time and **checkpoints** are recorded:
 //!
-//! - **gzip** (the zran technique): at deflate block boundaries roughly every span (default 4 MiB of
-//!   output), record the compressed offset, the 0–7 leftover bits, the uncompressed offset and the
-//!   preceding 32 KiB window (stored compressed). Inflation resumes from a checkpoint by priming the
-//!   bits and installing the window as the dictionary. Multi-member gzip restarts at each member.
-//! - **zstd**: frames are the only seek points; a single-frame layer must be read from the start.
-//! - **uncompressed**: uncompressed offsets are blob offsets.
+//! - **gzip** (the zran technique): at deflate block boundaries about every span (default 4 MiB
+//!   of output) and, on request, at the last boundary before a large file's data, record the
+//!   compressed offset, the 0–7 leftover bits of the byte before it, the uncompressed offset and
+//!   the preceding 32 KiB window (stored deflate-compressed). [`gzip::decode`] resumes from a
+//!   checkpoint by priming those bits (`inflatePrime`) and installing the window as dictionary
+//!   (`inflateSetDictionary`). Multi-member gzip works: each member start is a checkpoint that
+//!   needs no window, and decoding crosses member boundaries.
+//! - **uncompressed**: offsets are blob offsets; plain checkpoints every span carry the digests.
+//! - **zstd**: frames are the only seek points (not implemented yet: a zstd layer is reported
+//!   as unsupported).
 //!
-//! One engine serves both sides: the indexer builds checkpoints while streaming, and the reader
-//! takes a checkpoint plus the compressed bytes from any range source and yields exactly the
-//! requested uncompressed bytes. Each span also records the sha256 of its uncompressed bytes, so
-//! lazily fetched data is verified before it is served.
+//! One engine serves both sides: [`GzipIndexer`] is a [`std::io::Read`] of the uncompressed
+//! stream (so a tar walker can pull from it) that records checkpoints as it goes, and
+//! [`gzip::decode`] takes one checkpoint plus compressed bytes from any range source. Every span
+//! (checkpoint to next checkpoint) carries the sha256 of its uncompressed bytes, so lazily
+//! fetched data is verified before it is served ([`verify_span`]); the whole stream's sha256 is
+//! the layer's `diff_id`.
 //!
-//! This crate is CPU work only (no async, no network): it takes `Read`, byte slices or a range-read
-//! trait. Status: implemented in the v2 indexing issue.
+//! CPU work only: no async, no network. The zlib calls live in one private module that owns the
+//! `z_stream` and is the crate's only `unsafe`.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! // Realistic (not trivially repetitive) data: deflate emits a block every few dozen KiB.
+//! let mut x = 1u64;
+//! let data: Vec<u8> = (0..12_000_000).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; b'a' + (x % 16) as u8 }).collect();
+//! let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+//! gz.write_all(&data)?;
+//! let blob = gz.finish()?;
+//!
+//! let mut indexer = clip_seekable::GzipIndexer::new(blob.as_slice(), 1 << 20)?;
+//! std::io::copy(&mut indexer, &mut std::io::sink())?;
+//! let index = indexer.finish()?;
+//! assert!(index.checkpoints.len() > 5);
+//!
+//! // Read 100 bytes at offset 7,000,000 from the nearest checkpoint only.
+//! let cp = index.checkpoint_for(7_000_000).expect("a checkpoint");
+//! let from = cp.compressed_offset.saturating_sub(1);
+//! let got = clip_seekable::gzip::decode(cp, &blob[from as usize..], from, 7_000_000 - cp.uncompressed_offset, 100)?;
+//! assert_eq!(got, &data[7_000_000..7_000_100]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod gzip;
+mod plain;
+mod span;
+mod zlib;
+
+pub use gzip::{CheckpointRequests, GzipIndexer};
+pub use plain::PlainIndexer;
+
+use clip_format::Checkpoint;
+use sha2::{Digest, Sha256};
+
+/// Size of a deflate window.
+pub const WINDOW: usize = 32 << 10;
+
+/// What went wrong while indexing or decoding a layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The compressed data is not valid.
+    #[error("corrupt compressed data at blob offset {compressed}: {reason}")]
+    Corrupt {
+        /// Blob offset where decoding failed.
+        compressed: u64,
+        /// zlib's reason.
+        reason: String,
+    },
+    /// The compressed data ended early.
+    #[error("compressed data ends early (at blob offset {compressed})")]
+    Truncated {
+        /// Blob offset where it ended.
+        compressed: u64,
+    },
+    /// A checkpoint is malformed (untrusted archive).
+    #[error("invalid checkpoint: {0}")]
+    BadCheckpoint(String),
+    /// The compressed bytes handed in do not cover the checkpoint.
+    #[error("compressed input starting at {input} does not cover the checkpoint at {checkpoint}")]
+    RangeMismatch {
+        /// The checkpoint's compressed offset.
+        checkpoint: u64,
+        /// Where the input starts.
+        input: u64,
+    },
+    /// A span's bytes do not match the digest recorded at indexing time.
+    #[error("span at uncompressed offset {offset} does not match its digest")]
+    SpanDigest {
+        /// The span's uncompressed offset.
+        offset: u64,
+    },
+    /// Reading the compressed source failed.
+    #[error("reading the layer: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+impl Error {
+    /// Recovers an [`Error`] that travelled through an `io::Error` (the `Read` interface).
+    #[must_use]
+    pub fn from_io(e: std::io::Error) -> Self {
+        if !e
+            .get_ref()
+            .is_some_and(<dyn std::error::Error + Send + Sync>::is::<Self>)
+        {
+            return Self::Io(e);
+        }
+        let kind = e.kind();
+        match e
+            .into_inner()
+            .map(<dyn std::error::Error + Send + Sync>::downcast::<Self>)
+        {
+            Some(Ok(err)) => *err,
+            _ => Self::Io(std::io::Error::from(kind)),
+        }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        let kind = match e {
+            Error::Truncated { .. } => std::io::ErrorKind::UnexpectedEof,
+            _ => std::io::ErrorKind::InvalidData,
+        };
+        std::io::Error::new(kind, e)
+    }
+}
+
+pub(crate) fn zlib_error(code: std::ffi::c_int, compressed: u64) -> Error {
+    let reason = match code {
+        2 => "a preset dictionary is required",
+        -2 => "inconsistent stream state",
+        -3 => "invalid deflate data",
+        -4 => "out of memory",
+        -5 => "no progress possible",
+        -6 => "zlib version mismatch",
+        _ => "unexpected zlib result",
+    };
+    Error::Corrupt {
+        compressed,
+        reason: format!("{reason} (zlib code {code})"),
+    }
+}
+
+/// The random-access index of one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerIndex {
+    /// Checkpoints in increasing offset order; the first is at offset 0.
+    pub checkpoints: Vec<Checkpoint>,
+    /// Blob size.
+    pub compressed_size: u64,
+    /// Uncompressed size.
+    pub uncompressed_size: u64,
+    /// sha256 of the uncompressed stream (the layer's `diff_id`).
+    pub diff_id: [u8; 32],
+    /// gzip members seen (0 for uncompressed layers).
+    pub members: u32,
+    /// The nominal span.
+    pub span: u64,
+}
+
+impl LayerIndex {
+    /// The last checkpoint at or before `uncompressed_offset`.
+    #[must_use]
+    pub fn checkpoint_for(&self, uncompressed_offset: u64) -> Option<&Checkpoint> {
+        checkpoint_for(&self.checkpoints, uncompressed_offset)
+    }
+}
+
+/// The last checkpoint at or before `uncompressed_offset` in `checkpoints` (sorted).
+#[must_use]
+pub fn checkpoint_for(checkpoints: &[Checkpoint], uncompressed_offset: u64) -> Option<&Checkpoint> {
+    let i = checkpoints.partition_point(|c| c.uncompressed_offset <= uncompressed_offset);
+    i.checked_sub(1).map(|i| &checkpoints[i])
+}
+
+/// Checks a whole span's bytes against the digest recorded in its checkpoint.
+pub fn verify_span(cp: &Checkpoint, bytes: &[u8]) -> Result<(), Error> {
+    if <[u8; 32]>::from(Sha256::digest(bytes)) == cp.span_digest {
+        Ok(())
+    } else {
+        Err(Error::SpanDigest {
+            offset: cp.uncompressed_offset,
+        })
+    }
+}

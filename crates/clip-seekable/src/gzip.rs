@@ -1,0 +1,372 @@
+//! gzip: build checkpoints while streaming a layer once, and resume from any of them.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::rc::Rc;
+
+use clip_format::{Checkpoint, CheckpointKind};
+use libz_rs_sys::{Z_BUF_ERROR, Z_OK, Z_STREAM_END};
+
+use crate::span::{Recorder, expand_window};
+use crate::zlib::{GZIP, Inflater, RAW};
+use crate::{Error, LayerIndex, zlib_error};
+
+const IN_CHUNK: usize = 256 << 10;
+const OUT_CHUNK: usize = 64 << 10;
+/// Block boundaries remembered for placing checkpoints behind the read position.
+const MAX_BOUNDARIES: usize = 4096;
+
+#[derive(Clone, Copy, Debug)]
+struct Boundary {
+    compressed: u64,
+    bits: u8,
+    out: u64,
+    member_start: bool,
+}
+
+/// Asks a running [`GzipIndexer`] for a checkpoint at (or just before) an uncompressed offset,
+/// e.g. the first data byte of a large file, while a tar reader owns the indexer.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointRequests(Rc<RefCell<Vec<u64>>>);
+
+impl CheckpointRequests {
+    /// Requests a checkpoint at the last block boundary at or before `uncompressed_offset`.
+    pub fn request(&self, uncompressed_offset: u64) {
+        self.0.borrow_mut().push(uncompressed_offset);
+    }
+}
+
+/// Streams a gzip layer (one or several members), yielding its uncompressed bytes through
+/// [`Read`] and recording checkpoints every span and where requested.
+pub struct GzipIndexer<R> {
+    src: R,
+    inbuf: Box<[u8]>,
+    in_pos: usize,
+    in_len: usize,
+    eof: bool,
+    compressed: u64,
+    inflater: Inflater,
+    out: Box<[u8]>,
+    out_pos: usize,
+    out_len: usize,
+    rec: Recorder,
+    boundaries: VecDeque<Boundary>,
+    settled: usize,
+    requests: CheckpointRequests,
+    consumer: u64,
+    member_out: u64,
+    members: u32,
+    done: bool,
+}
+
+impl<R: Read> GzipIndexer<R> {
+    /// An indexer over the compressed stream `src` with checkpoints about every `span` bytes of
+    /// output.
+    pub fn new(src: R, span: u64) -> Result<Self, Error> {
+        let mut rec = Recorder::new(span);
+        rec.add(CheckpointKind::GzipMember, 0, 0, 0, false);
+        Ok(Self {
+            src,
+            inbuf: vec![0; IN_CHUNK].into_boxed_slice(),
+            in_pos: 0,
+            in_len: 0,
+            eof: false,
+            compressed: 0,
+            inflater: Inflater::new(GZIP).map_err(|c| zlib_error(c, 0))?,
+            out: vec![0; OUT_CHUNK].into_boxed_slice(),
+            out_pos: 0,
+            out_len: 0,
+            rec,
+            boundaries: VecDeque::new(),
+            settled: 0,
+            requests: CheckpointRequests::default(),
+            consumer: 0,
+            member_out: 0,
+            members: 1,
+            done: false,
+        })
+    }
+
+    /// A handle for requesting checkpoints while a tar reader owns the indexer.
+    #[must_use]
+    pub fn requests(&self) -> CheckpointRequests {
+        self.requests.clone()
+    }
+
+    fn refill(&mut self) -> io::Result<()> {
+        if self.in_pos == self.in_len && !self.eof {
+            let n = loop {
+                match self.src.read(&mut self.inbuf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            };
+            self.in_pos = 0;
+            self.in_len = n;
+            self.eof = n == 0;
+        }
+        Ok(())
+    }
+
+    fn boundary(&mut self, b: Boundary) {
+        if let Some(last) = self.boundaries.back_mut()
+            && last.out == b.out
+        {
+            // An empty block: the later boundary serves the same output position.
+            if !last.member_start {
+                *last = b;
+            }
+            return;
+        }
+        self.boundaries.push_back(b);
+        if self.boundaries.len() > MAX_BOUNDARIES {
+            self.boundaries.pop_front();
+            self.settled = self.settled.saturating_sub(1);
+        }
+    }
+
+    /// One inflate call; queues boundaries and output.
+    fn step(&mut self) -> io::Result<()> {
+        self.refill()?;
+        if self.in_pos == self.in_len {
+            return Err(Error::Truncated {
+                compressed: self.compressed,
+            }
+            .into());
+        }
+        let s = self
+            .inflater
+            .inflate(&self.inbuf[self.in_pos..self.in_len], &mut self.out, true);
+        self.in_pos += s.consumed;
+        self.compressed += s.consumed as u64;
+        self.rec.push(&self.out[..s.produced]);
+        self.out_pos = 0;
+        self.out_len = s.produced;
+        let out = self.rec.end();
+        match s.code {
+            Z_OK | Z_BUF_ERROR => {
+                let dt = self.inflater.data_type();
+                if s.code == Z_OK && dt & 128 != 0 && dt & 64 == 0 && out > self.member_out {
+                    let bits = u8::try_from(dt & 7).unwrap_or(0);
+                    self.boundary(Boundary {
+                        compressed: self.compressed,
+                        bits,
+                        out,
+                        member_start: false,
+                    });
+                }
+                if s.code == Z_BUF_ERROR && s.consumed == 0 && s.produced == 0 && self.eof {
+                    return Err(Error::Truncated {
+                        compressed: self.compressed,
+                    }
+                    .into());
+                }
+            }
+            Z_STREAM_END => {
+                self.refill()?;
+                if self.in_pos == self.in_len {
+                    self.done = true;
+                } else {
+                    self.inflater
+                        .reset(GZIP)
+                        .map_err(|c| io::Error::from(zlib_error(c, self.compressed)))?;
+                    self.members += 1;
+                    self.member_out = out;
+                    self.boundary(Boundary {
+                        compressed: self.compressed,
+                        bits: 0,
+                        out,
+                        member_start: true,
+                    });
+                }
+            }
+            code => return Err(zlib_error(code, self.compressed).into()),
+        }
+        Ok(())
+    }
+
+    /// Places checkpoints that are now decidable: span checkpoints at boundaries the consumer
+    /// has passed, then requested ones whose position has been inflated.
+    fn settle(&mut self) {
+        while let Some(b) = self.boundaries.get(self.settled).copied() {
+            if b.out > self.consumer {
+                break;
+            }
+            self.settled += 1;
+            let due = self.rec.last().is_none_or(|l| b.out >= l + self.rec.span);
+            if due && self.rec.can_add(b.out, !b.member_start) {
+                self.add(b);
+            }
+        }
+        let end = self.rec.end();
+        let mut reqs = self.requests.0.borrow_mut();
+        if reqs.is_empty() {
+            return;
+        }
+        let ready: Vec<u64> = reqs
+            .iter()
+            .copied()
+            .filter(|r| *r <= end || self.done)
+            .collect();
+        reqs.retain(|r| *r > end && !self.done);
+        drop(reqs);
+        for r in ready {
+            let i = self.boundaries.partition_point(|b| b.out <= r);
+            if let Some(b) = i
+                .checked_sub(1)
+                .and_then(|i| self.boundaries.get(i))
+                .copied()
+                && self.rec.can_add(b.out, !b.member_start)
+            {
+                self.add(b);
+            }
+        }
+    }
+
+    fn add(&mut self, b: Boundary) {
+        let kind = if b.member_start {
+            CheckpointKind::GzipMember
+        } else {
+            CheckpointKind::Deflate
+        };
+        self.rec
+            .add(kind, b.compressed, b.out, b.bits, !b.member_start);
+    }
+
+    /// Reads the stream to its end (a tar reader stops at the end-of-archive marker) and returns
+    /// the index.
+    pub fn finish(mut self) -> Result<LayerIndex, Error> {
+        let mut sink = vec![0u8; OUT_CHUNK];
+        loop {
+            match self.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(Error::from_io(e)),
+            }
+        }
+        let (compressed, members, span) = (self.compressed, self.members, self.rec.span);
+        let uncompressed = self.rec.end();
+        let (checkpoints, diff) = self.rec.finish();
+        Ok(LayerIndex {
+            checkpoints,
+            compressed_size: compressed,
+            uncompressed_size: uncompressed,
+            diff_id: diff,
+            members,
+            span,
+        })
+    }
+}
+
+impl<R: Read> Read for GzipIndexer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.out_pos < self.out_len {
+                let n = buf.len().min(self.out_len - self.out_pos);
+                buf[..n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
+                self.out_pos += n;
+                self.consumer += n as u64;
+                self.settle();
+                return Ok(n);
+            }
+            if self.done {
+                self.settle();
+                return Ok(0);
+            }
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            self.step()?;
+        }
+    }
+}
+
+/// Decodes `len` bytes starting `skip` bytes after `cp`'s uncompressed offset, from compressed
+/// bytes `input` that start at blob offset `input_offset` (they must cover the checkpoint's
+/// position, including the byte before it when `cp.bits > 0`). Crosses gzip member boundaries.
+/// Returns fewer bytes only if the layer ends first.
+pub fn decode(
+    cp: &Checkpoint,
+    input: &[u8],
+    input_offset: u64,
+    skip: u64,
+    len: usize,
+) -> Result<Vec<u8>, Error> {
+    let rel = cp
+        .compressed_offset
+        .checked_sub(input_offset)
+        .and_then(|r| usize::try_from(r).ok())
+        .filter(|r| *r <= input.len())
+        .ok_or(Error::RangeMismatch {
+            checkpoint: cp.compressed_offset,
+            input: input_offset,
+        })?;
+    let (mut inflater, mut raw) = match cp.kind {
+        CheckpointKind::Deflate => {
+            let mut inf = Inflater::new(RAW).map_err(|c| zlib_error(c, cp.compressed_offset))?;
+            if cp.bits > 0 {
+                if cp.bits > 7 || rel == 0 {
+                    return Err(Error::RangeMismatch {
+                        checkpoint: cp.compressed_offset,
+                        input: input_offset,
+                    });
+                }
+                let byte = input[rel - 1];
+                inf.prime(cp.bits, byte >> (8 - cp.bits))
+                    .map_err(|c| zlib_error(c, cp.compressed_offset))?;
+            }
+            let window = expand_window(&cp.window)?;
+            inf.set_dictionary(&window)
+                .map_err(|c| zlib_error(c, cp.compressed_offset))?;
+            (inf, true)
+        }
+        CheckpointKind::GzipMember => (
+            Inflater::new(GZIP).map_err(|c| zlib_error(c, cp.compressed_offset))?,
+            false,
+        ),
+        other => {
+            return Err(Error::BadCheckpoint(format!(
+                "{other:?} checkpoint in a gzip layer"
+            )));
+        }
+    };
+    let mut pos = rel;
+    let mut skip = skip;
+    let mut out = Vec::with_capacity(len.min(64 << 20));
+    let mut buf = vec![0u8; OUT_CHUNK];
+    while out.len() < len {
+        let s = inflater.inflate(&input[pos..], &mut buf, false);
+        pos += s.consumed;
+        let mut produced = &buf[..s.produced];
+        let drop = usize::try_from(skip)
+            .unwrap_or(usize::MAX)
+            .min(produced.len());
+        skip -= drop as u64;
+        produced = &produced[drop..];
+        let take = produced.len().min(len - out.len());
+        out.extend_from_slice(&produced[..take]);
+        let at = input_offset + pos as u64;
+        match s.code {
+            Z_OK => {}
+            Z_BUF_ERROR => {
+                if s.consumed == 0 && s.produced == 0 {
+                    return Err(Error::Truncated { compressed: at });
+                }
+            }
+            Z_STREAM_END => {
+                if raw {
+                    pos += 8; // the member's trailer, which raw inflate does not read
+                }
+                if pos >= input.len() {
+                    break;
+                }
+                inflater.reset(GZIP).map_err(|c| zlib_error(c, at))?;
+                raw = false;
+            }
+            code => return Err(zlib_error(code, at)),
+        }
+    }
+    Ok(out)
+}

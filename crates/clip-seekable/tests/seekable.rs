@@ -1,0 +1,282 @@
+//! Random access into gzip and plain layers, checked against full decodes and an independent
+//! inflater (`miniz_oxide`).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::io::{Read, Write};
+
+use clip_format::CheckpointKind;
+use clip_seekable::{Error, GzipIndexer, LayerIndex, PlainIndexer, gzip, verify_span};
+use clip_testkit::image::{random_bytes, text_bytes};
+use proptest::prelude::*;
+use sha2::{Digest, Sha256};
+
+fn gzip_members(data: &[u8], members: usize, level: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let step = data.len().div_ceil(members.max(1)).max(1);
+    for chunk in data.chunks(step) {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+        enc.write_all(chunk).unwrap();
+        out.extend(enc.finish().unwrap());
+    }
+    if data.is_empty() {
+        let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+        out.extend(enc.finish().unwrap());
+    }
+    out
+}
+
+fn index(blob: &[u8], span: u64) -> LayerIndex {
+    let mut ix = GzipIndexer::new(blob, span).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    ix.finish().unwrap()
+}
+
+/// Reads `[off, off+len)` of the uncompressed stream from the nearest checkpoint, giving the
+/// decoder only the compressed bytes up to the next checkpoint after the range (as a lazy reader
+/// fetching by HTTP range would).
+fn read_range(ix: &LayerIndex, blob: &[u8], off: u64, len: usize) -> Vec<u8> {
+    let cp = ix.checkpoint_for(off).unwrap();
+    let from = cp.compressed_offset.saturating_sub(u64::from(cp.bits > 0));
+    let end_cp = ix
+        .checkpoints
+        .iter()
+        .find(|c| c.uncompressed_offset >= off + len as u64);
+    let to = end_cp.map_or(blob.len() as u64, |c| {
+        (c.compressed_offset + 1).min(blob.len() as u64)
+    });
+    gzip::decode(
+        cp,
+        &blob[from as usize..to as usize],
+        from,
+        off - cp.uncompressed_offset,
+        len,
+    )
+    .unwrap()
+}
+
+fn mixed_data(seed: u64, len: usize) -> Vec<u8> {
+    let mut d = text_bytes(seed, len / 2);
+    d.extend(random_bytes(seed + 1, len / 4));
+    d.extend(text_bytes(seed + 2, len - d.len()));
+    d
+}
+
+#[test]
+fn every_span_verifies_and_diff_id_is_the_stream_digest() {
+    let data = mixed_data(1, 9 << 20);
+    let blob = gzip_members(&data, 1, 6);
+    let ix = index(&blob, 1 << 20);
+    assert_eq!(ix.uncompressed_size, data.len() as u64);
+    assert_eq!(ix.compressed_size, blob.len() as u64);
+    assert_eq!(ix.diff_id, <[u8; 32]>::from(Sha256::digest(&data)));
+    assert!(
+        ix.checkpoints.len() >= 8,
+        "{} checkpoints",
+        ix.checkpoints.len()
+    );
+    // Windows are stored compressed; an incompressible one may exceed 32 KiB by deflate's framing.
+    assert!(
+        ix.checkpoints
+            .iter()
+            .skip(1)
+            .all(|c| c.kind == CheckpointKind::Deflate && c.window.len() < 33 << 10)
+    );
+    let stored: usize = ix.checkpoints.iter().map(|c| c.window.len()).sum();
+    assert!(
+        stored < (ix.checkpoints.len() - 1) * (32 << 10),
+        "windows compress overall: {stored}"
+    );
+    for (i, cp) in ix.checkpoints.iter().enumerate() {
+        let end = ix
+            .checkpoints
+            .get(i + 1)
+            .map_or(data.len() as u64, |n| n.uncompressed_offset);
+        let span = &data[cp.uncompressed_offset as usize..end as usize];
+        verify_span(cp, span).unwrap();
+        let decoded = read_range(&ix, &blob, cp.uncompressed_offset, span.len());
+        assert_eq!(decoded, span);
+        let mut bad = span.to_vec();
+        if let Some(b) = bad.first_mut() {
+            *b ^= 1;
+            assert!(matches!(
+                verify_span(cp, &bad),
+                Err(Error::SpanDigest { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn an_independent_inflater_agrees() {
+    // miniz_oxide decodes the same raw deflate stream (gzip header and trailer stripped).
+    let data = mixed_data(2, 3 << 20);
+    let blob = gzip_members(&data, 1, 9);
+    assert_eq!(&blob[..3], &[0x1f, 0x8b, 8]);
+    let flags = blob[3];
+    assert_eq!(flags, 0, "flate2 writes a plain 10-byte header");
+    let raw = &blob[10..blob.len() - 8];
+    let reference = miniz_oxide::inflate::decompress_to_vec(raw).unwrap();
+    assert_eq!(reference, data);
+    let ix = index(&blob, 256 << 10);
+    for off in [0u64, 1, 65_535, 1 << 20, (3 << 20) - 10] {
+        assert_eq!(
+            read_range(&ix, &blob, off, 10),
+            &reference[off as usize..off as usize + 10]
+        );
+    }
+}
+
+#[test]
+fn multi_member_layers_resume_in_any_member_and_across_members() {
+    let data = mixed_data(3, 5 << 20);
+    for members in [2, 7, 64] {
+        let blob = gzip_members(&data, members, 6);
+        let ix = index(&blob, 512 << 10);
+        assert_eq!(ix.members as usize, members);
+        assert_eq!(ix.uncompressed_size, data.len() as u64);
+        let member_len = data.len().div_ceil(members) as u64;
+        // A read spanning a member boundary.
+        let off = member_len - 100;
+        assert_eq!(
+            read_range(&ix, &blob, off, 300),
+            &data[off as usize..off as usize + 300]
+        );
+        // A read deep inside the last member.
+        let off = data.len() as u64 - 5000;
+        assert_eq!(read_range(&ix, &blob, off, 5000), &data[off as usize..]);
+    }
+}
+
+#[test]
+fn requested_checkpoints_land_just_before_large_files() {
+    let data = mixed_data(4, 6 << 20);
+    let blob = gzip_members(&data, 1, 6);
+    let mut ix = GzipIndexer::new(blob.as_slice(), 4 << 20).unwrap();
+    let requests = ix.requests();
+    let mut buf = vec![0u8; 512];
+    let mut pos = 0u64;
+    let wanted = [1_000_000u64, 2_500_000, 2_600_000];
+    let mut w = 0;
+    loop {
+        let n = ix.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        pos += n as u64;
+        // Like a tar walker: learn of a file when its header has been read, right before its data.
+        if w < wanted.len() && pos >= wanted[w] {
+            requests.request(wanted[w]);
+            w += 1;
+        }
+    }
+    let index = ix.finish().unwrap();
+    for r in wanted {
+        let cp = index.checkpoint_for(r).unwrap();
+        assert!(
+            r - cp.uncompressed_offset < 256 << 10,
+            "checkpoint for {r} is {} bytes before it",
+            r - cp.uncompressed_offset
+        );
+        assert_eq!(
+            read_range(&index, &blob, r, 4096),
+            &data[r as usize..r as usize + 4096]
+        );
+    }
+}
+
+#[test]
+fn truncated_and_corrupt_layers_are_errors() {
+    let data = mixed_data(5, 1 << 20);
+    let blob = gzip_members(&data, 1, 6);
+    for cut in [5, 100, blob.len() / 2, blob.len() - 1] {
+        let mut ix = GzipIndexer::new(&blob[..cut], 1 << 16).unwrap();
+        let err = std::io::copy(&mut ix, &mut std::io::sink()).unwrap_err();
+        assert!(
+            matches!(
+                Error::from_io(err),
+                Error::Truncated { .. } | Error::Corrupt { .. }
+            ),
+            "cut {cut}"
+        );
+    }
+    let mut bad = blob.clone();
+    for b in &mut bad[2000..2100] {
+        *b = !*b;
+    }
+    let mut ix = GzipIndexer::new(bad.as_slice(), 1 << 16).unwrap();
+    let err = std::io::copy(&mut ix, &mut std::io::sink()).unwrap_err();
+    assert!(matches!(Error::from_io(err), Error::Corrupt { .. }));
+    // Not gzip at all.
+    let mut ix = GzipIndexer::new(&b"this is not gzip"[..], 1 << 16).unwrap();
+    assert!(std::io::copy(&mut ix, &mut std::io::sink()).is_err());
+    // A window that inflates to more than 32 KiB is refused.
+    let ix = index(&blob, 1 << 16);
+    let mut cp = ix.checkpoints[2].clone();
+    cp.window = {
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&vec![0u8; 40_000]).unwrap();
+        e.finish().unwrap()
+    };
+    assert!(matches!(
+        gzip::decode(&cp, &blob, 0, 0, 10),
+        Err(Error::BadCheckpoint(_))
+    ));
+    assert!(matches!(
+        gzip::decode(&ix.checkpoints[2], &blob[10..], 10_000_000, 0, 10),
+        Err(Error::RangeMismatch { .. })
+    ));
+}
+
+#[test]
+fn empty_and_tiny_layers() {
+    for data in [Vec::new(), b"x".to_vec()] {
+        let blob = gzip_members(&data, 1, 6);
+        let ix = index(&blob, 1 << 20);
+        assert_eq!(ix.uncompressed_size, data.len() as u64);
+        assert_eq!(ix.checkpoints.len(), 1);
+        verify_span(&ix.checkpoints[0], &data).unwrap();
+    }
+}
+
+#[test]
+fn plain_layers_checkpoint_every_span_exactly() {
+    let data = mixed_data(6, 1_000_000);
+    let mut ix = PlainIndexer::new(data.as_slice(), 100_000);
+    let mut out = Vec::new();
+    ix.read_to_end(&mut out).unwrap();
+    assert_eq!(out, data);
+    let index = ix.finish().unwrap();
+    assert_eq!(index.checkpoints.len(), 10);
+    for (i, cp) in index.checkpoints.iter().enumerate() {
+        assert_eq!(cp.uncompressed_offset, i as u64 * 100_000);
+        assert_eq!(cp.compressed_offset, cp.uncompressed_offset);
+        verify_span(
+            cp,
+            &data[cp.uncompressed_offset as usize
+                ..(cp.uncompressed_offset as usize + 100_000).min(data.len())],
+        )
+        .unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn any_range_equals_the_slice_of_a_full_decode(
+        seed in any::<u64>(),
+        len in 1usize..(3 << 20),
+        span_kib in 16u64..2048,
+        members in 1usize..6,
+        level in 1u32..10,
+        reads in proptest::collection::vec((any::<u64>(), 1usize..200_000), 1..8),
+    ) {
+        let data = mixed_data(seed, len);
+        let blob = gzip_members(&data, members, level);
+        let ix = index(&blob, span_kib << 10);
+        for (o, l) in reads {
+            let off = o % data.len() as u64;
+            let l = l.min(data.len() - off as usize);
+            prop_assert_eq!(read_range(&ix, &blob, off, l), &data[off as usize..off as usize + l]);
+        }
+    }
+}
