@@ -48,6 +48,7 @@
 
 mod error;
 pub mod layout;
+pub mod merge;
 mod meta;
 mod read;
 pub mod tree;

@@ -1,0 +1,305 @@
+//! The tree a v2 archive describes, with file contents read back through clip-seekable from the
+//! layer blobs, equals `umoci unpack` of the same image: paths, types, modes, owners, sizes,
+//! content, symlink targets, devices, xattrs, hard-link groups and mtimes.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use clip_format::{Archive, DataLocation, EntryKind, MediaKind};
+use clip_indexer::{Error, IndexOptions, Platform, index_layout};
+use clip_testkit::image::{Compression, EdgeCaseOptions, Entry, Image, Layer, edge_cases};
+use clip_testkit::tree::{Node, NodeKind};
+use clip_testkit::{CompareOptions, ImageBuilder, ManifestFormat, Tree, oracle};
+use sha2::{Digest, Sha256};
+
+/// Reads `len` bytes at `offset` of layer `layer`'s uncompressed stream from the layout's blob,
+/// starting at the nearest checkpoint (as the lazy reader will, minus the network).
+fn read_file(a: &Archive, layout: &Path, layer: u32, offset: u64, len: u64) -> Vec<u8> {
+    let info = &a.layers()[layer as usize];
+    let hex = info.digest.trim_start_matches("sha256:");
+    let blob = std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap();
+    match info.media {
+        MediaKind::Tar => blob[offset as usize..(offset + len) as usize].to_vec(),
+        MediaKind::Gzip => {
+            let cps = a.checkpoints(layer);
+            let cp = clip_seekable::checkpoint_for(&cps, offset).unwrap();
+            // The next checkpoint comes at the first deflate block boundary after a span.
+            let gap = offset - cp.uncompressed_offset;
+            assert!(
+                gap <= info.span_size + (1 << 20),
+                "nearest checkpoint is {gap} bytes before {offset}"
+            );
+            let out = clip_seekable::gzip::decode(
+                cp,
+                &blob,
+                0,
+                offset - cp.uncompressed_offset,
+                len as usize,
+            )
+            .unwrap();
+            assert_eq!(out.len() as u64, len);
+            out
+        }
+        MediaKind::Zstd => unreachable!(),
+    }
+}
+
+/// The archive's view as a testkit tree (contents hashed after reading them back).
+fn archive_tree(a: &Archive, layout: &Path) -> Tree {
+    let mut t = Tree::default();
+    for i in 0..a.len() as u32 {
+        let e = a.entry(i).unwrap();
+        let kind = match e.kind() {
+            EntryKind::Dir => NodeKind::Dir,
+            EntryKind::File => {
+                let bytes = match e.data().unwrap() {
+                    DataLocation::V2 {
+                        layer,
+                        offset,
+                        length,
+                    } if length > 0 => read_file(a, layout, layer, offset, length),
+                    _ => Vec::new(),
+                };
+                NodeKind::File {
+                    size: e.size(),
+                    sha256: hex::encode(Sha256::digest(&bytes)),
+                }
+            }
+            EntryKind::Symlink => {
+                NodeKind::Symlink(String::from_utf8_lossy(e.symlink_target().unwrap()).into_owned())
+            }
+            EntryKind::Fifo => NodeKind::Fifo,
+            EntryKind::Socket => NodeKind::Socket,
+            EntryKind::CharDevice | EntryKind::BlockDevice => {
+                let (ma, mi) = e.rdev().unwrap();
+                let rdev = rustix::fs::makedev(ma, mi);
+                if e.kind() == EntryKind::CharDevice {
+                    NodeKind::CharDevice(rdev)
+                } else {
+                    NodeKind::BlockDevice(rdev)
+                }
+            }
+        };
+        let xattrs: BTreeMap<String, Vec<u8>> = e
+            .xattrs()
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
+            .collect();
+        t.nodes.insert(
+            String::from_utf8_lossy(&e.path()).into_owned(),
+            Node {
+                kind,
+                mode: e.mode(),
+                uid: e.uid(),
+                gid: e.gid(),
+                mtime: (e.mtime().0, i64::from(e.mtime().1)),
+                xattrs,
+                ino: u64::from(e.ino()),
+                nlink: u64::from(e.nlink()),
+            },
+        );
+    }
+    t
+}
+
+fn check(image: &ImageBuilder, span: u64, platform: Option<&str>) {
+    oracle::require_oracle_tools().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let built = image.build().unwrap();
+    built.write_oci_layout(&layout, "t").unwrap();
+    let out = dir.path().join("img.clip");
+    let opts = IndexOptions {
+        tag: Some("t".into()),
+        platform: platform.map(|p| Platform::parse(p).unwrap()),
+        checkpoint_bytes: span,
+        registry: "127.0.0.1:5000".into(),
+        repository: "test/edge".into(),
+        reference: "127.0.0.1:5000/test/edge:t".into(),
+    };
+    let summary = index_layout(&layout, &out, &opts).unwrap();
+    let a = Archive::open(&out).unwrap();
+    assert_eq!(
+        a.meta().source.as_ref().unwrap().manifest_digest,
+        summary.manifest_digest
+    );
+    if summary.uncompressed_bytes > 4 << 20 {
+        assert!(
+            summary.index_bytes * 50 < summary.uncompressed_bytes,
+            "index is small: {summary:?}"
+        );
+    }
+
+    // The oracle: the same image pushed to a real registry, copied out by skopeo (which picks
+    // the platform and converts Docker manifests) and unpacked by umoci.
+    let registry = clip_testkit::Registry::start_anonymous().unwrap();
+    built.push(&registry, "test/edge", "t").unwrap();
+    let want = oracle::oracle_unpack(
+        &registry,
+        "test/edge:t",
+        &dir.path().join("oracle"),
+        platform,
+    )
+    .unwrap();
+    let expected = Tree::scan(&want).unwrap();
+    let actual = archive_tree(&a, &layout);
+    let diffs = expected.compare(&actual, &CompareOptions::default());
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+fn edge(compression: [Compression; 3]) -> Image {
+    edge_cases(&EdgeCaseOptions {
+        compression,
+        devices: clip_testkit::is_root(),
+        ..EdgeCaseOptions::default()
+    })
+}
+
+#[test]
+fn edge_cases_gzip_multimember_and_plain_layers_match_umoci() {
+    let img = edge([
+        Compression::Gzip,
+        Compression::GzipMultiMember(3),
+        Compression::None,
+    ]);
+    check(
+        &ImageBuilder::new(ManifestFormat::Oci).image(img),
+        256 << 10,
+        None,
+    );
+}
+
+#[test]
+fn docker_manifests_and_many_members_match_umoci() {
+    let img = edge([
+        Compression::GzipMultiMember(9),
+        Compression::None,
+        Compression::Gzip,
+    ]);
+    check(
+        &ImageBuilder::new(ManifestFormat::Docker).image(img),
+        1 << 20,
+        None,
+    );
+}
+
+#[test]
+fn platform_is_chosen_from_an_index() {
+    let other = Image::new(vec![Layer::new(vec![Entry::file("which", "arm64\n")])]).platform(
+        "linux",
+        "arm64",
+        Some("v8"),
+    );
+    let img = edge([Compression::Gzip, Compression::Gzip, Compression::Gzip]);
+    let builder = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img.clone())
+        .image(other.clone());
+    check(&builder, 4 << 20, Some("linux/amd64"));
+    check(&builder, 4 << 20, Some("linux/arm64/v8"));
+}
+
+fn layout_of(img: Image) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap()
+        .write_oci_layout(&layout, "t")
+        .unwrap();
+    (dir, layout)
+}
+
+fn opts() -> IndexOptions {
+    IndexOptions {
+        tag: Some("t".into()),
+        registry: "r".into(),
+        repository: "x".into(),
+        ..IndexOptions::default()
+    }
+}
+
+fn blob_of(layout: &Path, digest: &str) -> std::path::PathBuf {
+    layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+#[test]
+fn bad_layers_are_typed_errors_and_publish_nothing() {
+    let img = Image::new(vec![Layer::new(vec![Entry::file(
+        "a",
+        clip_testkit::image::text_bytes(1, 200_000),
+    )])]);
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img.clone())
+        .build()
+        .unwrap();
+    let digest = built.manifests[0].layers[0].blob.digest.clone();
+
+    // A corrupted blob: its digest no longer matches (or inflate fails first).
+    let (dir, layout) = layout_of(img.clone());
+    let p = blob_of(&layout, &digest);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    let out = dir.path().join("x.clip");
+    let err = index_layout(&layout, &out, &opts()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Digest { .. } | Error::Layer { .. } | Error::Tar { .. }
+        ),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // A truncated blob.
+    let (dir, layout) = layout_of(img.clone());
+    let p = blob_of(&layout, &digest);
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let err = index_layout(&layout, &dir.path().join("x.clip"), &opts()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Layer { .. } | Error::Tar { .. } | Error::Digest { .. }
+        ),
+        "{err}"
+    );
+
+    // A path escaping the root.
+    let evil = Image::new(vec![Layer::new(vec![
+        Entry::file("../../etc/evil", "x").pax_path(),
+    ])]);
+    let (dir, layout) = layout_of(evil);
+    let err = index_layout(&layout, &dir.path().join("x.clip"), &opts()).unwrap_err();
+    assert!(err.to_string().contains(".."), "{err}");
+
+    // zstd is refused clearly, not mis-indexed.
+    let z = Image::new(vec![
+        Layer::new(vec![Entry::file("a", "b")]).compression(Compression::Zstd),
+    ]);
+    let (dir, layout) = layout_of(z);
+    let err = index_layout(&layout, &dir.path().join("x.clip"), &opts()).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+
+    // A missing tag.
+    let (dir, layout) = layout_of(img);
+    let err = index_layout(
+        &layout,
+        &dir.path().join("x.clip"),
+        &IndexOptions {
+            tag: Some("nope".into()),
+            ..opts()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("\"nope\" not found"), "{err}");
+}
