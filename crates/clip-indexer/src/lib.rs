@@ -241,19 +241,53 @@ fn resolve(layout: &Path, opts: &IndexOptions) -> Result<oci::Descriptor> {
         })
 }
 
-/// A reader that hashes and counts what passes through it; the totals stay readable after the
-/// reader has been handed to (and consumed by) the tar walker.
+/// The blob digest and byte count, once the hashing thread has seen all input.
+type BlobHash = Rc<RefCell<Option<std::thread::JoinHandle<(String, u64)>>>>;
+
+/// A reader that hashes and counts what passes through it on a helper thread (so the blob
+/// digest costs the inflating thread only a copy); the totals stay readable after the reader
+/// has been handed to, and consumed by, the tar walker.
 struct Hashing<R> {
     inner: R,
-    state: Rc<RefCell<(Sha256, u64)>>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R) -> (Self, BlobHash) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
+        let handle = std::thread::spawn(move || {
+            let mut h = Sha256::new();
+            let mut n = 0u64;
+            for chunk in rx {
+                h.update(&chunk);
+                n += chunk.len() as u64;
+            }
+            (format!("sha256:{}", hex::encode(h.finalize())), n)
+        });
+        (
+            Self {
+                inner,
+                tx: Some(tx),
+            },
+            Rc::new(RefCell::new(Some(handle))),
+        )
+    }
+}
+
+impl<R> Drop for Hashing<R> {
+    fn drop(&mut self) {
+        self.tx = None; // ends the hashing thread's input
+    }
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        let mut s = self.state.borrow_mut();
-        s.0.update(&buf[..n]);
-        s.1 += n as u64;
+        if n > 0
+            && let Some(tx) = &self.tx
+        {
+            let _ = tx.send(buf[..n].to_vec());
+        }
         Ok(n)
     }
 }
@@ -315,11 +349,7 @@ fn index_layer(
             decl, d.media_type
         )));
     }
-    let state = Rc::new(RefCell::new((Sha256::new(), 0u64)));
-    let src = Hashing {
-        inner: file,
-        state: Rc::clone(&state),
-    };
+    let (src, blob_hash) = Hashing::new(file);
     let large = span / 2;
     let layer_err = |source| Error::Layer {
         layer: i,
@@ -346,8 +376,12 @@ fn index_layer(
             )));
         }
     };
-    let (hasher, read) = std::mem::take(&mut *state.borrow_mut());
-    let blob_digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+    // The indexers (and with them the hashing reader) are gone: the hash thread has all input.
+    let (blob_digest, read) = blob_hash
+        .borrow_mut()
+        .take()
+        .and_then(|h| h.join().ok())
+        .ok_or_else(|| Error::Image(format!("layer {i}: hashing failed")))?;
     if blob_digest != d.digest || read != d.size {
         return Err(Error::Digest {
             what: format!("layer {i} blob ({read} bytes)"),

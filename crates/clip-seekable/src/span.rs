@@ -58,14 +58,122 @@ impl History {
     }
 }
 
+/// Work for the hashing thread, in stream order.
+enum Msg {
+    /// The next output bytes.
+    Data(Vec<u8>),
+    /// No span will be cut before this output position: hash up to it.
+    Safe(u64),
+    /// A span ends at this output position.
+    Cut(u64),
+}
+
+/// Span digests in order, and the whole stream's digest.
+type Digests = (Vec<[u8; 32]>, [u8; 32]);
+
+/// Hashes the output on its own thread, so inflation and hashing overlap: the whole stream's
+/// sha256 immediately, span digests as soon as their cut points are known.
+struct Hasher {
+    tx: Option<std::sync::mpsc::SyncSender<Msg>>,
+    thread: Option<std::thread::JoinHandle<Digests>>,
+}
+
+impl Hasher {
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(256);
+        let thread = std::thread::Builder::new()
+            .name("clip-span-hash".into())
+            .spawn(move || {
+                let mut whole = Sha256::new();
+                let mut span = Sha256::new();
+                let mut digests = Vec::new();
+                let mut queue: std::collections::VecDeque<Vec<u8>> =
+                    std::collections::VecDeque::new();
+                let (mut queued_from, mut hashed) = (0u64, 0u64);
+                // Feeds queued bytes up to `to` into the span hasher.
+                let advance = |queue: &mut std::collections::VecDeque<Vec<u8>>,
+                               queued_from: &mut u64,
+                               hashed: &mut u64,
+                               span: &mut Sha256,
+                               to: u64| {
+                    while *hashed < to {
+                        let Some(front) = queue.front() else { break };
+                        let start = usize::try_from(*hashed - *queued_from).unwrap_or(0);
+                        let n = usize::try_from(to - *hashed)
+                            .unwrap_or(usize::MAX)
+                            .min(front.len() - start);
+                        span.update(&front[start..start + n]);
+                        *hashed += n as u64;
+                        if start + n == front.len() {
+                            *queued_from += front.len() as u64;
+                            queue.pop_front();
+                        }
+                    }
+                };
+                for msg in rx {
+                    match msg {
+                        Msg::Data(d) => {
+                            whole.update(&d);
+                            queue.push_back(d);
+                        }
+                        Msg::Safe(w) => {
+                            advance(&mut queue, &mut queued_from, &mut hashed, &mut span, w);
+                        }
+                        Msg::Cut(p) => {
+                            advance(&mut queue, &mut queued_from, &mut hashed, &mut span, p);
+                            digests.push(std::mem::take(&mut span).finalize().into());
+                        }
+                    }
+                }
+                advance(
+                    &mut queue,
+                    &mut queued_from,
+                    &mut hashed,
+                    &mut span,
+                    u64::MAX,
+                );
+                digests.push(span.finalize().into());
+                (digests, whole.finalize().into())
+            })
+            .ok();
+        Self {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    fn send(&self, m: Msg) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(m);
+        }
+    }
+
+    fn finish(mut self) -> Digests {
+        self.tx = None;
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Records checkpoints and the sha256 of every span and of the whole stream.
 pub(crate) struct Recorder {
     pub(crate) span: u64,
     history: History,
     pub(crate) checkpoints: Vec<Checkpoint>,
-    hasher: Sha256,
-    hashed_upto: u64,
-    whole: Sha256,
+    hasher: Hasher,
+    /// No checkpoint may be placed before this output position any more.
+    safe_upto: u64,
 }
 
 impl Recorder {
@@ -74,9 +182,8 @@ impl Recorder {
             span: span.max(1),
             history: History::new(),
             checkpoints: Vec::new(),
-            hasher: Sha256::new(),
-            hashed_upto: 0,
-            whole: Sha256::new(),
+            hasher: Hasher::start(),
+            safe_upto: 0,
         }
     }
 
@@ -91,14 +198,15 @@ impl Recorder {
     }
 
     pub(crate) fn push(&mut self, bytes: &[u8]) {
-        self.whole.update(bytes);
+        if bytes.is_empty() {
+            return;
+        }
+        self.hasher.send(Msg::Data(bytes.to_vec()));
         self.history.push(bytes);
         let target = self.history.end.saturating_sub(HASH_LAG);
-        if target > self.hashed_upto {
-            let hasher = &mut self.hasher;
-            self.history
-                .each(self.hashed_upto, target, |b| hasher.update(b));
-            self.hashed_upto = target;
+        if target > self.safe_upto {
+            self.safe_upto = target;
+            self.hasher.send(Msg::Safe(target));
         }
     }
 
@@ -107,7 +215,7 @@ impl Recorder {
         let after_last = self.last().is_none_or(|l| out > l);
         let win_from = out.saturating_sub(WINDOW as u64);
         after_last
-            && out >= self.hashed_upto
+            && out >= self.safe_upto
             && (!window || self.history.holds(win_from, out))
             && out <= self.end()
     }
@@ -121,7 +229,10 @@ impl Recorder {
         bits: u8,
         window: bool,
     ) {
-        self.close_span(out);
+        if !self.checkpoints.is_empty() {
+            self.hasher.send(Msg::Cut(out));
+        }
+        self.safe_upto = self.safe_upto.max(out);
         let window = if window {
             let from = out.saturating_sub(WINDOW as u64);
             let mut raw = Vec::with_capacity(WINDOW);
@@ -140,25 +251,18 @@ impl Recorder {
         });
     }
 
-    /// Hashes up to `out` and stores the digest of the span that ends there.
-    fn close_span(&mut self, out: u64) {
-        if out > self.hashed_upto {
-            let hasher = &mut self.hasher;
-            self.history
-                .each(self.hashed_upto, out, |b| hasher.update(b));
-            self.hashed_upto = out;
-        }
-        let digest: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
-        if let Some(last) = self.checkpoints.last_mut() {
-            last.span_digest = digest;
-        }
-    }
-
     /// Closes the last span; returns the checkpoints and the sha256 of the whole output.
-    pub(crate) fn finish(mut self) -> (Vec<Checkpoint>, [u8; 32]) {
-        let end = self.end();
-        self.close_span(end);
-        (self.checkpoints, self.whole.finalize().into())
+    pub(crate) fn finish(self) -> (Vec<Checkpoint>, [u8; 32]) {
+        let Self {
+            mut checkpoints,
+            hasher,
+            ..
+        } = self;
+        let (digests, whole) = hasher.finish();
+        for (cp, d) in checkpoints.iter_mut().zip(digests) {
+            cp.span_digest = d;
+        }
+        (checkpoints, whole)
     }
 }
 

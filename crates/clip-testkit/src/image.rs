@@ -203,6 +203,8 @@ pub struct Layer {
     pub compression: Compression,
     /// Prefix every path with `./` (as some tools write them).
     pub dot_slash: bool,
+    /// A ready-made tar stream (e.g. from GNU tar) used instead of `entries`.
+    pub raw_tar: Option<Vec<u8>>,
 }
 
 impl Layer {
@@ -213,6 +215,17 @@ impl Layer {
             entries,
             compression: Compression::Gzip,
             dot_slash: false,
+            raw_tar: None,
+        }
+    }
+    /// A layer whose tar stream was written by another tool.
+    #[must_use]
+    pub fn from_tar(tar: Vec<u8>) -> Self {
+        Self {
+            entries: Vec::new(),
+            compression: Compression::Gzip,
+            dot_slash: false,
+            raw_tar: Some(tar),
         }
     }
     /// Sets the compression.
@@ -543,7 +556,10 @@ fn layer_media_type(format: ManifestFormat, c: Compression) -> Result<&'static s
 fn build_manifest(img: &Image, format: ManifestFormat) -> Result<BuiltManifest> {
     let mut layers = Vec::new();
     for layer in &img.layers {
-        let tar = write_tar(layer)?;
+        let tar = match &layer.raw_tar {
+            Some(t) => t.clone(),
+            None => write_tar(layer)?,
+        };
         let bytes = compress(&tar, layer.compression)?;
         layers.push(BuiltLayer {
             blob: Blob::new(layer_media_type(format, layer.compression)?, bytes),

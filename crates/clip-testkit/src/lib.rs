@@ -29,6 +29,7 @@
 //! ```
 
 pub mod buildah;
+pub mod debian;
 mod error;
 pub mod http;
 pub mod image;

@@ -1,0 +1,77 @@
+//! Indexing one gzip layer vs plain inflate of the same layer with the same inflater (zlib-rs).
+//!
+//! Target (v2 indexing issue): indexing >= 90% of plain inflate throughput. The layer is seeded:
+//! 3,000 text files of 1-40 KiB and eight 4 MiB files, about 90 MiB uncompressed.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::io::Read;
+
+use clip_indexer::{IndexOptions, index_layout};
+use clip_testkit::image::{Compression, Entry, Image, Layer, random_bytes, text_bytes};
+use clip_testkit::{ImageBuilder, ManifestFormat};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+fn layer() -> Image {
+    let mut entries = vec![Entry::dir("usr"), Entry::dir("usr/share")];
+    for i in 0..3000u64 {
+        entries.push(Entry::file(
+            &format!("usr/share/f{i:05}.txt"),
+            text_bytes(i, 1024 + (i as usize * 7919) % (39 << 10)),
+        ));
+    }
+    for i in 0..8u64 {
+        let mut big = text_bytes(100 + i, 3 << 20);
+        big.extend(random_bytes(200 + i, 1 << 20));
+        entries.push(Entry::file(&format!("usr/lib/big{i}.so"), big));
+    }
+    Image::new(vec![Layer::new(entries).compression(Compression::Gzip)])
+}
+
+fn bench(c: &mut Criterion) {
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(layer())
+        .build()
+        .expect("build");
+    let l = &built.manifests[0].layers[0];
+    let dir = tempfile::tempdir().expect("tmp");
+    let layout = dir.path().join("layout");
+    built.write_oci_layout(&layout, "b").expect("layout");
+    let blob = l.blob.bytes.clone();
+    let mut g = c.benchmark_group("gzip_layer");
+    g.throughput(Throughput::Bytes(l.tar.len() as u64));
+    g.sample_size(10);
+    g.bench_function("plain_inflate", |b| {
+        b.iter(|| {
+            let mut d = flate2::read::GzDecoder::new(blob.as_slice());
+            black_box(std::io::copy(&mut d, &mut std::io::sink()).expect("inflate"))
+        });
+    });
+    g.bench_function("checkpoints_and_span_digests", |b| {
+        b.iter(|| {
+            let mut ix =
+                clip_seekable::GzipIndexer::new(blob.as_slice(), 4 << 20).expect("indexer");
+            let mut buf = vec![0u8; 64 << 10];
+            while ix.read(&mut buf).expect("read") > 0 {}
+            black_box(ix.finish().expect("finish").checkpoints.len())
+        });
+    });
+    g.bench_function("sha256_of_uncompressed", |b| {
+        use sha2::Digest;
+        b.iter(|| black_box(sha2::Sha256::digest(&l.tar)));
+    });
+    let out = dir.path().join("out.clip");
+    let opts = IndexOptions {
+        tag: Some("b".into()),
+        registry: "r".into(),
+        repository: "x".into(),
+        ..IndexOptions::default()
+    };
+    g.bench_function("full_index_from_layout", |b| {
+        b.iter(|| black_box(index_layout(&layout, &out, &opts).expect("index").entries));
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
