@@ -1,7 +1,7 @@
 //! `clip`: the command-line tool for `.clip` archives.
 //!
-//! Subcommands arrive with the capabilities they expose. Today: `inspect`, `ls`, `cat` (format)
-//! and `archive --rootfs` (directory → v1). This binary holds only argument parsing and wiring.
+//! Subcommands arrive with the capabilities they expose. Today: `inspect`, `ls`, `cat` (format),
+//! `index --oci-layout` (image → v2) and `archive --rootfs` (directory → v1). This binary holds only argument parsing and wiring.
 #![allow(clippy::print_stdout)]
 
 use std::io::Write as _;
@@ -44,6 +44,27 @@ enum Command {
         /// Path inside the archive.
         path: String,
     },
+    /// Create a v2 (index-only) archive of an image.
+    Index {
+        /// An OCI image layout directory, optionally with `:TAG`.
+        #[arg(long, value_name = "DIR[:TAG]")]
+        oci_layout: String,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Registry location to record, as `HOST/REPOSITORY` (where lazy reads will fetch from).
+        #[arg(long, value_name = "HOST/REPO")]
+        source: String,
+        /// Platform to pick from a multi-platform image, `os/arch[/variant]`.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Uncompressed MiB between checkpoints.
+        #[arg(long, default_value_t = 4)]
+        checkpoint_mib: u64,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a v1 (data-carrying) archive.
     Archive {
         /// Archive this root filesystem directory.
@@ -75,6 +96,22 @@ fn main() -> anyhow::Result<()> {
             out.write_all(a.file_data(&e, true)?)?;
             Ok(())
         }
+        Command::Index {
+            oci_layout,
+            output,
+            source,
+            platform,
+            checkpoint_mib,
+            json,
+        } => index(
+            &oci_layout,
+            &output,
+            &source,
+            platform.as_deref(),
+            checkpoint_mib,
+            json,
+            &mut out,
+        ),
         Command::Archive {
             rootfs,
             output,
@@ -104,6 +141,62 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn index(
+    oci_layout: &str,
+    output: &Path,
+    source: &str,
+    platform: Option<&str>,
+    checkpoint_mib: u64,
+    json: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let (dir, tag) = match oci_layout.rsplit_once(':') {
+        Some((d, t)) if !t.contains('/') => (d.to_owned(), Some(t.to_owned())),
+        _ => (oci_layout.to_owned(), None),
+    };
+    let (registry, repository) = source
+        .split_once('/')
+        .with_context(|| format!("--source {source:?} must be HOST/REPOSITORY"))?;
+    let platform = match platform {
+        Some(p) => Some(
+            clip_core::indexer::Platform::parse(p)
+                .with_context(|| format!("--platform {p:?} must be os/arch[/variant]"))?,
+        ),
+        None => None,
+    };
+    let opts = clip_core::indexer::IndexOptions {
+        tag: tag.clone(),
+        platform,
+        checkpoint_bytes: checkpoint_mib.max(1) << 20,
+        registry: registry.to_owned(),
+        repository: repository.to_owned(),
+        reference: format!("{source}:{}", tag.as_deref().unwrap_or("latest")),
+    };
+    let start = std::time::Instant::now();
+    let s = clip_core::indexer::index_layout(dir.as_ref(), output, &opts)?;
+    let secs = start.elapsed().as_secs_f64();
+    if json {
+        let v = serde_json::json!({"kind": "v2-oci", "manifest_digest": s.manifest_digest, "layers": s.layers,
+            "entries": s.entries, "checkpoints": s.checkpoints, "bytes": s.archive_bytes, "index_bytes": s.index_bytes,
+            "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "seconds": secs, "output": output});
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(
+            out,
+            "{}: v2 archive of {source}@{}: {} layers, {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
+            output.display(),
+            s.manifest_digest,
+            s.layers,
+            s.entries,
+            s.checkpoints,
+            s.archive_bytes,
+            s.index_bytes,
+            s.compressed_bytes
+        )?;
+    }
+    Ok(())
 }
 
 fn open(file: &Path) -> anyhow::Result<Archive> {

@@ -85,3 +85,64 @@ fn archive_inspect_ls_cat() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn index_an_oci_layout_and_inspect_it() {
+    use clip_testkit::image::{EdgeCaseOptions, edge_cases};
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let img = edge_cases(&EdgeCaseOptions {
+        large_file: 1 << 20,
+        small_files: 20,
+        devices: false,
+        ..EdgeCaseOptions::default()
+    });
+    clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap()
+        .write_oci_layout(&layout, "v1")
+        .unwrap();
+    let out = dir.path().join("v2.clip");
+    let o = clip(&[
+        "index",
+        "--oci-layout",
+        &format!("{}:v1", layout.display()),
+        "-o",
+        out.to_str().unwrap(),
+        "--source",
+        "127.0.0.1:5000/test/edge",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "v2-oci");
+    assert_eq!(v["layers"], 3);
+    let text = String::from_utf8(clip(&["inspect", out.to_str().unwrap()]).stdout).unwrap();
+    assert!(
+        text.contains("image:       127.0.0.1:5000/test/edge@sha256:"),
+        "{text}"
+    );
+    assert!(text.contains("layer 2:"), "{text}");
+    let o = clip(&["cat", out.to_str().unwrap(), "etc/passwd"]);
+    assert!(!o.status.success(), "v2 cat needs the lazy read path");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs a v1-local archive"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = clip(&[
+        "index",
+        "--oci-layout",
+        &format!("{}:nope", layout.display()),
+        "-o",
+        out.to_str().unwrap(),
+        "--source",
+        "h/r",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -15,3 +15,4 @@
 
 pub use clip_extract as extract;
 pub use clip_format as format;
+pub use clip_indexer as indexer;
