@@ -27,8 +27,9 @@
 //! # Ok::<(), clip_indexer::Error>(())
 //! ```
 
-pub mod oci;
 mod tarwalk;
+
+pub use clip_registry::oci;
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -50,6 +51,9 @@ pub enum Error {
     /// Writing or validating the archive failed.
     #[error(transparent)]
     Format(#[from] clip_format::Error),
+    /// The registry failed or refused.
+    #[error(transparent)]
+    Registry(#[from] clip_registry::Error),
     /// A layer's compressed data is bad.
     #[error("layer {layer} ({digest}): {source}")]
     Layer {
@@ -298,21 +302,52 @@ struct IndexedLayer {
     media: MediaKind,
 }
 
-fn index_layer(
+fn index_layout_layer(
     layout: &Path,
     i: usize,
     d: &oci::Descriptor,
     diff_id: &str,
     span: u64,
 ) -> Result<IndexedLayer> {
-    let layer = u32::try_from(i).map_err(|_| Error::Image("too many layers".into()))?;
     let path = blob_path(layout, &d.digest)?;
-    let io = |source| Error::Io {
-        context: "reading",
+    let file = File::open(&path).map_err(|source| Error::Io {
+        context: "opening",
         path: path.clone(),
         source,
+    })?;
+    index_layer(file, i, d, diff_id, span)
+}
+
+fn index_layer<R: Read>(
+    src: R,
+    i: usize,
+    d: &oci::Descriptor,
+    diff_id: &str,
+    span: u64,
+) -> Result<IndexedLayer> {
+    let layer = u32::try_from(i).map_err(|_| Error::Image("too many layers".into()))?;
+    // A registry failure surfaces through the reader as an io::Error wrapping the registry error.
+    let io = |source: std::io::Error| {
+        if source
+            .get_ref()
+            .is_some_and(<dyn std::error::Error + Send + Sync>::is::<clip_registry::Error>)
+        {
+            match source
+                .into_inner()
+                .map(<dyn std::error::Error + Send + Sync>::downcast::<clip_registry::Error>)
+            {
+                Some(Ok(e)) => Error::Registry(*e),
+                _ => Error::Image(format!("layer {i}: reading failed")),
+            }
+        } else {
+            Error::Io {
+                context: "reading layer",
+                path: PathBuf::from(&d.digest),
+                source,
+            }
+        }
     };
-    let mut file = BufReader::with_capacity(1 << 20, File::open(&path).map_err(io)?);
+    let mut file = BufReader::with_capacity(1 << 20, src);
     let mut magic = [0u8; 4];
     let head = {
         use std::io::BufRead;
@@ -429,6 +464,65 @@ pub fn index_layout(layout: &Path, out: &Path, opts: &IndexOptions) -> Result<In
     }
     let manifest: oci::Manifest = parse("manifest", &read_doc(layout, &desc)?)?;
     let config: oci::Config = parse("image config", &read_doc(layout, &manifest.config)?)?;
+    let source = Source {
+        registry: opts.registry.clone(),
+        repository: opts.repository.clone(),
+        manifest_digest: desc.digest.clone(),
+        reference: opts.reference.clone(),
+    };
+    let span = opts.checkpoint_bytes.max(64 << 10);
+    index_all(&manifest, &config, source, out, span, |i, d| {
+        index_layout_layer(layout, i, d, &config.rootfs.diff_ids[i], span)
+    })
+}
+
+/// Indexes `reference` straight from its registry into a v2 archive at `out`: manifests and
+/// config are fetched, every layer blob is streamed once (nothing is stored on disk), and the
+/// archive records the registry, repository and platform manifest digest.
+pub fn index_image(
+    reference: &str,
+    out: &Path,
+    client: &clip_registry::Client,
+    platform: Option<&Platform>,
+    checkpoint_bytes: u64,
+) -> Result<IndexSummary> {
+    let r = clip_registry::Reference::parse(reference)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            context: "starting the network runtime",
+            path: PathBuf::new(),
+            source,
+        })?;
+    let image = runtime.block_on(client.resolve(&r, platform))?;
+    let source = Source {
+        registry: r.registry.clone(),
+        repository: r.repository.clone(),
+        manifest_digest: image.manifest_digest.clone(),
+        reference: r.to_string(),
+    };
+    let span = checkpoint_bytes.max(64 << 10);
+    let handle = runtime.handle().clone();
+    let pinned = image.reference.clone();
+    let diff_ids = image.config.rootfs.diff_ids.clone();
+    index_all(&image.manifest, &image.config, source, out, span, |i, d| {
+        let reader = client.blob_reader(&handle, &pinned, &d.digest);
+        index_layer(reader, i, d, &diff_ids[i], span)
+    })
+}
+
+/// Indexes every layer (in parallel, one thread per core), merges them in order and writes the
+/// archive.
+fn index_all(
+    manifest: &oci::Manifest,
+    config: &oci::Config,
+    source: Source,
+    out: &Path,
+    span: u64,
+    layer: impl Fn(usize, &oci::Descriptor) -> Result<IndexedLayer> + Sync,
+) -> Result<IndexSummary> {
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
         return Err(Error::Image(format!(
             "the manifest lists {} layers but the config {} diff_ids",
@@ -436,7 +530,6 @@ pub fn index_layout(layout: &Path, out: &Path, opts: &IndexOptions) -> Result<In
             config.rootfs.diff_ids.len()
         )));
     }
-    let span = opts.checkpoint_bytes.max(64 << 10);
     let workers = std::thread::available_parallelism()
         .map_or(2, std::num::NonZero::get)
         .min(manifest.layers.len().max(1));
@@ -454,7 +547,7 @@ pub fn index_layout(layout: &Path, out: &Path, opts: &IndexOptions) -> Result<In
                     let Some(d) = manifest.layers.get(i) else {
                         break;
                     };
-                    let r = index_layer(layout, i, d, &config.rootfs.diff_ids[i], span);
+                    let r = layer(i, d);
                     if let Ok(mut slot) = results[i].lock() {
                         *slot = Some(r);
                     }
@@ -487,21 +580,17 @@ pub fn index_layout(layout: &Path, out: &Path, opts: &IndexOptions) -> Result<In
         });
         checkpoints.push(done.index.checkpoints);
     }
+    let manifest_digest = source.manifest_digest.clone();
     let meta = Meta {
         image: config.to_image_config(),
-        source: Some(Source {
-            registry: opts.registry.clone(),
-            repository: opts.repository.clone(),
-            manifest_digest: desc.digest.clone(),
-            reference: opts.reference.clone(),
-        }),
+        source: Some(source),
         remote: None,
         created_by: format!("clip-indexer {}", env!("CARGO_PKG_VERSION")),
     };
     let tree = merger.into_tree();
     let summary = write_v2(out, &tree, &meta, &layers, &checkpoints)?;
     Ok(IndexSummary {
-        manifest_digest: desc.digest,
+        manifest_digest,
         layers: layers.len(),
         entries: summary.entries,
         checkpoints: checkpoints.iter().map(Vec::len).sum(),

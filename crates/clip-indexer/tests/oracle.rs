@@ -353,3 +353,57 @@ fn a_real_debian_rootfs_packed_by_gnu_tar_matches_umoci() {
         None,
     );
 }
+
+#[test]
+fn indexing_straight_from_a_registry_matches_umoci() {
+    oracle::require_oracle_tools().unwrap();
+    let img = edge([
+        Compression::Gzip,
+        Compression::GzipMultiMember(3),
+        Compression::None,
+    ]);
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    let registry = clip_testkit::Registry::start_anonymous().unwrap();
+    let pushed = built.push(&registry, "test/direct", "v1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("direct.clip");
+    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
+    let summary =
+        clip_indexer::index_image(&pushed.reference, &out, &client, None, 1 << 20).unwrap();
+    let a = Archive::open(&out).unwrap();
+    let src = a.meta().source.clone().unwrap();
+    assert_eq!(
+        (src.registry.as_str(), src.repository.as_str()),
+        (registry.host().as_str(), "test/direct")
+    );
+    assert_eq!(src.manifest_digest, summary.manifest_digest);
+    // Read contents back from the same blobs (a local copy of the layout) and compare.
+    let layout = dir.path().join("layout");
+    built.write_oci_layout(&layout, "v1").unwrap();
+    let want = oracle::oracle_unpack(
+        &registry,
+        "test/direct:v1",
+        &dir.path().join("oracle"),
+        None,
+    )
+    .unwrap();
+    let diffs = Tree::scan(&want)
+        .unwrap()
+        .compare(&archive_tree(&a, &layout), &CompareOptions::default());
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    // And an unreachable registry is a clear error, with nothing published.
+    drop(registry);
+    let err = clip_indexer::index_image(
+        &pushed.reference,
+        &dir.path().join("x.clip"),
+        &client,
+        None,
+        1 << 20,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is not reachable"), "{err}");
+    assert!(!dir.path().join("x.clip").exists());
+}

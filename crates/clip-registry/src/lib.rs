@@ -2,14 +2,129 @@
 //!
 //! # Model
 //!
-//! Everything that touches a registry goes through this crate: resolving references
-//! (`nginx` → `docker.io/library/nginx:latest`), authenticating (anonymous, Basic, Bearer tokens from
-//! the `WWW-Authenticate` challenge, refreshed *before* they expire and on 401/403), resolving
-//! manifests and indexes with platform selection, streaming blobs with digest verification, exact
-//! byte-range reads of blobs (the v2 lazy read path), and pushing images built by buildah.
+//! Everything that touches a registry goes through this crate: parsing and normalising
+//! [`Reference`]s like docker (`nginx` → `docker.io/library/nginx:latest`); authenticating
+//! (anonymous, Basic, Bearer tokens from the `WWW-Authenticate` challenge, cached per host and
+//! scope and refreshed a fifth of their lifetime *before* they expire, plus one re-authentication
+//! on 401/403); resolving manifests and image indexes with platform selection; fetching small
+//! documents and blobs with digest verification; streaming layer blobs; and exact byte-range reads
+//! of blobs for the lazy read path (a 206 is checked against `Content-Range`, a 200 from a
+//! registry that ignores `Range` is trimmed to the asked bytes).
 //!
-//! Requests share one connection pool, retry with backoff and jitter on transient failures within a
-//! deadline, follow redirects to object storage without leaking credentials, and fail with typed
-//! errors that carry the registry, repository, digest and OCI error code.
+//! Requests share one connection pool and retry with exponential backoff and jitter on
+//! connection errors, 5xx and 429 (honouring `Retry-After`) within a deadline. Loopback hosts
+//! are reached over plain HTTP (as docker does) and so are hosts the caller marks insecure;
+//! everything else uses HTTPS with the system roots plus an optional CA bundle. Errors are typed
+//! and carry the host, repository, URL and digest, worded for a user.
 //!
-//! Status: implemented in the registry client issue.
+//! Not implemented yet (issue: registry client): pushing, credential helpers and docker
+//! `config.json`, OAuth2 refresh tokens, redirect caching, per-host concurrency limits.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), clip_registry::Error> {
+//! use clip_registry::{Client, ClientConfig, Reference};
+//! let client = Client::new(ClientConfig::default())?;
+//! let image = client.resolve(&Reference::parse("127.0.0.1:5000/app:latest")?, None).await?;
+//! let first = &image.manifest.layers[0];
+//! let head = client.read_range(&image.reference, &first.digest, 0..512).await?;
+//! assert_eq!(head.len(), 512.min(first.size as usize));
+//! # Ok(()) }
+//! ```
+
+mod client;
+pub mod oci;
+mod reference;
+
+pub use client::{
+    ACCEPT_MANIFESTS, BlobReader, Client, ClientConfig, Credentials, MAX_DOCUMENT, ResolvedImage,
+    RetryPolicy,
+};
+pub use oci::Platform;
+pub use reference::{DOCKER_HUB, Reference};
+
+/// What went wrong talking to a registry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The reference cannot be parsed.
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference {
+        /// What was given.
+        reference: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The registry could not be reached.
+    #[error("registry {host} is not reachable ({reason})")]
+    Unreachable {
+        /// Host.
+        host: String,
+        /// Transport error.
+        reason: String,
+    },
+    /// Credentials are missing or wrong.
+    #[error(
+        "unauthorized pulling {repository} from {host}: run `docker login {host}` or configure credentials"
+    )]
+    Unauthorized {
+        /// Host.
+        host: String,
+        /// Repository.
+        repository: String,
+    },
+    /// The manifest, blob or platform does not exist.
+    #[error("{what} not found in {repository} on {host}")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+        /// Repository.
+        repository: String,
+        /// Host.
+        host: String,
+    },
+    /// Bytes do not match their digest.
+    #[error("{what} does not match its digest: expected {expected}, found {found}")]
+    Digest {
+        /// Which bytes.
+        what: String,
+        /// Expected digest.
+        expected: String,
+        /// Actual digest.
+        found: String,
+    },
+    /// The registry answered something the protocol does not allow.
+    #[error("unexpected answer from {url}: {reason}")]
+    Protocol {
+        /// URL.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The client configuration is invalid.
+    #[error("invalid registry client configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    fn transport(url: &str, e: &reqwest::Error) -> Self {
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| {
+                u.host_str().map(|h| match u.port() {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h.to_owned(),
+                })
+            })
+            .unwrap_or_else(|| url.to_owned());
+        let mut reason = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            reason = format!("{reason}: {s}");
+            src = s.source();
+        }
+        if e.is_connect() && reason.contains("Connection refused") {
+            reason = "connection refused".into();
+        }
+        Self::Unreachable { host, reason }
+    }
+}

@@ -1,0 +1,262 @@
+//! The registry client against the real distribution registry in every auth/transport mode.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clip_registry::{Client, ClientConfig, Credentials, Error, Platform, Reference, RetryPolicy};
+use clip_testkit::image::{Entry, Image, Layer, random_bytes};
+use clip_testkit::{Auth, ImageBuilder, ManifestFormat, Registry, RegistryOptions};
+
+fn image() -> ImageBuilder {
+    let img = Image::new(vec![Layer::new(vec![
+        Entry::file("data.bin", random_bytes(1, 300_000)),
+        Entry::file("etc/hello", "hi\n"),
+    ])]);
+    ImageBuilder::new(ManifestFormat::Oci).image(img)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client_for(reg: &Registry, creds: Option<(&str, &str)>) -> Client {
+    let credentials = creds
+        .map(|(u, p)| {
+            vec![(
+                reg.host(),
+                Credentials::Basic {
+                    username: u.into(),
+                    password: p.into(),
+                },
+            )]
+        })
+        .unwrap_or_default();
+    Client::new(ClientConfig {
+        credentials,
+        ca_pem: reg.ca().map(|c| c.cert_pem().to_owned()),
+        insecure: Vec::new(),
+        timeout: Some(Duration::from_secs(20)),
+        retry: RetryPolicy {
+            attempts: 3,
+            base: Duration::from_millis(20),
+            max_delay: Duration::from_millis(200),
+            deadline: Duration::from_secs(5),
+        },
+    })
+    .unwrap()
+}
+
+#[test]
+fn resolves_and_reads_exact_ranges_anonymously() {
+    let rt = rt();
+    let reg = Registry::start_anonymous().unwrap();
+    let built = image().build().unwrap();
+    built.push(&reg, "tk/app", "v1").unwrap();
+    let c = client_for(&reg, None);
+    let r = Reference::parse(&format!("{}/tk/app:v1", reg.host())).unwrap();
+    let img = rt.block_on(c.resolve(&r, None)).unwrap();
+    assert_eq!(img.manifest_digest, built.digest());
+    assert_eq!(img.reference.digest.as_deref(), Some(built.digest()));
+    assert_eq!(
+        img.config.rootfs.diff_ids[0],
+        built.manifests[0].layers[0].diff_id
+    );
+    let blob = &built.manifests[0].layers[0].blob;
+    for (a, b) in [
+        (0u64, 1u64),
+        (0, 512),
+        (1000, 70_000),
+        (blob.bytes.len() as u64 - 10, blob.bytes.len() as u64),
+    ] {
+        let got = rt
+            .block_on(c.read_range(&img.reference, &blob.digest, a..b))
+            .unwrap();
+        assert_eq!(&got[..], &blob.bytes[a as usize..b as usize], "{a}..{b}");
+    }
+    let err = rt
+        .block_on(c.read_range(&img.reference, &blob.digest, 10_000_000..10_000_010))
+        .unwrap_err();
+    assert!(matches!(err, Error::Protocol { .. }), "{err}");
+    let err = rt
+        .block_on(c.resolve(
+            &Reference::parse(&format!("{}/tk/app:nope", reg.host())).unwrap(),
+            None,
+        ))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("manifest nope not found in tk/app on {}", reg.host())
+    );
+}
+
+#[test]
+fn basic_auth_good_wrong_and_missing_credentials() {
+    let rt = rt();
+    let reg = Registry::start(RegistryOptions {
+        auth: Auth::Basic {
+            username: "alice".into(),
+            password: "pw".into(),
+        },
+        tls: false,
+    })
+    .unwrap();
+    image()
+        .build()
+        .unwrap()
+        .push(&reg, "tk/private", "v1")
+        .unwrap();
+    let r = Reference::parse(&format!("{}/tk/private:v1", reg.host())).unwrap();
+    rt.block_on(client_for(&reg, Some(("alice", "pw"))).resolve(&r, None))
+        .unwrap();
+    for c in [
+        client_for(&reg, Some(("alice", "wrong"))),
+        client_for(&reg, None),
+    ] {
+        let err = rt.block_on(c.resolve(&r, None)).unwrap_err();
+        assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "unauthorized pulling tk/private from {0}: run `docker login {0}` or configure credentials",
+                reg.host()
+            )
+        );
+    }
+}
+
+#[test]
+fn short_lived_tokens_never_fail_a_long_series_of_reads() {
+    let rt = rt();
+    let reg = Registry::start(RegistryOptions {
+        auth: Auth::Token {
+            users: vec![("bob".into(), "pw".into())],
+            anonymous_pull: false,
+            lifetime: Duration::from_secs(3),
+        },
+        tls: false,
+    })
+    .unwrap();
+    let built = image().build().unwrap();
+    built.push(&reg, "tk/tok", "v1").unwrap();
+    let issued_before = reg.token_stats().unwrap().get_tokens.load(Ordering::SeqCst);
+    let c = client_for(&reg, Some(("bob", "pw")));
+    let r = Reference::parse(&format!("{}/tk/tok:v1", reg.host())).unwrap();
+    let img = rt.block_on(c.resolve(&r, None)).unwrap();
+    let blob = &built.manifests[0].layers[0].blob;
+    let start = Instant::now();
+    let mut reads = 0;
+    while start.elapsed() < Duration::from_secs(8) {
+        let a = (reads * 7919) % (blob.bytes.len() - 4096);
+        let got = rt
+            .block_on(c.read_range(&img.reference, &blob.digest, a as u64..a as u64 + 4096))
+            .unwrap();
+        assert_eq!(&got[..], &blob.bytes[a..a + 4096]);
+        reads += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let issued = reg.token_stats().unwrap().get_tokens.load(Ordering::SeqCst) - issued_before;
+    assert!(reads > 100, "{reads} reads");
+    assert!(
+        issued >= 3,
+        "tokens must be refreshed across an 8 s run of 3 s tokens (issued {issued})"
+    );
+    // Without credentials the token server grants nothing: a clear error.
+    let err = rt
+        .block_on(client_for(&reg, None).resolve(&r, None))
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+}
+
+#[test]
+fn tls_registries_are_trusted_through_the_configured_ca_only() {
+    let rt = rt();
+    let reg = Registry::start(RegistryOptions {
+        auth: Auth::Anonymous,
+        tls: true,
+    })
+    .unwrap();
+    let built = image().build().unwrap();
+    built.push(&reg, "tk/tls", "v1").unwrap();
+    let r = Reference::parse(&format!("{}/tk/tls:v1", reg.host())).unwrap();
+    // With the CA: HTTPS works, even on loopback.
+    let img = rt
+        .block_on(client_for(&reg, None).resolve(&r, None))
+        .unwrap();
+    assert_eq!(img.manifest_digest, built.digest());
+    // Without it: the certificate error is reported, never ignored.
+    let c = Client::new(ClientConfig {
+        retry: RetryPolicy {
+            attempts: 1,
+            ..RetryPolicy::default()
+        },
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let err = rt.block_on(c.resolve(&r, None)).unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unreachable_registry_is_named_after_retries() {
+    let rt = rt();
+    let mut reg = Registry::start_anonymous().unwrap();
+    image()
+        .build()
+        .unwrap()
+        .push(&reg, "tk/down", "v1")
+        .unwrap();
+    let c = client_for(&reg, None);
+    let r = Reference::parse(&format!("{}/tk/down:v1", reg.host())).unwrap();
+    let img = rt.block_on(c.resolve(&r, None)).unwrap();
+    reg.stop();
+    let err = rt.block_on(c.resolve(&r, None)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "registry {} is not reachable (connection refused)",
+            reg.host()
+        )
+    );
+    reg.restart().unwrap();
+    let again = rt.block_on(c.resolve(&r, None)).unwrap();
+    assert_eq!(again.manifest_digest, img.manifest_digest);
+}
+
+#[test]
+fn picks_the_platform_from_an_index() {
+    let rt = rt();
+    let reg = Registry::start_anonymous().unwrap();
+    let amd = Image::new(vec![Layer::new(vec![Entry::file("arch", "amd64\n")])]);
+    let arm = Image::new(vec![Layer::new(vec![Entry::file("arch", "arm64\n")])]).platform(
+        "linux",
+        "arm64",
+        Some("v8"),
+    );
+    let built = ImageBuilder::new(ManifestFormat::Docker)
+        .image(amd)
+        .image(arm)
+        .build()
+        .unwrap();
+    built.push(&reg, "tk/multi", "v1").unwrap();
+    let c = client_for(&reg, None);
+    let r = Reference::parse(&format!("{}/tk/multi:v1", reg.host())).unwrap();
+    let img = rt
+        .block_on(c.resolve(&r, Some(&Platform::parse("linux/arm64/v8").unwrap())))
+        .unwrap();
+    assert_eq!(img.manifest_digest, built.manifests[1].manifest.digest);
+    let img = rt.block_on(c.resolve(&r, None)).unwrap();
+    assert_eq!(img.manifest_digest, built.manifests[0].manifest.digest);
+    let err = rt
+        .block_on(c.resolve(&r, Some(&Platform::parse("linux/s390x").unwrap())))
+        .unwrap_err();
+    assert!(err.to_string().contains("platform linux/s390x"), "{err}");
+}
