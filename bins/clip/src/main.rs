@@ -44,23 +44,35 @@ enum Command {
         /// Path inside the archive.
         path: String,
     },
-    /// Create a v2 (index-only) archive of an image.
+    /// Create a v2 (index-only) archive of an image, straight from its registry (or from an
+    /// OCI layout directory).
     Index {
-        /// An OCI image layout directory, optionally with `:TAG`.
-        #[arg(long, value_name = "DIR[:TAG]")]
-        oci_layout: String,
+        /// The image, e.g. `registry.example.com/team/app:v1` (omit with `--oci-layout`).
+        image: Option<String>,
+        /// Index an OCI image layout directory instead, optionally with `:TAG`.
+        #[arg(long, value_name = "DIR[:TAG]", conflicts_with = "image")]
+        oci_layout: Option<String>,
+        /// With `--oci-layout`: the registry location to record, `HOST/REPOSITORY`.
+        #[arg(long, value_name = "HOST/REPO", requires = "oci_layout")]
+        source: Option<String>,
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Registry location to record, as `HOST/REPOSITORY` (where lazy reads will fetch from).
-        #[arg(long, value_name = "HOST/REPO")]
-        source: String,
         /// Platform to pick from a multi-platform image, `os/arch[/variant]`.
         #[arg(long)]
         platform: Option<String>,
         /// Uncompressed MiB between checkpoints.
         #[arg(long, default_value_t = 4)]
         checkpoint_mib: u64,
+        /// A registry host that may be reached over plain HTTP (loopback hosts always may).
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure: Vec<String>,
+        /// Credentials for the image's registry, `USER:PASSWORD`.
+        #[arg(long, env = "CLIP_REGISTRY_CREDS", hide_env_values = true)]
+        creds: Option<String>,
+        /// A PEM file of CA certificates to trust for HTTPS.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -97,21 +109,87 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Index {
+            image,
             oci_layout,
-            output,
             source,
+            output,
             platform,
             checkpoint_mib,
+            insecure,
+            creds,
+            ca_file,
             json,
-        } => index(
-            &oci_layout,
-            &output,
-            &source,
-            platform.as_deref(),
-            checkpoint_mib,
-            json,
-            &mut out,
-        ),
+        } => {
+            let platform = match platform {
+                Some(p) => Some(
+                    clip_core::indexer::Platform::parse(&p)
+                        .with_context(|| format!("--platform {p:?} must be os/arch[/variant]"))?,
+                ),
+                None => None,
+            };
+            let start = std::time::Instant::now();
+            let (s, what) = if let Some(layout) = oci_layout {
+                let source = source.context("--oci-layout needs --source HOST/REPOSITORY")?;
+                (
+                    index_layout(&layout, &output, &source, platform, checkpoint_mib)?,
+                    source,
+                )
+            } else {
+                let image = image.context("name an image, or use --oci-layout DIR")?;
+                let reference = clip_core::registry::Reference::parse(&image)?;
+                let mut cfg = clip_core::registry::ClientConfig {
+                    insecure,
+                    ..Default::default()
+                };
+                if let Some(c) = creds {
+                    let (username, password) =
+                        c.split_once(':').context("--creds must be USER:PASSWORD")?;
+                    cfg.credentials.push((
+                        reference.registry.clone(),
+                        clip_core::registry::Credentials::Basic {
+                            username: username.into(),
+                            password: password.into(),
+                        },
+                    ));
+                }
+                if let Some(f) = ca_file {
+                    cfg.ca_pem = Some(
+                        std::fs::read_to_string(&f)
+                            .with_context(|| format!("reading {}", f.display()))?,
+                    );
+                }
+                let client = clip_core::registry::Client::new(cfg)?;
+                let s = clip_core::indexer::index_image(
+                    &image,
+                    &output,
+                    &client,
+                    platform.as_ref(),
+                    checkpoint_mib.max(1) << 20,
+                )?;
+                (s, reference.to_string())
+            };
+            let secs = start.elapsed().as_secs_f64();
+            if json {
+                let v = serde_json::json!({"kind": "v2-oci", "image": what, "manifest_digest": s.manifest_digest, "layers": s.layers,
+                    "entries": s.entries, "checkpoints": s.checkpoints, "bytes": s.archive_bytes, "index_bytes": s.index_bytes,
+                    "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "seconds": secs, "output": output});
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: v2 archive of {what}@{}: {} layers, {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
+                    output.display(),
+                    s.manifest_digest,
+                    s.layers,
+                    s.entries,
+                    s.checkpoints,
+                    s.archive_bytes,
+                    s.index_bytes,
+                    s.compressed_bytes
+                )?;
+            }
+            Ok(())
+        }
         Command::Archive {
             rootfs,
             output,
@@ -143,15 +221,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn index(
+fn index_layout(
     oci_layout: &str,
     output: &Path,
     source: &str,
-    platform: Option<&str>,
+    platform: Option<clip_core::indexer::Platform>,
     checkpoint_mib: u64,
-    json: bool,
-    out: &mut impl std::io::Write,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<clip_core::indexer::IndexSummary> {
     let (dir, tag) = match oci_layout.rsplit_once(':') {
         Some((d, t)) if !t.contains('/') => (d.to_owned(), Some(t.to_owned())),
         _ => (oci_layout.to_owned(), None),
@@ -159,13 +235,6 @@ fn index(
     let (registry, repository) = source
         .split_once('/')
         .with_context(|| format!("--source {source:?} must be HOST/REPOSITORY"))?;
-    let platform = match platform {
-        Some(p) => Some(
-            clip_core::indexer::Platform::parse(p)
-                .with_context(|| format!("--platform {p:?} must be os/arch[/variant]"))?,
-        ),
-        None => None,
-    };
     let opts = clip_core::indexer::IndexOptions {
         tag: tag.clone(),
         platform,
@@ -174,29 +243,11 @@ fn index(
         repository: repository.to_owned(),
         reference: format!("{source}:{}", tag.as_deref().unwrap_or("latest")),
     };
-    let start = std::time::Instant::now();
-    let s = clip_core::indexer::index_layout(dir.as_ref(), output, &opts)?;
-    let secs = start.elapsed().as_secs_f64();
-    if json {
-        let v = serde_json::json!({"kind": "v2-oci", "manifest_digest": s.manifest_digest, "layers": s.layers,
-            "entries": s.entries, "checkpoints": s.checkpoints, "bytes": s.archive_bytes, "index_bytes": s.index_bytes,
-            "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "seconds": secs, "output": output});
-        writeln!(out, "{v}")?;
-    } else {
-        writeln!(
-            out,
-            "{}: v2 archive of {source}@{}: {} layers, {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
-            output.display(),
-            s.manifest_digest,
-            s.layers,
-            s.entries,
-            s.checkpoints,
-            s.archive_bytes,
-            s.index_bytes,
-            s.compressed_bytes
-        )?;
-    }
-    Ok(())
+    Ok(clip_core::indexer::index_layout(
+        dir.as_ref(),
+        output,
+        &opts,
+    )?)
 }
 
 fn open(file: &Path) -> anyhow::Result<Archive> {

@@ -146,3 +146,62 @@ fn index_an_oci_layout_and_inspect_it() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn index_straight_from_a_registry() {
+    use clip_testkit::image::{EdgeCaseOptions, edge_cases};
+    let reg = clip_testkit::Registry::start(clip_testkit::RegistryOptions {
+        auth: clip_testkit::Auth::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        },
+        tls: false,
+    })
+    .unwrap();
+    let img = edge_cases(&EdgeCaseOptions {
+        large_file: 1 << 20,
+        small_files: 20,
+        devices: false,
+        ..EdgeCaseOptions::default()
+    });
+    let pushed = clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap()
+        .push(&reg, "team/app", "v2")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("app.clip");
+    let o = clip(&[
+        "index",
+        &pushed.reference,
+        "-o",
+        out.to_str().unwrap(),
+        "--creds",
+        "u:p",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["manifest_digest"], pushed.digest);
+    assert_eq!(v["image"], pushed.reference);
+    let o = clip(&["index", &pushed.reference, "-o", out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!(
+        "unauthorized pulling team/app from {}",
+        reg.host()
+    )));
+    drop(reg);
+    let o = clip(&[
+        "index",
+        &pushed.reference,
+        "-o",
+        out.to_str().unwrap(),
+        "--creds",
+        "u:p",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is not reachable"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

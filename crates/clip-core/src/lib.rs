@@ -16,3 +16,4 @@
 pub use clip_extract as extract;
 pub use clip_format as format;
 pub use clip_indexer as indexer;
+pub use clip_registry as registry;
