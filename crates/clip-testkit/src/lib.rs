@@ -31,6 +31,7 @@
 pub mod buildah;
 pub mod debian;
 mod error;
+pub mod fake;
 pub mod http;
 pub mod image;
 pub mod oracle;
@@ -43,6 +44,7 @@ pub mod tree;
 
 pub use buildah::Buildah;
 pub use error::{Error, Result};
+pub use fake::{FakeRegistry, FakeRequest, FakeResponse};
 pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat};
 pub use registry::{Auth, Registry, RegistryOptions};
 pub use s3::S3;

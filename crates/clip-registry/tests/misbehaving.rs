@@ -1,0 +1,202 @@
+//! The client against a fake registry that misbehaves in ways a real one will not: it must
+//! return exactly the right bytes or a typed error, never wrong bytes.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use clip_registry::{Client, ClientConfig, Credentials, Error, Reference, RetryPolicy};
+use clip_testkit::{FakeRegistry, FakeRequest, FakeResponse};
+use sha2::{Digest, Sha256};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn client() -> Client {
+    Client::new(ClientConfig {
+        credentials: vec![(
+            "*".into(),
+            Credentials::Basic {
+                username: "u".into(),
+                password: "secret".into(),
+            },
+        )],
+        retry: RetryPolicy {
+            attempts: 4,
+            base: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            deadline: Duration::from_secs(5),
+        },
+        ..ClientConfig::default()
+    })
+    .unwrap()
+}
+
+fn blob() -> (Vec<u8>, String) {
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    (data, digest)
+}
+
+fn parse_range(req: &FakeRequest) -> (usize, usize) {
+    let r = req.header("range").unwrap().trim_start_matches("bytes=");
+    let (a, b) = r.split_once('-').unwrap();
+    (a.parse().unwrap(), b.parse::<usize>().unwrap() + 1)
+}
+
+#[test]
+fn a_200_instead_of_206_still_yields_exactly_the_range() {
+    let (data, digest) = blob();
+    let d = data.clone();
+    let fake = FakeRegistry::start(move |_| FakeResponse::new(200, d.clone())).unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    let got = rt()
+        .block_on(client().read_range(&r, &digest, 5000..9000))
+        .unwrap();
+    assert_eq!(&got[..], &data[5000..9000]);
+}
+
+#[test]
+fn a_bogus_content_range_or_a_short_body_is_an_error_not_wrong_bytes() {
+    let (data, digest) = blob();
+    let d = data.clone();
+    let fake = FakeRegistry::start(move |req| {
+        let (a, b) = parse_range(req);
+        // Off by 1000: the server sends the wrong window and says so.
+        FakeResponse::new(206, d[a + 1000..b + 1000].to_vec()).header(
+            "Content-Range",
+            &format!("bytes {}-{}/{}", a + 1000, b + 999, d.len()),
+        )
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    let err = rt()
+        .block_on(client().read_range(&r, &digest, 0..100))
+        .unwrap_err();
+    assert!(matches!(err, Error::Protocol { .. }), "{err}");
+
+    let d = data.clone();
+    let fake = FakeRegistry::start(move |req| {
+        let (a, b) = parse_range(req);
+        let mut resp = FakeResponse::new(206, d[a..b].to_vec())
+            .header("Content-Range", &format!("bytes {a}-{}/{}", b - 1, d.len()));
+        resp.truncate_to = Some((b - a) / 2);
+        resp
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    let err = rt()
+        .block_on(client().read_range(&r, &digest, 0..10_000))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Protocol { .. } | Error::Unreachable { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_digests_and_huge_documents_are_refused() {
+    let (data, digest) = blob();
+    let mut tampered = data.clone();
+    tampered[7] ^= 1;
+    let fake = FakeRegistry::start(move |req| {
+        if req.path.contains("/manifests/") {
+            FakeResponse::new(200, vec![b' '; 64])
+                .header("Content-Length", &(64u64 << 20).to_string())
+        } else {
+            FakeResponse::new(200, tampered.clone())
+        }
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    let rt = rt();
+    let err = rt
+        .block_on(client().blob_bytes(&r, &digest, 1 << 20))
+        .unwrap_err();
+    assert!(matches!(err, Error::Digest { .. }), "{err}");
+    let err = rt.block_on(client().resolve(&r, None)).unwrap_err();
+    assert!(err.to_string().contains("larger than"), "{err}");
+}
+
+#[test]
+fn server_errors_and_429_are_retried_then_succeed() {
+    let (data, digest) = blob();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&calls);
+    let d = data.clone();
+    let fake = FakeRegistry::start(move |req| match c2.fetch_add(1, Ordering::SeqCst) {
+        0 => FakeResponse::new(503, "busy"),
+        1 => FakeResponse::new(429, "slow down").header("Retry-After", "0"),
+        _ => {
+            let (a, b) = parse_range(req);
+            FakeResponse::new(206, d[a..b].to_vec())
+                .header("Content-Range", &format!("bytes {a}-{}/{}", b - 1, d.len()))
+        }
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    let got = rt()
+        .block_on(client().read_range(&r, &digest, 10..20))
+        .unwrap();
+    assert_eq!(&got[..], &data[10..20]);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    // A registry that never recovers: a clear error after the attempts.
+    let fake = FakeRegistry::start(|_| FakeResponse::new(500, "down")).unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    let err = rt()
+        .block_on(client().read_range(&r, &digest, 10..20))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("500 Internal Server Error after 4 attempts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn redirects_to_object_storage_do_not_carry_credentials() {
+    let (data, digest) = blob();
+    let d = data.clone();
+    let storage = FakeRegistry::start(move |req| {
+        let (a, b) = parse_range(req);
+        FakeResponse::new(206, d[a..b].to_vec())
+            .header("Content-Range", &format!("bytes {a}-{}/{}", b - 1, d.len()))
+    })
+    .unwrap();
+    let target = format!(
+        "http://localhost:{}/bucket/blob",
+        storage.host().rsplit_once(':').unwrap().1
+    );
+    let front = FakeRegistry::start(move |req| {
+        if req.header("authorization").is_none() {
+            FakeResponse::new(401, "").header("WWW-Authenticate", "Basic realm=\"fake\"")
+        } else {
+            FakeResponse::new(307, "").header("Location", &target)
+        }
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", front.host())).unwrap();
+    let got = rt()
+        .block_on(client().read_range(&r, &digest, 100..200))
+        .unwrap();
+    assert_eq!(&got[..], &data[100..200]);
+    assert!(
+        front
+            .requests()
+            .iter()
+            .any(|q| q.header("authorization").is_some()),
+        "the registry got credentials"
+    );
+    let seen = storage.requests();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|q| q.header("authorization").is_none()),
+        "credentials leaked to the redirect target: {seen:?}"
+    );
+}
