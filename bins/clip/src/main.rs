@@ -137,8 +137,15 @@ fn main() -> anyhow::Result<()> {
             } else {
                 let image = image.context("name an image, or use --oci-layout DIR")?;
                 let reference = clip_core::registry::Reference::parse(&image)?;
+                let docker_config = match clip_core::registry::dockerconfig::default_path() {
+                    Some(p) => Some(std::sync::Arc::new(
+                        clip_core::registry::dockerconfig::DockerConfig::load(&p)?,
+                    )),
+                    None => None,
+                };
                 let mut cfg = clip_core::registry::ClientConfig {
                     insecure,
+                    docker_config,
                     ..Default::default()
                 };
                 if let Some(c) = creds {

@@ -77,6 +77,8 @@ pub struct ClientConfig {
     pub timeout: Option<Duration>,
     /// Retries.
     pub retry: RetryPolicy,
+    /// Docker's `config.json` to consult after `credentials` (see [`crate::dockerconfig`]).
+    pub docker_config: Option<std::sync::Arc<crate::dockerconfig::DockerConfig>>,
 }
 
 #[derive(Clone)]
@@ -99,6 +101,8 @@ struct State {
     schemes: HashMap<String, Scheme>,
     /// For loopback and insecure hosts: whether HTTPS worked (`true`) or plain HTTP is used.
     https: HashMap<String, bool>,
+    /// Credentials found in docker's config, per host (looked up once).
+    docker_creds: HashMap<String, Option<Credentials>>,
 }
 
 /// An OCI distribution client. Cheap to clone; clones share connections and tokens.
@@ -200,6 +204,7 @@ impl Client {
                 tokens: HashMap::new(),
                 schemes: HashMap::new(),
                 https: HashMap::new(),
+                docker_creds: HashMap::new(),
             })),
         })
     }
@@ -221,12 +226,42 @@ impl Client {
         format!("{}://{host}", if https { "https" } else { "http" })
     }
 
-    fn credentials(&self, host: &str) -> Option<&Credentials> {
-        self.cfg
+    fn credentials(&self, host: &str) -> Option<Credentials> {
+        if let Some((_, c)) = self
+            .cfg
             .credentials
             .iter()
             .find(|(p, _)| pattern_matches(p, host))
-            .map(|(_, c)| c)
+        {
+            return Some(c.clone());
+        }
+        self.state
+            .lock()
+            .ok()
+            .and_then(|st| st.docker_creds.get(host).cloned().flatten())
+    }
+
+    /// Looks the host up in docker's config once (a helper may run: off the async runtime).
+    async fn load_docker_credentials(&self, host: &str) -> Result<(), Error> {
+        let Some(dc) = self.cfg.docker_config.clone() else {
+            return Ok(());
+        };
+        if self
+            .state
+            .lock()
+            .ok()
+            .is_some_and(|st| st.docker_creds.contains_key(host))
+        {
+            return Ok(());
+        }
+        let h = host.to_owned();
+        let found = tokio::task::spawn_blocking(move || dc.credentials_for(&h))
+            .await
+            .map_err(|e| Error::Config(format!("credential lookup: {e}")))??;
+        if let Ok(mut st) = self.state.lock() {
+            st.docker_creds.insert(host.to_owned(), found);
+        }
+        Ok(())
     }
 
     fn basic_header(&self, host: &str) -> Option<String> {
@@ -242,13 +277,20 @@ impl Client {
 
     /// The Authorization header to send proactively, if the host's scheme is known.
     fn cached_auth(&self, host: &str, scope: &str) -> Option<String> {
-        let st = self.state.lock().ok()?;
-        match st.schemes.get(host)? {
-            Scheme::Basic => self.basic_header(host),
-            Scheme::Bearer { .. } => {
-                let t = st.tokens.get(&(host.to_owned(), scope.to_owned()))?;
-                (Instant::now() < t.refresh_at).then(|| format!("Bearer {}", t.value))
+        // The state lock is released before `basic_header`, which takes it again.
+        let bearer = {
+            let st = self.state.lock().ok()?;
+            match st.schemes.get(host)? {
+                Scheme::Basic => None,
+                Scheme::Bearer { .. } => {
+                    let t = st.tokens.get(&(host.to_owned(), scope.to_owned()))?;
+                    Some((Instant::now() < t.refresh_at).then(|| format!("Bearer {}", t.value)))
+                }
             }
+        };
+        match bearer {
+            Some(token) => token,
+            None => self.basic_header(host),
         }
     }
 
@@ -352,6 +394,7 @@ impl Client {
         path: &str,
         headers: &[(reqwest::header::HeaderName, String)],
     ) -> Result<reqwest::Response, Error> {
+        self.load_docker_credentials(host).await?;
         let mut url = format!("{}{path}", self.base_url(host));
         let scope = format!("repository:{repository}:pull");
         let mut https_error: Option<Error> = None;

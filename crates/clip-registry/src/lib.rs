@@ -17,8 +17,11 @@
 //! everything else uses HTTPS with the system roots plus an optional CA bundle. Errors are typed
 //! and carry the host, repository, URL and digest, worded for a user.
 //!
-//! Not implemented yet (issue: registry client): pushing, credential helpers and docker
-//! `config.json`, OAuth2 refresh tokens, redirect caching, per-host concurrency limits.
+//! Credentials come from the configuration (per host, with `*` patterns), then from docker's
+//! `config.json` (`auths`, `credsStore`, `credHelpers`; helpers run off the async runtime).
+//!
+//! Not implemented yet (issue: registry client): pushing, OAuth2 refresh tokens, redirect
+//! caching, per-host concurrency limits.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), clip_registry::Error> {
@@ -32,6 +35,7 @@
 //! ```
 
 mod client;
+pub mod dockerconfig;
 pub mod oci;
 mod reference;
 

@@ -47,6 +47,7 @@ fn client_for(reg: &Registry, creds: Option<(&str, &str)>) -> Client {
             max_delay: Duration::from_millis(200),
             deadline: Duration::from_secs(5),
         },
+        docker_config: None,
     })
     .unwrap()
 }
@@ -259,4 +260,61 @@ fn picks_the_platform_from_an_index() {
         .block_on(c.resolve(&r, Some(&Platform::parse("linux/s390x").unwrap())))
         .unwrap_err();
     assert!(err.to_string().contains("platform linux/s390x"), "{err}");
+}
+
+#[test]
+fn credentials_come_from_docker_config_auths_and_helpers() {
+    use std::os::unix::fs::PermissionsExt;
+    let rt = rt();
+    let reg = Registry::start(RegistryOptions {
+        auth: Auth::Basic {
+            username: "carol".into(),
+            password: "s3cr3t".into(),
+        },
+        tls: false,
+    })
+    .unwrap();
+    image().build().unwrap().push(&reg, "tk/dc", "v1").unwrap();
+    let r = Reference::parse(&format!("{}/tk/dc:v1", reg.host())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let with = |cfg_json: String| {
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, cfg_json).unwrap();
+        let dc = clip_registry::dockerconfig::DockerConfig::load(&path)
+            .unwrap()
+            .with_helper_dir(dir.path().to_owned());
+        Client::new(ClientConfig {
+            docker_config: Some(std::sync::Arc::new(dc)),
+            ..ClientConfig::default()
+        })
+        .unwrap()
+    };
+    // `auths` with a base64 user:password, keyed the way `docker login` writes it.
+    let auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "carol:s3cr3t");
+    let c = with(format!(
+        r#"{{"auths": {{"http://{}": {{"auth": "{auth}"}}}}}}"#,
+        reg.host()
+    ));
+    rt.block_on(c.resolve(&r, None)).unwrap();
+    // A credential helper process answering `get` with the server on stdin.
+    let helper = dir.path().join("docker-credential-cliptest");
+    std::fs::write(&helper, format!("#!/bin/sh\nread server\n[ \"$server\" = \"{}\" ] || exit 1\necho '{{\"Username\":\"carol\",\"Secret\":\"s3cr3t\"}}'\n", reg.host())).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let c = with(format!(
+        r#"{{"credHelpers": {{"{}": "cliptest"}}}}"#,
+        reg.host()
+    ));
+    rt.block_on(c.resolve(&r, None)).unwrap();
+    // A helper that fails is reported, and a missing entry means anonymous (then unauthorized).
+    let c = with(r#"{"credsStore": "missing-helper"}"#.into());
+    let err = rt.block_on(c.resolve(&r, None)).unwrap_err();
+    assert!(
+        err.to_string().contains("docker-credential-missing-helper"),
+        "{err}"
+    );
+    let c = with("{}".into());
+    assert!(matches!(
+        rt.block_on(c.resolve(&r, None)).unwrap_err(),
+        Error::Unauthorized { .. }
+    ));
 }
