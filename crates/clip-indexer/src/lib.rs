@@ -11,9 +11,11 @@
 //! layer table, the checkpoints, the image config — and no file data. Nothing is written to disk
 //! but the archive, which is published atomically.
 //!
-//! Input today is an OCI image layout directory (what `buildah push oci:DIR` or `skopeo copy`
-//! writes) plus the registry location to record; indexing straight from a registry arrives with
-//! the registry client. zstd layers are refused with a clear error until frame seek points land.
+//! Input is an image reference, indexed straight from its registry ([`index_image`]: layer blobs
+//! are streamed once through `clip-registry`, nothing is stored), or an OCI image layout directory
+//! (what `buildah push oci:DIR` or `skopeo copy` writes) plus the registry location to record
+//! ([`index_layout`]). zstd layers and sparse files are refused with a clear error until zstd
+//! frame seek points and sparse maps land.
 //!
 //! ```no_run
 //! use clip_indexer::{IndexOptions, index_layout};
@@ -30,6 +32,12 @@
 mod tarwalk;
 
 pub use clip_registry::oci;
+
+/// Walks an uncompressed layer tar stream into entries (as layer `layer`), without checkpoints:
+/// the parser of untrusted layer bytes, exposed for fuzzing and tools.
+pub fn walk_tar<R: Read>(reader: R, layer: u32) -> Result<Vec<clip_format::merge::LayerEntry>> {
+    tarwalk::walk(reader, layer, None, u64::MAX).map(|(entries, _)| entries)
+}
 
 use std::cell::RefCell;
 use std::fs::File;

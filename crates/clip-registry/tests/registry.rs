@@ -318,3 +318,47 @@ fn credentials_come_from_docker_config_auths_and_helpers() {
         Error::Unauthorized { .. }
     ));
 }
+
+#[test]
+fn reads_ride_out_a_registry_restart() {
+    let mut reg = Registry::start_anonymous().unwrap();
+    let built = image().build().unwrap();
+    built.push(&reg, "tk/restart", "v1").unwrap();
+    let blob = built.manifests[0].layers[0].blob.clone();
+    let r = Reference::parse(&format!("{}/tk/restart:v1", reg.host())).unwrap();
+    let c = Client::new(ClientConfig {
+        retry: RetryPolicy {
+            attempts: 30,
+            base: Duration::from_millis(50),
+            max_delay: Duration::from_millis(400),
+            deadline: Duration::from_secs(15),
+        },
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let reader = std::thread::spawn(move || {
+        let rt = rt();
+        let img = rt.block_on(c.resolve(&r, None)).unwrap();
+        let start = Instant::now();
+        let mut n = 0usize;
+        while start.elapsed() < Duration::from_secs(4) {
+            let a = (n * 4099) % (blob.bytes.len() - 1000);
+            let got = rt
+                .block_on(c.read_range(&img.reference, &blob.digest, a as u64..a as u64 + 1000))
+                .unwrap();
+            assert_eq!(&got[..], &blob.bytes[a..a + 1000]);
+            n += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    reg.stop();
+    std::thread::sleep(Duration::from_millis(1200));
+    reg.restart().unwrap();
+    let reads = reader.join().unwrap();
+    assert!(
+        reads > 50,
+        "{reads} reads, every one correct across the outage"
+    );
+}
