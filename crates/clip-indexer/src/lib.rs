@@ -14,8 +14,9 @@
 //! Input is an image reference, indexed straight from its registry ([`index_image`]: layer blobs
 //! are streamed once through `clip-registry`, nothing is stored), or an OCI image layout directory
 //! (what `buildah push oci:DIR` or `skopeo copy` writes) plus the registry location to record
-//! ([`index_layout`]). zstd layers and sparse files are refused with a clear error until zstd
-//! frame seek points and sparse maps land.
+//! ([`index_layout`]). Layers may be gzip (one or many members), zstd (frames are the seek
+//! points; a single-frame layer is flagged to be read from its start) or uncompressed. Sparse
+//! files are refused with a clear error until sparse maps land.
 //!
 //! ```no_run
 //! use clip_indexer::{IndexOptions, index_layout};
@@ -414,9 +415,10 @@ fn index_layer<R: Read>(
             (entries, ix.finish().map_err(layer_err)?)
         }
         MediaKind::Zstd => {
-            return Err(Error::Unsupported(format!(
-                "layer {i} is zstd-compressed; zstd seek points are not implemented yet"
-            )));
+            let ix = clip_seekable::ZstdIndexer::new(src, span).map_err(layer_err)?;
+            let (entries, ix) = tarwalk::walk(ix, layer, None, large)
+                .map_err(|e| seekable_cause(e, i, &d.digest))?;
+            (entries, ix.finish().map_err(layer_err)?)
         }
     };
     // The indexers (and with them the hashing reader) are gone: the hash thread has all input.
@@ -581,7 +583,7 @@ fn index_all(
             digest: manifest.layers[i].digest.clone(),
             diff_id: config.rootfs.diff_ids[i].clone(),
             media: done.media,
-            single_frame: false,
+            single_frame: done.media == MediaKind::Zstd && done.index.members <= 1,
             compressed_size: done.index.compressed_size,
             uncompressed_size: done.index.uncompressed_size,
             span_size: span,

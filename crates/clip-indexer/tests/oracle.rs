@@ -45,14 +45,12 @@ impl SpanReader {
                 .get(idx + 1)
                 .map_or(info.uncompressed_size, |n| n.uncompressed_offset);
             let span = self.spans.entry((layer, idx)).or_insert_with(|| {
-                let bytes = clip_seekable::gzip::decode(
-                    cp,
-                    blob,
-                    0,
-                    0,
-                    (end - cp.uncompressed_offset) as usize,
-                )
-                .unwrap();
+                let len = (end - cp.uncompressed_offset) as usize;
+                let bytes = if info.media == MediaKind::Zstd {
+                    clip_seekable::zstd_layer::decode(cp, blob, 0, 0, len).unwrap()
+                } else {
+                    clip_seekable::gzip::decode(cp, blob, 0, 0, len).unwrap()
+                };
                 clip_seekable::verify_span(cp, &bytes).unwrap();
                 bytes
             });
@@ -303,14 +301,6 @@ fn bad_layers_are_typed_errors_and_publish_nothing() {
     let err = index_layout(&layout, &dir.path().join("x.clip"), &opts()).unwrap_err();
     assert!(err.to_string().contains(".."), "{err}");
 
-    // zstd is refused clearly, not mis-indexed.
-    let z = Image::new(vec![
-        Layer::new(vec![Entry::file("a", "b")]).compression(Compression::Zstd),
-    ]);
-    let (dir, layout) = layout_of(z);
-    let err = index_layout(&layout, &dir.path().join("x.clip"), &opts()).unwrap_err();
-    assert!(matches!(err, Error::Unsupported(_)), "{err}");
-
     // A missing tag.
     let (dir, layout) = layout_of(img);
     let err = index_layout(
@@ -406,4 +396,60 @@ fn indexing_straight_from_a_registry_matches_umoci() {
     .unwrap_err();
     assert!(err.to_string().contains("is not reachable"), "{err}");
     assert!(!dir.path().join("x.clip").exists());
+}
+
+#[test]
+fn zstd_layers_index_to_the_same_tree_as_their_gzip_twin() {
+    // umoci cannot read zstd: the oracle is the same image with gzip layers.
+    let zstd = edge([
+        Compression::ZstdMultiFrame(7),
+        Compression::Zstd,
+        Compression::ZstdMultiFrame(2),
+    ]);
+    let gzip = edge([Compression::Gzip, Compression::Gzip, Compression::Gzip]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut trees = Vec::new();
+    for (name, img) in [("z", zstd), ("g", gzip)] {
+        let layout = dir.path().join(name);
+        ImageBuilder::new(ManifestFormat::Oci)
+            .image(img)
+            .build()
+            .unwrap()
+            .write_oci_layout(&layout, "t")
+            .unwrap();
+        let out = dir.path().join(format!("{name}.clip"));
+        index_layout(
+            &layout,
+            &out,
+            &IndexOptions {
+                checkpoint_bytes: 512 << 10,
+                ..opts()
+            },
+        )
+        .unwrap();
+        let a = Archive::open(&out).unwrap();
+        if name == "z" {
+            let layers = a.layers();
+            assert_eq!(
+                layers.iter().map(|l| l.single_frame).collect::<Vec<_>>(),
+                [false, true, false]
+            );
+            assert!(
+                a.checkpoints(0).len() > 1,
+                "a 7-frame layer has frame checkpoints"
+            );
+            assert_eq!(
+                a.checkpoints(1).len(),
+                1,
+                "a single frame has only its start"
+            );
+        }
+        trees.push(archive_tree(&a, &layout));
+    }
+    let opts = CompareOptions {
+        dir_mtimes: true,
+        ..CompareOptions::default()
+    };
+    let diffs = trees[1].compare(&trees[0], &opts);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }

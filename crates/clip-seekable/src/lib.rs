@@ -14,8 +14,8 @@
 //!   (`inflateSetDictionary`). Multi-member gzip works: each member start is a checkpoint that
 //!   needs no window, and decoding crosses member boundaries.
 //! - **uncompressed**: offsets are blob offsets; plain checkpoints every span carry the digests.
-//! - **zstd**: frames are the only seek points (not implemented yet: a zstd layer is reported
-//!   as unsupported).
+//! - **zstd**: frames are the only seek points: a checkpoint at a frame start about every span;
+//!   a single-frame layer has only the checkpoint at 0 and is read from the start.
 //!
 //! One engine serves both sides: [`GzipIndexer`] is a [`std::io::Read`] of the uncompressed
 //! stream (so a tar walker can pull from it) that records checkpoints as it goes, and
@@ -53,9 +53,11 @@ pub mod gzip;
 mod plain;
 mod span;
 mod zlib;
+pub mod zstd_layer;
 
 pub use gzip::{CheckpointRequests, GzipIndexer};
 pub use plain::PlainIndexer;
+pub use zstd_layer::ZstdIndexer;
 
 use clip_format::Checkpoint;
 use sha2::{Digest, Sha256};
@@ -161,7 +163,7 @@ pub struct LayerIndex {
     pub uncompressed_size: u64,
     /// sha256 of the uncompressed stream (the layer's `diff_id`).
     pub diff_id: [u8; 32],
-    /// gzip members seen (0 for uncompressed layers).
+    /// gzip members or zstd frames seen (0 for uncompressed layers).
     pub members: u32,
     /// The nominal span.
     pub span: u64,

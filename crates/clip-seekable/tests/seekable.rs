@@ -280,3 +280,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn zstd_frames_are_seek_points_and_single_frames_read_from_the_start() {
+    use clip_seekable::{ZstdIndexer, zstd_layer};
+    let data = mixed_data(7, 3 << 20);
+    let frames: Vec<u8> = data
+        .chunks(300_000)
+        .flat_map(|c| zstd::bulk::compress(c, 3).unwrap())
+        .collect();
+    let mut ix = ZstdIndexer::new(frames.as_slice(), 512 << 10).unwrap();
+    let mut out = Vec::new();
+    ix.read_to_end(&mut out).unwrap();
+    assert_eq!(out, data);
+    let index = ix.finish().unwrap();
+    assert_eq!(index.members, 11);
+    assert!(
+        index.checkpoints.len() >= 5
+            && index
+                .checkpoints
+                .iter()
+                .all(|c| c.kind == CheckpointKind::ZstdFrame)
+    );
+    assert_eq!(index.diff_id, <[u8; 32]>::from(Sha256::digest(&data)));
+    for (i, cp) in index.checkpoints.iter().enumerate() {
+        let end = index
+            .checkpoints
+            .get(i + 1)
+            .map_or(data.len() as u64, |n| n.uncompressed_offset);
+        let span =
+            zstd_layer::decode(cp, &frames, 0, 0, (end - cp.uncompressed_offset) as usize).unwrap();
+        assert_eq!(span, &data[cp.uncompressed_offset as usize..end as usize]);
+        verify_span(cp, &span).unwrap();
+    }
+    let off = 2_000_000u64;
+    let cp = index.checkpoint_for(off).unwrap();
+    let got = zstd_layer::decode(
+        cp,
+        &frames[cp.compressed_offset as usize..],
+        cp.compressed_offset,
+        off - cp.uncompressed_offset,
+        5000,
+    )
+    .unwrap();
+    assert_eq!(got, &data[off as usize..off as usize + 5000]);
+
+    let single = zstd::bulk::compress(&data, 3).unwrap();
+    let mut ix = ZstdIndexer::new(single.as_slice(), 512 << 10).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let index = ix.finish().unwrap();
+    assert_eq!((index.members, index.checkpoints.len()), (1, 1));
+    let got = zstd_layer::decode(&index.checkpoints[0], &single, 0, off, 100).unwrap();
+    assert_eq!(got, &data[off as usize..off as usize + 100]);
+    // Truncated zstd is an error.
+    let mut ix = ZstdIndexer::new(&single[..single.len() / 2], 512 << 10).unwrap();
+    assert!(std::io::copy(&mut ix, &mut std::io::sink()).is_err());
+}
