@@ -166,12 +166,40 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
                 let client = clip_core::registry::Client::new(cfg)?;
+                // Progress on stderr, one line per layer (stdout stays the summary).
+                let progress = |p: &clip_core::indexer::Progress| {
+                    #[allow(clippy::print_stderr)]
+                    if !json {
+                        match p {
+                            clip_core::indexer::Progress::Resolved {
+                                manifest_digest,
+                                layers,
+                                bytes,
+                            } => {
+                                eprintln!(
+                                    "resolved {manifest_digest}: {layers} layers, {bytes} bytes"
+                                );
+                            }
+                            clip_core::indexer::Progress::LayerDone {
+                                layer,
+                                digest,
+                                compressed,
+                                entries,
+                            } => {
+                                eprintln!(
+                                    "layer {layer} {digest}: {compressed} bytes, {entries} entries"
+                                );
+                            }
+                        }
+                    }
+                };
                 let s = clip_core::indexer::index_image(
                     &image,
                     &output,
                     &client,
                     platform.as_ref(),
                     checkpoint_mib.max(1) << 20,
+                    Some(&progress),
                 )?;
                 (s, reference.to_string())
             };

@@ -11,9 +11,112 @@
 //! - **pull lazy**: fetch an archive, detect v1/v2, mount it once per image, and give each container
 //!   an overlay on top of the read-only mount.
 //!
-//! Status: implemented in the image service issue.
+//! Available today: [`create_from_oci_image`] (the seed's `CreateFromOCIImage`: index an image
+//! straight from its registry into a v2 archive) and the capability crates re-exported as
+//! [`format`], [`registry`], [`indexer`] and [`extract`]. The image service (pull, build,
+//! PullLazy) arrives with its issue.
+//!
+//! ```no_run
+//! let summary = clip_core::create_from_oci_image(&clip_core::CreateFromOciImageOptions {
+//!     image_ref: "localhost:5000/app:latest".into(),
+//!     output_path: "/images/app.clip".into(),
+//!     ..Default::default()
+//! })?;
+//! println!("{} entries in {} bytes", summary.entries, summary.archive_bytes);
+//! # Ok::<(), clip_core::Error>(())
+//! ```
 
 pub use clip_extract as extract;
 pub use clip_format as format;
 pub use clip_indexer as indexer;
 pub use clip_registry as registry;
+
+use std::path::PathBuf;
+
+/// Options of [`create_from_oci_image`] (the seed's `CreateFromOCIImageOptions`).
+#[derive(Clone, Default)]
+pub struct CreateFromOciImageOptions {
+    /// The image, e.g. `docker.io/library/ubuntu:24.04` or `localhost:5000/app:latest`.
+    pub image_ref: String,
+    /// Where to write the v2 archive.
+    pub output_path: PathBuf,
+    /// Registry credentials for the image's registry (`username`, `password`).
+    pub auth_config: Option<(String, String)>,
+    /// Hosts that may be reached over plain HTTP (loopback hosts always may).
+    pub insecure_registries: Vec<String>,
+    /// Platform to pick from a multi-platform image (`os/arch[/variant]`; default: this machine's).
+    pub platform: Option<String>,
+    /// Uncompressed MiB between checkpoints (default 4).
+    pub checkpoint_mib: Option<u64>,
+    /// Called once the image is resolved and after each layer.
+    pub progress: Option<std::sync::Arc<indexer::ProgressFn<'static>>>,
+}
+
+impl std::fmt::Debug for CreateFromOciImageOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateFromOciImageOptions")
+            .field("image_ref", &self.image_ref)
+            .field("output_path", &self.output_path)
+            .field("platform", &self.platform)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a facade call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Indexing failed.
+    #[error(transparent)]
+    Index(#[from] indexer::Error),
+    /// The registry client could not be set up, or a reference is invalid.
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    /// An option is invalid.
+    #[error("invalid option: {0}")]
+    Option(String),
+}
+
+/// Creates an index-only (v2) archive straight from the image's registry: "Remote Registry →
+/// Clip Index → Tiny .clip", with no local copy and no extraction. Blocking; call it from a
+/// blocking-friendly thread (e.g. `tokio::task::spawn_blocking`) in async services.
+pub fn create_from_oci_image(
+    opts: &CreateFromOciImageOptions,
+) -> Result<indexer::IndexSummary, Error> {
+    let reference = registry::Reference::parse(&opts.image_ref)?;
+    let docker_config = registry::dockerconfig::default_path()
+        .map(|p| registry::dockerconfig::DockerConfig::load(&p))
+        .transpose()?
+        .map(std::sync::Arc::new);
+    let mut cfg = registry::ClientConfig {
+        insecure: opts.insecure_registries.clone(),
+        docker_config,
+        ..Default::default()
+    };
+    if let Some((username, password)) = &opts.auth_config {
+        cfg.credentials.push((
+            reference.registry.clone(),
+            registry::Credentials::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
+        ));
+    }
+    let platform = match &opts.platform {
+        Some(p) => Some(
+            indexer::Platform::parse(p)
+                .ok_or_else(|| Error::Option(format!("platform {p:?} is not os/arch[/variant]")))?,
+        ),
+        None => None,
+    };
+    let client = registry::Client::new(cfg)?;
+    let span = opts.checkpoint_mib.unwrap_or(4).max(1) << 20;
+    Ok(indexer::index_image(
+        &opts.image_ref,
+        &opts.output_path,
+        &client,
+        platform.as_ref(),
+        span,
+        opts.progress.as_deref(),
+    )?)
+}

@@ -142,6 +142,34 @@ impl Default for IndexOptions {
     }
 }
 
+/// Progress of an indexing run, reported per layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The image was resolved: its platform manifest and layer count.
+    Resolved {
+        /// Platform manifest digest.
+        manifest_digest: String,
+        /// Number of layers.
+        layers: usize,
+        /// Sum of the layer blob sizes.
+        bytes: u64,
+    },
+    /// A layer was streamed and indexed.
+    LayerDone {
+        /// Layer index.
+        layer: usize,
+        /// Blob digest.
+        digest: String,
+        /// Blob bytes read.
+        compressed: u64,
+        /// Tar entries walked.
+        entries: usize,
+    },
+}
+
+/// A progress callback (called from indexing threads).
+pub type ProgressFn<'a> = dyn Fn(&Progress) + Send + Sync + 'a;
+
 /// What indexing produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexSummary {
@@ -488,13 +516,15 @@ pub fn index_layout(layout: &Path, out: &Path, opts: &IndexOptions) -> Result<In
 
 /// Indexes `reference` straight from its registry into a v2 archive at `out`: manifests and
 /// config are fetched, every layer blob is streamed once (nothing is stored on disk), and the
-/// archive records the registry, repository and platform manifest digest.
+/// archive records the registry, repository and platform manifest digest. `progress` is called
+/// once the image is resolved and after each layer.
 pub fn index_image(
     reference: &str,
     out: &Path,
     client: &clip_registry::Client,
     platform: Option<&Platform>,
     checkpoint_bytes: u64,
+    progress: Option<&ProgressFn<'_>>,
 ) -> Result<IndexSummary> {
     let r = clip_registry::Reference::parse(reference)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -517,9 +547,25 @@ pub fn index_image(
     let handle = runtime.handle().clone();
     let pinned = image.reference.clone();
     let diff_ids = image.config.rootfs.diff_ids.clone();
+    if let Some(p) = progress {
+        p(&Progress::Resolved {
+            manifest_digest: image.manifest_digest.clone(),
+            layers: image.manifest.layers.len(),
+            bytes: image.manifest.layers.iter().map(|l| l.size).sum(),
+        });
+    }
     index_all(&image.manifest, &image.config, source, out, span, |i, d| {
         let reader = client.blob_reader(&handle, &pinned, &d.digest);
-        index_layer(reader, i, d, &diff_ids[i], span)
+        let done = index_layer(reader, i, d, &diff_ids[i], span)?;
+        if let Some(p) = progress {
+            p(&Progress::LayerDone {
+                layer: i,
+                digest: d.digest.clone(),
+                compressed: done.index.compressed_size,
+                entries: done.entries.len(),
+            });
+        }
+        Ok(done)
     })
 }
 

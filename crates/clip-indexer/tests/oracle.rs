@@ -361,8 +361,32 @@ fn indexing_straight_from_a_registry_matches_umoci() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("direct.clip");
     let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
-    let summary =
-        clip_indexer::index_image(&pushed.reference, &out, &client, None, 1 << 20).unwrap();
+    let events = std::sync::Mutex::new(Vec::new());
+    let record = |p: &clip_indexer::Progress| events.lock().unwrap().push(p.clone());
+    let summary = clip_indexer::index_image(
+        &pushed.reference,
+        &out,
+        &client,
+        None,
+        1 << 20,
+        Some(&record),
+    )
+    .unwrap();
+    let events = events.into_inner().unwrap();
+    assert!(
+        matches!(
+            events[0],
+            clip_indexer::Progress::Resolved { layers: 3, .. }
+        ),
+        "{events:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, clip_indexer::Progress::LayerDone { .. }))
+            .count(),
+        3
+    );
     let a = Archive::open(&out).unwrap();
     let src = a.meta().source.clone().unwrap();
     assert_eq!(
@@ -392,6 +416,7 @@ fn indexing_straight_from_a_registry_matches_umoci() {
         &client,
         None,
         1 << 20,
+        None,
     )
     .unwrap_err();
     assert!(err.to_string().contains("is not reachable"), "{err}");
