@@ -238,14 +238,7 @@ impl<R: Read> GzipIndexer<R> {
     /// Reads the stream to its end (a tar reader stops at the end-of-archive marker) and returns
     /// the index.
     pub fn finish(mut self) -> Result<LayerIndex, Error> {
-        let mut sink = vec![0u8; OUT_CHUNK];
-        loop {
-            match self.read(&mut sink) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => return Err(Error::from_io(e)),
-            }
-        }
+        crate::drain(&mut self)?;
         let (compressed, members, span) = (self.compressed, self.members, self.rec.span);
         let uncompressed = self.rec.end();
         let (checkpoints, diff) = self.rec.finish();
@@ -339,14 +332,7 @@ pub fn decode(
     while out.len() < len {
         let s = inflater.inflate(&input[pos..], &mut buf, false);
         pos += s.consumed;
-        let mut produced = &buf[..s.produced];
-        let drop = usize::try_from(skip)
-            .unwrap_or(usize::MAX)
-            .min(produced.len());
-        skip -= drop as u64;
-        produced = &produced[drop..];
-        let take = produced.len().min(len - out.len());
-        out.extend_from_slice(&produced[..take]);
+        crate::take_range(&mut out, &buf[..s.produced], &mut skip, len);
         let at = input_offset + pos as u64;
         match s.code {
             Z_OK => {}

@@ -152,6 +152,31 @@ pub(crate) fn zlib_error(code: std::ffi::c_int, compressed: u64) -> Error {
     }
 }
 
+/// Appends what `produced` contributes to a range read: first drops up to `skip` bytes (counting
+/// them off), then takes what still fits in `len`.
+pub(crate) fn take_range(out: &mut Vec<u8>, produced: &[u8], skip: &mut u64, len: usize) {
+    let drop = usize::try_from(*skip)
+        .unwrap_or(usize::MAX)
+        .min(produced.len());
+    *skip -= drop as u64;
+    let rest = &produced[drop..];
+    let take = rest.len().min(len.saturating_sub(out.len()));
+    out.extend_from_slice(&rest[..take]);
+}
+
+/// Reads an indexer to its end (a tar walker stops at the end-of-archive marker, the layer may
+/// go on with padding), recovering typed errors.
+pub(crate) fn drain(r: &mut impl std::io::Read) -> Result<(), Error> {
+    let mut sink = vec![0u8; 128 << 10];
+    loop {
+        match r.read(&mut sink) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(Error::from_io(e)),
+        }
+    }
+}
+
 /// The random-access index of one layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerIndex {

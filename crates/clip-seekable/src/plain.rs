@@ -23,14 +23,7 @@ impl<R: Read> PlainIndexer<R> {
 
     /// Reads to the end and returns the index.
     pub fn finish(mut self) -> Result<LayerIndex, Error> {
-        let mut sink = vec![0u8; 64 << 10];
-        loop {
-            match self.read(&mut sink) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => return Err(Error::from_io(e)),
-            }
-        }
+        crate::drain(&mut self)?;
         let size = self.rec.end();
         let span = self.rec.span;
         let (checkpoints, diff) = self.rec.finish();

@@ -109,14 +109,7 @@ impl<R: Read> ZstdIndexer<R> {
 
     /// Reads to the end and returns the index (`members` counts frames).
     pub fn finish(mut self) -> Result<LayerIndex, Error> {
-        let mut sink = vec![0u8; OUT_CHUNK];
-        loop {
-            match self.read(&mut sink) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => return Err(Error::from_io(e)),
-            }
-        }
+        crate::drain(&mut self)?;
         let (compressed, frames, span) = (self.compressed, self.frames, self.rec.span);
         let uncompressed = self.rec.end();
         let (mut checkpoints, diff) = self.rec.finish();
@@ -197,12 +190,7 @@ pub fn decode(
             });
         }
         pos += consumed;
-        let mut p = &buf[..produced];
-        let drop = usize::try_from(skip).unwrap_or(usize::MAX).min(p.len());
-        skip -= drop as u64;
-        p = &p[drop..];
-        let take = p.len().min(len - out.len());
-        out.extend_from_slice(&p[..take]);
+        crate::take_range(&mut out, &buf[..produced], &mut skip, len);
     }
     // Drain output still buffered inside the decoder.
     while out.len() < len {
@@ -214,12 +202,7 @@ pub fn decode(
         if produced == 0 {
             break;
         }
-        let mut p = &buf[..produced];
-        let drop = usize::try_from(skip).unwrap_or(usize::MAX).min(p.len());
-        skip -= drop as u64;
-        p = &p[drop..];
-        let take = p.len().min(len - out.len());
-        out.extend_from_slice(&p[..take]);
+        crate::take_range(&mut out, &buf[..produced], &mut skip, len);
     }
     Ok(out)
 }
