@@ -79,6 +79,8 @@ pub struct ClientConfig {
     pub retry: RetryPolicy,
     /// Docker's `config.json` to consult after `credentials` (see [`crate::dockerconfig`]).
     pub docker_config: Option<std::sync::Arc<crate::dockerconfig::DockerConfig>>,
+    /// Most requests in flight to one host, bodies included (default 8).
+    pub max_per_host: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -103,6 +105,8 @@ struct State {
     https: HashMap<String, bool>,
     /// Credentials found in docker's config, per host (looked up once).
     docker_creds: HashMap<String, Option<Credentials>>,
+    /// Per-host request limits.
+    limits: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
 /// An OCI distribution client. Cheap to clone; clones share connections and tokens.
@@ -205,8 +209,23 @@ impl Client {
                 schemes: HashMap::new(),
                 https: HashMap::new(),
                 docker_creds: HashMap::new(),
+                limits: HashMap::new(),
             })),
         })
+    }
+
+    /// Waits for a request slot on `host` (held until the returned permit drops).
+    async fn slot(&self, host: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = {
+            let mut st = self.state.lock().ok()?;
+            let n = self.cfg.max_per_host.unwrap_or(8).max(1);
+            Arc::clone(
+                st.limits
+                    .entry(host.to_owned())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(n))),
+            )
+        };
+        sem.acquire_owned().await.ok()
     }
 
     /// Loopback and insecure hosts may fall back to plain HTTP (as docker does); they try HTTPS
@@ -530,6 +549,7 @@ impl Client {
         r: &Reference,
         reference: &str,
     ) -> Result<(Bytes, String, String), Error> {
+        let _slot = self.slot(r.api_host()).await;
         let path = format!("/v2/{}/manifests/{reference}", r.repository);
         let resp = self
             .send(
@@ -663,6 +683,7 @@ impl Client {
         digest: &str,
         limit: usize,
     ) -> Result<Bytes, Error> {
+        let _slot = self.slot(r.api_host()).await;
         let resp = self.blob_response(r, digest, None).await?;
         let url = resp.url().to_string();
         if !resp.status().is_success() {
@@ -729,6 +750,7 @@ impl Client {
         digest: &str,
         range: Range<u64>,
     ) -> Result<Bytes, Error> {
+        let _slot = self.slot(r.api_host()).await;
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
@@ -849,6 +871,7 @@ impl Client {
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         let (client, r, digest) = (self.clone(), r.clone(), digest.to_owned());
         runtime.spawn(async move {
+            let _slot = client.slot(r.api_host()).await;
             let resp = match client.blob_response(&r, &digest, None).await {
                 Ok(resp) if resp.status().is_success() => resp,
                 Ok(resp) => {

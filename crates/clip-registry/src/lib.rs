@@ -20,8 +20,10 @@
 //! Credentials come from the configuration (per host, with `*` patterns), then from docker's
 //! `config.json` (`auths`, `credsStore`, `credHelpers`; helpers run off the async runtime).
 //!
+//! At most `max_per_host` requests (bodies included) are in flight to one host.
+//!
 //! Not implemented yet (issue: registry client): pushing, OAuth2 refresh tokens, redirect
-//! caching, per-host concurrency limits.
+//! caching, and the streaming/latency benchmarks against curl.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), clip_registry::Error> {

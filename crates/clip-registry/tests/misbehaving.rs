@@ -200,3 +200,39 @@ fn redirects_to_object_storage_do_not_carry_credentials() {
         "credentials leaked to the redirect target: {seen:?}"
     );
 }
+
+#[test]
+fn requests_to_one_host_are_limited() {
+    use std::sync::atomic::AtomicUsize;
+    let (data, digest) = blob();
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n2, p2, d) = (Arc::clone(&now), Arc::clone(&peak), data.clone());
+    let fake = FakeRegistry::start(move |req| {
+        let cur = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        p2.fetch_max(cur, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        n2.fetch_sub(1, Ordering::SeqCst);
+        let (a, b) = parse_range(req);
+        FakeResponse::new(206, d[a..b].to_vec())
+            .header("Content-Range", &format!("bytes {a}-{}/{}", b - 1, d.len()))
+    })
+    .unwrap();
+    let c = Client::new(ClientConfig {
+        max_per_host: Some(3),
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    rt().block_on(async {
+        let reads = (0..12u64).map(|i| {
+            let (c, r, digest) = (c.clone(), r.clone(), digest.clone());
+            tokio::spawn(async move { c.read_range(&r, &digest, i * 100..i * 100 + 50).await })
+        });
+        for (i, h) in reads.enumerate() {
+            let got = h.await.unwrap().unwrap();
+            assert_eq!(&got[..], &data[i * 100..i * 100 + 50]);
+        }
+    });
+    let peak = peak.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&peak), "peak concurrency {peak}");
+}

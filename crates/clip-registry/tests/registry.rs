@@ -48,6 +48,7 @@ fn client_for(reg: &Registry, creds: Option<(&str, &str)>) -> Client {
             deadline: Duration::from_secs(5),
         },
         docker_config: None,
+        max_per_host: None,
     })
     .unwrap()
 }
