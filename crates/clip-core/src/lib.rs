@@ -13,7 +13,7 @@
 //!
 //! Available today: [`create_from_oci_image`] (the seed's `CreateFromOCIImage`: index an image
 //! straight from its registry into a v2 archive) and the capability crates re-exported as
-//! [`format`](crate::format), [`registry`], [`indexer`] and [`extract`]. The image service (pull, build,
+//! [`crate::format`], [`registry`], [`indexer`] and [`extract`]. The image service (pull, build,
 //! PullLazy) arrives with its issue.
 //!
 //! ```no_run
