@@ -215,7 +215,7 @@ impl Client {
     }
 
     /// Waits for a request slot on `host` (held until the returned permit drops).
-    async fn slot(&self, host: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    pub(crate) async fn slot(&self, host: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let sem = {
             let mut st = self.state.lock().ok()?;
             let n = self.cfg.max_per_host.unwrap_or(8).max(1);
@@ -315,6 +315,7 @@ impl Client {
 
     /// Answers a challenge: learns the scheme and, for Bearer, fetches a token for `scope`.
     async fn authenticate(&self, host: &str, scope: &str, challenge: &str) -> Result<(), Error> {
+        let mut wanted_scopes: Vec<String> = Vec::new();
         let scheme = if challenge.len() >= 6 && challenge[..6].eq_ignore_ascii_case("bearer") {
             let params = challenge_params(&challenge[6..]);
             let get = |k: &str| {
@@ -327,6 +328,15 @@ impl Client {
                 url: host.into(),
                 reason: "Bearer challenge without realm".into(),
             })?;
+            // The registry names the scopes it needs (several for a cross-repository mount);
+            // ask for those, and for ours.
+            let mut scopes: Vec<String> = get("scope")
+                .map(|s| s.split(' ').map(str::to_owned).collect())
+                .unwrap_or_default();
+            if !scopes.iter().any(|x| x == scope) {
+                scopes.push(scope.to_owned());
+            }
+            wanted_scopes = scopes;
             Scheme::Bearer {
                 realm,
                 service: get("service"),
@@ -344,7 +354,9 @@ impl Client {
                 if let Some(s) = service {
                     q.append_pair("service", s);
                 }
-                q.append_pair("scope", scope);
+                for sc in &wanted_scopes {
+                    q.append_pair("scope", sc);
+                }
             }
             let mut req = self.http.get(url.clone());
             if let Some(b) = self.basic_header(host) {
@@ -405,7 +417,7 @@ impl Client {
 
     /// Sends a request with authentication, one re-authentication on 401/403, and retries with
     /// backoff on connection errors, 5xx and 429.
-    async fn send(
+    pub(crate) async fn send(
         &self,
         host: &str,
         repository: &str,
@@ -413,9 +425,30 @@ impl Client {
         path: &str,
         headers: &[(reqwest::header::HeaderName, String)],
     ) -> Result<reqwest::Response, Error> {
+        self.send_with(host, repository, "pull", method, path, headers, None)
+            .await
+    }
+
+    /// [`Self::send`] with the scope's actions (`pull` or `pull,push`) and an optional body.
+    /// `path` may also be an absolute URL on `host` (an upload `Location`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_with(
+        &self,
+        host: &str,
+        repository: &str,
+        actions: &str,
+        method: Method,
+        path: &str,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+    ) -> Result<reqwest::Response, Error> {
         self.load_docker_credentials(host).await?;
-        let mut url = format!("{}{path}", self.base_url(host));
-        let scope = format!("repository:{repository}:pull");
+        let mut url = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base_url(host))
+        };
+        let scope = format!("repository:{repository}:{actions}");
         let mut https_error: Option<Error> = None;
         let policy = &self.cfg.retry;
         let start = Instant::now();
@@ -426,6 +459,9 @@ impl Client {
             let mut req = self.http.request(method.clone(), &url);
             for (k, v) in headers {
                 req = req.header(k, v);
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
             }
             if let Some(a) = self.cached_auth(host, &scope) {
                 req = req.header(AUTHORIZATION, a);

@@ -22,8 +22,12 @@
 //!
 //! At most `max_per_host` requests (bodies included) are in flight to one host.
 //!
-//! Not implemented yet (issue: registry client): pushing, OAuth2 refresh tokens, redirect
-//! caching, and the streaming/latency benchmarks against curl.
+//! Pushing: blob existence checks, cross-repository mounts (the token asks for every scope the
+//! challenge names), monolithic and chunked uploads, manifests and indexes, tag lists, and
+//! [`Client::push_layout`] for OCI layouts as buildah writes them.
+//!
+//! Not implemented yet (issue: registry client): OAuth2 refresh tokens, redirect caching, and
+//! the streaming/latency benchmarks against curl.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), clip_registry::Error> {
@@ -39,6 +43,7 @@
 mod client;
 pub mod dockerconfig;
 pub mod oci;
+mod push;
 mod reference;
 
 pub use client::{
@@ -46,6 +51,7 @@ pub use client::{
     RetryPolicy,
 };
 pub use oci::Platform;
+pub use push::CHUNK;
 pub use reference::{DOCKER_HUB, Reference};
 
 /// What went wrong talking to a registry.
