@@ -21,7 +21,7 @@ fn registry() -> Registry {
         auth: Auth::Token {
             users: vec![("pusher".into(), "pw".into())],
             anonymous_pull: true,
-            lifetime: Duration::from_secs(60),
+            lifetime: Duration::from_mins(1),
         },
         tls: false,
     })
