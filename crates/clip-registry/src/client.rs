@@ -107,6 +107,8 @@ struct State {
     docker_creds: HashMap<String, Option<Credentials>>,
     /// Per-host request limits.
     limits: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Blob URL -> where the registry redirected it, and until when to reuse that.
+    redirects: HashMap<String, (String, Instant)>,
 }
 
 /// An OCI distribution client. Cheap to clone; clones share connections and tokens.
@@ -199,6 +201,9 @@ impl Client {
             .timeout(cfg.timeout.unwrap_or(Duration::from_mins(1)))
             .connect_timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(16)
+            // Redirects are followed by hand (see `send_with`): credentials stay with the
+            // registry and blob redirect targets are cached.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))?;
         Ok(Self {
@@ -210,8 +215,75 @@ impl Client {
                 https: HashMap::new(),
                 docker_creds: HashMap::new(),
                 limits: HashMap::new(),
+                redirects: HashMap::new(),
             })),
         })
+    }
+
+    /// Follows one redirect by hand: to another host without credentials (object storage), to
+    /// the same host with them; a blob GET's target is remembered for a minute.
+    async fn follow(
+        &self,
+        resp: reqwest::Response,
+        url: &str,
+        method: &Method,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+        scope: &str,
+    ) -> Result<reqwest::Response, Error> {
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::Protocol {
+                url: url.to_owned(),
+                reason: format!("{} without Location", resp.status()),
+            })?;
+        let from = reqwest::Url::parse(url).map_err(|e| Error::Protocol {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let target = from.join(location).map_err(|e| Error::Protocol {
+            url: url.to_owned(),
+            reason: format!("bad Location {location:?}: {e}"),
+        })?;
+        let same_origin = target.host_str() == from.host_str()
+            && target.port_or_known_default() == from.port_or_known_default();
+        let mut req = self.http.request(method.clone(), target.clone());
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        if same_origin {
+            let host = from
+                .host_str()
+                .map(|h| {
+                    from.port()
+                        .map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))
+                })
+                .unwrap_or_default();
+            if let Some(a) = self.cached_auth(&host, scope) {
+                req = req.header(AUTHORIZATION, a);
+            }
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| Error::transport(target.as_str(), &e))?;
+        if !same_origin
+            && *method == Method::GET
+            && url.contains("/blobs/")
+            && out.status().is_success()
+            && let Ok(mut st) = self.state.lock()
+        {
+            st.redirects.insert(
+                url.to_owned(),
+                (target.to_string(), Instant::now() + Duration::from_mins(1)),
+            );
+        }
+        Ok(out)
     }
 
     /// Waits for a request slot on `host` (held until the returned permit drops).
@@ -449,6 +521,30 @@ impl Client {
             format!("{}{path}", self.base_url(host))
         };
         let scope = format!("repository:{repository}:{actions}");
+        // A blob the registry redirected recently: go straight to the target (no credentials);
+        // if the target no longer answers (expired signed URL), ask the registry again.
+        if method == Method::GET {
+            let cached = self.state.lock().ok().and_then(|st| {
+                st.redirects
+                    .get(&url)
+                    .filter(|(_, until)| Instant::now() < *until)
+                    .map(|(t, _)| t.clone())
+            });
+            if let Some(target) = cached {
+                let mut req = self.http.get(&target);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                if let Ok(resp) = req.send().await
+                    && resp.status().is_success()
+                {
+                    return Ok(resp);
+                }
+                if let Ok(mut st) = self.state.lock() {
+                    st.redirects.remove(&url);
+                }
+            }
+        }
         let mut https_error: Option<Error> = None;
         let policy = &self.cfg.retry;
         let start = Instant::now();
@@ -469,6 +565,11 @@ impl Client {
             let span = tracing::debug_span!("registry_request", %url, attempt);
             let _enter = span.enter();
             let retry_after = match req.send().await {
+                Ok(resp) if resp.status().is_redirection() => {
+                    return self
+                        .follow(resp, &url, &method, headers, body.clone(), &scope)
+                        .await;
+                }
                 Ok(resp) => {
                     let status = resp.status();
                     if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
@@ -543,9 +644,8 @@ impl Client {
                         continue;
                     }
                     if attempt >= policy.attempts || start.elapsed() >= policy.deadline {
-                        return Err(https_error
-                            .take()
-                            .unwrap_or_else(|| Error::transport(&url, &e)));
+                        // The current attempt's error (a TLS port answering HTTP is handled above).
+                        return Err(Error::transport(&url, &e));
                     }
                     None
                 }

@@ -182,9 +182,9 @@ fn redirects_to_object_storage_do_not_carry_credentials() {
     })
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", front.host())).unwrap();
-    let got = rt()
-        .block_on(client().read_range(&r, &digest, 100..200))
-        .unwrap();
+    let rt = rt();
+    let c = client();
+    let got = rt.block_on(c.read_range(&r, &digest, 100..200)).unwrap();
     assert_eq!(&got[..], &data[100..200]);
     assert!(
         front
@@ -193,11 +193,54 @@ fn redirects_to_object_storage_do_not_carry_credentials() {
             .any(|q| q.header("authorization").is_some()),
         "the registry got credentials"
     );
+    // The redirect target is cached: later reads of the blob go straight to storage.
+    let front_before = front.requests().len();
+    for i in 1..5usize {
+        let got = rt
+            .block_on(c.read_range(&r, &digest, (i * 1000) as u64..(i * 1000 + 10) as u64))
+            .unwrap();
+        assert_eq!(&got[..], &data[i * 1000..i * 1000 + 10]);
+    }
+    assert_eq!(
+        front.requests().len(),
+        front_before,
+        "cached redirect: the registry is not asked again"
+    );
     let seen = storage.requests();
-    assert!(!seen.is_empty());
+    assert_eq!(seen.len(), 5);
     assert!(
         seen.iter().all(|q| q.header("authorization").is_none()),
         "credentials leaked to the redirect target: {seen:?}"
+    );
+}
+
+#[test]
+fn slow_responses_time_out_with_a_clear_error() {
+    let (_, digest) = blob();
+    let fake = FakeRegistry::start(|_| {
+        std::thread::sleep(Duration::from_secs(3));
+        FakeResponse::new(200, "late")
+    })
+    .unwrap();
+    let c = Client::new(ClientConfig {
+        timeout: Some(Duration::from_millis(300)),
+        retry: RetryPolicy {
+            attempts: 2,
+            base: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+            deadline: Duration::from_secs(2),
+        },
+        ..ClientConfig::default()
+    })
+    .unwrap();
+    let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
+    let start = std::time::Instant::now();
+    let err = rt().block_on(c.read_range(&r, &digest, 0..10)).unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "gave up within the retry budget"
     );
 }
 
