@@ -30,12 +30,16 @@ pub enum Credentials {
         /// Password.
         password: String,
     },
+    /// An OAuth2 refresh token (docker's `identitytoken`), exchanged at the token realm with the
+    /// `refresh_token` grant.
+    IdentityToken(String),
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+            Self::IdentityToken(_) => write!(f, "IdentityToken(<redacted>)"),
         }
     }
 }
@@ -356,14 +360,13 @@ impl Client {
     }
 
     fn basic_header(&self, host: &str) -> Option<String> {
-        self.credentials(host)
-            .map(|Credentials::Basic { username, password }| {
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD
-                        .encode(format!("{username}:{password}"))
-                )
-            })
+        match self.credentials(host)? {
+            Credentials::Basic { username, password } => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+            )),
+            Credentials::IdentityToken(_) => None,
+        }
     }
 
     /// The Authorization header to send proactively, if the host's scheme is known.
@@ -430,7 +433,33 @@ impl Client {
                     q.append_pair("scope", sc);
                 }
             }
-            let mut req = self.http.get(url.clone());
+            let mut req = match self.credentials(host) {
+                // OAuth2: POST the refresh token as a form to the realm.
+                Some(Credentials::IdentityToken(rt)) => {
+                    let mut form = reqwest::Url::parse("http://form.invalid/")
+                        .map_err(|e| Error::Config(e.to_string()))?;
+                    {
+                        let mut q = form.query_pairs_mut();
+                        q.append_pair("grant_type", "refresh_token");
+                        q.append_pair("refresh_token", &rt);
+                        q.append_pair("client_id", "clip");
+                        if let Some(s) = service {
+                            q.append_pair("service", s);
+                        }
+                        q.append_pair("scope", &wanted_scopes.join(" "));
+                    }
+                    let mut realm_url = url.clone();
+                    realm_url.set_query(None);
+                    self.http
+                        .post(realm_url)
+                        .header(
+                            reqwest::header::CONTENT_TYPE,
+                            "application/x-www-form-urlencoded",
+                        )
+                        .body(form.query().unwrap_or_default().to_owned())
+                }
+                _ => self.http.get(url.clone()),
+            };
             if let Some(b) = self.basic_header(host) {
                 req = req.header(AUTHORIZATION, b);
             }

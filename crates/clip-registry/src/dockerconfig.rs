@@ -147,10 +147,7 @@ impl DockerConfig {
                 }));
             }
             if let Some(t) = &e.identitytoken {
-                return Ok(Some(Credentials::Basic {
-                    username: "<token>".into(),
-                    password: t.clone(),
-                }));
+                return Ok(Some(Credentials::IdentityToken(t.clone())));
             }
         }
         Ok(None)

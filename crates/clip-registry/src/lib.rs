@@ -30,8 +30,8 @@
 //! target (object storage) is reused for a minute, falling back to the registry when it stops
 //! answering.
 //!
-//! Not implemented yet (issue: registry client): the OAuth2 refresh-token grant for docker
-//! `identitytoken` credentials (they are sent as Basic with user `<token>` today).
+//! Docker `identitytoken` credentials are OAuth2 refresh tokens, exchanged at the token realm
+//! with the `refresh_token` grant (POST).
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), clip_registry::Error> {

@@ -363,3 +363,81 @@ fn reads_ride_out_a_registry_restart() {
         "{reads} reads, every one correct across the outage"
     );
 }
+
+#[test]
+fn docker_identity_tokens_use_the_oauth2_refresh_grant() {
+    let rt = rt();
+    let reg = Registry::start(RegistryOptions {
+        auth: Auth::Token {
+            users: vec![("dan".into(), "pw".into())],
+            anonymous_pull: false,
+            lifetime: Duration::from_mins(1),
+        },
+        tls: false,
+    })
+    .unwrap();
+    image()
+        .build()
+        .unwrap()
+        .push(&reg, "tk/oauth", "v1")
+        .unwrap();
+    // Obtain a refresh token with the password grant, as `docker login` does.
+    let realm = rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .get(format!("http://{}/v2/", reg.host()))
+            .send()
+            .await
+            .unwrap();
+        let h = resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        h.split("realm=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_owned()
+    });
+    let refresh = rt.block_on(async {
+        let body = "grant_type=password&username=dan&password=pw&service=clip-testkit-registry&client_id=docker";
+        let resp = reqwest::Client::new().post(&realm).header("content-type", "application/x-www-form-urlencoded").body(body).send().await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        v["refresh_token"].as_str().unwrap().to_owned()
+    });
+    let posts_before = reg
+        .token_stats()
+        .unwrap()
+        .post_tokens
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let with = |token: &str| {
+        let path = dir.path().join("config.json");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"auths": {{"{}": {{"identitytoken": "{token}"}}}}}}"#,
+                reg.host()
+            ),
+        )
+        .unwrap();
+        let dc = clip_registry::dockerconfig::DockerConfig::load(&path).unwrap();
+        Client::new(ClientConfig {
+            docker_config: Some(std::sync::Arc::new(dc)),
+            ..ClientConfig::default()
+        })
+        .unwrap()
+    };
+    let r = Reference::parse(&format!("{}/tk/oauth:v1", reg.host())).unwrap();
+    rt.block_on(with(&refresh).resolve(&r, None)).unwrap();
+    let posts = reg
+        .token_stats()
+        .unwrap()
+        .post_tokens
+        .load(std::sync::atomic::Ordering::SeqCst)
+        - posts_before;
+    assert!(posts >= 1, "the client used the refresh grant");
+    let err = rt.block_on(with("rt-bogus").resolve(&r, None)).unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+}
