@@ -61,6 +61,30 @@ struct Index {
     xattrs: Vec<u8>,
 }
 
+impl Index {
+    /// The sections every archive kind carries: strings, entries, attrs, xattrs.
+    fn into_sections(self) -> Vec<Section> {
+        vec![
+            Section {
+                id: SectionId::STRINGS,
+                bytes: self.strings.buf,
+            },
+            Section {
+                id: SectionId::ENTRIES,
+                bytes: self.entries,
+            },
+            Section {
+                id: SectionId::ATTRS,
+                bytes: self.attrs,
+            },
+            Section {
+                id: SectionId::XATTRS,
+                bytes: self.xattrs,
+            },
+        ]
+    }
+}
+
 /// Follows hard links to the file node they name.
 fn resolve_links(tree: &Tree) -> Result<HashMap<usize, usize>> {
     let mut canon = HashMap::new();
@@ -413,23 +437,8 @@ pub fn write_v2(
             cp_bytes.extend_from_slice(&cp.span_digest);
         }
     }
-    let sections = vec![
-        Section {
-            id: SectionId::STRINGS,
-            bytes: std::mem::take(&mut index.strings.buf),
-        },
-        Section {
-            id: SectionId::ENTRIES,
-            bytes: index.entries,
-        },
-        Section {
-            id: SectionId::ATTRS,
-            bytes: index.attrs,
-        },
-        Section {
-            id: SectionId::XATTRS,
-            bytes: index.xattrs,
-        },
+    let mut sections = index.into_sections();
+    sections.extend([
         Section {
             id: SectionId::LAYERS,
             bytes: layer_bytes,
@@ -446,8 +455,11 @@ pub fn write_v2(
             id: SectionId::META,
             bytes: meta_json(meta)?,
         },
-    ];
-    let window_len = sections[6].bytes.len() as u64;
+    ]);
+    let window_len = sections
+        .iter()
+        .find(|s| s.id == SectionId::WINDOWS)
+        .map_or(0, |s| s.bytes.len() as u64);
     let bytes = assemble(ArchiveKind::V2Oci, &sections);
     // Validate what we are about to publish with the reader's own checks.
     let archive = Archive::from_bytes(bytes)?;
@@ -527,7 +539,7 @@ impl V1Writer {
         let mut digest_index: HashMap<usize, u32> = HashMap::new();
         let empty: [u8; 32] = Sha256::digest(b"").into();
         let located = &self.located;
-        let mut index = build_index(tree, &canon, &mut |id| {
+        let index = build_index(tree, &canon, &mut |id| {
             let size = match tree.node(id).map(|n| &n.kind) {
                 Some(NodeKind::File { size, .. }) => *size,
                 _ => 0,
@@ -560,23 +572,8 @@ impl V1Writer {
             })
         })?;
         let data_len = self.cursor;
-        let sections = [
-            Section {
-                id: SectionId::STRINGS,
-                bytes: std::mem::take(&mut index.strings.buf),
-            },
-            Section {
-                id: SectionId::ENTRIES,
-                bytes: index.entries,
-            },
-            Section {
-                id: SectionId::ATTRS,
-                bytes: index.attrs,
-            },
-            Section {
-                id: SectionId::XATTRS,
-                bytes: index.xattrs,
-            },
+        let mut sections = index.into_sections();
+        sections.extend([
             Section {
                 id: SectionId::DIGESTS,
                 bytes: digests,
@@ -585,7 +582,7 @@ impl V1Writer {
                 id: SectionId::META,
                 bytes: meta_json(meta)?,
             },
-        ];
+        ]);
         let w = |e| io("writing", self.tmp.path(), e);
         let mut off = (self.data_start + data_len).next_multiple_of(8);
         let pad = off - (self.data_start + data_len);

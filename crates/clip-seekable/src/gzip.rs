@@ -287,15 +287,7 @@ pub fn decode(
     skip: u64,
     len: usize,
 ) -> Result<Vec<u8>, Error> {
-    let rel = cp
-        .compressed_offset
-        .checked_sub(input_offset)
-        .and_then(|r| usize::try_from(r).ok())
-        .filter(|r| *r <= input.len())
-        .ok_or(Error::RangeMismatch {
-            checkpoint: cp.compressed_offset,
-            input: input_offset,
-        })?;
+    let rel = crate::start_in(cp, input, input_offset)?;
     let (mut inflater, mut raw) = match cp.kind {
         CheckpointKind::Deflate => {
             let mut inf = Inflater::new(RAW).map_err(|c| zlib_error(c, cp.compressed_offset))?;

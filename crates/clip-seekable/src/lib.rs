@@ -164,6 +164,19 @@ pub(crate) fn take_range(out: &mut Vec<u8>, produced: &[u8], skip: &mut u64, len
     out.extend_from_slice(&rest[..take]);
 }
 
+/// Where checkpoint `cp` starts inside `input` (compressed bytes beginning at blob offset
+/// `input_offset`); an error if `input` does not cover it.
+pub(crate) fn start_in(cp: &Checkpoint, input: &[u8], input_offset: u64) -> Result<usize, Error> {
+    cp.compressed_offset
+        .checked_sub(input_offset)
+        .and_then(|r| usize::try_from(r).ok())
+        .filter(|r| *r <= input.len())
+        .ok_or(Error::RangeMismatch {
+            checkpoint: cp.compressed_offset,
+            input: input_offset,
+        })
+}
+
 /// Reads an indexer to its end (a tar walker stops at the end-of-archive marker, the layer may
 /// go on with padding), recovering typed errors.
 pub(crate) fn drain(r: &mut impl std::io::Read) -> Result<(), Error> {

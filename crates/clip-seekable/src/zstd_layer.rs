@@ -164,15 +164,7 @@ pub fn decode(
             cp.kind
         )));
     }
-    let rel = cp
-        .compressed_offset
-        .checked_sub(input_offset)
-        .and_then(|r| usize::try_from(r).ok())
-        .filter(|r| *r <= input.len())
-        .ok_or(Error::RangeMismatch {
-            checkpoint: cp.compressed_offset,
-            input: input_offset,
-        })?;
+    let rel = crate::start_in(cp, input, input_offset)?;
     let mut dec = Decoder::new().map_err(|e| corrupt(cp.compressed_offset, &e))?;
     let mut pos = rel;
     let mut skip = skip;
