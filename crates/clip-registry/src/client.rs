@@ -657,12 +657,14 @@ impl Client {
                     }
                 }
                 Err(e) => {
-                    let unknown = self
+                    // Not known to speak HTTPS: either unknown, or a concurrent first request
+                    // already found plain HTTP while this one was probing HTTPS.
+                    let not_https = self
                         .state
                         .lock()
                         .ok()
-                        .is_some_and(|st| !st.https.contains_key(host));
-                    if url.starts_with("https://") && self.may_use_http(host) && unknown {
+                        .is_some_and(|st| st.https.get(host) != Some(&true));
+                    if url.starts_with("https://") && self.may_use_http(host) && not_https {
                         // First contact with a loopback/insecure host: HTTPS failed, try HTTP.
                         https_error = Some(Error::transport(&url, &e));
                         if let Ok(mut st) = self.state.lock() {

@@ -96,6 +96,29 @@ fn resolves_and_reads_exact_ranges_anonymously() {
     );
 }
 
+/// Many first requests at once to a plain-HTTP loopback registry: every one of them must fall
+/// back from its HTTPS probe, even when another request learned "plain HTTP" first.
+#[test]
+fn concurrent_first_contacts_all_find_plain_http() {
+    let rt = rt();
+    let reg = Registry::start_anonymous().unwrap();
+    let built = image().build().unwrap();
+    built.push(&reg, "tk/app", "v1").unwrap();
+    let blob = built.manifests[0].layers[0].blob.clone();
+    let r = Reference::parse(&format!("{}/tk/app@{}", reg.host(), built.digest())).unwrap();
+    for _ in 0..5 {
+        let c = client_for(&reg, None);
+        let reads = (0..32u64).map(|i| {
+            let (c, r, d) = (c.clone(), r.clone(), blob.digest.clone());
+            async move { c.read_range(&r, &d, i * 100..i * 100 + 50).await }
+        });
+        let results = rt.block_on(futures_util::future::join_all(reads));
+        for (i, got) in results.into_iter().enumerate() {
+            assert_eq!(&got.unwrap()[..], &blob.bytes[i * 100..i * 100 + 50]);
+        }
+    }
+}
+
 #[test]
 fn basic_auth_good_wrong_and_missing_credentials() {
     let rt = rt();

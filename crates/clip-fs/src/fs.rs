@@ -1,0 +1,558 @@
+//! The FUSE operations over one archive.
+//!
+//! Metadata comes from the memory-mapped index; inode numbers are the archive's dense inode
+//! numbers (root = 1, hard links share one). Reads that the cache can answer are answered on the
+//! FUSE thread; reads that need the network are handed to the mount's async runtime and replied
+//! to when their spans arrive, so the dispatch threads never wait for a registry.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use clip_format::{Archive, DataLocation, Entry, EntryKind, SectionId};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::cache::SpanCache;
+use crate::layers::V2Source;
+use crate::profile::Recorder;
+
+/// The archive is immutable: the kernel may cache entries and attributes for long.
+const TTL: Duration = Duration::from_hours(1);
+
+/// Where file bytes come from.
+pub(crate) enum Data {
+    /// The archive's own data section.
+    V1Local,
+    /// Layer blobs in a registry.
+    V2(Arc<V2Source>),
+}
+
+/// Per open file: where the last read ended, to detect sequential reading.
+#[derive(Default, Clone, Copy)]
+struct OpenFile {
+    next: u64,
+    ahead_until: u64,
+}
+
+pub(crate) struct ClipFs {
+    archive: Arc<Archive>,
+    by_ino: Vec<u32>,
+    data: Data,
+    runtime: tokio::runtime::Handle,
+    recorder: Option<Arc<Recorder>>,
+    open: Mutex<HashMap<u64, OpenFile>>,
+    next_fh: AtomicU64,
+    /// Spans fetched ahead of a sequential reader.
+    readahead_spans: usize,
+    total_bytes: u64,
+}
+
+impl ClipFs {
+    pub(crate) fn new(
+        archive: Arc<Archive>,
+        data: Data,
+        runtime: tokio::runtime::Handle,
+        recorder: Option<Arc<Recorder>>,
+        readahead_spans: usize,
+    ) -> Self {
+        let mut by_ino = vec![u32::MAX; 1];
+        let mut total_bytes = 0u64;
+        for i in 0..u32::try_from(archive.len()).unwrap_or(u32::MAX) {
+            let Some(e) = archive.entry(i) else { break };
+            let ino = e.ino() as usize;
+            if by_ino.len() <= ino {
+                by_ino.resize(ino + 1, u32::MAX);
+            }
+            if by_ino[ino] == u32::MAX {
+                by_ino[ino] = i;
+                total_bytes += e.size();
+            }
+        }
+        Self {
+            archive,
+            by_ino,
+            data,
+            runtime,
+            recorder,
+            open: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            readahead_spans,
+            total_bytes,
+        }
+    }
+
+    fn entry(&self, ino: INodeNo) -> Option<Entry<'_>> {
+        let i = *self.by_ino.get(usize::try_from(ino.0).ok()?)?;
+        self.archive.entry(i)
+    }
+}
+
+fn file_type(k: EntryKind) -> FileType {
+    match k {
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::File => FileType::RegularFile,
+        EntryKind::Symlink => FileType::Symlink,
+        EntryKind::CharDevice => FileType::CharDevice,
+        EntryKind::BlockDevice => FileType::BlockDevice,
+        EntryKind::Fifo => FileType::NamedPipe,
+        EntryKind::Socket => FileType::Socket,
+    }
+}
+
+/// glibc's `makedev`, truncated to the 32 bits FUSE carries.
+fn makedev(major: u32, minor: u32) -> u32 {
+    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
+}
+
+pub(crate) fn attr(e: &Entry<'_>) -> FileAttr {
+    let (secs, nanos) = e.mtime();
+    let t = if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs.unsigned_abs(), nanos)
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::new(secs.unsigned_abs(), 0))
+            .unwrap_or(UNIX_EPOCH)
+            + Duration::from_nanos(u64::from(nanos))
+    };
+    let size = match e.kind() {
+        EntryKind::Symlink => e.symlink_target().map_or(0, |t| t.len() as u64),
+        EntryKind::Dir => 4096,
+        _ => e.size(),
+    };
+    FileAttr {
+        ino: INodeNo(u64::from(e.ino())),
+        size,
+        blocks: size.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(e.kind()),
+        perm: (e.mode() & 0o7777) as u16,
+        nlink: e.nlink(),
+        uid: e.uid(),
+        gid: e.gid(),
+        rdev: e.rdev().map_or(0, |(ma, mi)| makedev(ma, mi)),
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// Copies `[start, end)` of a layer's uncompressed stream out of its (ready) spans.
+fn assemble(
+    src: &V2Source,
+    layer: usize,
+    start: u64,
+    end: u64,
+    spans: &[crate::cache::SpanFile],
+) -> std::io::Result<Vec<u8>> {
+    let l = &src.layers[layer];
+    let mut out = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+    let first = l.span_of(start);
+    let mut pos = start;
+    for (k, f) in spans.iter().enumerate() {
+        let r = l.span_range(first + k);
+        let from = pos.max(r.start);
+        let to = end.min(r.end);
+        if from >= to {
+            continue;
+        }
+        let at = usize::try_from(from - start).unwrap_or(0);
+        let n = usize::try_from(to - from).unwrap_or(0);
+        SpanCache::read_at(f, &mut out[at..at + n], from - r.start)?;
+        pos = to;
+    }
+    Ok(out)
+}
+
+impl ClipFs {
+    fn read_v2(
+        &self,
+        src: &Arc<V2Source>,
+        fh: u64,
+        loc: (u32, u64, u64),
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        let (layer, file_off, length) = loc;
+        let layer = layer as usize;
+        if layer >= src.layers.len() {
+            reply.error(Errno::EIO);
+            return;
+        }
+        let end_in_file = length.min(offset.saturating_add(u64::from(size)));
+        if offset >= end_in_file {
+            reply.data(&[]);
+            return;
+        }
+        let (start, end) = (file_off + offset, file_off + end_in_file);
+        let l = &src.layers[layer];
+        let (first, last) = (l.span_of(start), l.span_of(end - 1));
+
+        // Sequential reader: fetch the spans ahead of it (within this file) in the background.
+        let sequential = {
+            let mut open = self
+                .open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let of = open.entry(fh).or_default();
+            let seq = of.next == offset && offset > 0;
+            of.next = end_in_file;
+            let file_end = file_off + length;
+            if seq
+                && self.readahead_spans > 0
+                && of.ahead_until < end
+                && last + 1 < l.checkpoints.len()
+            {
+                let next = last + 1;
+                let r = l.span_range(next);
+                if r.start < file_end {
+                    of.ahead_until = l
+                        .span_range((next + self.readahead_spans - 1).min(l.checkpoints.len() - 1))
+                        .end;
+                    Some(next)
+                } else {
+                    None
+                }
+            } else {
+                None
+            }
+        };
+        if let Some(next) = sequential
+            && src.span_ready(layer, next).is_none()
+        {
+            let src = Arc::clone(src);
+            let ahead = self.readahead_spans.saturating_sub(1);
+            self.runtime.spawn(async move {
+                let _ = src.span(layer, next, ahead).await;
+            });
+        }
+
+        // Fast path: every span open already.
+        let ready: Option<Vec<_>> = (first..=last).map(|s| src.span_ready(layer, s)).collect();
+        if let Some(spans) = ready {
+            match assemble(src, layer, start, end, &spans) {
+                Ok(b) => reply.data(&b),
+                Err(_) => reply.error(Errno::EIO),
+            }
+            return;
+        }
+        let src = Arc::clone(src);
+        self.runtime.spawn(async move {
+            let mut spans = Vec::with_capacity(last - first + 1);
+            for s in first..=last {
+                // The first miss fetches the rest of this read's spans in the same request.
+                match src.span(layer, s, last - s).await {
+                    Ok(f) => spans.push(f),
+                    Err(e) => {
+                        tracing::error!(layer = %src.layers[layer].digest, offset = start, error = %e, "read failed");
+                        reply.error(Errno::EIO);
+                        return;
+                    }
+                }
+            }
+            match assemble(&src, layer, start, end, &spans) {
+                Ok(b) => reply.data(&b),
+                Err(_) => reply.error(Errno::EIO),
+            }
+        });
+    }
+}
+
+impl Filesystem for ClipFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_CACHE_SYMLINKS
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        );
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(p) = self.entry(parent) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        match p.child(name.as_bytes()) {
+            Some(e) => reply.entry(&TTL, &attr(&e), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.entry(ino) {
+            Some(e) => reply.attr(&TTL, &attr(&e)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.entry(ino).and_then(|e| e.symlink_target()) {
+            Some(t) => reply.data(t),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc_o_trunc() != 0 {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        match self.entry(ino) {
+            Some(e) if e.kind() != EntryKind::Dir => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            Some(_) => reply.error(Errno::EISDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(e) = self.entry(ino) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        if let Some(r) = &self.recorder {
+            r.touch(ino.0, offset, u64::from(size));
+        }
+        match (e.data(), &self.data) {
+            (None, _) => reply.data(&[]),
+            (
+                Some(DataLocation::V1 {
+                    offset: at, length, ..
+                }),
+                Data::V1Local,
+            ) => {
+                let data = self.archive.section(SectionId::DATA);
+                let end = length.min(offset.saturating_add(u64::from(size)));
+                let from =
+                    usize::try_from(at.saturating_add(offset.min(end))).unwrap_or(usize::MAX);
+                let to = usize::try_from(at.saturating_add(end)).unwrap_or(usize::MAX);
+                match data.get(from..to) {
+                    Some(b) => reply.data(b),
+                    None => reply.error(Errno::EIO),
+                }
+            }
+            (
+                Some(DataLocation::V2 {
+                    layer,
+                    offset: at,
+                    length,
+                }),
+                Data::V2(src),
+            ) => self.read_v2(src, fh.0, (layer, at, length), offset, size, reply),
+            _ => reply.error(Errno::EIO),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.entry(ino) {
+            Some(e) if e.kind() == EntryKind::Dir => {
+                reply.opened(
+                    FileHandle(0),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                );
+            }
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(d) = self.entry(ino) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let parent_ino = INodeNo(u64::from(d.parent().ino()));
+        let dots = [
+            (ino, FileType::Directory, &b"."[..]),
+            (parent_ino, FileType::Directory, &b".."[..]),
+        ];
+        let mut i = offset;
+        while i < 2 {
+            let (n, t, name) = dots[usize::try_from(i).unwrap_or(0)];
+            if reply.add(n, i + 1, t, OsStr::from_bytes(name)) {
+                reply.ok();
+                return;
+            }
+            i += 1;
+        }
+        for c in d
+            .children()
+            .skip(usize::try_from(offset.saturating_sub(2)).unwrap_or(usize::MAX))
+        {
+            i += 1;
+            if reply.add(
+                INodeNo(u64::from(c.ino())),
+                i,
+                file_type(c.kind()),
+                OsStr::from_bytes(c.name()),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(d) = self.entry(ino) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let p = d.parent();
+        let mut i = offset;
+        while i < 2 {
+            let (e, name) = if i == 0 {
+                (d, &b"."[..])
+            } else {
+                (p, &b".."[..])
+            };
+            if reply.add(
+                e_ino(&e),
+                i + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr(&e),
+                Generation(0),
+            ) {
+                reply.ok();
+                return;
+            }
+            i += 1;
+        }
+        for c in d
+            .children()
+            .skip(usize::try_from(offset.saturating_sub(2)).unwrap_or(usize::MAX))
+        {
+            i += 1;
+            if reply.add(
+                e_ino(&c),
+                i,
+                OsStr::from_bytes(c.name()),
+                &TTL,
+                &attr(&c),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let files = self.archive.len() as u64;
+        reply.statfs(
+            self.total_bytes.div_ceil(4096),
+            0,
+            0,
+            files,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(e) = self.entry(ino) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        match e.xattrs().find(|(n, _)| *n == name.as_bytes()) {
+            None => reply.error(Errno::NO_XATTR),
+            Some((_, v)) if size == 0 => reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX)),
+            Some((_, v)) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Some((_, v)) => reply.data(v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(e) = self.entry(ino) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let mut names = Vec::new();
+        for (n, _) in e.xattrs() {
+            names.extend_from_slice(n);
+            names.push(0);
+        }
+        if size == 0 {
+            reply.size(u32::try_from(names.len()).unwrap_or(u32::MAX));
+        } else if names.len() > size as usize {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(&names);
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if self.entry(ino).is_none() {
+            reply.error(Errno::ENOENT);
+        } else if mask.contains(AccessFlags::W_OK) {
+            reply.error(Errno::EROFS);
+        } else {
+            reply.ok();
+        }
+    }
+}
+
+fn e_ino(e: &Entry<'_>) -> INodeNo {
+    INodeNo(u64::from(e.ino()))
+}
+
+const fn libc_o_trunc() -> i32 {
+    0o1000
+}

@@ -1,0 +1,346 @@
+//! The v2 read path: layer range → spans → cache, else one Range GET → decode → verify → cache.
+//!
+//! A span is the uncompressed bytes from one checkpoint to the next; its sha256 was recorded at
+//! indexing time and is its cache key. A miss fetches the compressed bytes of a run of adjacent
+//! missing spans with one ranged GET, decodes each span from its own checkpoint on a blocking
+//! thread, verifies it, and stores it. Concurrent requests for a span share one fetch (single
+//! flight). Bytes that fail verification are fetched once more, then reported — never served.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use clip_format::{Archive, Checkpoint, MediaKind};
+use clip_registry::{Client, Reference};
+use tokio::sync::watch;
+
+use crate::Error;
+use crate::cache::{SpanCache, SpanFile};
+
+/// One layer's random-access index.
+#[derive(Debug)]
+pub(crate) struct Layer {
+    pub(crate) digest: String,
+    pub(crate) media: MediaKind,
+    pub(crate) compressed_size: u64,
+    pub(crate) uncompressed_size: u64,
+    pub(crate) checkpoints: Vec<Checkpoint>,
+}
+
+impl Layer {
+    /// The span holding uncompressed offset `at`.
+    pub(crate) fn span_of(&self, at: u64) -> usize {
+        self.checkpoints
+            .partition_point(|c| c.uncompressed_offset <= at)
+            .saturating_sub(1)
+    }
+
+    /// Uncompressed range of span `i`.
+    pub(crate) fn span_range(&self, i: usize) -> Range<u64> {
+        let start = self.checkpoints[i].uncompressed_offset;
+        let end = self
+            .checkpoints
+            .get(i + 1)
+            .map_or(self.uncompressed_size, |c| c.uncompressed_offset);
+        start..end.max(start)
+    }
+
+    /// Compressed bytes needed to decode spans `first..=last`.
+    fn compressed_range(&self, first: usize, last: usize) -> Range<u64> {
+        let cp = &self.checkpoints[first];
+        let start = if self.media == MediaKind::Tar {
+            cp.uncompressed_offset
+        } else {
+            cp.compressed_offset
+                .saturating_sub(u64::from(cp.bits > 0 && self.media == MediaKind::Gzip))
+        };
+        let end = match (self.media, self.checkpoints.get(last + 1)) {
+            (MediaKind::Tar, Some(n)) => n.uncompressed_offset,
+            (MediaKind::Tar, None) => self.uncompressed_size,
+            // The next block starts inside this byte when it has leftover bits.
+            (_, Some(n)) => (n.compressed_offset + 1).min(self.compressed_size),
+            (_, None) => self.compressed_size,
+        };
+        start..end.max(start)
+    }
+}
+
+/// Counters of the v2 source.
+#[derive(Debug, Default)]
+pub(crate) struct FetchStats {
+    pub(crate) requests: AtomicU64,
+    pub(crate) fetched_bytes: AtomicU64,
+    pub(crate) spans_fetched: AtomicU64,
+    pub(crate) verify_failures: AtomicU64,
+}
+
+type Outcome = Option<Result<SpanFile, String>>;
+
+/// The registry-backed span source of one mount.
+pub(crate) struct V2Source {
+    client: Client,
+    reference: Reference,
+    pub(crate) layers: Vec<Layer>,
+    cache: Arc<SpanCache>,
+    inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Outcome>>>,
+    pub(crate) stats: FetchStats,
+}
+
+/// Removes a fetch group's spans from the in-flight table however the fetch ends.
+struct InflightGuard<'a> {
+    map: &'a Mutex<HashMap<[u8; 32], watch::Receiver<Outcome>>>,
+    keys: Vec<[u8; 32]>,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for k in &self.keys {
+            m.remove(k);
+        }
+    }
+}
+
+impl V2Source {
+    pub(crate) fn new(
+        archive: &Archive,
+        client: Client,
+        cache: Arc<SpanCache>,
+        registry_override: Option<&str>,
+    ) -> Result<Self, Error> {
+        let source = archive
+            .meta()
+            .source
+            .clone()
+            .ok_or_else(|| Error::Config("v2 archive without a registry source".into()))?;
+        let reference = Reference::parse(&format!(
+            "{}/{}@{}",
+            registry_override.unwrap_or(&source.registry),
+            source.repository,
+            source.manifest_digest
+        ))?;
+        let layers = archive
+            .layers()
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let checkpoints = archive.checkpoints(u32::try_from(i).unwrap_or(u32::MAX));
+                if checkpoints
+                    .first()
+                    .is_none_or(|c| c.uncompressed_offset != 0)
+                {
+                    return Err(Error::Config(format!(
+                        "layer {i} has no checkpoint at offset 0"
+                    )));
+                }
+                Ok(Layer {
+                    digest: l.digest,
+                    media: l.media,
+                    compressed_size: l.compressed_size,
+                    uncompressed_size: l.uncompressed_size,
+                    checkpoints,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            client,
+            reference,
+            layers,
+            cache,
+            inflight: Mutex::new(HashMap::new()),
+            stats: FetchStats::default(),
+        })
+    }
+
+    pub(crate) fn cache(&self) -> &SpanCache {
+        &self.cache
+    }
+
+    fn digest(&self, layer: usize, span: usize) -> [u8; 32] {
+        self.layers[layer].checkpoints[span].span_digest
+    }
+
+    /// The span if it is open in this process already (no I/O).
+    pub(crate) fn span_ready(&self, layer: usize, span: usize) -> Option<SpanFile> {
+        self.cache.get_open(&self.digest(layer, span))
+    }
+
+    /// Span `span` of `layer`, fetching it (and up to `ahead` following missing spans of the
+    /// same layer, in the same request) if no process has it cached.
+    pub(crate) async fn span(
+        self: &Arc<Self>,
+        layer: usize,
+        span: usize,
+        ahead: usize,
+    ) -> Result<SpanFile, Error> {
+        let layer_index = &self.layers[layer];
+        let digest = self.digest(layer, span);
+        let len = layer_index.span_range(span).end - layer_index.span_range(span).start;
+        if let Some(f) = self.cache.get_open(&digest) {
+            return Ok(f);
+        }
+        // Disk lookups hash the file once: keep that off the async workers.
+        let me = Arc::clone(self);
+        let found = tokio::task::spawn_blocking(move || me.cache.get(&digest, len))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        if let Some(f) = found {
+            return Ok(f);
+        }
+        // Join a fetch in flight, or lead one for this span and the missing spans after it.
+        let (rx, group) = {
+            let mut inflight = self
+                .inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(rx) = inflight.get(&digest) {
+                (rx.clone(), None)
+            } else {
+                let mut senders = Vec::new();
+                let mut last = span;
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(digest, rx.clone());
+                senders.push((span, digest, tx));
+                while last + 1 < layer_index.checkpoints.len() && last < span + ahead {
+                    let d = self.digest(layer, last + 1);
+                    if inflight.contains_key(&d) || self.cache.get_open(&d).is_some() {
+                        break;
+                    }
+                    let (t, r) = watch::channel(None);
+                    inflight.insert(d, r);
+                    senders.push((last + 1, d, t));
+                    last += 1;
+                }
+                (rx, Some(senders))
+            }
+        };
+        if let Some(senders) = group {
+            let _guard = InflightGuard {
+                map: &self.inflight,
+                keys: senders.iter().map(|s| s.1).collect(),
+            };
+            let first = senders[0].0;
+            let last = senders[senders.len() - 1].0;
+            let results = self.fetch_group(layer, first, last).await;
+            let mut mine = Err(Error::Config("span not fetched".into()));
+            for ((idx, _, tx), r) in senders.into_iter().zip(results) {
+                let _ = tx.send(Some(
+                    r.as_ref().map(Arc::clone).map_err(ToString::to_string),
+                ));
+                if idx == span {
+                    mine = r;
+                }
+            }
+            return mine;
+        }
+        let mut rx = rx;
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::Fetch("the fetch of this span was abandoned".into()))?
+            .clone();
+        match outcome {
+            Some(Ok(f)) => Ok(f),
+            Some(Err(e)) => Err(Error::Fetch(e)),
+            None => Err(Error::Fetch("no outcome".into())),
+        }
+    }
+
+    /// Fetches spans `first..=last` of `layer` with one ranged GET; a span that fails
+    /// verification is fetched once more on its own.
+    async fn fetch_group(
+        self: &Arc<Self>,
+        layer: usize,
+        first: usize,
+        last: usize,
+    ) -> Vec<Result<SpanFile, Error>> {
+        let mut out = match self.fetch_once(layer, first, last).await {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = e.to_string();
+                return (first..=last)
+                    .map(|_| Err(Error::Fetch(msg.clone())))
+                    .collect();
+            }
+        };
+        for (k, r) in out.iter_mut().enumerate() {
+            if matches!(r, Err(Error::Verify { .. })) {
+                let i = first + k;
+                *r = match self.fetch_once(layer, i, i).await {
+                    Ok(mut v) => v.remove(0),
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        out
+    }
+
+    async fn fetch_once(
+        self: &Arc<Self>,
+        layer: usize,
+        first: usize,
+        last: usize,
+    ) -> Result<Vec<Result<SpanFile, Error>>, Error> {
+        let l = &self.layers[layer];
+        let range = l.compressed_range(first, last);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let bytes = self
+            .client
+            .read_range(&self.reference, &l.digest, range.clone())
+            .await?;
+        self.stats
+            .fetched_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            (first..=last)
+                .map(|i| me.decode_span(layer, i, &bytes, range.start))
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))
+    }
+
+    fn decode_span(
+        &self,
+        layer: usize,
+        i: usize,
+        input: &[u8],
+        input_offset: u64,
+    ) -> Result<SpanFile, Error> {
+        let l = &self.layers[layer];
+        let cp = &l.checkpoints[i];
+        let want = l.span_range(i);
+        let len = usize::try_from(want.end - want.start)
+            .map_err(|_| Error::Config("span larger than memory".into()))?;
+        let bytes = match l.media {
+            MediaKind::Tar => {
+                let from = usize::try_from(want.start - input_offset).unwrap_or(usize::MAX);
+                input
+                    .get(from..from.saturating_add(len))
+                    .ok_or_else(|| Error::Fetch("short range for an uncompressed span".into()))?
+                    .to_vec()
+            }
+            // Undecodable bytes are bad bytes like any other: refetch, never serve.
+            MediaKind::Gzip => {
+                clip_seekable::gzip::decode(cp, input, input_offset, 0, len).unwrap_or_default()
+            }
+            MediaKind::Zstd => clip_seekable::zstd_layer::decode(cp, input, input_offset, 0, len)
+                .unwrap_or_default(),
+        };
+        if bytes.len() != len || clip_seekable::verify_span(cp, &bytes).is_err() {
+            self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(layer = %l.digest, offset = want.start, "span failed verification");
+            return Err(Error::Verify {
+                layer: l.digest.clone(),
+                offset: want.start,
+            });
+        }
+        self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(self.cache.insert(&cp.span_digest, &bytes)?)
+    }
+}

@@ -1,0 +1,505 @@
+//! The mounted tree equals `umoci unpack` of the same image, reads are exact under concurrency,
+//! and failures (registry down, corrupt bytes, short tokens, a small cache) behave as specified.
+//! Everything runs against the testkit's real registry and the kernel's FUSE; a fake server is
+//! used only to corrupt bytes, which a real registry will not do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    missing_docs
+)]
+
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clip_fs::{MountHandle, MountOptions, mount_archive};
+use clip_registry::{ClientConfig, RetryPolicy};
+use clip_testkit::image::{EdgeCaseOptions, edge_cases, random_bytes};
+use clip_testkit::{
+    Auth, CompareOptions, Compression, Entry, FakeRegistry, FakeResponse, Image, ImageBuilder,
+    Layer, ManifestFormat, Registry, RegistryOptions, Tree, oracle,
+};
+
+fn can_mount() -> bool {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "clip_fs=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    if !clip_testkit::is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: mounting needs root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    registry: Registry,
+    archive: PathBuf,
+    reference: String,
+}
+
+/// Pushes `image` to `registry` and indexes it from there into a v2 archive.
+fn indexed(registry: Registry, image: &ImageBuilder, span: u64, cfg: ClientConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    image
+        .build()
+        .unwrap()
+        .push(&registry, "test/app", "t")
+        .unwrap();
+    let reference = format!("{}/test/app:t", registry.host());
+    let archive = dir.path().join("app.clip");
+    let client = clip_registry::Client::new(cfg).unwrap();
+    clip_indexer::index_image(&reference, &archive, &client, None, span, None).unwrap();
+    Fixture {
+        dir,
+        registry,
+        archive,
+        reference,
+    }
+}
+
+impl Fixture {
+    fn mount(&self, name: &str, options: MountOptions) -> MountHandle {
+        let mp = self.dir.path().join(name);
+        std::fs::create_dir_all(&mp).unwrap();
+        let cache_dir = if options.cache_dir == clip_fs::default_cache_dir() {
+            self.dir.path().join("cache")
+        } else {
+            options.cache_dir.clone()
+        };
+        mount_archive(MountOptions {
+            archive: self.archive.clone(),
+            mountpoint: mp,
+            cache_dir,
+            ..options
+        })
+        .unwrap()
+    }
+
+    /// `umoci unpack` of the image, or of `twin` (the same content with layers umoci can read:
+    /// its version predates zstd).
+    fn oracle(&self, twin: Option<&ImageBuilder>) -> Tree {
+        let name = if let Some(t) = twin {
+            t.build()
+                .unwrap()
+                .push(&self.registry, "test/twin", "t")
+                .unwrap();
+            "test/twin:t"
+        } else {
+            "test/app:t"
+        };
+        let want =
+            oracle::oracle_unpack(&self.registry, name, &self.dir.path().join("oracle"), None)
+                .unwrap();
+        Tree::scan(&want).unwrap()
+    }
+}
+
+fn assert_same(expected: &Tree, root: &Path) {
+    let actual = Tree::scan(root).unwrap();
+    let diffs = expected.compare(&actual, &CompareOptions::default());
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+fn edge(compression: [Compression; 3]) -> ImageBuilder {
+    ImageBuilder::new(ManifestFormat::Oci).image(edge_cases(&EdgeCaseOptions {
+        compression,
+        devices: true,
+        ..EdgeCaseOptions::default()
+    }))
+}
+
+#[test]
+fn v2_mounts_equal_umoci_for_every_layer_compression() {
+    if !can_mount() {
+        return;
+    }
+    for (compression, span) in [
+        (
+            [
+                Compression::Gzip,
+                Compression::GzipMultiMember(3),
+                Compression::None,
+            ],
+            256 << 10,
+        ),
+        (
+            [
+                Compression::ZstdMultiFrame(4),
+                Compression::Zstd,
+                Compression::Gzip,
+            ],
+            1 << 20,
+        ),
+    ] {
+        let f = indexed(
+            Registry::start_anonymous().unwrap(),
+            &edge(compression),
+            span,
+            ClientConfig::default(),
+        );
+        let twin = compression
+            .iter()
+            .any(|c| matches!(c, Compression::Zstd | Compression::ZstdMultiFrame(_)))
+            .then(|| edge([Compression::Gzip, Compression::Gzip, Compression::Gzip]));
+        let expected = f.oracle(twin.as_ref());
+        let m = f.mount("mnt", MountOptions::default());
+        assert_same(&expected, m.mountpoint());
+        let s = m.stats();
+        assert!(s.spans_fetched > 0 && s.verify_failures == 0, "{s:?}");
+
+        // Metadata only: statfs and xattrs work; writes are refused.
+        let mp = m.mountpoint().to_owned();
+        let err = std::fs::write(mp.join("new-file"), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(30), "EROFS expected: {err}");
+
+        // A second mount of the same image reads everything from the shared cache.
+        let m2 = f.mount("mnt2", MountOptions::default());
+        assert_same(&expected, m2.mountpoint());
+        assert_eq!(m2.stats().requests, 0, "{:?}", m2.stats());
+        m2.unmount().unwrap();
+        m.unmount().unwrap();
+    }
+}
+
+#[test]
+fn v1_local_mount_equals_umoci() {
+    if !can_mount() {
+        return;
+    }
+    let registry = Registry::start_anonymous().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    edge([Compression::Gzip, Compression::Gzip, Compression::None])
+        .build()
+        .unwrap()
+        .push(&registry, "test/app", "t")
+        .unwrap();
+    let rootfs =
+        oracle::oracle_unpack(&registry, "test/app:t", &dir.path().join("oracle"), None).unwrap();
+    let expected = Tree::scan(&rootfs).unwrap();
+    let archive = dir.path().join("v1.clip");
+    clip_extract::archive_rootfs(&rootfs, &archive, &clip_format::Meta::default()).unwrap();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let m = mount_archive(MountOptions {
+        archive,
+        mountpoint: mp,
+        cache_dir: dir.path().join("cache"),
+        ..MountOptions::default()
+    })
+    .unwrap();
+    assert_same(&expected, m.mountpoint());
+    m.unmount().unwrap();
+}
+
+fn big_files_image(compression: Compression) -> (ImageBuilder, Vec<(String, Vec<u8>)>) {
+    let files: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| (format!("data/big{i}"), random_bytes(100 + i, 5 << 20)))
+        .chain([(
+            "data/text".to_owned(),
+            clip_testkit::image::text_bytes(9, 3 << 20),
+        )])
+        .collect();
+    let layer = Layer::new(
+        files
+            .iter()
+            .map(|(p, b)| Entry::file(p, b.clone()))
+            .collect(),
+    )
+    .compression(compression);
+    (
+        ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![layer])),
+        files,
+    )
+}
+
+#[test]
+fn sixty_four_concurrent_random_readers_get_every_byte_right() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        256 << 10,
+        ClientConfig::default(),
+    );
+    let m = f.mount("mnt", MountOptions::default());
+    let files = Arc::new(files);
+    let mp = m.mountpoint().to_owned();
+    let threads: Vec<_> = (0..64u64)
+        .map(|t| {
+            let (files, mp) = (Arc::clone(&files), mp.clone());
+            std::thread::spawn(move || {
+                let mut x = t * 7919 + 1;
+                for _ in 0..40 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let (path, want) = &files[(x % files.len() as u64) as usize];
+                    let file = std::fs::File::open(mp.join(path)).unwrap();
+                    let off = (x >> 8) % want.len() as u64;
+                    let len = ((x >> 40) % (300 << 10)).max(1);
+                    let mut buf = vec![0u8; len as usize];
+                    let n = file.read_at(&mut buf, off).unwrap();
+                    let end = (off as usize + n).min(want.len());
+                    assert_eq!(n, end - off as usize);
+                    assert!(buf[..n] == want[off as usize..end], "{path} at {off}+{n}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = m.stats();
+    assert_eq!(s.verify_failures, 0);
+    // Single flight: no span fetched twice.
+    assert!(s.cache.inserted_bytes <= 19 << 20, "{s:?}");
+    m.unmount().unwrap();
+}
+
+#[test]
+fn registry_outage_fails_only_the_reads_then_recovers() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let fast = ClientConfig {
+        retry: RetryPolicy {
+            attempts: 3,
+            base: Duration::from_millis(50),
+            max_delay: Duration::from_millis(200),
+            deadline: Duration::from_secs(2),
+        },
+        timeout: Some(Duration::from_secs(2)),
+        ..ClientConfig::default()
+    };
+    let mut f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        1 << 20,
+        fast.clone(),
+    );
+    let m = f.mount(
+        "mnt",
+        MountOptions {
+            registry: fast,
+            readahead_spans: 0,
+            ..MountOptions::default()
+        },
+    );
+    let mp = m.mountpoint().to_owned();
+    let read = |p: &str, off: u64| {
+        let file = std::fs::File::open(mp.join(p))?;
+        let mut buf = vec![0u8; 4096];
+        file.read_at(&mut buf, off).map(|n| buf[..n].to_vec())
+    };
+    assert_eq!(read(&files[0].0, 0).unwrap(), files[0].1[..4096]);
+
+    f.registry.stop();
+    let err = read(&files[1].0, 3 << 20).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO expected: {err}");
+    // Cached data and metadata still work while the registry is away.
+    assert_eq!(read(&files[0].0, 0).unwrap(), files[0].1[..4096]);
+    assert!(mp.join("data/text").exists());
+
+    f.registry.restart().unwrap();
+    assert_eq!(
+        read(&files[1].0, 3 << 20).unwrap(),
+        files[1].1[3 << 20..(3 << 20) + 4096]
+    );
+    m.unmount().unwrap();
+}
+
+/// Serves `blobs` with ranges, corrupting the first `bad` blob responses.
+fn corrupting_registry(
+    blobs: Vec<(String, Vec<u8>)>,
+    bad: usize,
+) -> (FakeRegistry, Arc<std::sync::atomic::AtomicUsize>) {
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s2 = Arc::clone(&served);
+    let fake = FakeRegistry::start(move |req| {
+        let Some((_, blob)) = blobs.iter().find(|(d, _)| req.path.ends_with(d.as_str())) else {
+            return FakeResponse::new(if req.path == "/v2/" { 200 } else { 404 }, "");
+        };
+        let (a, b) = req
+            .header("range")
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .map_or((0, blob.len() - 1), |(a, b)| {
+                (a.parse().unwrap(), b.parse().unwrap())
+            });
+        let mut body = blob[a..=b].to_vec();
+        if s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < bad {
+            let mid = body.len() / 2;
+            body[mid] ^= 0x55;
+        }
+        FakeResponse::new(206, body)
+            .header("content-range", &format!("bytes {a}-{b}/{}", blob.len()))
+    })
+    .unwrap();
+    (fake, served)
+}
+
+#[test]
+fn corrupt_bytes_are_refetched_and_never_served() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let built = image.build().unwrap();
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        1 << 20,
+        ClientConfig::default(),
+    );
+    let blobs: Vec<(String, Vec<u8>)> = built.manifests[0]
+        .layers
+        .iter()
+        .map(|l| (l.blob.digest.clone(), l.blob.bytes.clone()))
+        .collect();
+
+    // One corrupt answer: refetched, then served correctly.
+    let (fake, _) = corrupting_registry(blobs.clone(), 1);
+    let m = f.mount(
+        "mnt",
+        MountOptions {
+            registry_override: Some(fake.host()),
+            ..MountOptions::default()
+        },
+    );
+    let got = std::fs::read(m.mountpoint().join(&files[3].0)).unwrap();
+    assert!(got == files[3].1);
+    assert!(m.stats().verify_failures >= 1, "{:?}", m.stats());
+    m.unmount().unwrap();
+
+    // Always corrupt: EIO, nothing cached.
+    let (fake, _) = corrupting_registry(blobs, usize::MAX);
+    let m = f.mount(
+        "mnt-bad",
+        MountOptions {
+            registry_override: Some(fake.host()),
+            cache_dir: f.dir.path().join("cache-bad"),
+            ..MountOptions::default()
+        },
+    );
+    let err = std::fs::read(m.mountpoint().join(&files[0].0)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert_eq!(m.stats().cache.inserted_bytes, 0);
+    m.unmount().unwrap();
+}
+
+#[test]
+fn five_second_tokens_are_refreshed_during_a_long_run() {
+    if !can_mount() {
+        return;
+    }
+    let registry = Registry::start(RegistryOptions {
+        auth: Auth::Token {
+            users: vec![("alice".into(), "pw".into())],
+            anonymous_pull: false,
+            lifetime: Duration::from_secs(5),
+        },
+        tls: false,
+    })
+    .unwrap();
+    let cfg = ClientConfig {
+        credentials: vec![(
+            registry.host(),
+            clip_registry::Credentials::Basic {
+                username: "alice".into(),
+                password: "pw".into(),
+            },
+        )],
+        ..ClientConfig::default()
+    };
+    let (image, files) = big_files_image(Compression::Gzip);
+    let f = indexed(registry, &image, 1 << 20, cfg.clone());
+    let m = f.mount(
+        "mnt",
+        MountOptions {
+            registry: cfg,
+            readahead_spans: 0,
+            ..MountOptions::default()
+        },
+    );
+    let issued = |r: &Registry| {
+        let s = r.token_stats().unwrap();
+        s.get_tokens.load(std::sync::atomic::Ordering::SeqCst)
+            + s.post_tokens.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let issued_before = issued(&f.registry);
+    for (i, (path, want)) in files.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(2600));
+        }
+        let file = std::fs::File::open(m.mountpoint().join(path)).unwrap();
+        let mut buf = vec![0u8; 8192];
+        file.read_exact_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf == want[1 << 20..(1 << 20) + 8192]);
+    }
+    assert!(issued(&f.registry) > issued_before);
+    m.unmount().unwrap();
+}
+
+#[test]
+fn the_cache_stays_under_its_cap_and_evicted_spans_are_refetched() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        256 << 10,
+        ClientConfig::default(),
+    );
+    let cap = 4 << 20;
+    let opts = || MountOptions {
+        cache_bytes: cap,
+        ..MountOptions::default()
+    };
+    let m = f.mount("mnt", opts());
+    for (p, want) in &files {
+        assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *want);
+    }
+    let s = m.stats();
+    assert!(s.cache.evictions > 0, "{s:?}");
+    let on_disk = dir_size(&f.dir.path().join("cache/spans"));
+    assert!(on_disk <= cap, "{on_disk} > {cap}");
+    m.unmount().unwrap();
+
+    // A new mount (a cold page cache) refetches what was evicted, correctly.
+    let m = f.mount("mnt2", opts());
+    for (p, want) in &files {
+        assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *want);
+    }
+    assert!(m.stats().requests > 0);
+    assert!(dir_size(&f.dir.path().join("cache/spans")) <= cap);
+    m.unmount().unwrap();
+    let _ = &f.reference;
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let mut total = 0;
+    for d in std::fs::read_dir(p).unwrap().flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            total += f.metadata().unwrap().len();
+        }
+    }
+    total
+}
