@@ -64,18 +64,48 @@ enum Command {
         /// Uncompressed MiB between checkpoints.
         #[arg(long, default_value_t = 4)]
         checkpoint_mib: u64,
-        /// A registry host that may be reached over plain HTTP (loopback hosts always may).
-        #[arg(long = "insecure-registry", value_name = "HOST")]
-        insecure: Vec<String>,
-        /// Credentials for the image's registry, `USER:PASSWORD`.
-        #[arg(long, env = "CLIP_REGISTRY_CREDS", hide_env_values = true)]
-        creds: Option<String>,
-        /// A PEM file of CA certificates to trust for HTTPS.
-        #[arg(long)]
-        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Mount an archive read-only; file bytes are fetched when read (v2) or read from the
+    /// archive (v1). Returns once the mount answers; the mount is served by a background
+    /// process unless `--foreground`.
+    Mount {
+        /// The archive.
+        file: PathBuf,
+        /// An existing directory.
+        mountpoint: PathBuf,
+        /// Span cache shared by all mounts (default /var/cache/clip as root).
+        #[arg(long, env = "CLIP_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Cache size bound: bytes, or with a K/M/G/T suffix.
+        #[arg(long, default_value = "10G", value_parser = parse_size)]
+        cache_size: u64,
+        /// Fetch the spans of this recorded profile right after mounting.
+        #[arg(long, value_name = "PROFILE")]
+        prefetch: Option<PathBuf>,
+        /// Record the first-touch order of file ranges; written at unmount.
+        #[arg(long, value_name = "OUT")]
+        record_profile: Option<PathBuf>,
+        /// Spans fetched ahead of a sequential reader.
+        #[arg(long, default_value_t = 2)]
+        readahead_spans: usize,
+        /// Read the image from this registry host instead of the recorded one (a mirror).
+        #[arg(long, value_name = "HOST")]
+        registry_mirror: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Serve the mount from this process until unmounted or signalled.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Unmount a clip mount (a dead one, left by a killed process, is detached).
+    Umount {
+        /// The mount point.
+        mountpoint: PathBuf,
     },
     /// Create a v1 (data-carrying) archive.
     Archive {
@@ -89,6 +119,76 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How to reach registries (shared by the commands that talk to one).
+#[derive(Debug, clap::Args)]
+struct RegistryArgs {
+    /// A registry host that may be reached over plain HTTP (loopback hosts always may).
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure: Vec<String>,
+    /// Credentials for the image's registry, `USER:PASSWORD`.
+    #[arg(long, env = "CLIP_REGISTRY_CREDS", hide_env_values = true)]
+    creds: Option<String>,
+    /// A PEM file of CA certificates to trust for HTTPS.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// Client settings for `host`: these flags, then docker's config.json.
+    fn client_config(&self, host: &str) -> anyhow::Result<clip_core::registry::ClientConfig> {
+        let docker_config = match clip_core::registry::dockerconfig::default_path() {
+            Some(p) => Some(std::sync::Arc::new(
+                clip_core::registry::dockerconfig::DockerConfig::load(&p)?,
+            )),
+            None => None,
+        };
+        let mut cfg = clip_core::registry::ClientConfig {
+            insecure: self.insecure.clone(),
+            docker_config,
+            ..Default::default()
+        };
+        if let Some(c) = &self.creds {
+            let (username, password) =
+                c.split_once(':').context("--creds must be USER:PASSWORD")?;
+            cfg.credentials.push((
+                host.to_owned(),
+                clip_core::registry::Credentials::Basic {
+                    username: username.into(),
+                    password: password.into(),
+                },
+            ));
+        }
+        if let Some(f) = &self.ca_file {
+            cfg.ca_pem = Some(
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+/// `1048576`, `512K`, `64M`, `10G`, `1T` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown size suffix {c:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -115,9 +215,7 @@ fn main() -> anyhow::Result<()> {
             output,
             platform,
             checkpoint_mib,
-            insecure,
-            creds,
-            ca_file,
+            registry,
             json,
         } => {
             let platform = match platform {
@@ -137,34 +235,7 @@ fn main() -> anyhow::Result<()> {
             } else {
                 let image = image.context("name an image, or use --oci-layout DIR")?;
                 let reference = clip_core::registry::Reference::parse(&image)?;
-                let docker_config = match clip_core::registry::dockerconfig::default_path() {
-                    Some(p) => Some(std::sync::Arc::new(
-                        clip_core::registry::dockerconfig::DockerConfig::load(&p)?,
-                    )),
-                    None => None,
-                };
-                let mut cfg = clip_core::registry::ClientConfig {
-                    insecure,
-                    docker_config,
-                    ..Default::default()
-                };
-                if let Some(c) = creds {
-                    let (username, password) =
-                        c.split_once(':').context("--creds must be USER:PASSWORD")?;
-                    cfg.credentials.push((
-                        reference.registry.clone(),
-                        clip_core::registry::Credentials::Basic {
-                            username: username.into(),
-                            password: password.into(),
-                        },
-                    ));
-                }
-                if let Some(f) = ca_file {
-                    cfg.ca_pem = Some(
-                        std::fs::read_to_string(&f)
-                            .with_context(|| format!("reading {}", f.display()))?,
-                    );
-                }
+                let cfg = registry.client_config(&reference.registry)?;
                 let client = clip_core::registry::Client::new(cfg)?;
                 // Progress on stderr, one line per layer (stdout stays the summary).
                 let progress = |p: &clip_core::indexer::Progress| {
@@ -225,6 +296,48 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Mount {
+            file,
+            mountpoint,
+            cache_dir,
+            cache_size,
+            prefetch,
+            record_profile,
+            readahead_spans,
+            registry_mirror,
+            registry,
+            foreground,
+        } => {
+            if !foreground {
+                return mount::spawn_background(&mountpoint);
+            }
+            let archive = open(&file)?;
+            let host = registry_mirror
+                .clone()
+                .or_else(|| archive.meta().source.as_ref().map(|s| s.registry.clone()))
+                .unwrap_or_default();
+            drop(archive);
+            let prefetch = prefetch
+                .map(|p| clip_core::fs::Profile::load(&p))
+                .transpose()?;
+            let options = clip_core::fs::MountOptions {
+                archive: file,
+                mountpoint,
+                cache_dir: cache_dir.unwrap_or_else(clip_core::fs::default_cache_dir),
+                cache_bytes: cache_size,
+                registry: registry.client_config(&host)?,
+                registry_override: registry_mirror,
+                readahead_spans,
+                prefetch,
+                record_profile,
+                ..clip_core::fs::MountOptions::default()
+            };
+            mount::foreground(options)
+        }
+        Command::Umount { mountpoint } => {
+            clip_core::fs::unmount(&mountpoint)?;
+            Ok(())
+        }
         Command::Archive {
             rootfs,
             output,
@@ -252,6 +365,115 @@ fn main() -> anyhow::Result<()> {
                 )?;
             }
             Ok(())
+        }
+    }
+}
+
+mod mount {
+    //! `clip mount`: the foreground server and the background launcher.
+    #![allow(clippy::print_stderr)]
+
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context as _, bail};
+
+    /// Serves the mount until it is unmounted or the process gets SIGTERM/SIGINT/SIGHUP.
+    pub(crate) fn foreground(options: clip_core::fs::MountOptions) -> anyhow::Result<()> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("CLIP_LOG")
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init();
+        let mountpoint = options.mountpoint.clone();
+        let handle = clip_core::fs::mount_archive(options)
+            .with_context(|| format!("mounting at {}", mountpoint.display()))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let why = rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            let mut hup = signal(SignalKind::hangup())?;
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let why = loop {
+                tokio::select! {
+                    _ = term.recv() => break "SIGTERM",
+                    _ = int.recv() => break "SIGINT",
+                    _ = hup.recv() => break "SIGHUP",
+                    _ = tick.tick() => if handle.is_finished() { break "unmounted" },
+                }
+            };
+            Ok::<_, std::io::Error>(why)
+        })?;
+        let stats = handle.stats();
+        handle.unmount()?;
+        eprintln!(
+            "clip mount {}: stopped ({why}); {} requests, {} bytes fetched, cache {} hits / {} misses",
+            mountpoint.display(),
+            stats.requests,
+            stats.fetched_bytes,
+            stats.cache.hits,
+            stats.cache.misses
+        );
+        Ok(())
+    }
+
+    /// Re-runs this command with `--foreground` in a new process group, logging to a file next
+    /// to the cache, and returns once the mount answers (or reports why it did not).
+    pub(crate) fn spawn_background(mountpoint: &Path) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt as _;
+        let log_dir = std::env::temp_dir().join("clip-mount-logs");
+        std::fs::create_dir_all(&log_dir)?;
+        let canon = std::fs::canonicalize(mountpoint)
+            .with_context(|| format!("mount point {}", mountpoint.display()))?;
+        let log_path = log_dir.join(format!(
+            "{}.log",
+            canon.to_string_lossy().trim_matches('/').replace('/', "_")
+        ));
+        // Readiness is "a clip mount answers here": clear a dead one first, refuse a live one.
+        clip_core::fs::clean_stale_mount(&canon);
+        if clip_core::fs::is_mounted(&canon) {
+            bail!("{} is already a clip mount point", canon.display());
+        }
+        let log = std::fs::File::create(&log_path)?;
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        args.push("--foreground".into());
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting the mount server")?;
+        let start = Instant::now();
+        loop {
+            if clip_core::fs::is_mounted(&canon) {
+                eprintln!(
+                    "mounted at {} (server pid {}, log {})",
+                    canon.display(),
+                    child.id(),
+                    log_path.display()
+                );
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("the mount server exited ({status}):\n{}", log.trim_end());
+            }
+            if start.elapsed() > Duration::from_mins(1) {
+                let _ = child.kill();
+                bail!(
+                    "the mount did not answer within 60 s; see {}",
+                    log_path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }

@@ -205,3 +205,123 @@ fn index_straight_from_a_registry() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `clip mount` returns once the mount answers, serves it from a background process, and
+/// `clip umount` ends that process.
+#[test]
+fn mount_serves_in_the_background_until_umount() {
+    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hello"), b"hello from clip\n").unwrap();
+    let archive = dir.path().join("a.clip");
+    let o = clip(&[
+        "archive",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "-o",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let cache = dir.path().join("cache");
+    let o = clip(&[
+        "mount",
+        archive.to_str().unwrap(),
+        mp.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache-size",
+        "64M",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let pid: i32 = stderr
+        .split("server pid ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        std::fs::read(mp.join("etc/hello")).unwrap(),
+        b"hello from clip\n"
+    );
+    let o = clip(&["umount", mp.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!mp.join("etc/hello").exists());
+    // The server notices and exits.
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let start = std::time::Instant::now();
+    while proc.exists()
+        && !std::fs::read_to_string(proc.join("stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(start.elapsed().as_secs() < 20, "mount server still running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Bad sizes are refused up front.
+    let o = clip(&[
+        "mount",
+        archive.to_str().unwrap(),
+        mp.to_str().unwrap(),
+        "--cache-size",
+        "12Q",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown size suffix"));
+}
+
+/// A mount whose server was killed leaves a dead mount point (ENOTCONN); the next mount of the
+/// same point detaches it and serves again.
+#[test]
+fn a_dead_mount_is_cleaned_at_the_next_mount() {
+    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("f"), b"x").unwrap();
+    let archive = dir.path().join("a.clip");
+    let a = archive.to_str().unwrap();
+    assert!(
+        clip(&["archive", "--rootfs", root.to_str().unwrap(), "-o", a])
+            .status
+            .success()
+    );
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let m = mp.to_str().unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_clip"))
+        .args(["mount", a, m, "--foreground"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !mp.join("f").exists() {
+        assert!(start.elapsed().as_secs() < 20, "mount never answered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // statfs reaches the (dead) server: "Transport endpoint is not connected".
+    let o = Command::new("stat").args(["-f", m]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not connected"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let o = clip(&["mount", a, m]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(mp.join("f")).unwrap(), b"x");
+    assert!(clip(&["umount", m]).status.success());
+}

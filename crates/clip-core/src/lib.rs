@@ -13,7 +13,8 @@
 //!
 //! Available today: [`create_from_oci_image`] (the seed's `CreateFromOCIImage`: index an image
 //! straight from its registry into a v2 archive) and the capability crates re-exported as
-//! [`crate::format`], [`registry`], [`indexer`] and [`extract`]. The image service (pull, build,
+//! [`crate::format`], [`registry`], [`indexer`], [`extract`] and [`fs`] (the seed's `MountArchive`
+//! is [`fs::mount_archive`]). The image service (pull, build,
 //! PullLazy) arrives with its issue.
 //!
 //! ```no_run
@@ -28,6 +29,7 @@
 
 pub use clip_extract as extract;
 pub use clip_format as format;
+pub use clip_fs as fs;
 pub use clip_indexer as indexer;
 pub use clip_registry as registry;
 

@@ -287,19 +287,58 @@ impl<'a> PathIndex<'a> {
     fn path(&self, ino: u64) -> Option<String> {
         let i = self.by_ino.get(&u32::try_from(ino).ok()?)?;
         let e = self.archive.entry(*i)?;
-        Some(String::from_utf8_lossy(&e.path()).into_owned())
+        Some(format!("/{}", String::from_utf8_lossy(&e.path())))
     }
 }
 
 /// Detaches a dead FUSE mount (its server was killed: `ENOTCONN`) left at `mountpoint`.
+/// `statfs` always reaches the server (the kernel caches attributes, not statfs), so it tells a
+/// live mount from a dead one.
 pub fn clean_stale_mount(mountpoint: &Path) -> bool {
-    match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {
-            tracing::warn!(path = %mountpoint.display(), "detaching a dead mount left by a killed process");
-            rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH).is_ok()
-        }
-        _ => false,
+    let dead = match rustix::fs::statfs(mountpoint) {
+        Err(e) => e == rustix::io::Errno::NOTCONN,
+        Ok(_) => false,
+    };
+    if dead {
+        tracing::warn!(path = %mountpoint.display(), "detaching a dead mount left by a killed process");
+        return rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH).is_ok();
     }
+    false
+}
+
+/// Unmounts whatever is mounted at `mountpoint` (a dead mount is detached).
+pub fn unmount(mountpoint: &Path) -> Result<(), Error> {
+    if clean_stale_mount(mountpoint) {
+        return Ok(());
+    }
+    rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()).map_err(|e| {
+        Error::Mount {
+            path: mountpoint.to_owned(),
+            source: e.into(),
+        }
+    })
+}
+
+/// Whether a clip FUSE mount is at `mountpoint` (per `/proc/self/mountinfo`; source `clip`).
+#[must_use]
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(mountpoint) else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| {
+        let mut f = l.split(' ');
+        let point = f.nth(4);
+        // After " - ": filesystem type, then source ("fuse"/"fuse.clip", "clip").
+        let mut tail = l.split(" - ").nth(1).unwrap_or("").split(' ');
+        let (fstype, source) = (tail.next(), tail.next());
+        point == Some(want.as_str())
+            && matches!(fstype, Some("fuse" | "fuse.clip"))
+            && source == Some("clip")
+    })
 }
 
 /// Mounts an archive; returns once the mount answers.

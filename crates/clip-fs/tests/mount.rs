@@ -503,3 +503,66 @@ fn dir_size(p: &Path) -> u64 {
     }
     total
 }
+
+#[test]
+fn a_recorded_profile_prefetches_a_cold_mount() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        256 << 10,
+        ClientConfig::default(),
+    );
+    let profile_path = f.dir.path().join("profile.json");
+    let m = f.mount(
+        "rec",
+        MountOptions {
+            record_profile: Some(profile_path.clone()),
+            readahead_spans: 0,
+            ..MountOptions::default()
+        },
+    );
+    // The "start-up": the head of one file and a slice in the middle of another.
+    let head = std::fs::File::open(m.mountpoint().join(&files[3].0)).unwrap();
+    let mut buf = vec![0u8; 200_000];
+    head.read_exact_at(&mut buf, 0).unwrap();
+    let mid = std::fs::File::open(m.mountpoint().join(&files[1].0)).unwrap();
+    mid.read_exact_at(&mut buf, 2 << 20).unwrap();
+    drop((head, mid));
+    m.unmount().unwrap();
+    let profile = clip_fs::Profile::load(&profile_path).unwrap();
+    assert_eq!(
+        profile
+            .touches
+            .iter()
+            .map(|t| (t.path.as_str(), t.offset))
+            .collect::<Vec<_>>(),
+        [("/data/text", 0), ("/data/big1", 2 << 20)]
+    );
+
+    // A cold cache elsewhere: the profile's spans arrive before anyone reads them.
+    let mut m = f.mount(
+        "cold",
+        MountOptions {
+            cache_dir: f.dir.path().join("other-cache"),
+            prefetch: Some(profile),
+            readahead_spans: 0,
+            ..MountOptions::default()
+        },
+    );
+    m.wait_prefetch();
+    let prefetched = m.stats();
+    assert!(prefetched.spans_fetched > 0, "{prefetched:?}");
+    let head = std::fs::File::open(m.mountpoint().join(&files[3].0)).unwrap();
+    head.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf == files[3].1[..200_000]);
+    let mid = std::fs::File::open(m.mountpoint().join(&files[1].0)).unwrap();
+    mid.read_exact_at(&mut buf, 2 << 20).unwrap();
+    assert!(buf == files[1].1[2 << 20..(2 << 20) + 200_000]);
+    assert_eq!(m.stats().requests, prefetched.requests, "{:?}", m.stats());
+    drop((head, mid));
+    m.unmount().unwrap();
+}
