@@ -27,6 +27,8 @@
 //! # Ok::<(), clip_core::Error>(())
 //! ```
 
+pub mod container;
+
 pub use clip_extract as extract;
 pub use clip_format as format;
 pub use clip_fs as fs;

@@ -1,0 +1,244 @@
+//! Running a container on a mounted archive: a writable overlay over the read-only mount, and an
+//! OCI runtime bundle whose process comes from the image's config.
+//!
+//! Each container gets its own kernel overlayfs: the shared read-only clip mount is the lower
+//! layer, the container's writes land in its own upper directory, so any number of containers
+//! share one mount (and one cache) of an image. The runtime spec follows what `runc spec`
+//! generates (namespaces, default mounts, masked paths, the three default capabilities) with the
+//! image's entrypoint, command, environment, working directory and user filled in, the way
+//! docker and containerd derive them.
+
+use std::path::{Path, PathBuf};
+
+use crate::format::ImageConfig;
+
+/// Why preparing a container failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContainerError {
+    /// Creating directories, writing the bundle or mounting failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image config cannot be turned into a process.
+    #[error("image config: {0}")]
+    Config(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ContainerError {
+    let what = what.into();
+    move |source| ContainerError::Io { what, source }
+}
+
+/// A writable overlay over a read-only lower directory; unmounted on drop.
+#[derive(Debug)]
+pub struct Overlay {
+    dir: PathBuf,
+    merged: PathBuf,
+    mounted: bool,
+}
+
+impl Overlay {
+    /// Mounts `lower` with `dir/upper` and `dir/work` at `dir/merged` (all created).
+    pub fn mount(lower: &Path, dir: &Path) -> Result<Self, ContainerError> {
+        let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        let data = std::ffi::CString::new(data)
+            .map_err(|_| ContainerError::Config("NUL byte in an overlay path".into()))?;
+        rustix::mount::mount(
+            "overlay",
+            &merged,
+            "overlay",
+            rustix::mount::MountFlags::empty(),
+            data.as_c_str(),
+        )
+        .map_err(|e| ContainerError::Io {
+            what: format!("mounting an overlay at {}", merged.display()),
+            source: e.into(),
+        })?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            merged,
+            mounted: true,
+        })
+    }
+
+    /// The container's root filesystem.
+    #[must_use]
+    pub fn merged(&self) -> &Path {
+        &self.merged
+    }
+
+    /// Where the container's writes land.
+    #[must_use]
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+
+    /// Unmounts the overlay (the upper directory stays).
+    pub fn unmount(mut self) -> Result<(), ContainerError> {
+        self.do_unmount()
+    }
+
+    fn do_unmount(&mut self) -> Result<(), ContainerError> {
+        if self.mounted {
+            self.mounted = false;
+            rustix::mount::unmount(&self.merged, rustix::mount::UnmountFlags::empty()).map_err(
+                |e| ContainerError::Io {
+                    what: format!("unmounting {}", self.merged.display()),
+                    source: e.into(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if self.do_unmount().is_err() {
+            let _ = rustix::mount::unmount(&self.merged, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// The process a container of this image runs: `args` replaces the image's command (docker's
+/// `run IMAGE ARGS…`), the entrypoint stays.
+#[must_use]
+pub fn process_args(image: &ImageConfig, args: Option<&[String]>) -> Vec<String> {
+    let mut out = image.entrypoint.clone();
+    match args {
+        Some(a) if !a.is_empty() => out.extend_from_slice(a),
+        _ => out.extend(image.cmd.iter().cloned()),
+    }
+    out
+}
+
+/// The id (field 3) and, for passwd, the primary group (field 4) of the line whose name
+/// (field 1) — or id, when `by_id` — matches.
+fn find_id(table: &str, key: &str, by_id: bool) -> Option<(u32, Option<u32>)> {
+    table.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 3 || (if by_id { f[2] } else { f[0] }) != key {
+            return None;
+        }
+        Some((f[2].parse().ok()?, f.get(3).and_then(|g| g.parse().ok())))
+    })
+}
+
+/// Resolves the image's `user` (`name`, `uid`, `name:group`, `uid:gid`) against the rootfs's
+/// `/etc/passwd` and `/etc/group`, as docker does. Empty means root.
+pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), ContainerError> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(id) => (id, find_id(&passwd, u, true).and_then(|(_, g)| g)),
+        Err(_) => find_id(&passwd, u, false).ok_or_else(|| {
+            ContainerError::Config(format!("user {u:?} not found in /etc/passwd"))
+        })?,
+    };
+    let gid = match g {
+        None => primary.unwrap_or(0),
+        Some(g) => match g.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => {
+                let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                find_id(&group, g, false).map(|(id, _)| id).ok_or_else(|| {
+                    ContainerError::Config(format!("group {g:?} not found in /etc/group"))
+                })?
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// An OCI runtime spec (`config.json`) running the image's process on `rootfs`.
+pub fn runtime_spec(
+    image: &ImageConfig,
+    rootfs: &Path,
+    args: Option<&[String]>,
+    hostname: &str,
+) -> Result<serde_json::Value, ContainerError> {
+    let args = process_args(image, args);
+    if args.is_empty() {
+        return Err(ContainerError::Config(
+            "the image has no entrypoint or command, and none was given".into(),
+        ));
+    }
+    let mut env = image.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(
+            0,
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        );
+    }
+    let (uid, gid) = resolve_user(&image.user, rootfs)?;
+    let cwd = if image.working_dir.is_empty() {
+        "/".to_owned()
+    } else {
+        image.working_dir.clone()
+    };
+    let caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"];
+    Ok(serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": uid, "gid": gid},
+            "args": args,
+            "env": env,
+            "cwd": cwd,
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "ambient": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    }))
+}
+
+/// Writes `dir/config.json` for `spec` (atomically) and returns the bundle directory.
+pub fn write_bundle(dir: &Path, spec: &serde_json::Value) -> Result<PathBuf, ContainerError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let bytes = serde_json::to_vec_pretty(spec)
+        .map_err(|e| ContainerError::Config(format!("serialising the spec: {e}")))?;
+    crate::format::publish_bytes(&dir.join("config.json"), &bytes).map_err(|e| {
+        ContainerError::Io {
+            what: format!("writing {}/config.json", dir.display()),
+            source: std::io::Error::other(e),
+        }
+    })?;
+    Ok(dir.to_owned())
+}

@@ -1,0 +1,117 @@
+//! Container-ready: a v2 archive mounted lazily, a kernel overlay on top, and `runc run` of the
+//! image's own command, which reads the image and writes to its upper layer.
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+
+use std::process::Command;
+
+use clip_core::container::{Overlay, resolve_user, runtime_spec, write_bundle};
+use clip_core::fs::{MountOptions, mount_archive};
+use clip_core::{CreateFromOciImageOptions, create_from_oci_image};
+use clip_testkit::image::RuntimeConfig;
+use clip_testkit::{Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry};
+
+fn busybox_image() -> Image {
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let base = Layer::new(vec![
+        Entry::dir("bin"),
+        Entry::file("bin/busybox", busybox).mode(0o755),
+        Entry::symlink("bin/sh", "busybox"),
+        Entry::dir("etc"),
+        Entry::file(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        ),
+        Entry::file("etc/group", "root:x:0:\napp:x:1000:\n"),
+        Entry::dir("tmp").mode(0o1777),
+        Entry::dir("home/app").owner(1000, 1000),
+    ]);
+    let top = Layer::new(vec![Entry::file(
+        "etc/greeting",
+        "hello from a lazy image\n",
+    )]);
+    let mut img = Image::new(vec![base, top]);
+    img.config = RuntimeConfig {
+        env: vec!["GREETING_FILE=/etc/greeting".into()],
+        entrypoint: vec!["/bin/sh".into(), "-c".into()],
+        cmd: vec!["cat $GREETING_FILE; id -u; echo written > $HOME/out; cat $HOME/out".into()],
+        working_dir: "/home/app".into(),
+        user: "app".into(),
+        ..RuntimeConfig::default()
+    };
+    img
+}
+
+#[test]
+fn runc_runs_the_images_command_on_an_overlay_of_the_lazy_mount() {
+    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: needs root, /dev/fuse and runc");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start_anonymous().unwrap();
+    ImageBuilder::new(ManifestFormat::Oci)
+        .image(busybox_image())
+        .build()
+        .unwrap()
+        .push(&registry, "test/busybox", "t")
+        .unwrap();
+    let archive = dir.path().join("busybox.clip");
+    create_from_oci_image(&CreateFromOciImageOptions {
+        image_ref: format!("{}/test/busybox:t", registry.host()),
+        output_path: archive.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let image = clip_core::format::Archive::open(&archive)
+        .unwrap()
+        .meta()
+        .image
+        .clone();
+
+    let lower = dir.path().join("lower");
+    std::fs::create_dir(&lower).unwrap();
+    let mount = mount_archive(MountOptions {
+        archive,
+        mountpoint: lower.clone(),
+        cache_dir: dir.path().join("cache"),
+        ..MountOptions::default()
+    })
+    .unwrap();
+    let overlay = Overlay::mount(&lower, &dir.path().join("c1")).unwrap();
+    assert_eq!(
+        resolve_user(&image.user, overlay.merged()).unwrap(),
+        (1000, 1000)
+    );
+    let mut spec = runtime_spec(&image, overlay.merged(), None, "c1").unwrap();
+    spec["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push("HOME=/home/app".into());
+    let bundle = write_bundle(&dir.path().join("bundle"), &spec).unwrap();
+    let id = format!("clip-test-{}", std::process::id());
+    let out = Command::new("runc")
+        .args(["--root", dir.path().join("runc").to_str().unwrap()])
+        .args(["run", "--bundle", bundle.to_str().unwrap(), &id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "runc failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from a lazy image\n1000\nwritten\n"
+    );
+    // The write landed in the container's upper layer; the image mount is untouched.
+    assert_eq!(
+        std::fs::read(overlay.upper().join("home/app/out")).unwrap(),
+        b"written\n"
+    );
+    assert!(!lower.join("home/app/out").exists());
+    // The image's bytes came lazily from the registry.
+    assert!(mount.stats().spans_fetched > 0);
+    overlay.unmount().unwrap();
+    mount.unmount().unwrap();
+}
