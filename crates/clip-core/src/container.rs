@@ -158,15 +158,16 @@ pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), ContainerEr
     };
     let gid = match g {
         None => primary.unwrap_or(0),
-        Some(g) => match g.parse::<u32>() {
-            Ok(id) => id,
-            Err(_) => {
+        Some(g) => {
+            if let Ok(id) = g.parse::<u32>() {
+                id
+            } else {
                 let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
                 find_id(&group, g, false).map(|(id, _)| id).ok_or_else(|| {
                     ContainerError::Config(format!("group {g:?} not found in /etc/group"))
                 })?
             }
-        },
+        }
     };
     Ok((uid, gid))
 }
