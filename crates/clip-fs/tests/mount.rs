@@ -566,3 +566,29 @@ fn a_recorded_profile_prefetches_a_cold_mount() {
     drop((head, mid));
     m.unmount().unwrap();
 }
+
+#[test]
+fn a_debian_image_mounted_lazily_equals_umoci() {
+    if !can_mount() {
+        return;
+    }
+    let rootfs = clip_testkit::debian::minbase_rootfs().unwrap();
+    let tar = clip_testkit::debian::gnu_tar(&rootfs).unwrap();
+    let top = Layer::new(vec![
+        Entry::whiteout("etc/motd"),
+        Entry::file("etc/hostname", "clip-test\n"),
+    ]);
+    let image =
+        ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![Layer::from_tar(tar), top]));
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        4 << 20,
+        ClientConfig::default(),
+    );
+    let expected = f.oracle(None);
+    let m = f.mount("mnt", MountOptions::default());
+    assert_same(&expected, m.mountpoint());
+    assert_eq!(m.stats().verify_failures, 0);
+    m.unmount().unwrap();
+}

@@ -30,11 +30,26 @@ pub fn mirror() -> String {
 /// Path of a cached `debootstrap --variant=minbase bookworm` tree, creating it (about 45 s,
 /// needs root and the Debian mirror) on first use. Concurrent callers wait for one build.
 pub fn minbase_rootfs() -> Result<PathBuf> {
+    rootfs_with(&[])
+}
+
+/// The minbase tree plus `python3-numpy` (about 280 MB; the cold-start benchmark's image).
+pub fn numpy_rootfs() -> Result<PathBuf> {
+    rootfs_with(&["python3-numpy"])
+}
+
+/// A cached minbase tree with `packages` installed too (`debian-bookworm-minbase+PKG+…`).
+pub fn rootfs_with(packages: &[&str]) -> Result<PathBuf> {
     let cache = std::env::var_os("CLIP_TESTKIT_CACHE").map_or_else(
         || std::env::temp_dir().join("clip-testkit-cache"),
         PathBuf::from,
     );
-    let done = cache.join("debian-bookworm-minbase");
+    let mut name = "debian-bookworm-minbase".to_owned();
+    for p in packages {
+        name.push('+');
+        name.push_str(p);
+    }
+    let done = cache.join(name);
     if done.join("etc/debian_version").exists() {
         return Ok(done);
     }
@@ -62,10 +77,12 @@ pub fn minbase_rootfs() -> Result<PathBuf> {
         }
         let tmp = cache.join(format!("debian-build-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        run(Command::new("debootstrap")
-            .args(["--variant=minbase", "bookworm"])
-            .arg(&tmp)
-            .arg(mirror()))?;
+        let mut cmd = Command::new("debootstrap");
+        cmd.arg("--variant=minbase");
+        if !packages.is_empty() {
+            cmd.arg(format!("--include={}", packages.join(",")));
+        }
+        run(cmd.arg("bookworm").arg(&tmp).arg(mirror()))?;
         // Drop the downloaded packages: they are not part of an image's root filesystem.
         let debs = tmp.join("var/cache/apt/archives");
         if let Ok(entries) = std::fs::read_dir(&debs) {
