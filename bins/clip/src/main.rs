@@ -413,8 +413,9 @@ mod mount {
         let stats = handle.stats();
         handle.unmount()?;
         eprintln!(
-            "clip mount {}: stopped ({why}); {} requests, {} bytes fetched, cache {} hits / {} misses",
+            "clip mount {}: stopped ({why}); {} bytes served, {} requests, {} bytes fetched, cache {} hits / {} misses",
             mountpoint.display(),
+            stats.served_bytes,
             stats.requests,
             stats.fetched_bytes,
             stats.cache.hits,

@@ -7,6 +7,12 @@
 //! to `tmp/` and renamed into place, so no reader ever sees a partial span under its name; no
 //! fsync is needed because every file is verified the first time a process opens it.
 //!
+//! A span file is the span's bytes followed by a 16-byte trailer: the xxh3-64 of the bytes and
+//! the magic `CLIPSPAN`. The sha256 in the name was checked when the bytes came off the network;
+//! the trailer lets a process re-verify a file it opens at memory speed (a torn or flipped file
+//! fails it), instead of re-hashing sha256 on every mount. Open spans are memory-mapped, so reads
+//! are served straight from the page cache with a single copy.
+//!
 //! The size bound is enforced by the process that crosses it: it rescans the directory (so what
 //! other processes added counts) and deletes the least recently used files (modification time,
 //! refreshed on use at most once a minute) until the total is under 90% of the cap. A process
@@ -14,14 +20,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read as _, Write as _};
-use std::os::unix::fs::FileExt as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest as _, Sha256};
+/// Trailer magic of a span file.
+const MAGIC: &[u8; 8] = b"CLIPSPAN";
+/// Trailer length: xxh3-64 then the magic.
+const TRAILER: u64 = 16;
 
 /// How often a used span's modification time is refreshed (its LRU clock).
 const TOUCH_EVERY: Duration = Duration::from_mins(1);
@@ -35,7 +43,7 @@ const STALE_TMP: Duration = Duration::from_mins(10);
 pub struct CacheStats {
     /// Span lookups answered from the cache.
     pub hits: u64,
-    /// Span lookups that had to fetch.
+    /// Spans that had to be fetched (not in the cache when first needed).
     pub misses: u64,
     /// Span files deleted to stay under the cap.
     pub evictions: u64,
@@ -47,8 +55,40 @@ pub struct CacheStats {
     pub disk_bytes: u64,
 }
 
-/// An open, verified span.
-pub type SpanFile = Arc<File>;
+/// An open, verified span: its bytes, memory-mapped.
+#[derive(Debug)]
+pub struct Span {
+    map: memmap2::Mmap,
+    len: usize,
+}
+
+impl Span {
+    /// The span's uncompressed bytes.
+    #[must_use]
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[..self.len]
+    }
+
+    /// Maps `file` and checks its trailer against `len` bytes of content.
+    fn map(file: &File, len: u64) -> Option<Self> {
+        let size = file.metadata().ok()?.len();
+        if size != len.checked_add(TRAILER)? {
+            return None;
+        }
+        // SAFETY: span files are never modified in place: they are written under a temporary
+        // name and renamed, and removed (not truncated) on eviction, so the mapping stays valid.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(file) }.ok()?;
+        let len = usize::try_from(len).ok()?;
+        let (bytes, trailer) = map.split_at(len);
+        let ok = trailer[8..] == MAGIC[..]
+            && trailer[..8] == xxhash_rust::xxh3::xxh3_64(bytes).to_le_bytes();
+        ok.then_some(Self { map, len })
+    }
+}
+
+/// A shared open span.
+pub type SpanFile = Arc<Span>;
 
 /// A content-addressed, size-bounded, multi-process disk cache of spans.
 #[derive(Debug)]
@@ -141,7 +181,9 @@ impl SpanCache {
         let file = Arc::clone(file);
         if touched.elapsed().unwrap_or_default() > TOUCH_EVERY {
             *touched = SystemTime::now();
-            let _ = file.set_modified(SystemTime::now());
+            if let Ok(f) = File::open(self.path(digest)) {
+                let _ = f.set_modified(SystemTime::now());
+            }
         }
         self.hits.fetch_add(1, Ordering::Relaxed);
         Some(file)
@@ -155,37 +197,27 @@ impl SpanCache {
             return Some(f);
         }
         let path = self.path(digest);
-        let Ok(mut file) = File::open(&path) else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
+        let Ok(file) = File::open(&path) else {
             return None;
         };
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let mut seen = 0u64;
-        let ok = loop {
-            match file.read(&mut buf) {
-                Ok(0) => break seen == len && <[u8; 32]>::from(hasher.finalize()) == *digest,
-                Ok(n) => {
-                    seen += n as u64;
-                    hasher.update(&buf[..n]);
-                }
-                Err(_) => break false,
-            }
-        };
-        if !ok {
-            tracing::warn!(path = %path.display(), "cached span does not match its digest; deleting it");
+        let Some(span) = Span::map(&file, len) else {
+            tracing::warn!(path = %path.display(), "cached span fails its check; deleting it");
             let _ = std::fs::remove_file(&path);
             self.corrupt.fetch_add(1, Ordering::Relaxed);
-            self.misses.fetch_add(1, Ordering::Relaxed);
             return None;
-        }
+        };
         let _ = file.set_modified(SystemTime::now());
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Some(self.remember(*digest, file))
+        Some(self.remember(*digest, span))
     }
 
-    fn remember(&self, digest: [u8; 32], file: File) -> SpanFile {
-        let file = Arc::new(file);
+    /// Counts spans that were not cached and are being fetched.
+    pub fn count_misses(&self, n: u64) {
+        self.misses.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn remember(&self, digest: [u8; 32], span: Span) -> SpanFile {
+        let file = Arc::new(span);
         let mut open = self
             .open
             .lock()
@@ -227,26 +259,32 @@ impl SpanCache {
             .write(true)
             .create_new(true)
             .open(&tmp)?;
-        if let Err(e) = f
+        let mut trailer = [0u8; TRAILER as usize];
+        trailer[..8].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(bytes).to_le_bytes());
+        trailer[8..].copy_from_slice(MAGIC);
+        let written = f
             .write_all(bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-        {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let len = bytes.len() as u64;
+            .and_then(|()| f.write_all(&trailer))
+            .and_then(|()| {
+                Span::map(&f, bytes.len() as u64)
+                    .ok_or_else(|| std::io::Error::other("span file reads back wrong"))
+            })
+            .and_then(|span| std::fs::rename(&tmp, &path).map(|()| span));
+        let span = match written {
+            Ok(span) => span,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let len = bytes.len() as u64 + TRAILER;
         self.inserted.fetch_add(len, Ordering::Relaxed);
         let total = self.total.fetch_add(len, Ordering::Relaxed) + len;
-        let file = self.remember(*digest, f);
+        let file = self.remember(*digest, span);
         if total > self.max_bytes {
             self.evict();
         }
         Ok(file)
-    }
-
-    /// Reads `buf.len()` bytes at `offset` of an open span.
-    pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        file.read_exact_at(buf, offset)
     }
 
     /// Every span file with its size and modification time.
@@ -316,6 +354,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    use sha2::{Digest as _, Sha256};
+
     fn digest(b: &[u8]) -> [u8; 32] {
         Sha256::digest(b).into()
     }
@@ -332,16 +372,25 @@ mod tests {
         // A second handle (another process) verifies and reads it.
         let other = SpanCache::open(dir.path(), 10_000).unwrap();
         let f = other.get(&da, 4000).unwrap();
-        let mut buf = [0u8; 10];
-        SpanCache::read_at(&f, &mut buf, 100).unwrap();
-        assert_eq!(buf, [1u8; 10]);
+        assert_eq!(f.bytes(), &a[..]);
 
-        // Corruption on disk is detected by a fresh handle and the file removed.
-        std::fs::write(other.path(&da), vec![2u8; 4000]).unwrap();
+        // Corruption on disk (a flipped byte, a torn file) is detected by a fresh handle and
+        // the file removed.
+        let mut on_disk = std::fs::read(other.path(&da)).unwrap();
+        on_disk[17] ^= 1;
+        std::fs::write(other.path(&da), &on_disk).unwrap();
         let third = SpanCache::open(dir.path(), 10_000).unwrap();
         assert!(third.get(&da, 4000).is_none());
         assert_eq!(third.stats().corrupt, 1);
         assert!(!third.path(&da).exists());
+        third.insert(&da, &a).unwrap();
+        std::fs::write(third.path(&da), &on_disk[..100]).unwrap();
+        assert!(
+            SpanCache::open(dir.path(), 10_000)
+                .unwrap()
+                .get(&da, 4000)
+                .is_none()
+        );
 
         // Filling past the cap evicts the oldest down to 90%.
         for i in 0..5u8 {

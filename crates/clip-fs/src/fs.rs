@@ -19,7 +19,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use crate::cache::SpanCache;
+use crate::cache::SpanFile;
 use crate::layers::V2Source;
 use crate::profile::Recorder;
 
@@ -52,6 +52,8 @@ pub(crate) struct ClipFs {
     /// Spans fetched ahead of a sequential reader.
     readahead_spans: usize,
     total_bytes: u64,
+    /// Bytes returned to the kernel by reads.
+    pub(crate) served: Arc<AtomicU64>,
 }
 
 impl ClipFs {
@@ -85,6 +87,7 @@ impl ClipFs {
             next_fh: AtomicU64::new(1),
             readahead_spans,
             total_bytes,
+            served: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -145,31 +148,23 @@ pub(crate) fn attr(e: &Entry<'_>) -> FileAttr {
     }
 }
 
-/// Copies `[start, end)` of a layer's uncompressed stream out of its (ready) spans.
-fn assemble(
-    src: &V2Source,
-    layer: usize,
-    start: u64,
-    end: u64,
-    spans: &[crate::cache::SpanFile],
-) -> std::io::Result<Vec<u8>> {
-    let l = &src.layers[layer];
-    let mut out = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-    let first = l.span_of(start);
-    let mut pos = start;
-    for (k, f) in spans.iter().enumerate() {
-        let r = l.span_range(first + k);
-        let from = pos.max(r.start);
-        let to = end.min(r.end);
-        if from >= to {
-            continue;
+/// Copies `[start, end)` of a layer's uncompressed stream out of its spans (`spans[0]` is the
+/// span holding `start`).
+fn assemble(src: &V2Source, layer: usize, start: u64, end: u64, spans: &[SpanFile]) -> Vec<u8> {
+    let index = &src.layers[layer];
+    let first = index.span_of(start);
+    let mut out = Vec::with_capacity(usize::try_from(end - start).unwrap_or(0));
+    for (k, span) in spans.iter().enumerate() {
+        let range = index.span_range(first + k);
+        let (from, to) = (start.max(range.start), end.min(range.end));
+        if from < to {
+            let bytes = span.bytes();
+            let lo = ((from - range.start) as usize).min(bytes.len());
+            let hi = ((to - range.start) as usize).min(bytes.len());
+            out.extend_from_slice(&bytes[lo..hi]);
         }
-        let at = usize::try_from(from - start).unwrap_or(0);
-        let n = usize::try_from(to - from).unwrap_or(0);
-        SpanCache::read_at(f, &mut out[at..at + n], from - r.start)?;
-        pos = to;
     }
-    Ok(out)
+    out
 }
 
 impl ClipFs {
@@ -236,16 +231,23 @@ impl ClipFs {
             });
         }
 
-        // Fast path: every span open already.
-        let ready: Option<Vec<_>> = (first..=last).map(|s| src.span_ready(layer, s)).collect();
+        // Fast path: every span in the local cache (open already, or on disk: local I/O only).
+        let ready: Option<Vec<_>> = (first..=last).map(|s| src.span_local(layer, s)).collect();
         if let Some(spans) = ready {
-            match assemble(src, layer, start, end, &spans) {
-                Ok(b) => reply.data(&b),
-                Err(_) => reply.error(Errno::EIO),
+            self.served.fetch_add(end - start, Ordering::Relaxed);
+            if let [one] = &spans[..] {
+                // One span: reply straight from its mapping.
+                let base = l.span_range(first).start;
+                let b = one.bytes();
+                let (a, z) = ((start - base) as usize, (end - base) as usize);
+                reply.data(&b[a.min(b.len())..z.min(b.len())]);
+            } else {
+                reply.data(&assemble(src, layer, start, end, &spans));
             }
             return;
         }
         let src = Arc::clone(src);
+        let served = Arc::clone(&self.served);
         self.runtime.spawn(async move {
             let mut spans = Vec::with_capacity(last - first + 1);
             for s in first..=last {
@@ -259,10 +261,9 @@ impl ClipFs {
                     }
                 }
             }
-            match assemble(&src, layer, start, end, &spans) {
-                Ok(b) => reply.data(&b),
-                Err(_) => reply.error(Errno::EIO),
-            }
+            let b = assemble(&src, layer, start, end, &spans);
+            served.fetch_add(b.len() as u64, Ordering::Relaxed);
+            reply.data(&b);
         });
     }
 }
@@ -351,7 +352,10 @@ impl Filesystem for ClipFs {
                     usize::try_from(at.saturating_add(offset.min(end))).unwrap_or(usize::MAX);
                 let to = usize::try_from(at.saturating_add(end)).unwrap_or(usize::MAX);
                 match data.get(from..to) {
-                    Some(b) => reply.data(b),
+                    Some(b) => {
+                        self.served.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        reply.data(b);
+                    }
                     None => reply.error(Errno::EIO),
                 }
             }

@@ -169,6 +169,12 @@ impl V2Source {
         self.cache.get_open(&self.digest(layer, span))
     }
 
+    /// The span if the local cache has it (open already, or verified from disk; no network).
+    pub(crate) fn span_local(&self, layer: usize, span: usize) -> Option<SpanFile> {
+        let r = self.layers[layer].span_range(span);
+        self.cache.get(&self.digest(layer, span), r.end - r.start)
+    }
+
     /// Span `span` of `layer`, fetching it (and up to `ahead` following missing spans of the
     /// same layer, in the same request) if no process has it cached.
     pub(crate) async fn span(
@@ -215,6 +221,7 @@ impl V2Source {
                     senders.push((last + 1, d, t));
                     last += 1;
                 }
+                self.cache.count_misses(senders.len() as u64);
                 (rx, Some(senders))
             }
         };

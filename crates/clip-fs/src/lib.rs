@@ -159,6 +159,8 @@ pub struct MountStats {
     pub spans_fetched: u64,
     /// Spans that failed verification (each refetched once).
     pub verify_failures: u64,
+    /// File bytes returned to the kernel (what processes read, plus the kernel's read-ahead).
+    pub served_bytes: u64,
     /// The cache's counters.
     pub cache: CacheStats,
 }
@@ -171,6 +173,7 @@ pub struct MountHandle {
     recorder: Option<(Arc<profile::Recorder>, PathBuf, Arc<Archive>)>,
     prefetch: Option<tokio::task::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    served: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for MountHandle {
@@ -191,15 +194,19 @@ impl MountHandle {
     /// Fetch and cache counters so far.
     #[must_use]
     pub fn stats(&self) -> MountStats {
-        self.v2
-            .as_ref()
-            .map_or_else(MountStats::default, |s| MountStats {
-                requests: s.stats.requests.load(Ordering::Relaxed),
-                fetched_bytes: s.stats.fetched_bytes.load(Ordering::Relaxed),
-                spans_fetched: s.stats.spans_fetched.load(Ordering::Relaxed),
-                verify_failures: s.stats.verify_failures.load(Ordering::Relaxed),
-                cache: s.cache().stats(),
-            })
+        let served_bytes = self.served.load(Ordering::Relaxed);
+        let base = MountStats {
+            served_bytes,
+            ..MountStats::default()
+        };
+        self.v2.as_ref().map_or(base, |s| MountStats {
+            requests: s.stats.requests.load(Ordering::Relaxed),
+            fetched_bytes: s.stats.fetched_bytes.load(Ordering::Relaxed),
+            spans_fetched: s.stats.spans_fetched.load(Ordering::Relaxed),
+            verify_failures: s.stats.verify_failures.load(Ordering::Relaxed),
+            served_bytes,
+            cache: s.cache().stats(),
+        })
     }
 
     /// Waits until the prefetch of the mount's profile (if any) has finished.
@@ -381,6 +388,7 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         recorder.clone(),
         options.readahead_spans,
     );
+    let served = Arc::clone(&fs.served);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -422,6 +430,7 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
             .map(|(r, p)| (r, p, archive)),
         prefetch,
         runtime: Some(runtime),
+        served,
     })
 }
 

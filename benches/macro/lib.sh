@@ -1,0 +1,37 @@
+# Shared pieces of the macro benchmarks (sourced). Everything runs on loopback in $WORK.
+
+# debian_rootfs [PKG,...]: path of a cached debootstrap minbase tree (with packages), built once.
+debian_rootfs() {
+  local pkgs=${1:-} name=debian-bookworm-minbase
+  [ -n "$pkgs" ] && name="$name+${pkgs//,/+}"
+  local dir=${CLIP_TESTKIT_CACHE:-/tmp/clip-testkit-cache}/$name
+  if [ ! -e "$dir/etc/debian_version" ]; then
+    mkdir -p "$(dirname "$dir")"
+    local mirror
+    mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1)
+    rm -rf "$dir.tmp"
+    debootstrap --variant=minbase ${pkgs:+--include=$pkgs} bookworm "$dir.tmp" "${mirror:-http://deb.debian.org/debian}" >/dev/null
+    rm -f "$dir.tmp"/var/cache/apt/archives/*.deb
+    mv "$dir.tmp" "$dir"
+  fi
+  echo "$dir"
+}
+
+# start_registry: a distribution registry on a random loopback port; sets PORT and REG_PID.
+start_registry() {
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  mkdir -p "$WORK/registry"
+  printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 127.0.0.1:%s}\n' "$WORK/registry" "$PORT" > "$WORK/reg.yml"
+  docker-registry serve "$WORK/reg.yml" > "$WORK/reg.log" 2>&1 & REG_PID=$!
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/v2/" >/dev/null && return 0; sleep 0.1; done
+  echo "registry did not start" >&2; return 1
+}
+
+# buildah with its storage in $WORK.
+bah() { buildah --root="$WORK/b/root" --runroot="$WORK/b/run" --storage-driver=vfs "$@"; }
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
+now() { date +%s.%N; }
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+spread() { tr ' ' '\n' | grep -v '^$' | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
+machine() { echo "$(nproc) cores $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -m), $(. /etc/os-release; echo "$PRETTY_NAME")"; }
