@@ -9,9 +9,13 @@
 //! Extraction restores an archive of any kind into a directory, resolving every path beneath the
 //! target root so a hostile archive cannot write outside it.
 //!
-//! Implemented so far: [`archive_rootfs`] (directory → v1 local archive), which keeps modes
-//! (setuid/setgid/sticky included), owners, nanosecond mtimes, xattrs, hard links, devices, fifos,
-//! sockets and symlinks. Image → v1, remote upload and extraction land with the v1 issue.
+//! Implemented: [`archive_layout`] and [`archive_image`] (image → v1 local archive: the merged
+//! tree comes from `clip-indexer`, the one implementation of the OCI merge, then one sequential,
+//! `diff_id`-verified pass per layer copies the surviving files' bytes), [`archive_rootfs`]
+//! (directory → v1, keeping modes incl. setuid/setgid/sticky, owners, nanosecond mtimes, xattrs,
+//! hard links, devices, fifos, sockets and symlinks) and [`extract`] (v1 local and v2 archives →
+//! directory, every path resolved beneath the root). Remote (object storage) archives are not
+//! implemented yet.
 //!
 //! ```no_run
 //! let summary = clip_extract::archive_rootfs("/var/lib/rootfs".as_ref(), "/tmp/rootfs.clip".as_ref(), &clip_format::Meta::default())?;
@@ -19,8 +23,13 @@
 //! # Ok::<(), clip_extract::Error>(())
 //! ```
 
+mod extract;
+mod image;
+mod layers;
 mod rootfs;
 
+pub use extract::{ExtractOptions, ExtractSummary, extract};
+pub use image::{ImageArchiveSummary, archive_image, archive_layout};
 pub use rootfs::{archive_rootfs, tree_of_dir};
 
 use std::path::PathBuf;
@@ -42,6 +51,47 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// Reading the image failed.
+    #[error(transparent)]
+    Index(#[from] clip_indexer::Error),
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] clip_registry::Error),
+    /// A layer stream is not what its descriptor says.
+    #[error("layer {layer}: {reason}")]
+    Layer {
+        /// The layer's digest.
+        layer: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Bytes do not match their digest.
+    #[error("{what}: expected {expected}, found {found}")]
+    Digest {
+        /// What was checked.
+        what: String,
+        /// The recorded digest.
+        expected: String,
+        /// The digest of what arrived.
+        found: String,
+    },
+    /// An entry would be written outside the extraction root, or over something unexpected.
+    #[error("refusing {path:?}: {reason}")]
+    Unsafe {
+        /// The entry's path inside the archive.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Creating device nodes needs root.
+    #[error("{path:?} is a device node: extracting it needs root")]
+    NeedsRoot {
+        /// The entry's path.
+        path: String,
+    },
+    /// Not supported by this build.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Result with [`Error`].

@@ -494,6 +494,13 @@ fn seekable_cause(e: Error, layer: usize, digest: &str) -> Error {
 
 /// Indexes the image in the OCI layout at `layout` into a v2 archive at `out`.
 pub fn index_layout(layout: &Path, out: &Path, opts: &IndexOptions) -> Result<IndexSummary> {
+    write_image(out, &layout_image(layout, opts)?)
+}
+
+/// The merged image in the OCI layout at `layout`, without writing an archive: the shared input
+/// of the v2 writer and the v1 path (whose files' [`clip_format::LayerSpan`]s say where to copy
+/// their bytes from). Each layer's blob is at [`layout_blob`].
+pub fn layout_image(layout: &Path, opts: &IndexOptions) -> Result<ImageTree> {
     let desc = resolve(layout, opts)?;
     if oci::INDEX_TYPES.contains(&desc.media_type.as_str()) {
         return Err(Error::Image(
@@ -509,9 +516,14 @@ pub fn index_layout(layout: &Path, out: &Path, opts: &IndexOptions) -> Result<In
         reference: opts.reference.clone(),
     };
     let span = opts.checkpoint_bytes.max(64 << 10);
-    index_all(&manifest, &config, source, out, span, |i, d| {
+    merge_all(&manifest, &config, source, span, |i, d| {
         index_layout_layer(layout, i, d, &config.rootfs.diff_ids[i], span)
     })
+}
+
+/// Path of blob `digest` in an OCI layout (the digest is validated first).
+pub fn layout_blob(layout: &Path, digest: &str) -> Result<PathBuf> {
+    blob_path(layout, digest)
 }
 
 /// Indexes `reference` straight from its registry into a v2 archive at `out`: manifests and
@@ -554,7 +566,7 @@ pub fn index_image(
             bytes: image.manifest.layers.iter().map(|l| l.size).sum(),
         });
     }
-    index_all(&image.manifest, &image.config, source, out, span, |i, d| {
+    let built = merge_all(&image.manifest, &image.config, source, span, |i, d| {
         let reader = client.blob_reader(&handle, &pinned, &d.digest);
         let done = index_layer(reader, i, d, &diff_ids[i], span)?;
         if let Some(p) = progress {
@@ -566,19 +578,62 @@ pub fn index_image(
             });
         }
         Ok(done)
+    })?;
+    write_image(out, &built)
+}
+
+/// A merged image: the tree (files carry their layer spans), the layer table, the checkpoints
+/// and the metadata of the archive to write.
+#[derive(Debug)]
+pub struct ImageTree {
+    /// The merged file tree.
+    pub tree: clip_format::Tree,
+    /// One entry per layer, bottom first.
+    pub layers: Vec<LayerInfo>,
+    /// Checkpoints per layer.
+    pub checkpoints: Vec<Vec<clip_format::Checkpoint>>,
+    /// Image config and registry source.
+    pub meta: Meta,
+    /// Blob bytes read.
+    pub compressed_bytes: u64,
+    /// Uncompressed bytes walked.
+    pub uncompressed_bytes: u64,
+}
+
+/// Writes a merged image as a v2 archive.
+fn write_image(out: &Path, image: &ImageTree) -> Result<IndexSummary> {
+    let summary = write_v2(
+        out,
+        &image.tree,
+        &image.meta,
+        &image.layers,
+        &image.checkpoints,
+    )?;
+    Ok(IndexSummary {
+        manifest_digest: image
+            .meta
+            .source
+            .as_ref()
+            .map(|s| s.manifest_digest.clone())
+            .unwrap_or_default(),
+        layers: image.layers.len(),
+        entries: summary.entries,
+        checkpoints: image.checkpoints.iter().map(Vec::len).sum(),
+        archive_bytes: summary.bytes,
+        index_bytes: summary.index_bytes,
+        compressed_bytes: image.compressed_bytes,
+        uncompressed_bytes: image.uncompressed_bytes,
     })
 }
 
-/// Indexes every layer (in parallel, one thread per core), merges them in order and writes the
-/// archive.
-fn index_all(
+/// Indexes every layer (in parallel, one thread per core) and merges them in order.
+fn merge_all(
     manifest: &oci::Manifest,
     config: &oci::Config,
     source: Source,
-    out: &Path,
     span: u64,
     layer: impl Fn(usize, &oci::Descriptor) -> Result<IndexedLayer> + Sync,
-) -> Result<IndexSummary> {
+) -> Result<ImageTree> {
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
         return Err(Error::Image(format!(
             "the manifest lists {} layers but the config {} diff_ids",
@@ -636,22 +691,17 @@ fn index_all(
         });
         checkpoints.push(done.index.checkpoints);
     }
-    let manifest_digest = source.manifest_digest.clone();
     let meta = Meta {
         image: config.to_image_config(),
         source: Some(source),
         remote: None,
         created_by: format!("clip-indexer {}", env!("CARGO_PKG_VERSION")),
     };
-    let tree = merger.into_tree();
-    let summary = write_v2(out, &tree, &meta, &layers, &checkpoints)?;
-    Ok(IndexSummary {
-        manifest_digest,
-        layers: layers.len(),
-        entries: summary.entries,
-        checkpoints: checkpoints.iter().map(Vec::len).sum(),
-        archive_bytes: summary.bytes,
-        index_bytes: summary.index_bytes,
+    Ok(ImageTree {
+        tree: merger.into_tree(),
+        layers,
+        checkpoints,
+        meta,
         compressed_bytes,
         uncompressed_bytes,
     })

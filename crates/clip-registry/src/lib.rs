@@ -46,6 +46,7 @@
 
 mod client;
 pub mod dockerconfig;
+mod layout;
 pub mod oci;
 mod push;
 mod reference;

@@ -1,0 +1,368 @@
+//! Archive → directory, resolving every path beneath the target root.
+//!
+//! Entries are created in archive order (parents first) with private modes, relative to a
+//! directory descriptor opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` from the
+//! root: a parent that is a symlink, or `..`, or anything that would leave the root, is an
+//! error, never followed. Names are single path components (the archive reader refuses
+//! others). File bytes come from the data section (v1 local, each file checked against its
+//! sha256) or from the image's layers streamed from the registry once each (v2, each layer
+//! checked against its `diff_id`). Owners, modes, xattrs and times are applied last, directories
+//! after their contents, so read-only directories and setuid bits come out right.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use clip_format::{Archive, ArchiveKind, DataLocation, Entry, EntryKind};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+
+use crate::layers::{Job, copy_out, decoder};
+use crate::{Error, Result};
+
+/// How to extract.
+#[derive(Debug, Clone, Default)]
+pub struct ExtractOptions {
+    /// Registry client settings, for v2 archives.
+    pub registry: clip_registry::ClientConfig,
+}
+
+/// What an extraction wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExtractSummary {
+    /// Entries created (the root excluded).
+    pub entries: u64,
+    /// Regular files with their own data (hard links excluded).
+    pub files: u64,
+    /// File bytes written.
+    pub bytes: u64,
+}
+
+fn unsafe_path(path: &[u8], reason: &str) -> Error {
+    Error::Unsafe {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn sys(context: &'static str, path: &[u8]) -> impl FnOnce(rustix::io::Errno) -> Error {
+    let path = PathBuf::from(String::from_utf8_lossy(path).into_owned());
+    move |e| Error::Io {
+        context,
+        path,
+        source: e.into(),
+    }
+}
+
+/// Opens directory `rel` (relative, no `..`, no symlinks) beneath `root`.
+fn open_dir(root: BorrowedFd<'_>, rel: &[u8]) -> Result<OwnedFd> {
+    let rel = if rel.is_empty() { &b"."[..] } else { rel };
+    rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::XDEV | rustix::io::Errno::NOTDIR => {
+            unsafe_path(
+                rel,
+                "a parent is not a directory beneath the extraction root",
+            )
+        }
+        e => sys("opening", rel)(e),
+    })
+}
+
+/// Parent directory descriptors, cached for runs of siblings (archive order groups them).
+struct Parents<'a> {
+    root: BorrowedFd<'a>,
+    last: Option<(u32, OwnedFd)>,
+}
+
+impl Parents<'_> {
+    fn get(&mut self, e: &Entry<'_>) -> Result<BorrowedFd<'_>> {
+        let parent = e.parent();
+        if parent.index() == 0 {
+            return Ok(self.root);
+        }
+        if self.last.as_ref().is_none_or(|(i, _)| *i != parent.index()) {
+            self.last = Some((parent.index(), open_dir(self.root, &parent.path())?));
+        }
+        Ok(self.last.as_ref().map_or(self.root, |(_, fd)| fd.as_fd()))
+    }
+}
+
+fn mtime(e: &Entry<'_>) -> Timestamps {
+    let (sec, nsec) = e.mtime();
+    let t = Timespec {
+        tv_sec: sec,
+        tv_nsec: i64::from(nsec),
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Owner, mode, xattrs and mtime of `name` in `dir` (the root itself when `name` is `.`).
+fn apply_meta(dir: BorrowedFd<'_>, name: &[u8], e: &Entry<'_>, as_root: bool) -> Result<()> {
+    let path = e.path();
+    if as_root {
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::process::Uid::from_raw(e.uid())),
+            Some(rustix::process::Gid::from_raw(e.gid())),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(sys("changing the owner of", &path))?;
+    }
+    if e.kind() != EntryKind::Symlink {
+        // After chown, which clears setuid/setgid.
+        rustix::fs::chmodat(
+            dir,
+            name,
+            Mode::from_raw_mode(e.mode() & 0o7777),
+            AtFlags::empty(),
+        )
+        .map_err(sys("changing the mode of", &path))?;
+    }
+    let xattrs: Vec<_> = e.xattrs().collect();
+    if !xattrs.is_empty() {
+        let mut at = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+        at.extend_from_slice(name);
+        for (k, v) in xattrs {
+            rustix::fs::lsetxattr(&at[..], k, v, rustix::fs::XattrFlags::empty())
+                .map_err(sys("setting an extended attribute on", &path))?;
+        }
+    }
+    rustix::fs::utimensat(dir, name, &mtime(e), AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(sys("setting the times of", &path))?;
+    Ok(())
+}
+
+/// Extracts the archive at `archive` into `dir` (created if missing; should be empty).
+pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<ExtractSummary> {
+    let a = Archive::open(archive)?;
+    if a.kind() == ArchiveKind::V1Remote {
+        return Err(Error::Unsupported(
+            "extracting a v1-remote archive needs its data object (not implemented yet)".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        context: "creating",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let root = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(sys("opening", dir.as_os_str().as_encoded_bytes()))?;
+    let as_root = rustix::process::geteuid().is_root();
+    let mut parents = Parents {
+        root: root.as_fd(),
+        last: None,
+    };
+    let mut summary = ExtractSummary::default();
+    let mut first_of_ino: HashMap<u32, u32> = HashMap::new();
+    let mut meta_order: Vec<u32> = Vec::new();
+    let mut dirs: Vec<u32> = Vec::new();
+    let layers = a.layers();
+    let mut jobs: Vec<Vec<Job<u32>>> = vec![Vec::new(); layers.len()];
+    let count = u32::try_from(a.len()).unwrap_or(u32::MAX);
+    for i in 1..count {
+        let Some(e) = a.entry(i) else { break };
+        let name = e.name();
+        let path = e.path();
+        let pfd = parents.get(&e)?;
+        summary.entries += 1;
+        match e.kind() {
+            EntryKind::Dir => {
+                if let Err(err) = rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(0o700)) {
+                    let is_dir = rustix::fs::statat(pfd, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| st.st_mode & 0o170_000 == 0o040_000);
+                    if err != rustix::io::Errno::EXIST || !is_dir {
+                        return Err(if err == rustix::io::Errno::EXIST {
+                            unsafe_path(&path, "exists and is not a directory")
+                        } else {
+                            sys("creating", &path)(err)
+                        });
+                    }
+                }
+                dirs.push(i);
+                continue;
+            }
+            EntryKind::File => {
+                if let Some(&first) = first_of_ino.get(&e.ino()) {
+                    let target = a.entry(first).map(|t| t.path()).unwrap_or_default();
+                    let src = rustix::fs::openat2(
+                        parents.root,
+                        &target[..],
+                        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+                    )
+                    .map_err(sys("opening the link target", &target))?;
+                    let pfd = parents.get(&e)?;
+                    rustix::fs::linkat(&src, "", pfd, name, AtFlags::EMPTY_PATH)
+                        .map_err(sys("linking", &path))?;
+                    continue;
+                }
+                first_of_ino.insert(e.ino(), i);
+                let fd = rustix::fs::openat(
+                    pfd,
+                    name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(sys("creating", &path))?;
+                summary.files += 1;
+                match e.data() {
+                    Some(DataLocation::V1 { .. }) => {
+                        let bytes = a.file_data(&e, true)?;
+                        std::fs::File::from(fd)
+                            .write_all(bytes)
+                            .map_err(|source| Error::Io {
+                                context: "writing",
+                                path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
+                                source,
+                            })?;
+                        summary.bytes += bytes.len() as u64;
+                    }
+                    Some(DataLocation::V2 {
+                        layer,
+                        offset,
+                        length,
+                    }) if length > 0 => {
+                        jobs.get_mut(layer as usize)
+                            .ok_or_else(|| unsafe_path(&path, "names a missing layer"))?
+                            .push(Job {
+                                offset,
+                                size: length,
+                                target: i,
+                            });
+                    }
+                    _ => {}
+                }
+            }
+            EntryKind::Symlink => {
+                let target = e.symlink_target().unwrap_or_default();
+                rustix::fs::symlinkat(target, pfd, name).map_err(sys("creating", &path))?;
+            }
+            kind @ (EntryKind::CharDevice | EntryKind::BlockDevice) => {
+                if !as_root {
+                    return Err(Error::NeedsRoot {
+                        path: String::from_utf8_lossy(&path).into_owned(),
+                    });
+                }
+                let (major, minor) = e.rdev().unwrap_or((0, 0));
+                let ft = if kind == EntryKind::CharDevice {
+                    rustix::fs::FileType::CharacterDevice
+                } else {
+                    rustix::fs::FileType::BlockDevice
+                };
+                rustix::fs::mknodat(
+                    pfd,
+                    name,
+                    ft,
+                    Mode::from_raw_mode(0o600),
+                    rustix::fs::makedev(major, minor),
+                )
+                .map_err(sys("creating", &path))?;
+            }
+            EntryKind::Fifo | EntryKind::Socket => {
+                let ft = if e.kind() == EntryKind::Fifo {
+                    rustix::fs::FileType::Fifo
+                } else {
+                    rustix::fs::FileType::Socket
+                };
+                rustix::fs::mknodat(pfd, name, ft, Mode::from_raw_mode(0o600), 0)
+                    .map_err(sys("creating", &path))?;
+            }
+        }
+        meta_order.push(i);
+    }
+
+    if jobs.iter().any(|j| !j.is_empty()) {
+        summary.bytes += fill_from_registry(&a, &layers, &mut jobs, root.as_fd(), opts)?;
+    }
+
+    let mut parents = Parents {
+        root: root.as_fd(),
+        last: None,
+    };
+    for &i in meta_order.iter().chain(dirs.iter().rev()) {
+        let Some(e) = a.entry(i) else { continue };
+        let pfd = parents.get(&e)?;
+        apply_meta(pfd, e.name(), &e, as_root)?;
+    }
+    apply_meta(root.as_fd(), b".", &a.root(), as_root)?;
+    Ok(summary)
+}
+
+/// v2: streams each layer once from the registry and writes the files it holds.
+fn fill_from_registry(
+    a: &Archive,
+    layers: &[clip_format::LayerInfo],
+    jobs: &mut [Vec<Job<u32>>],
+    root: BorrowedFd<'_>,
+    opts: &ExtractOptions,
+) -> Result<u64> {
+    let source = a
+        .meta()
+        .source
+        .clone()
+        .ok_or_else(|| Error::Unsupported("v2 archive without a registry source".into()))?;
+    let reference = clip_registry::Reference::parse(&format!(
+        "{}/{}@{}",
+        source.registry, source.repository, source.manifest_digest
+    ))?;
+    let client = clip_registry::Client::new(opts.registry.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            context: "starting the network runtime",
+            path: PathBuf::new(),
+            source,
+        })?;
+    let mut written = 0u64;
+    for (info, jobs) in layers.iter().zip(jobs.iter_mut()) {
+        if jobs.is_empty() {
+            continue;
+        }
+        let blob = client.blob_reader(runtime.handle(), &reference, &info.digest);
+        let stream = decoder(info.media, std::io::BufReader::with_capacity(1 << 20, blob))?;
+        copy_out(&info.digest, &info.diff_id, stream, jobs, |i, r, _| {
+            let path = a.entry(*i).map(|e| e.path()).unwrap_or_default();
+            let fd = rustix::fs::openat2(
+                root,
+                &path[..],
+                OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+            )
+            .map_err(sys("opening", &path))?;
+            let mut f = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd));
+            let n = std::io::copy(r, &mut f)
+                .and_then(|n| f.flush().map(|()| n))
+                .map_err(|source| Error::Io {
+                    context: "writing",
+                    path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
+                    source,
+                })?;
+            written += n;
+            Ok(())
+        })?;
+    }
+    Ok(written)
+}
