@@ -1,7 +1,8 @@
 //! `clip`: the command-line tool for `.clip` archives.
 //!
-//! Subcommands arrive with the capabilities they expose. Today: `inspect`, `ls`, `cat` (format),
-//! `index --oci-layout` (image → v2) and `archive --rootfs` (directory → v1). This binary holds only argument parsing and wiring.
+//! Subcommands: `inspect`, `ls`, `cat` (format), `index` (image → v2, from a registry or an OCI
+//! layout), `archive` (image, OCI layout or directory → v1), `extract` (any local archive →
+//! directory), `mount` / `umount` (lazy FUSE mount). This binary holds only argument parsing and wiring.
 #![allow(clippy::print_stdout)]
 
 use std::io::Write as _;
@@ -107,14 +108,39 @@ enum Command {
         /// The mount point.
         mountpoint: PathBuf,
     },
-    /// Create a v1 (data-carrying) archive.
+    /// Create a v1 (data-carrying) archive of an image (from its registry or an OCI layout) or
+    /// of a root filesystem directory.
     Archive {
-        /// Archive this root filesystem directory.
+        /// The image, e.g. `registry.example.com/team/app:v1`.
+        #[arg(required_unless_present_any = ["rootfs", "oci_layout"])]
+        image: Option<String>,
+        /// Archive this root filesystem directory instead.
+        #[arg(long, conflicts_with_all = ["image", "oci_layout"])]
+        rootfs: Option<PathBuf>,
+        /// Archive an image of this OCI layout directory instead, optionally with `:TAG`.
+        #[arg(long, value_name = "DIR[:TAG]", conflicts_with = "image")]
+        oci_layout: Option<String>,
+        /// Platform to pick from a multi-platform image, `os/arch[/variant]`.
         #[arg(long)]
-        rootfs: PathBuf,
+        platform: Option<String>,
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Extract an archive (v1, or v2 by streaming its layers from the registry) into a
+    /// directory; every path is resolved beneath it.
+    Extract {
+        /// The archive.
+        file: PathBuf,
+        /// Target directory (created if missing).
+        dir: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -339,29 +365,90 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Archive {
+            image,
             rootfs,
+            oci_layout,
+            platform,
             output,
+            registry,
             json,
         } => {
-            let meta = Meta {
-                created_by: format!("clip {}", env!("CARGO_PKG_VERSION")),
-                ..Meta::default()
-            };
             let start = std::time::Instant::now();
-            let s = clip_core::extract::archive_rootfs(&rootfs, &output, &meta)?;
+            let platform = match platform {
+                Some(p) => Some(
+                    clip_core::indexer::Platform::parse(&p)
+                        .with_context(|| format!("--platform {p:?} must be os/arch[/variant]"))?,
+                ),
+                None => None,
+            };
+            let (kind, entries, bytes, source) = if let Some(rootfs) = rootfs {
+                let meta = Meta {
+                    created_by: format!("clip {}", env!("CARGO_PKG_VERSION")),
+                    ..Meta::default()
+                };
+                let s = clip_core::extract::archive_rootfs(&rootfs, &output, &meta)?;
+                (s.kind, s.entries, s.bytes, rootfs.display().to_string())
+            } else if let Some(layout) = oci_layout {
+                let (dir, tag) = split_layout(&layout);
+                let s = clip_core::extract::archive_layout(
+                    dir.as_ref(),
+                    tag.as_deref(),
+                    platform,
+                    &output,
+                )?;
+                (s.kind, s.entries, s.bytes, layout)
+            } else {
+                let image = image.context("name an image, --oci-layout DIR or --rootfs DIR")?;
+                let reference = clip_core::registry::Reference::parse(&image)?;
+                let client =
+                    clip_core::registry::Client::new(registry.client_config(&reference.registry)?)?;
+                let s =
+                    clip_core::extract::archive_image(&image, &client, platform.as_ref(), &output)?;
+                (s.kind, s.entries, s.bytes, reference.to_string())
+            };
             let secs = start.elapsed().as_secs_f64();
             if json {
-                let v = serde_json::json!({"kind": s.kind.to_string(), "entries": s.entries, "bytes": s.bytes, "index_bytes": s.index_bytes, "seconds": secs, "output": output});
+                let v = serde_json::json!({"kind": kind.to_string(), "source": source, "entries": entries, "bytes": bytes, "seconds": secs, "output": output});
                 writeln!(out, "{v}")?;
             } else {
                 writeln!(
                     out,
-                    "{}: {} archive, {} entries, {} bytes ({} index), {secs:.2}s",
+                    "{}: {kind} archive of {source}, {entries} entries, {bytes} bytes, {secs:.2}s",
                     output.display(),
-                    s.kind,
+                )?;
+            }
+            Ok(())
+        }
+        Command::Extract {
+            file,
+            dir,
+            registry,
+            json,
+        } => {
+            let start = std::time::Instant::now();
+            let host = open(&file)?
+                .meta()
+                .source
+                .as_ref()
+                .map(|s| s.registry.clone())
+                .unwrap_or_default();
+            let opts = clip_core::extract::ExtractOptions {
+                registry: registry.client_config(&host)?,
+            };
+            let s = clip_core::extract::extract(&file, &dir, &opts)
+                .with_context(|| format!("extracting {} into {}", file.display(), dir.display()))?;
+            let secs = start.elapsed().as_secs_f64();
+            if json {
+                let v = serde_json::json!({"entries": s.entries, "files": s.files, "bytes": s.bytes, "seconds": secs, "dir": dir});
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: {} entries, {} files, {} bytes, {secs:.2}s",
+                    dir.display(),
                     s.entries,
-                    s.bytes,
-                    s.index_bytes
+                    s.files,
+                    s.bytes
                 )?;
             }
             Ok(())
@@ -479,6 +566,14 @@ mod mount {
     }
 }
 
+/// `DIR[:TAG]` → (DIR, TAG).
+fn split_layout(arg: &str) -> (String, Option<String>) {
+    match arg.rsplit_once(':') {
+        Some((d, t)) if !t.contains('/') => (d.to_owned(), Some(t.to_owned())),
+        _ => (arg.to_owned(), None),
+    }
+}
+
 fn index_layout(
     oci_layout: &str,
     output: &Path,
@@ -486,10 +581,7 @@ fn index_layout(
     platform: Option<clip_core::indexer::Platform>,
     checkpoint_mib: u64,
 ) -> anyhow::Result<clip_core::indexer::IndexSummary> {
-    let (dir, tag) = match oci_layout.rsplit_once(':') {
-        Some((d, t)) if !t.contains('/') => (d.to_owned(), Some(t.to_owned())),
-        _ => (oci_layout.to_owned(), None),
-    };
+    let (dir, tag) = split_layout(oci_layout);
     let (registry, repository) = source
         .split_once('/')
         .with_context(|| format!("--source {source:?} must be HOST/REPOSITORY"))?;

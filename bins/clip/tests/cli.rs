@@ -325,3 +325,76 @@ fn a_dead_mount_is_cleaned_at_the_next_mount() {
     assert_eq!(std::fs::read(mp.join("f")).unwrap(), b"x");
     assert!(clip(&["umount", m]).status.success());
 }
+
+/// `clip archive IMAGE` (v1 from a private registry) and `clip extract` of it and of a v2 index.
+#[test]
+fn archive_an_image_and_extract_v1_and_v2() {
+    let reg = clip_testkit::Registry::start(clip_testkit::RegistryOptions {
+        auth: clip_testkit::Auth::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        },
+        tls: false,
+    })
+    .unwrap();
+    let img = clip_testkit::Image::new(vec![
+        clip_testkit::Layer::new(vec![
+            clip_testkit::Entry::file("etc/os-release", "ID=clip\n"),
+            clip_testkit::Entry::file("usr/bin/tool", "#!/bin/sh\n").mode(0o4755),
+        ]),
+        clip_testkit::Layer::new(vec![clip_testkit::Entry::whiteout("usr/bin/tool")]),
+    ]);
+    let pushed = clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap()
+        .push(&reg, "team/app", "v1")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("v1.clip");
+    let v1s = v1.to_str().unwrap();
+    let o = clip(&[
+        "archive",
+        &pushed.reference,
+        "-o",
+        v1s,
+        "--creds",
+        "u:p",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "v1-local");
+
+    let v2 = dir.path().join("v2.clip");
+    let v2s = v2.to_str().unwrap();
+    let o = clip(&["index", &pushed.reference, "-o", v2s, "--creds", "u:p"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    for (archive, name) in [(v1s, "x1"), (v2s, "x2")] {
+        let target = dir.path().join(name);
+        let o = clip(&[
+            "extract",
+            archive,
+            target.to_str().unwrap(),
+            "--creds",
+            "u:p",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            std::fs::read(target.join("etc/os-release")).unwrap(),
+            b"ID=clip\n"
+        );
+        assert!(!target.join("usr/bin/tool").exists());
+    }
+    // Without credentials the v2 extract names the problem.
+    let o = clip(&["extract", v2s, dir.path().join("x3").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unauthorized")
+            || String::from_utf8_lossy(&o.stderr).contains("Unauthorized")
+            || String::from_utf8_lossy(&o.stderr).contains("credentials"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
