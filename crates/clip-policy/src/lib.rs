@@ -3,10 +3,463 @@
 //! # Model
 //!
 //! Configuration comes from defaults, then the YAML file's `imageService:` section, then the
-//! environment (`CLIP_VERSION`, `B9_BUILD_REGISTRY`, …): env > file > defaults. Decisions are pure
-//! functions of that configuration and of observed facts (is the build registry reachable? did the
-//! push or the index fail?), implementing the behaviour matrix: v1 is the default; v2 pulls index
-//! straight from the source registry; v2 builds push to the build registry and index from it; any
-//! v2 problem during a build falls back to v1, so builds never fail because of v2.
+//! environment (`CLIP_VERSION`, `B9_BUILD_REGISTRY`, `CLIP_CACHE_DIR`): env > file > defaults.
+//! Decisions are pure functions of that configuration and of observed facts (is the build
+//! registry reachable? did the push or the index fail?), implementing the seed's behaviour matrix:
 //!
-//! Status: implemented in the image service issue.
+//! | flow  | clipVersion | build registry      | what happens                                 |
+//! |-------|-------------|---------------------|----------------------------------------------|
+//! | pull  | 2           | –                   | index straight from the source registry (v2) |
+//! | pull  | 1 (default) | –                   | copy, extract, archive (v1)                  |
+//! | build | 2           | reachable           | push to it, index from it (v2)               |
+//! | build | 2           | down / not set      | v1, with the reason logged                   |
+//! | build | 1           | –                   | extract, archive (v1)                        |
+//!
+//! Any v2 failure (push, index) falls back to v1 with its reason: builds never fail because of v2.
+//!
+//! ```
+//! use clip_policy::{BuildPlan, Config, RegistryProbe, build_plan};
+//! let cfg = Config::from_yaml("imageService:\n  clipVersion: 2\n").unwrap();
+//! assert_eq!(cfg.clip_version, 2);
+//! assert_eq!(cfg.build_registry, "localhost:5000");
+//! let plan = build_plan(&cfg, &RegistryProbe::Unreachable("connection refused".into()));
+//! assert!(matches!(plan, BuildPlan::V1 { .. }));
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or has wrong types.
+    #[error("invalid configuration: {0}")]
+    Yaml(String),
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Credentials and transport settings of one registry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryEntry {
+    /// User name.
+    pub username: Option<String>,
+    /// Password or token.
+    pub password: Option<String>,
+    /// Reach it over plain HTTP.
+    pub insecure: bool,
+}
+
+/// S3 settings of the archive store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3Store {
+    /// Bucket.
+    pub bucket: String,
+    /// Key prefix.
+    pub prefix: String,
+    /// Endpoint URL (S3-compatible servers).
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Path-style addressing.
+    pub force_path_style: bool,
+}
+
+/// Where `<id>.clip` archives live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchiveStore {
+    /// A local directory (the embedded default).
+    Local(PathBuf),
+    /// An S3 bucket.
+    S3(S3Store),
+}
+
+/// The `imageService:` section (keys as the seed spells them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// 1 (default) or 2.
+    pub clip_version: u8,
+    /// Where built images are pushed for v2 indexing (default `localhost:5000`).
+    pub build_registry: String,
+    /// Whether `build_registry` came from the file or the environment (not the default).
+    pub build_registry_configured: bool,
+    /// Uncompressed MiB between checkpoints.
+    pub checkpoint_mib: u64,
+    /// Archive store.
+    pub archive_store: ArchiveStore,
+    /// Span cache directory.
+    pub cache_dir: PathBuf,
+    /// Span cache bound.
+    pub cache_size_gib: u64,
+    /// Where images are mounted.
+    pub mount_base: PathBuf,
+    /// Registries by host (`docker` means Docker Hub).
+    pub registries: BTreeMap<String, RegistryEntry>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            clip_version: 1,
+            build_registry: "localhost:5000".into(),
+            build_registry_configured: false,
+            checkpoint_mib: 4,
+            archive_store: ArchiveStore::Local(PathBuf::from("/images")),
+            cache_dir: PathBuf::from("/images/cache"),
+            cache_size_gib: 20,
+            mount_base: PathBuf::from("/images/mnt"),
+            registries: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct File {
+    image_service: Option<Section>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+struct Section {
+    clip_version: Option<u8>,
+    build_registry: Option<String>,
+    #[serde(rename = "checkpointMiB")]
+    checkpoint_mib: Option<u64>,
+    archive_store: Option<StoreSection>,
+    cache_dir: Option<PathBuf>,
+    #[serde(rename = "cacheSizeGiB")]
+    cache_size_gib: Option<u64>,
+    mount_base: Option<PathBuf>,
+    registries: BTreeMap<String, RegistryEntry>,
+}
+
+/// `archiveStore:` as written: exactly one of `local` and `s3`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct StoreSection {
+    local: Option<PathBuf>,
+    s3: Option<S3Store>,
+}
+
+impl StoreSection {
+    fn into_store(self) -> Result<ArchiveStore, Error> {
+        match (self.local, self.s3) {
+            (Some(dir), None) => Ok(ArchiveStore::Local(dir)),
+            (None, Some(s3)) if !s3.bucket.is_empty() => Ok(ArchiveStore::S3(s3)),
+            (None, Some(_)) => Err(Error::Invalid("archiveStore.s3 needs a bucket".into())),
+            _ => Err(Error::Invalid(
+                "archiveStore takes exactly one of `local` and `s3`".into(),
+            )),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a configuration file's text (defaults for what it leaves out; no environment).
+    pub fn from_yaml(text: &str) -> Result<Self, Error> {
+        let file: File = serde_yaml_ng::from_str(text).map_err(|e| Error::Yaml(e.to_string()))?;
+        let s = file.image_service.unwrap_or_default();
+        let d = Self::default();
+        let cfg = Self {
+            clip_version: s.clip_version.unwrap_or(d.clip_version),
+            build_registry_configured: s.build_registry.is_some(),
+            build_registry: s.build_registry.unwrap_or(d.build_registry),
+            checkpoint_mib: s.checkpoint_mib.unwrap_or(d.checkpoint_mib),
+            archive_store: match s.archive_store {
+                Some(store) => store.into_store()?,
+                None => d.archive_store,
+            },
+            cache_dir: s.cache_dir.unwrap_or(d.cache_dir),
+            cache_size_gib: s.cache_size_gib.unwrap_or(d.cache_size_gib),
+            mount_base: s.mount_base.unwrap_or(d.mount_base),
+            registries: s.registries,
+        };
+        cfg.validate()
+    }
+
+    /// Loads `path` (if given) and applies the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let base = match path {
+            Some(p) => {
+                Self::from_yaml(&std::fs::read_to_string(p).map_err(|source| Error::Read {
+                    path: p.to_owned(),
+                    source,
+                })?)?
+            }
+            None => Self::default(),
+        };
+        base.with_env(|k| std::env::var(k).ok())
+    }
+
+    /// Applies overrides from an environment (`CLIP_VERSION`, `B9_BUILD_REGISTRY`,
+    /// `CLIP_CACHE_DIR`); `get` looks a variable up.
+    pub fn with_env(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        if let Some(v) = get("CLIP_VERSION").filter(|v| !v.is_empty()) {
+            self.clip_version = v
+                .trim()
+                .parse()
+                .map_err(|_| Error::Invalid(format!("CLIP_VERSION={v:?} is not 1 or 2")))?;
+        }
+        if let Some(r) = get("B9_BUILD_REGISTRY").filter(|v| !v.is_empty()) {
+            self.build_registry = r;
+            self.build_registry_configured = true;
+        }
+        if let Some(d) = get("CLIP_CACHE_DIR").filter(|v| !v.is_empty()) {
+            self.cache_dir = PathBuf::from(d);
+        }
+        self.validate()
+    }
+
+    fn validate(self) -> Result<Self, Error> {
+        if !matches!(self.clip_version, 1 | 2) {
+            return Err(Error::Invalid(format!(
+                "clipVersion must be 1 or 2, not {}",
+                self.clip_version
+            )));
+        }
+        if self.checkpoint_mib == 0 || self.checkpoint_mib > 1024 {
+            return Err(Error::Invalid("checkpointMiB must be 1..=1024".into()));
+        }
+        Ok(self)
+    }
+
+    /// The registry entry for `host` (`docker` also answers for Docker Hub's hosts).
+    #[must_use]
+    pub fn registry(&self, host: &str) -> Option<&RegistryEntry> {
+        self.registries.get(host).or_else(|| {
+            matches!(
+                host,
+                "docker.io" | "index.docker.io" | "registry-1.docker.io"
+            )
+            .then(|| self.registries.get("docker"))
+            .flatten()
+        })
+    }
+}
+
+/// What probing the build registry found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryProbe {
+    /// `/v2/` answered.
+    Reachable,
+    /// It did not answer (the reason, e.g. "connection refused").
+    Unreachable(String),
+}
+
+/// How a pull is archived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullPlan {
+    /// v2: index straight from the source registry.
+    IndexFromRegistry,
+    /// v1: copy, extract, archive.
+    CopyAndArchive,
+}
+
+/// How a build is archived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildPlan {
+    /// v2: push to `registry`, index from it.
+    PushAndIndex {
+        /// The build registry.
+        registry: String,
+    },
+    /// v1, because of `reason` (`None`: v1 was configured).
+    V1 {
+        /// Why v2 was not used.
+        reason: Option<String>,
+    },
+}
+
+/// The pull row of the behaviour matrix.
+#[must_use]
+pub fn pull_plan(cfg: &Config) -> PullPlan {
+    if cfg.clip_version == 2 {
+        PullPlan::IndexFromRegistry
+    } else {
+        PullPlan::CopyAndArchive
+    }
+}
+
+/// The build rows of the behaviour matrix.
+#[must_use]
+pub fn build_plan(cfg: &Config, probe: &RegistryProbe) -> BuildPlan {
+    if cfg.clip_version != 2 {
+        return BuildPlan::V1 { reason: None };
+    }
+    match probe {
+        RegistryProbe::Reachable => BuildPlan::PushAndIndex {
+            registry: cfg.build_registry.clone(),
+        },
+        RegistryProbe::Unreachable(why) if !cfg.build_registry_configured => BuildPlan::V1 {
+            reason: Some(format!(
+                "no registry configured (set imageService.buildRegistry or B9_BUILD_REGISTRY; the default {} is not answering: {why})",
+                cfg.build_registry
+            )),
+        },
+        RegistryProbe::Unreachable(why) => BuildPlan::V1 {
+            reason: Some(format!(
+                "build registry {} is unreachable: {why}",
+                cfg.build_registry
+            )),
+        },
+    }
+}
+
+/// A v2 step failed: the reason to log with "falling back to v1". Builds (and pulls) then
+/// continue with v1.
+#[must_use]
+pub fn fallback_reason(step: &str, error: &str) -> String {
+    let hint = if error.contains("unauthorized") || error.contains("401") {
+        " (run `docker login` for that registry or configure imageService.registries)"
+    } else {
+        ""
+    };
+    format!("{step}: {error}{hint}")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const FULL: &str = r#"
+imageService:
+  clipVersion: 2
+  buildRegistry: registry.internal:5000
+  checkpointMiB: 8
+  archiveStore:
+    s3: {bucket: images, prefix: clip/, endpoint: "http://127.0.0.1:9000", region: us-east-1, forcePathStyle: true}
+  cacheDir: /var/cache/clip
+  cacheSizeGiB: 50
+  mountBase: /run/clip
+  registries:
+    docker: {username: u, password: p}
+    "registry.example.com:5000": {username: a, password: b, insecure: true}
+"#;
+
+    #[test]
+    fn the_seed_shaped_file_parses() {
+        let c = Config::from_yaml(FULL).unwrap();
+        assert_eq!(c.clip_version, 2);
+        assert_eq!(c.build_registry, "registry.internal:5000");
+        assert!(c.build_registry_configured);
+        assert_eq!(c.checkpoint_mib, 8);
+        assert_eq!(
+            c.archive_store,
+            ArchiveStore::S3(S3Store {
+                bucket: "images".into(),
+                prefix: "clip/".into(),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                region: Some("us-east-1".into()),
+                force_path_style: true,
+            })
+        );
+        assert_eq!(c.cache_size_gib, 50);
+        assert_eq!(
+            c.registry("docker.io").unwrap().username.as_deref(),
+            Some("u")
+        );
+        assert!(c.registry("registry.example.com:5000").unwrap().insecure);
+        assert!(c.registry("quay.io").is_none());
+    }
+
+    #[test]
+    fn defaults_then_file_then_env() {
+        let d = Config::from_yaml("").unwrap();
+        assert_eq!(d, Config::default());
+        assert_eq!(d.clip_version, 1);
+        let env = |k: &str| match k {
+            "CLIP_VERSION" => Some("2".to_owned()),
+            "B9_BUILD_REGISTRY" => Some("127.0.0.1:5999".to_owned()),
+            _ => None,
+        };
+        let c = Config::from_yaml("imageService:\n  clipVersion: 1\n")
+            .unwrap()
+            .with_env(env)
+            .unwrap();
+        assert_eq!(
+            (c.clip_version, c.build_registry.as_str()),
+            (2, "127.0.0.1:5999")
+        );
+        assert!(c.build_registry_configured);
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        for (text, want) in [
+            (
+                "imageService:\n  clipVersion: 3\n",
+                "clipVersion must be 1 or 2",
+            ),
+            ("imageService:\n  clipVersoin: 2\n", "unknown field"),
+            ("imageService:\n  checkpointMiB: 0\n", "checkpointMiB"),
+            ("imageService: [", "invalid configuration"),
+            ("imageService:\n  archiveStore: {}\n", "exactly one"),
+        ] {
+            let e = Config::from_yaml(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        let e = Config::default()
+            .with_env(|k| (k == "CLIP_VERSION").then(|| "two".to_owned()))
+            .unwrap_err();
+        assert!(e.to_string().contains("CLIP_VERSION"), "{e}");
+    }
+
+    #[test]
+    fn the_behaviour_matrix() {
+        let v1 = Config::default();
+        let v2 = Config {
+            clip_version: 2,
+            ..Config::default()
+        };
+        let down = RegistryProbe::Unreachable("connection refused".into());
+        assert_eq!(pull_plan(&v1), PullPlan::CopyAndArchive);
+        assert_eq!(pull_plan(&v2), PullPlan::IndexFromRegistry);
+        assert_eq!(
+            build_plan(&v1, &RegistryProbe::Reachable),
+            BuildPlan::V1 { reason: None }
+        );
+        assert_eq!(
+            build_plan(&v2, &RegistryProbe::Reachable),
+            BuildPlan::PushAndIndex {
+                registry: "localhost:5000".into()
+            }
+        );
+        let BuildPlan::V1 { reason: Some(r) } = build_plan(&v2, &down) else {
+            panic!("v1 expected")
+        };
+        assert!(
+            r.contains("no registry configured") && r.contains("connection refused"),
+            "{r}"
+        );
+        let configured = Config {
+            build_registry: "r:5000".into(),
+            build_registry_configured: true,
+            ..v2
+        };
+        let BuildPlan::V1 { reason: Some(r) } = build_plan(&configured, &down) else {
+            panic!("v1 expected")
+        };
+        assert!(r.contains("r:5000 is unreachable"), "{r}");
+        assert!(
+            fallback_reason("failed to push to registry", "401 unauthorized")
+                .contains("docker login")
+        );
+    }
+}
