@@ -28,11 +28,13 @@
 //! ```
 
 pub mod container;
+pub mod service;
 
 pub use clip_extract as extract;
 pub use clip_format as format;
 pub use clip_fs as fs;
 pub use clip_indexer as indexer;
+pub use clip_policy as policy;
 pub use clip_registry as registry;
 
 use std::path::PathBuf;

@@ -1,0 +1,708 @@
+//! The image service: the seed's three worker flows over the capability crates.
+//!
+//! - [`ImageService::pull_and_archive`]: v2 indexes straight from the source registry; v1
+//!   copies, extracts and archives. A v2 failure falls back to v1 with its reason.
+//! - [`ImageService::build_and_archive`]: `buildah bud`, then (v2, build registry reachable)
+//!   push to the build registry and index from it; otherwise, or on any v2 failure, push to an
+//!   OCI layout and archive it as v1. Builds never fail because of v2.
+//! - [`ImageService::pull_lazy`]: fetch `<id>.clip` from the archive store into the local cache
+//!   (per-image lock, atomic copy), detect v1/v2, mount it once per image; containers get their
+//!   own overlay on top ([`ImageService::run`]).
+//!
+//! Archives are stored as `<id>.clip`; ids are stable: the hash of the platform manifest digest
+//! and repository for pulls, of the Dockerfile, the context's content and the build args for
+//! builds. Log lines follow the seed's wording.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use clip_policy::{ArchiveStore, BuildPlan, Config, PullPlan, RegistryProbe};
+use sha2::{Digest as _, Sha256};
+
+use crate::{format, fs, registry};
+
+/// Why a flow failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] clip_policy::Error),
+    /// Registry problem.
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    /// v2 indexing failed.
+    #[error(transparent)]
+    Index(#[from] crate::indexer::Error),
+    /// v1 archiving or extraction failed.
+    #[error(transparent)]
+    Extract(#[from] crate::extract::Error),
+    /// Mounting failed.
+    #[error(transparent)]
+    Mount(#[from] fs::Error),
+    /// The archive is invalid.
+    #[error(transparent)]
+    Format(#[from] format::Error),
+    /// Preparing or running a container failed.
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
+    /// A build tool failed.
+    #[error("{command} failed: {output}")]
+    Tool {
+        /// The command.
+        command: String,
+        /// Its stderr.
+        output: String,
+    },
+    /// No archive for this image id in the store.
+    #[error("no archive for image {0} in the archive store")]
+    UnknownImage(String),
+    /// Something else (I/O, unsupported settings).
+    #[error("{0}")]
+    Other(String),
+}
+
+fn other(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServiceError {
+    let what = what.to_string();
+    move |e| ServiceError::Other(format!("{what}: {e}"))
+}
+
+/// What a pull or build produced.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ArchiveResult {
+    /// Stable image id.
+    pub image_id: String,
+    /// Archive version used (1 or 2).
+    pub version: u8,
+    /// The archive in the store.
+    pub archive: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// Why v2 was not used, when it was asked for.
+    pub fallback_reason: Option<String>,
+    /// Wall time of the flow.
+    pub seconds: f64,
+}
+
+/// A mounted image.
+#[derive(Debug)]
+pub struct MountedImage {
+    /// Its id.
+    pub image_id: String,
+    /// 1 or 2.
+    pub version: u8,
+    /// The read-only root filesystem.
+    pub mountpoint: PathBuf,
+    /// The image's runtime config.
+    pub config: format::ImageConfig,
+    handle: Mutex<Option<fs::MountHandle>>,
+}
+
+impl MountedImage {
+    /// Fetch and cache counters (v2).
+    #[must_use]
+    pub fn stats(&self) -> fs::MountStats {
+        self.handle
+            .lock()
+            .ok()
+            .and_then(|h| h.as_ref().map(fs::MountHandle::stats))
+            .unwrap_or_default()
+    }
+}
+
+/// A finished container run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunOutput {
+    /// Exit code.
+    pub status: i32,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+/// Options beyond the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceOptions {
+    /// buildah storage (`--root`; `--runroot` beside it); default: buildah's own.
+    pub buildah_root: Option<PathBuf>,
+}
+
+/// The image service of one worker.
+pub struct ImageService {
+    cfg: Config,
+    opts: ServiceOptions,
+    client_cfg: registry::ClientConfig,
+    mounts: Mutex<HashMap<String, Arc<MountedImage>>>,
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for ImageService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageService")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    matches!(h, "localhost" | "127.0.0.1" | "::1" | "[::1]") || h.starts_with("127.")
+}
+
+impl ImageService {
+    /// A service for `cfg`: registry credentials from the config, then docker's `config.json`.
+    pub fn new(cfg: Config, opts: ServiceOptions) -> Result<Self, ServiceError> {
+        let ArchiveStore::Local(store) = &cfg.archive_store else {
+            return Err(ServiceError::Other(
+                "the S3 archive store is not implemented yet; use archiveStore.local".into(),
+            ));
+        };
+        for d in [store, &cfg.cache_dir, &cfg.mount_base] {
+            std::fs::create_dir_all(d).map_err(other(format!("creating {}", d.display())))?;
+        }
+        let docker_config = registry::dockerconfig::default_path()
+            .map(|p| registry::dockerconfig::DockerConfig::load(&p))
+            .transpose()?
+            .map(Arc::new);
+        let mut client_cfg = registry::ClientConfig {
+            docker_config,
+            ..registry::ClientConfig::default()
+        };
+        for (host, e) in &cfg.registries {
+            let host = if host == "docker" { "docker.io" } else { host };
+            if e.insecure {
+                client_cfg.insecure.push(host.to_owned());
+            }
+            if let (Some(u), Some(p)) = (&e.username, &e.password) {
+                client_cfg.credentials.push((
+                    host.to_owned(),
+                    registry::Credentials::Basic {
+                        username: u.clone(),
+                        password: p.clone(),
+                    },
+                ));
+            }
+        }
+        let svc = Self {
+            cfg,
+            opts,
+            client_cfg,
+            mounts: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        };
+        svc.clean_dead_mounts();
+        Ok(svc)
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn store_dir(&self) -> &Path {
+        match &self.cfg.archive_store {
+            ArchiveStore::Local(d) => d,
+            ArchiveStore::S3(_) => Path::new("/nonexistent"),
+        }
+    }
+
+    /// Where image `id`'s archive lives in the store.
+    #[must_use]
+    pub fn archive_path(&self, id: &str) -> PathBuf {
+        self.store_dir().join(format!("{id}.clip"))
+    }
+
+    fn client(&self) -> Result<registry::Client, ServiceError> {
+        Ok(registry::Client::new(self.client_cfg.clone())?)
+    }
+
+    /// Detaches mounts under the mount base left by a killed worker.
+    fn clean_dead_mounts(&self) {
+        if let Ok(dir) = std::fs::read_dir(&self.cfg.mount_base) {
+            for e in dir.flatten() {
+                if fs::clean_stale_mount(&e.path()) {
+                    tracing::warn!(path = %e.path().display(), "cleaned a dead mount");
+                }
+            }
+        }
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(id.to_owned()).or_default())
+    }
+
+    /// Pulls `image_ref` and stores its archive (v2 or v1 per the configuration).
+    pub fn pull_and_archive(&self, image_ref: &str) -> Result<ArchiveResult, ServiceError> {
+        let start = Instant::now();
+        let reference = registry::Reference::parse(image_ref)?;
+        let client = self.client()?;
+        let rt = runtime()?;
+        let resolved = rt
+            .block_on(client.resolve(&reference, None))
+            .map_err(|e| hinted(e, &reference.registry))?;
+        let id = short_hash(&[
+            reference.registry.as_bytes(),
+            reference.repository.as_bytes(),
+            resolved.manifest_digest.as_bytes(),
+        ]);
+        let out = self.archive_path(&id);
+        let mut fallback = None;
+        if clip_policy::pull_plan(&self.cfg) == PullPlan::IndexFromRegistry {
+            tracing::info!(
+                image = image_ref,
+                "Creating index-only archive directly from registry"
+            );
+            match crate::indexer::index_image(
+                image_ref,
+                &out,
+                &client,
+                None,
+                self.cfg.checkpoint_mib << 20,
+                None,
+            ) {
+                Ok(s) => {
+                    tracing::info!(
+                        image = image_ref,
+                        bytes = s.archive_bytes,
+                        "v2 archive created directly from registry"
+                    );
+                    return Ok(self.result(id, 2, out, None, start));
+                }
+                Err(e) => {
+                    let reason = clip_policy::fallback_reason("v2 indexing failed", &e.to_string());
+                    tracing::warn!(image = image_ref, reason = %reason, "falling back to v1");
+                    fallback = Some(reason);
+                }
+            }
+        }
+        tracing::info!(image = image_ref, "Creating legacy archive (Clip v1)");
+        crate::extract::archive_image(image_ref, &client, None, &out)?;
+        Ok(self.result(id, 1, out, fallback, start))
+    }
+
+    fn result(
+        &self,
+        image_id: String,
+        version: u8,
+        archive: PathBuf,
+        fallback_reason: Option<String>,
+        start: Instant,
+    ) -> ArchiveResult {
+        let bytes = std::fs::metadata(&archive).map_or(0, |m| m.len());
+        let _ = self;
+        ArchiveResult {
+            image_id,
+            version,
+            archive,
+            bytes,
+            fallback_reason,
+            seconds: start.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn buildah(&self) -> Command {
+        let mut c = Command::new("buildah");
+        if let Some(root) = &self.opts.buildah_root {
+            c.arg(format!("--root={}", root.join("root").display()))
+                .arg(format!("--runroot={}", root.join("run").display()));
+        }
+        c.arg("--storage-driver=vfs");
+        c
+    }
+
+    /// Probes the build registry: can a TCP connection be made?
+    fn probe(&self) -> RegistryProbe {
+        use std::net::ToSocketAddrs as _;
+        let host = &self.cfg.build_registry;
+        let target = if host.contains(':') {
+            host.clone()
+        } else {
+            format!("{host}:443")
+        };
+        let addrs = match target.to_socket_addrs() {
+            Ok(a) => a.collect::<Vec<_>>(),
+            Err(e) => return RegistryProbe::Unreachable(e.to_string()),
+        };
+        let mut last = "no address".to_owned();
+        for a in addrs {
+            match std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)) {
+                Ok(_) => return RegistryProbe::Reachable,
+                Err(e) => last = e.to_string().to_lowercase(),
+            }
+        }
+        RegistryProbe::Unreachable(last)
+    }
+
+    /// Builds `dockerfile` in `context` with `build_args` and stores its archive. v2 problems
+    /// fall back to v1; only a failing build itself fails.
+    pub fn build_and_archive(
+        &self,
+        dockerfile: &Path,
+        context: &Path,
+        build_args: &[(String, String)],
+    ) -> Result<ArchiveResult, ServiceError> {
+        let start = Instant::now();
+        let id = build_id(dockerfile, context, build_args)?;
+        let name = format!("localhost/clip-build-{id}");
+        let mut bud = self.buildah();
+        bud.args([
+            "bud",
+            "--isolation=chroot",
+            "--layers=false",
+            "--format=oci",
+        ])
+        .arg(format!("--file={}", dockerfile.display()))
+        .arg(format!("--tag={name}"));
+        for (k, v) in build_args {
+            bud.arg(format!("--build-arg={k}={v}"));
+        }
+        bud.arg(context);
+        tool(&mut bud)?;
+        let out = self.archive_path(&id);
+        let plan = clip_policy::build_plan(&self.cfg, &self.probe());
+        let mut fallback = match &plan {
+            BuildPlan::V1 { reason } => reason.clone(),
+            BuildPlan::PushAndIndex { .. } => None,
+        };
+        if let BuildPlan::V1 {
+            reason: Some(reason),
+        } = &plan
+        {
+            tracing::warn!(reason = %reason, "falling back to v1");
+        }
+        if let BuildPlan::PushAndIndex { registry } = plan {
+            match self.push_and_index(&name, &registry, &id, &out) {
+                Ok(()) => return Ok(self.result(id, 2, out, None, start)),
+                Err(reason) => {
+                    tracing::warn!(reason = %reason, "falling back to v1");
+                    fallback = Some(reason);
+                }
+            }
+        }
+        tracing::info!(image = %name, "Creating legacy archive (Clip v1)");
+        let staging = tempfile::Builder::new()
+            .prefix(".clip-build-")
+            .tempdir_in(self.store_dir())
+            .map_err(other("creating a staging directory"))?;
+        let mut push = self.buildah();
+        push.arg("push")
+            .arg(&name)
+            .arg(format!("oci:{}:image", staging.path().display()));
+        tool(&mut push)?;
+        crate::extract::archive_layout(staging.path(), Some("image"), None, &out)?;
+        Ok(self.result(id, 1, out, fallback, start))
+    }
+
+    /// v2 half of a build; any failure comes back as the reason to fall back.
+    fn push_and_index(
+        &self,
+        name: &str,
+        registry_host: &str,
+        id: &str,
+        out: &Path,
+    ) -> Result<(), String> {
+        let target = format!("{registry_host}/clip/build-{id}:latest");
+        tracing::info!("Pushing built image to registry: {target}");
+        let mut push = self.buildah();
+        push.arg("push");
+        let insecure = is_loopback(registry_host)
+            || self.cfg.registry(registry_host).is_some_and(|e| e.insecure);
+        if insecure {
+            push.arg("--tls-verify=false");
+        }
+        if let Some(e) = self.cfg.registry(registry_host)
+            && let (Some(u), Some(p)) = (&e.username, &e.password)
+        {
+            push.arg(format!("--creds={u}:{p}"));
+        }
+        push.arg(name).arg(format!("docker://{target}"));
+        if let Err(e) = tool(&mut push) {
+            tracing::warn!(error = %e, "failed to push to registry");
+            return Err(clip_policy::fallback_reason(
+                "failed to push to registry",
+                &e.to_string(),
+            ));
+        }
+        tracing::info!(image = %target, "Creating index-only archive (Clip v2)");
+        let client = self.client().map_err(|e| e.to_string())?;
+        match crate::indexer::index_image(
+            &target,
+            out,
+            &client,
+            None,
+            self.cfg.checkpoint_mib << 20,
+            None,
+        ) {
+            Ok(s) => {
+                tracing::info!(image = %target, bytes = s.archive_bytes, "v2 archive created from registry");
+                Ok(())
+            }
+            Err(e) => Err(clip_policy::fallback_reason(
+                "v2 indexing failed",
+                &e.to_string(),
+            )),
+        }
+    }
+
+    /// Fetches image `id`'s archive into the local cache, detects its version and mounts it
+    /// once; concurrent callers for the same image share one mount.
+    pub fn pull_lazy(&self, id: &str) -> Result<Arc<MountedImage>, ServiceError> {
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ServiceError::UnknownImage(id.to_owned()));
+        }
+        let lock = self.lock_for(id);
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+        {
+            return Ok(Arc::clone(m));
+        }
+        let src = self.archive_path(id);
+        if !src.exists() {
+            return Err(ServiceError::UnknownImage(id.to_owned()));
+        }
+        let local_dir = self.cfg.cache_dir.join("archives");
+        std::fs::create_dir_all(&local_dir).map_err(other("creating the archive cache"))?;
+        let local = local_dir.join(format!("{id}.clip"));
+        if !local.exists() {
+            let bytes = std::fs::read(&src).map_err(other(format!("reading {}", src.display())))?;
+            format::publish_bytes(&local, &bytes)?;
+        }
+        let archive = format::Archive::open(&local)?;
+        let version = if archive.kind() == format::ArchiveKind::V2Oci {
+            tracing::info!(image_id = id, "detected v2 (OCI) archive format");
+            2
+        } else {
+            tracing::info!(image_id = id, "detected v1 archive format");
+            1
+        };
+        let config = archive.meta().image.clone();
+        drop(archive);
+        let mountpoint = self.cfg.mount_base.join(id);
+        std::fs::create_dir_all(&mountpoint).map_err(other("creating the mount point"))?;
+        let handle = fs::mount_archive(fs::MountOptions {
+            archive: local,
+            mountpoint: mountpoint.clone(),
+            cache_dir: self.cfg.cache_dir.join("spans"),
+            cache_bytes: self.cfg.cache_size_gib << 30,
+            registry: self.client_cfg.clone(),
+            ..fs::MountOptions::default()
+        })?;
+        let m = Arc::new(MountedImage {
+            image_id: id.to_owned(),
+            version,
+            mountpoint,
+            config,
+            handle: Mutex::new(Some(handle)),
+        });
+        self.mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned(), Arc::clone(&m));
+        Ok(m)
+    }
+
+    /// The images mounted now.
+    #[must_use]
+    pub fn mounts(&self) -> Vec<Arc<MountedImage>> {
+        self.mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Unmounts image `id` (no-op if it is not mounted).
+    pub fn unmount(&self, id: &str) -> Result<(), ServiceError> {
+        let m = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+        if let Some(m) = m
+            && let Some(h) = m.handle.lock().ok().and_then(|mut h| h.take())
+        {
+            h.unmount()?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts everything (graceful shutdown).
+    pub fn unmount_all(&self) {
+        let ids: Vec<String> = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            if let Err(e) = self.unmount(&id) {
+                tracing::warn!(image_id = %id, error = %e, "unmount failed");
+            }
+        }
+    }
+
+    /// Runs `args` (or the image's own command) in a new container of image `id`: PullLazy,
+    /// an overlay of its own, an OCI bundle from the image config, `runc run`.
+    pub fn run(&self, id: &str, args: Option<&[String]>) -> Result<RunOutput, ServiceError> {
+        let image = self.pull_lazy(id)?;
+        let cid = format!(
+            "clip-{id}-{}",
+            short_hash(&[
+                std::process::id().to_string().as_bytes(),
+                format!("{:?}", Instant::now()).as_bytes(),
+            ])
+        );
+        let dir = self.cfg.mount_base.join("containers").join(&cid);
+        let overlay = crate::container::Overlay::mount(&image.mountpoint, &dir)?;
+        for d in ["proc", "sys", "dev", "tmp"] {
+            let p = overlay.merged().join(d);
+            if !p.exists() {
+                std::fs::create_dir_all(&p).map_err(other(format!("creating {}", p.display())))?;
+            }
+        }
+        let spec = crate::container::runtime_spec(&image.config, overlay.merged(), args, &cid)?;
+        let bundle = crate::container::write_bundle(&dir.join("bundle"), &spec)?;
+        let out = Command::new("runc")
+            .args(["--root", &dir.join("runc").display().to_string()])
+            .args(["run", "--bundle", &bundle.display().to_string(), &cid])
+            .output()
+            .map_err(other("running runc"))?;
+        overlay.unmount()?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(RunOutput {
+            status: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}
+
+impl Drop for ImageService {
+    fn drop(&mut self) {
+        self.unmount_all();
+    }
+}
+
+/// An "unauthorized" error gets the `docker login` hint.
+fn hinted(e: registry::Error, host: &str) -> ServiceError {
+    let text = e.to_string();
+    if text.to_lowercase().contains("unauthorized") {
+        ServiceError::Other(format!(
+            "{text}: unauthorized — run `docker login {host}` or configure imageService.registries"
+        ))
+    } else {
+        ServiceError::Registry(e)
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ServiceError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(other("starting the runtime"))
+}
+
+fn tool(c: &mut Command) -> Result<(), ServiceError> {
+    let out = c
+        .output()
+        .map_err(other(format!("running {}", c.get_program().display())))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(ServiceError::Tool {
+        command: format!(
+            "{} {}",
+            c.get_program().to_string_lossy(),
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    })
+}
+
+fn short_hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+/// Stable id of a build: Dockerfile, every context file (path, mode, content) and the args.
+fn build_id(
+    dockerfile: &Path,
+    context: &Path,
+    build_args: &[(String, String)],
+) -> Result<String, ServiceError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut h = Sha256::new();
+    h.update(
+        std::fs::read(dockerfile).map_err(other(format!("reading {}", dockerfile.display())))?,
+    );
+    let mut stack = vec![context.to_owned()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)
+            .map_err(other(format!("listing {}", d.display())))?
+            .flatten()
+        {
+            let md = e.metadata().map_err(other("reading the context"))?;
+            if md.is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push((e.path(), md.permissions().mode()));
+            }
+        }
+    }
+    files.sort();
+    for (p, mode) in files {
+        h.update(
+            p.strip_prefix(context)
+                .unwrap_or(&p)
+                .as_os_str()
+                .as_encoded_bytes(),
+        );
+        h.update(mode.to_le_bytes());
+        if let Ok(bytes) = std::fs::read(&p) {
+            h.update(Sha256::digest(&bytes));
+        }
+    }
+    for (k, v) in build_args {
+        h.update(k.as_bytes());
+        h.update(b"=");
+        h.update(v.as_bytes());
+        h.update(b"\n");
+    }
+    Ok(hex::encode(&h.finalize()[..8]))
+}

@@ -1,0 +1,337 @@
+//! The seed's behaviour matrix, one row per test, with real parts: the distribution registry,
+//! buildah, FUSE, overlayfs and runc.
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use clip_core::policy::{ArchiveStore, Config, RegistryEntry};
+use clip_core::service::{ImageService, ServiceOptions};
+use clip_testkit::{
+    Auth, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry, RegistryOptions,
+};
+
+fn can_run() -> bool {
+    let ok = clip_testkit::is_root()
+        && Path::new("/dev/fuse").exists()
+        && clip_testkit::process::have_program("buildah");
+    if !ok {
+        eprintln!("skipping: needs root, /dev/fuse and buildah");
+    }
+    ok
+}
+
+/// Log lines of the current thread, captured.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    let logs = Logs::default();
+    let l2 = logs.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || l2.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(sub, f);
+    (out, logs.text())
+}
+
+fn config(dir: &Path, version: u8) -> Config {
+    Config {
+        clip_version: version,
+        archive_store: ArchiveStore::Local(dir.join("store")),
+        cache_dir: dir.join("cache"),
+        mount_base: dir.join("mnt"),
+        ..Config::default()
+    }
+}
+
+fn service(dir: &Path, cfg: Config) -> ImageService {
+    ImageService::new(
+        cfg,
+        ServiceOptions {
+            buildah_root: Some(dir.join("buildah")),
+        },
+    )
+    .unwrap()
+}
+
+fn private_registry() -> Registry {
+    Registry::start(RegistryOptions {
+        auth: Auth::Basic {
+            username: "ci".into(),
+            password: "secret".into(),
+        },
+        tls: false,
+    })
+    .unwrap()
+}
+
+fn with_creds(mut cfg: Config, reg: &Registry, password: &str) -> Config {
+    cfg.registries.insert(
+        reg.host(),
+        RegistryEntry {
+            username: Some("ci".into()),
+            password: Some(password.into()),
+            insecure: false,
+        },
+    );
+    cfg
+}
+
+fn push_sample(reg: &Registry) -> String {
+    let img = Image::new(vec![
+        Layer::new(vec![
+            Entry::file("etc/os-release", "ID=sample\n"),
+            Entry::file(
+                "usr/share/data.bin",
+                clip_testkit::image::random_bytes(3, 3 << 20),
+            ),
+        ]),
+        Layer::new(vec![Entry::file("etc/motd", "hello\n")]),
+    ]);
+    ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap()
+        .push(reg, "team/sample", "v1")
+        .unwrap()
+        .reference
+}
+
+#[test]
+fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
+    if !can_run() {
+        return;
+    }
+    let reg = private_registry();
+    let image = push_sample(&reg);
+    let dir = tempfile::tempdir().unwrap();
+
+    let v2 = service(
+        dir.path(),
+        with_creds(config(dir.path(), 2), &reg, "secret"),
+    );
+    let (r2, logs) = with_logs(|| v2.pull_and_archive(&image).unwrap());
+    assert_eq!((r2.version, r2.fallback_reason.as_deref()), (2, None));
+    assert!(
+        logs.contains("Creating index-only archive directly from registry"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("v2 archive created directly from registry"),
+        "{logs}"
+    );
+    assert!(r2.bytes < 200_000, "{r2:?}");
+
+    let dir1 = tempfile::tempdir().unwrap();
+    let v1 = service(
+        dir1.path(),
+        with_creds(config(dir1.path(), 1), &reg, "secret"),
+    );
+    let (r1, logs) = with_logs(|| v1.pull_and_archive(&image).unwrap());
+    assert_eq!((r1.version, r1.fallback_reason.as_deref()), (1, None));
+    assert!(logs.contains("Creating legacy archive (Clip v1)"), "{logs}");
+    assert_eq!(r1.image_id, r2.image_id, "ids are stable across versions");
+    assert!(r1.bytes > 3 << 20);
+
+    // PullLazy of both, side by side; the v2 mount fetches on read.
+    let (m2, logs) = with_logs(|| v2.pull_lazy(&r2.image_id).unwrap());
+    assert!(logs.contains("detected v2 (OCI) archive format"), "{logs}");
+    let (m1, logs) = with_logs(|| v1.pull_lazy(&r1.image_id).unwrap());
+    assert!(logs.contains("detected v1 archive format"), "{logs}");
+    for m in [&m1, &m2] {
+        assert_eq!(
+            std::fs::read(m.mountpoint.join("etc/os-release")).unwrap(),
+            b"ID=sample\n"
+        );
+        assert_eq!(
+            std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap(),
+            clip_testkit::image::random_bytes(3, 3 << 20)
+        );
+    }
+    assert!(m2.stats().fetched_bytes > 0);
+
+    // Many concurrent PullLazy requests for one image share one mount.
+    let v2 = Arc::new(v2);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (s, id) = (Arc::clone(&v2), r2.image_id.clone());
+            std::thread::spawn(move || s.pull_lazy(&id).unwrap())
+        })
+        .collect();
+    for h in handles {
+        assert!(Arc::ptr_eq(&h.join().unwrap(), &m2));
+    }
+    assert_eq!(v2.mounts().len(), 1);
+
+    // Wrong credentials: a clear error with the docker login hint.
+    let dir3 = tempfile::tempdir().unwrap();
+    let bad = service(
+        dir3.path(),
+        with_creds(config(dir3.path(), 2), &reg, "wrong"),
+    );
+    let err = bad.pull_and_archive(&image).unwrap_err().to_string();
+    assert!(
+        err.contains("unauthorized") && err.contains("docker login"),
+        "{err}"
+    );
+}
+
+fn build_context(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ctx = dir.join("context");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
+    std::fs::write(ctx.join("hello"), "built by buildah\n").unwrap();
+    let dockerfile = ctx.join("Dockerfile");
+    let mut f = std::fs::File::create(&dockerfile).unwrap();
+    writeln!(
+        f,
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY hello /etc/hello\n\
+         RUN [\"/bin/busybox\", \"mkdir\", \"-p\", \"/data\"]\n\
+         ENV GREETING=/etc/hello\nCMD [\"/bin/busybox\", \"cat\", \"/etc/hello\"]"
+    )
+    .unwrap();
+    (dockerfile, ctx)
+}
+
+#[test]
+fn build_v2_with_the_registry_up_then_run_it_in_a_container() {
+    if !can_run() {
+        return;
+    }
+    let reg = Registry::start_anonymous().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (dockerfile, ctx) = build_context(dir.path());
+    let cfg = Config {
+        build_registry: reg.host(),
+        build_registry_configured: true,
+        ..config(dir.path(), 2)
+    };
+    let svc = service(dir.path(), cfg);
+    let (r, logs) = with_logs(|| svc.build_and_archive(&dockerfile, &ctx, &[]).unwrap());
+    assert_eq!(
+        (r.version, r.fallback_reason.as_deref()),
+        (2, None),
+        "{logs}"
+    );
+    assert!(logs.contains("Pushing built image to registry: "), "{logs}");
+    assert!(
+        logs.contains("Creating index-only archive (Clip v2)"),
+        "{logs}"
+    );
+    assert!(logs.contains("v2 archive created from registry"), "{logs}");
+
+    // The image's own command, then an explicit one, through overlay + runc.
+    let out = svc.run(&r.image_id, None).unwrap();
+    assert_eq!(
+        (out.status, out.stdout.as_str()),
+        (0, "built by buildah\n"),
+        "{out:?}"
+    );
+    let args = [
+        "/bin/busybox".to_owned(),
+        "ls".to_owned(),
+        "-d".to_owned(),
+        "/data".to_owned(),
+    ];
+    let out = svc.run(&r.image_id, Some(&args)).unwrap();
+    assert_eq!(out.stdout, "/data\n", "{out:?}");
+
+    // Same inputs, same id; a restarted worker remounts from its cache.
+    let id = r.image_id.clone();
+    drop(svc);
+    let svc = service(
+        dir.path(),
+        Config {
+            build_registry: reg.host(),
+            build_registry_configured: true,
+            ..config(dir.path(), 2)
+        },
+    );
+    let m = svc.pull_lazy(&id).unwrap();
+    assert_eq!(
+        std::fs::read(m.mountpoint.join("etc/hello")).unwrap(),
+        b"built by buildah\n"
+    );
+}
+
+#[test]
+fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (dockerfile, ctx) = build_context(dir.path());
+    // Nothing listens on this port: the default-like registry is down.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = Config {
+        build_registry: format!("127.0.0.1:{port}"),
+        ..config(dir.path(), 2)
+    };
+    let svc = service(dir.path(), cfg);
+    let (r, logs) = with_logs(|| svc.build_and_archive(&dockerfile, &ctx, &[]).unwrap());
+    assert_eq!(r.version, 1);
+    let reason = r.fallback_reason.clone().unwrap();
+    assert!(
+        reason.contains("no registry configured") && reason.contains("refused"),
+        "{reason}"
+    );
+    assert!(logs.contains("falling back to v1"), "{logs}");
+    assert!(logs.contains("Creating legacy archive (Clip v1)"), "{logs}");
+    let m = svc.pull_lazy(&r.image_id).unwrap();
+    assert_eq!(m.version, 1);
+    assert!(m.mountpoint.join("data").is_dir());
+
+    // A registry that refuses the push (wrong credentials): still a v1 archive, reason logged.
+    let reg = private_registry();
+    let cfg = with_creds(
+        Config {
+            build_registry: reg.host(),
+            build_registry_configured: true,
+            ..config(dir.path(), 2)
+        },
+        &reg,
+        "wrong",
+    );
+    let svc = service(dir.path(), cfg);
+    let (r, logs) = with_logs(|| {
+        svc.build_and_archive(&dockerfile, &ctx, &[("V".into(), "2".into())])
+            .unwrap()
+    });
+    assert_eq!(r.version, 1, "{logs}");
+    assert!(logs.contains("failed to push to registry"), "{logs}");
+    assert!(
+        r.fallback_reason
+            .unwrap()
+            .contains("failed to push to registry")
+    );
+
+    // clipVersion 1: v1 with no fallback reason.
+    let svc = service(dir.path(), config(dir.path(), 1));
+    let r = svc
+        .build_and_archive(&dockerfile, &ctx, &[("V".into(), "3".into())])
+        .unwrap();
+    assert_eq!((r.version, r.fallback_reason), (1, None));
+}
