@@ -1,15 +1,342 @@
 //! `clip-worker`: the daemon that pulls, builds and lazily mounts images on a worker.
 //!
-//! The image service (pull, build, PullLazy), its HTTP API and one-shot subcommands arrive with the
-//! image service issue. This binary holds only argument parsing, config loading and wiring.
+//! `serve` runs the image service behind a small JSON HTTP API; the one-shot subcommands (`pull`,
+//! `build`, `mount`, `umount`, `run`) run one flow and print a JSON result, for scripts and
+//! operators. Configuration: `--config FILE` (the `imageService:` YAML section), then the
+//! environment (`CLIP_VERSION`, `B9_BUILD_REGISTRY`, `CLIP_CACHE_DIR`). This binary holds only
+//! argument parsing, config loading and wiring; the flows live in `clip-core::service`.
+#![allow(clippy::print_stdout)]
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-/// The clip worker daemon.
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use clip_core::policy::Config;
+use clip_core::service::{ImageService, ServiceOptions};
+
+/// The clip worker: pull, build and lazily mount container images.
 #[derive(Debug, Parser)]
 #[command(name = "clip-worker", version, about)]
-struct Cli {}
+struct Cli {
+    /// Configuration file (YAML with an `imageService:` section).
+    #[arg(long, global = true, env = "CLIP_WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// buildah storage root (default: buildah's own).
+    #[arg(long, global = true)]
+    buildah_root: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the JSON HTTP API until SIGTERM/SIGINT; unmounts everything on the way out.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        listen: String,
+    },
+    /// Pull an image and store its archive (v2 or v1 per the configuration).
+    Pull {
+        /// The image reference.
+        image: String,
+    },
+    /// Build a Dockerfile and store its archive (v2 via the build registry, else v1).
+    Build {
+        /// The Dockerfile (default: CONTEXT/Dockerfile).
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
+        /// `KEY=VALUE` build arguments.
+        #[arg(long = "build-arg")]
+        build_args: Vec<String>,
+        /// The build context directory.
+        context: PathBuf,
+    },
+    /// Mount an image (PullLazy) and keep serving it until SIGTERM/SIGINT.
+    Mount {
+        /// The image id.
+        image_id: String,
+    },
+    /// Run a command in a new container of an image (the image's command if none is given).
+    Run {
+        /// The image id.
+        image_id: String,
+        /// The command and its arguments.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLIP_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = Config::load(cli.config.as_deref()).context("loading the configuration")?;
+    tracing::info!(
+        clip_version = cfg.clip_version,
+        build_registry = %cfg.build_registry,
+        "clip version {} configured",
+        cfg.clip_version
+    );
+    let svc = ImageService::new(
+        cfg,
+        ServiceOptions {
+            buildah_root: cli.buildah_root,
+        },
+    )?;
+    let print = |v: serde_json::Value| println!("{v}");
+    match cli.command {
+        Command::Serve { listen } => api::serve(&Arc::new(svc), &listen),
+        Command::Pull { image } => {
+            let r = svc.pull_and_archive(&image)?;
+            print(serde_json::to_value(r)?);
+            Ok(())
+        }
+        Command::Build {
+            file,
+            build_args,
+            context,
+        } => {
+            let dockerfile = file.unwrap_or_else(|| context.join("Dockerfile"));
+            let args = build_args
+                .iter()
+                .map(|a| {
+                    a.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--build-arg {a:?} must be KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let r = svc.build_and_archive(&dockerfile, &context, &args)?;
+            print(serde_json::to_value(r)?);
+            Ok(())
+        }
+        Command::Mount { image_id } => {
+            let m = svc.pull_lazy(&image_id)?;
+            print(
+                serde_json::json!({"image_id": m.image_id, "version": m.version, "mountpoint": m.mountpoint}),
+            );
+            api::wait_for_signal()?;
+            drop(m);
+            svc.unmount_all();
+            Ok(())
+        }
+        Command::Run { image_id, args } => {
+            let out = svc.run(&image_id, (!args.is_empty()).then_some(&args[..]))?;
+            print(serde_json::to_value(&out)?);
+            svc.unmount_all();
+            std::process::exit(out.status);
+        }
+    }
+}
+
+mod api {
+    //! The HTTP API: JSON in, JSON out; flows run on blocking threads.
+
+    use std::sync::Arc;
+
+    use axum::Json;
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use clip_core::service::{ImageService, ServiceError};
+    use serde::Deserialize;
+
+    type Svc = Arc<ImageService>;
+
+    struct ApiError(StatusCode, String);
+
+    impl IntoResponse for ApiError {
+        fn into_response(self) -> Response {
+            (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
+        }
+    }
+
+    impl From<ServiceError> for ApiError {
+        fn from(e: ServiceError) -> Self {
+            let code = match e {
+                ServiceError::UnknownImage(_) => StatusCode::NOT_FOUND,
+                ServiceError::Registry(_) | ServiceError::Other(_) => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Self(code, e.to_string())
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(ApiError::from)
+    }
+
+    #[derive(Deserialize)]
+    struct PullReq {
+        image: String,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct BuildReq {
+        context: std::path::PathBuf,
+        dockerfile: Option<std::path::PathBuf>,
+        #[serde(default)]
+        build_args: std::collections::BTreeMap<String, String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    struct RunReq {
+        #[serde(default)]
+        args: Vec<String>,
+    }
+
+    fn mount_json(m: &clip_core::service::MountedImage) -> serde_json::Value {
+        let s = m.stats();
+        serde_json::json!({"image_id": m.image_id, "version": m.version, "mountpoint": m.mountpoint,
+            "fetched_bytes": s.fetched_bytes, "served_bytes": s.served_bytes, "cache_hits": s.cache.hits})
+    }
+
+    fn router(svc: Svc) -> axum::Router {
+        axum::Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/v1/pull",
+                post(|State(s): State<Svc>, Json(r): Json<PullReq>| async move {
+                    let out = blocking(move || s.pull_and_archive(&r.image)).await?;
+                    Ok::<_, ApiError>(Json(out))
+                }),
+            )
+            .route(
+                "/v1/build",
+                post(|State(s): State<Svc>, Json(r): Json<BuildReq>| async move {
+                    let out = blocking(move || {
+                        let df = r.dockerfile.unwrap_or_else(|| r.context.join("Dockerfile"));
+                        let args: Vec<_> = r.build_args.into_iter().collect();
+                        s.build_and_archive(&df, &r.context, &args)
+                    })
+                    .await?;
+                    Ok::<_, ApiError>(Json(out))
+                }),
+            )
+            .route(
+                "/v1/images/{id}/mount",
+                post(|State(s): State<Svc>, Path(id): Path<String>| async move {
+                    let m = blocking(move || s.pull_lazy(&id)).await?;
+                    Ok::<_, ApiError>(Json(mount_json(&m)))
+                })
+                .delete(|State(s): State<Svc>, Path(id): Path<String>| async move {
+                    blocking(move || s.unmount(&id)).await?;
+                    Ok::<_, ApiError>(StatusCode::NO_CONTENT)
+                }),
+            )
+            .route(
+                "/v1/images/{id}/run",
+                post(
+                    |State(s): State<Svc>, Path(id): Path<String>, body: Option<Json<RunReq>>| async move {
+                        let args = body.map(|Json(r)| r.args).unwrap_or_default();
+                        let out = blocking(move || {
+                            s.run(&id, (!args.is_empty()).then_some(&args[..]))
+                        })
+                        .await?;
+                        Ok::<_, ApiError>(Json(out))
+                    },
+                ),
+            )
+            .route(
+                "/v1/mounts",
+                get(|State(s): State<Svc>| async move {
+                    Json(s.mounts().iter().map(|m| mount_json(m)).collect::<Vec<_>>())
+                }),
+            )
+            .route(
+                "/metrics",
+                get(|State(s): State<Svc>| async move { metrics(&s) }),
+            )
+            .with_state(svc)
+    }
+
+    /// Prometheus text exposition of the mounts' counters.
+    fn metrics(s: &ImageService) -> String {
+        use std::fmt::Write as _;
+        let mounts = s.mounts();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# TYPE clip_mounts gauge\nclip_mounts {}",
+            mounts.len()
+        );
+        for (name, kind) in [
+            ("clip_fetched_bytes_total", "counter"),
+            ("clip_served_bytes_total", "counter"),
+            ("clip_cache_hits_total", "counter"),
+            ("clip_cache_misses_total", "counter"),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for m in &mounts {
+                let st = m.stats();
+                let v = match name {
+                    "clip_fetched_bytes_total" => st.fetched_bytes,
+                    "clip_served_bytes_total" => st.served_bytes,
+                    "clip_cache_hits_total" => st.cache.hits,
+                    _ => st.cache.misses,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{image_id=\"{}\",version=\"{}\"}} {v}",
+                    m.image_id, m.version
+                );
+            }
+        }
+        out
+    }
+
+    async fn shutdown_signal() {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    }
+
+    /// Serves until SIGTERM/SIGINT, then unmounts everything.
+    pub(crate) fn serve(svc: &Svc, listen: &str) -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            tracing::info!(addr = %listener.local_addr()?, "clip-worker listening");
+            axum::serve(listener, router(Arc::clone(svc)))
+                .with_graceful_shutdown(shutdown_signal())
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        tracing::info!("shutting down: unmounting all images");
+        svc.unmount_all();
+        Ok(())
+    }
+
+    /// Blocks until SIGTERM/SIGINT.
+    pub(crate) fn wait_for_signal() -> anyhow::Result<()> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(shutdown_signal());
+        Ok(())
+    }
 }

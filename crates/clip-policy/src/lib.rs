@@ -214,7 +214,9 @@ impl Config {
             self.clip_version = v
                 .trim()
                 .parse()
-                .map_err(|_| Error::Invalid(format!("CLIP_VERSION={v:?} is not 1 or 2")))?;
+                .ok()
+                .filter(|n| matches!(n, 1 | 2))
+                .ok_or_else(|| Error::Invalid(format!("CLIP_VERSION={v:?} is not 1 or 2")))?;
         }
         if let Some(r) = get("B9_BUILD_REGISTRY").filter(|v| !v.is_empty()) {
             self.build_registry = r;
