@@ -41,14 +41,15 @@ impl Profile {
     /// Reads a profile file.
     pub fn load(path: &Path) -> Result<Self, crate::Error> {
         let bytes = std::fs::read(path)?;
-        let p: Self = serde_json::from_slice(&bytes)
-            .map_err(|e| crate::Error::Config(format!("profile {}: {e}", path.display())))?;
+        Self::from_slice(&bytes)
+            .map_err(|e| crate::Error::Config(format!("profile {}: {e}", path.display())))
+    }
+
+    /// Parses a profile (untrusted: it may come from another machine).
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, String> {
+        let p: Self = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if p.version != 1 {
-            return Err(crate::Error::Config(format!(
-                "profile {}: unsupported version {}",
-                path.display(),
-                p.version
-            )));
+            return Err(format!("unsupported version {}", p.version));
         }
         Ok(p)
     }
