@@ -25,6 +25,8 @@ use crate::{Error, Result};
 pub struct ExtractOptions {
     /// Registry client settings, for v2 archives.
     pub registry: clip_registry::ClientConfig,
+    /// Object-store settings, for v1-remote archives.
+    pub remote: crate::remote::RemoteOptions,
 }
 
 /// What an extraction wrote.
@@ -146,11 +148,8 @@ fn apply_meta(dir: BorrowedFd<'_>, name: &[u8], e: &Entry<'_>, as_root: bool) ->
 /// Extracts the archive at `archive` into `dir` (created if missing; should be empty).
 pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<ExtractSummary> {
     let a = Archive::open(archive)?;
-    if a.kind() == ArchiveKind::V1Remote {
-        return Err(Error::Unsupported(
-            "extracting a v1-remote archive needs its data object (not implemented yet)".into(),
-        ));
-    }
+    let remote_kind = a.kind() == ArchiveKind::V1Remote;
+    let mut remote_jobs: Vec<Job<u32>> = Vec::new();
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         context: "creating",
         path: dir.to_owned(),
@@ -226,6 +225,17 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
                 .map_err(sys("creating", &path))?;
                 summary.files += 1;
                 match e.data() {
+                    Some(DataLocation::V1 { .. }) if remote_kind => {
+                        if let Some(DataLocation::V1 { offset, length, .. }) = e.data()
+                            && length > 0
+                        {
+                            remote_jobs.push(Job {
+                                offset,
+                                size: length,
+                                target: i,
+                            });
+                        }
+                    }
                     Some(DataLocation::V1 { .. }) => {
                         let bytes = a.file_data(&e, true)?;
                         std::fs::File::from(fd)
@@ -291,6 +301,9 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
         meta_order.push(i);
     }
 
+    if !remote_jobs.is_empty() {
+        summary.bytes += fill_from_object(&a, &mut remote_jobs, root.as_fd(), opts)?;
+    }
     if jobs.iter().any(|j| !j.is_empty()) {
         summary.bytes += fill_from_registry(&a, &layers, &mut jobs, root.as_fd(), opts)?;
     }
@@ -306,6 +319,85 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
     }
     apply_meta(root.as_fd(), b".", &a.root(), as_root)?;
     Ok(summary)
+}
+
+/// Opens `path` (a regular file created by this extraction) for writing, beneath `root`.
+fn open_for_data(root: BorrowedFd<'_>, path: &[u8]) -> Result<std::fs::File> {
+    let fd = rustix::fs::openat2(
+        root,
+        path,
+        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+    )
+    .map_err(sys("opening", path))?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// v1 remote: reads the data region of the object once, in order, checking each file's sha256.
+fn fill_from_object(
+    archive: &Archive,
+    jobs: &mut [Job<u32>],
+    root: BorrowedFd<'_>,
+    opts: &ExtractOptions,
+) -> Result<u64> {
+    use sha2::Digest as _;
+    let remote = archive
+        .meta()
+        .remote
+        .clone()
+        .ok_or_else(|| Error::Unsupported("v1-remote archive without a data object".into()))?;
+    let object = crate::remote::RemoteObject::open(&remote.url, &opts.remote)?;
+    let rt = crate::runtime()?;
+    let data = crate::remote::RangeReader::new(
+        &object,
+        &rt,
+        remote.data_offset..remote.data_offset + remote.data_length,
+    );
+    let mut written = 0u64;
+    copy_out(&remote.url, "", data, jobs, |i, r, _| {
+        let Some(e) = archive.entry(*i) else {
+            return Ok(());
+        };
+        let path = e.path();
+        let Some(DataLocation::V1 { sha256, .. }) = e.data() else {
+            return Ok(());
+        };
+        let mut f = std::io::BufWriter::with_capacity(256 << 10, open_for_data(root, &path)?);
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = r.read(&mut buf).map_err(|source| Error::Io {
+                context: "reading the data object for",
+                path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            f.write_all(&buf[..n]).map_err(|source| Error::Io {
+                context: "writing",
+                path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
+                source,
+            })?;
+            written += n as u64;
+        }
+        f.flush().map_err(|source| Error::Io {
+            context: "writing",
+            path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
+            source,
+        })?;
+        if <[u8; 32]>::from(h.finalize()) != sha256 {
+            return Err(Error::Digest {
+                what: format!("{} from {}", String::from_utf8_lossy(&path), remote.url),
+                expected: hex::encode(sha256),
+                found: "different content".into(),
+            });
+        }
+        Ok(())
+    })?;
+    Ok(written)
 }
 
 /// v2: streams each layer once from the registry and writes the files it holds.

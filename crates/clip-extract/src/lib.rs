@@ -14,8 +14,8 @@
 //! `diff_id`-verified pass per layer copies the surviving files' bytes), [`archive_rootfs`]
 //! (directory → v1, keeping modes incl. setuid/setgid/sticky, owners, nanosecond mtimes, xattrs,
 //! hard links, devices, fifos, sockets and symlinks) and [`extract`] (v1 local and v2 archives →
-//! directory, every path resolved beneath the root). Remote (object storage) archives are not
-//! implemented yet.
+//! directory, every path resolved beneath the root), and [`remote`]: upload to object storage (S3 or
+//! a local-filesystem store) behind a v1-remote metadata archive, and ranged reads back.
 //!
 //! ```no_run
 //! let summary = clip_extract::archive_rootfs("/var/lib/rootfs".as_ref(), "/tmp/rootfs.clip".as_ref(), &clip_format::Meta::default())?;
@@ -26,6 +26,7 @@
 mod extract;
 mod image;
 mod layers;
+pub mod remote;
 mod rootfs;
 
 pub use extract::{ExtractOptions, ExtractSummary, extract};
@@ -92,6 +93,27 @@ pub enum Error {
     /// Not supported by this build.
     #[error("{0}")]
     Unsupported(String),
+    /// Object storage failed.
+    #[error("{url}: {reason}")]
+    Remote {
+        /// The object's URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A small runtime for the blocking entry points that talk to the network.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            context: "starting the network runtime",
+            path: PathBuf::new(),
+            source,
+        })
 }
 
 /// Result with [`Error`].
