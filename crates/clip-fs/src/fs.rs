@@ -32,6 +32,8 @@ pub(crate) enum Data {
     V1Local,
     /// Layer blobs in a registry.
     V2(Arc<V2Source>),
+    /// The data object of a v1-remote archive.
+    V1Remote(Arc<crate::remote::RemoteFiles>),
 }
 
 /// Per open file: where the last read ended, to detect sequential reading.
@@ -268,6 +270,43 @@ impl ClipFs {
     }
 }
 
+impl ClipFs {
+    fn read_remote(
+        &self,
+        src: &Arc<crate::remote::RemoteFiles>,
+        loc: (u64, u64, [u8; 32]),
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        let (at, length, sha256) = loc;
+        let end = length.min(offset.saturating_add(u64::from(size)));
+        if offset >= end {
+            reply.data(&[]);
+            return;
+        }
+        let (lo, hi) = (offset as usize, end as usize);
+        if let Some(f) = src.local(&sha256, length) {
+            self.served.fetch_add(end - offset, Ordering::Relaxed);
+            reply.data(&f.bytes()[lo..hi]);
+            return;
+        }
+        let (src, served) = (Arc::clone(src), Arc::clone(&self.served));
+        self.runtime.spawn(async move {
+            match src.file(at, length, sha256).await {
+                Ok(f) => {
+                    served.fetch_add(end - offset, Ordering::Relaxed);
+                    reply.data(&f.bytes()[lo..hi]);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "read failed");
+                    reply.error(Errno::EIO);
+                }
+            }
+        });
+    }
+}
+
 impl Filesystem for ClipFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
@@ -367,6 +406,14 @@ impl Filesystem for ClipFs {
                 }),
                 Data::V2(src),
             ) => self.read_v2(src, fh.0, (layer, at, length), offset, size, reply),
+            (
+                Some(DataLocation::V1 {
+                    offset: at,
+                    length,
+                    sha256,
+                }),
+                Data::V1Remote(src),
+            ) => self.read_remote(src, (at, length, sha256), offset, size, reply),
             _ => reply.error(Errno::EIO),
         }
     }

@@ -14,8 +14,9 @@
 //!   one Range GET of the compressed bytes of the missing spans, decoded from each span's
 //!   checkpoint, **verified against the span digest** recorded at indexing time, then cached.
 //!   Concurrent reads of a span share one fetch; sequential readers trigger read-ahead.
-//! - **v1 remote** archives are not served yet (their upload path lands with the v1 issue);
-//!   mounting one fails with a clear error.
+//! - **v1 remote**: the data object in object storage. v1 has one digest per file, so the first
+//!   read of a file fetches the whole file with one ranged GET, verifies its sha256 and caches it
+//!   under that digest (a large file's first read waits for all of it).
 //!
 //! FUSE dispatch never blocks on the network: a read whose spans are all open already is
 //! answered on the dispatch thread; any other is handed to the mount's tokio runtime and replied
@@ -42,6 +43,7 @@ pub mod cache;
 mod fs;
 mod layers;
 pub mod profile;
+mod remote;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,6 +117,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// Let other users (container processes) use the mount (`allow_other`).
     pub allow_other: bool,
+    /// Object-store settings, for v1-remote archives.
+    pub remote: clip_extract::remote::RemoteOptions,
 }
 
 impl Default for MountOptions {
@@ -131,6 +135,7 @@ impl Default for MountOptions {
             record_profile: None,
             threads: 4,
             allow_other: true,
+            remote: clip_extract::remote::RemoteOptions::default(),
         }
     }
 }
@@ -170,6 +175,7 @@ pub struct MountHandle {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
     v2: Option<Arc<layers::V2Source>>,
+    v1_remote: Option<Arc<remote::RemoteFiles>>,
     recorder: Option<(Arc<profile::Recorder>, PathBuf, Arc<Archive>)>,
     prefetch: Option<tokio::task::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -199,6 +205,16 @@ impl MountHandle {
             served_bytes,
             ..MountStats::default()
         };
+        if let Some(r) = &self.v1_remote {
+            return MountStats {
+                requests: r.requests.load(Ordering::Relaxed),
+                fetched_bytes: r.fetched_bytes.load(Ordering::Relaxed),
+                spans_fetched: 0,
+                verify_failures: r.verify_failures.load(Ordering::Relaxed),
+                served_bytes,
+                cache: r.cache().stats(),
+            };
+        }
         self.v2.as_ref().map_or(base, |s| MountStats {
             requests: s.stats.requests.load(Ordering::Relaxed),
             fetched_bytes: s.stats.fetched_bytes.load(Ordering::Relaxed),
@@ -358,8 +374,8 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         .thread_name("clip-fs")
         .enable_all()
         .build()?;
-    let (data, v2) = match archive.kind() {
-        ArchiveKind::V1Local => (fs::Data::V1Local, None),
+    let (data, v2, v1_remote) = match archive.kind() {
+        ArchiveKind::V1Local => (fs::Data::V1Local, None, None),
         ArchiveKind::V2Oci => {
             let cache = Arc::new(SpanCache::open(&options.cache_dir, options.cache_bytes)?);
             let client = clip_registry::Client::new(options.registry.clone())?;
@@ -369,12 +385,18 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
                 cache,
                 options.registry_override.as_deref(),
             )?);
-            (fs::Data::V2(Arc::clone(&src)), Some(src))
+            (fs::Data::V2(Arc::clone(&src)), Some(src), None)
         }
         ArchiveKind::V1Remote => {
-            return Err(Error::Config(
-                "v1-remote archives cannot be mounted yet (their data path lands with the v1 issue); extract the data-carrying archive instead".into(),
-            ));
+            let remote =
+                archive.meta().remote.clone().ok_or_else(|| {
+                    Error::Config("v1-remote archive without a data object".into())
+                })?;
+            let cache = Arc::new(SpanCache::open(&options.cache_dir, options.cache_bytes)?);
+            let object = clip_extract::remote::RemoteObject::open(&remote.url, &options.remote)
+                .map_err(|e| Error::Config(e.to_string()))?;
+            let files = Arc::new(remote::RemoteFiles::new(object, remote.data_offset, cache));
+            (fs::Data::V1Remote(Arc::clone(&files)), None, Some(files))
         }
     };
     let recorder = options
@@ -425,6 +447,7 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         session: Some(session),
         mountpoint: options.mountpoint.clone(),
         v2,
+        v1_remote,
         recorder: recorder
             .zip(options.record_profile)
             .map(|(r, p)| (r, p, archive)),

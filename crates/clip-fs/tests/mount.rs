@@ -592,3 +592,60 @@ fn a_debian_image_mounted_lazily_equals_umoci() {
     assert_eq!(m.stats().verify_failures, 0);
     m.unmount().unwrap();
 }
+
+#[test]
+fn a_v1_remote_archive_in_s3_mounts_with_verified_files() {
+    if !can_mount() {
+        return;
+    }
+    let s3 = clip_testkit::S3::start().unwrap();
+    s3.create_bucket("images").unwrap();
+    let registry = Registry::start_anonymous().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = edge([Compression::Gzip, Compression::Gzip, Compression::None]);
+    image
+        .build()
+        .unwrap()
+        .push(&registry, "test/app", "t")
+        .unwrap();
+    let rootfs =
+        oracle::oracle_unpack(&registry, "test/app:t", &dir.path().join("oracle"), None).unwrap();
+    let expected = Tree::scan(&rootfs).unwrap();
+    let local = dir.path().join("v1.clip");
+    clip_extract::archive_rootfs(&rootfs, &local, &clip_format::Meta::default()).unwrap();
+    let remote = clip_extract::remote::RemoteOptions {
+        endpoint: Some(s3.endpoint()),
+        region: Some(s3.region().to_owned()),
+        access_key_id: Some(s3.access_key().to_owned()),
+        secret_access_key: Some(s3.secret_key().to_owned()),
+        path_style: true,
+    };
+    let meta = dir.path().join("v1-remote.clip");
+    clip_extract::remote::upload_v1(&local, "s3://images/app.clip", &meta, &remote, None).unwrap();
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let m = mount_archive(MountOptions {
+        archive: meta.clone(),
+        mountpoint: mp.clone(),
+        cache_dir: dir.path().join("cache"),
+        remote: remote.clone(),
+        ..MountOptions::default()
+    })
+    .unwrap();
+    assert_same(&expected, m.mountpoint());
+    let s = m.stats();
+    assert!(s.requests > 0 && s.verify_failures == 0, "{s:?}");
+    m.unmount().unwrap();
+    // A second mount reads every file from the cache.
+    let m = mount_archive(MountOptions {
+        archive: meta,
+        mountpoint: mp,
+        cache_dir: dir.path().join("cache"),
+        remote,
+        ..MountOptions::default()
+    })
+    .unwrap();
+    assert_same(&expected, m.mountpoint());
+    assert_eq!(m.stats().requests, 0);
+    m.unmount().unwrap();
+}
