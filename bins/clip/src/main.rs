@@ -99,6 +99,8 @@ enum Command {
         registry_mirror: Option<String>,
         #[command(flatten)]
         registry: RegistryArgs,
+        #[command(flatten)]
+        s3: RemoteArgs,
         /// Serve the mount from this process until unmounted or signalled.
         #[arg(long)]
         foreground: bool,
@@ -123,11 +125,17 @@ enum Command {
         /// Platform to pick from a multi-platform image, `os/arch[/variant]`.
         #[arg(long)]
         platform: Option<String>,
-        /// Output file.
+        /// Output file (with `--remote`: the small v1-remote metadata archive).
         #[arg(short, long)]
         output: PathBuf,
+        /// Upload the data-carrying archive to `s3://BUCKET/KEY` or `file:///DIR/KEY` and write
+        /// a v1-remote metadata archive pointing at it.
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
         #[command(flatten)]
         registry: RegistryArgs,
+        #[command(flatten)]
+        s3: RemoteArgs,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -141,6 +149,8 @@ enum Command {
         dir: PathBuf,
         #[command(flatten)]
         registry: RegistryArgs,
+        #[command(flatten)]
+        s3: RemoteArgs,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -192,6 +202,29 @@ impl RegistryArgs {
             );
         }
         Ok(cfg)
+    }
+}
+
+/// Object-store settings beyond the standard AWS environment (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, …).
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// S3 endpoint URL (S3-compatible servers; implies path-style requests).
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, value_name = "REGION")]
+    s3_region: Option<String>,
+}
+
+impl RemoteArgs {
+    fn options(&self) -> clip_core::extract::remote::RemoteOptions {
+        clip_core::extract::remote::RemoteOptions {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            path_style: self.s3_endpoint.is_some(),
+            ..Default::default()
+        }
     }
 }
 
@@ -332,6 +365,7 @@ fn main() -> anyhow::Result<()> {
             readahead_spans,
             registry_mirror,
             registry,
+            s3,
             foreground,
         } => {
             if !foreground {
@@ -356,6 +390,7 @@ fn main() -> anyhow::Result<()> {
                 readahead_spans,
                 prefetch,
                 record_profile,
+                remote: s3.options(),
                 ..clip_core::fs::MountOptions::default()
             };
             mount::foreground(options)
@@ -370,10 +405,20 @@ fn main() -> anyhow::Result<()> {
             oci_layout,
             platform,
             output,
+            remote,
             registry,
+            s3,
             json,
         } => {
             let start = std::time::Instant::now();
+            // With --remote the data-carrying archive is staged next to the output, uploaded,
+            // and only the metadata archive is kept.
+            let final_output = output.clone();
+            let output = if remote.is_some() {
+                output.with_extension("data.clip")
+            } else {
+                output
+            };
             let platform = match platform {
                 Some(p) => Some(
                     clip_core::indexer::Platform::parse(&p)
@@ -406,6 +451,30 @@ fn main() -> anyhow::Result<()> {
                     clip_core::extract::archive_image(&image, &client, platform.as_ref(), &output)?;
                 (s.kind, s.entries, s.bytes, reference.to_string())
             };
+            let (kind, bytes, output) = if let Some(url) = remote {
+                #[allow(clippy::print_stderr)]
+                let progress = |sent: u64, total: u64| {
+                    if !json {
+                        eprint!("\ruploading {sent}/{total} bytes");
+                    }
+                };
+                let up = clip_core::extract::remote::upload_v1(
+                    &output,
+                    &url,
+                    &final_output,
+                    &s3.options(),
+                    Some(&progress),
+                );
+                let _ = std::fs::remove_file(&output);
+                let up = up?;
+                #[allow(clippy::print_stderr)]
+                if !json {
+                    eprintln!();
+                }
+                (up.metadata.kind, up.metadata.bytes, final_output)
+            } else {
+                (kind, bytes, output)
+            };
             let secs = start.elapsed().as_secs_f64();
             if json {
                 let v = serde_json::json!({"kind": kind.to_string(), "source": source, "entries": entries, "bytes": bytes, "seconds": secs, "output": output});
@@ -423,6 +492,7 @@ fn main() -> anyhow::Result<()> {
             file,
             dir,
             registry,
+            s3,
             json,
         } => {
             let start = std::time::Instant::now();
@@ -434,6 +504,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_default();
             let opts = clip_core::extract::ExtractOptions {
                 registry: registry.client_config(&host)?,
+                remote: s3.options(),
             };
             let s = clip_core::extract::extract(&file, &dir, &opts)
                 .with_context(|| format!("extracting {} into {}", file.display(), dir.display()))?;

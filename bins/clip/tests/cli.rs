@@ -398,3 +398,60 @@ fn archive_an_image_and_extract_v1_and_v2() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `clip archive --remote` (a local-filesystem object store), then extract and mount the
+/// v1-remote metadata archive.
+#[test]
+fn remote_archives_extract_and_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hello"), b"remote hello\n").unwrap();
+    let meta = dir.path().join("meta.clip");
+    let url = format!("file://{}/store/app.clip", dir.path().display());
+    let o = clip(&[
+        "archive",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "-o",
+        meta.to_str().unwrap(),
+        "--remote",
+        &url,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "v1-remote");
+    assert!(dir.path().join("store/app.clip").exists());
+    assert!(
+        !dir.path().join("meta.data.clip").exists(),
+        "staging file left behind"
+    );
+
+    let out = dir.path().join("out");
+    let o = clip(&["extract", meta.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(out.join("etc/hello")).unwrap(),
+        b"remote hello\n"
+    );
+
+    if clip_testkit::is_root() && std::path::Path::new("/dev/fuse").exists() {
+        let mp = dir.path().join("mnt");
+        std::fs::create_dir(&mp).unwrap();
+        let cache = dir.path().join("cache");
+        let o = clip(&[
+            "mount",
+            meta.to_str().unwrap(),
+            mp.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            std::fs::read(mp.join("etc/hello")).unwrap(),
+            b"remote hello\n"
+        );
+        assert!(clip(&["umount", mp.to_str().unwrap()]).status.success());
+    }
+}
