@@ -77,8 +77,8 @@ pub struct ArchiveResult {
     pub image_id: String,
     /// Archive version used (1 or 2).
     pub version: u8,
-    /// The archive in the store.
-    pub archive: PathBuf,
+    /// The archive in the store (a path, or an `s3://` URL).
+    pub archive: String,
     /// Its size.
     pub bytes: u64,
     /// Why v2 was not used, when it was asked for.
@@ -162,12 +162,11 @@ fn is_loopback(host: &str) -> bool {
 impl ImageService {
     /// A service for `cfg`: registry credentials from the config, then docker's `config.json`.
     pub fn new(cfg: Config, opts: ServiceOptions) -> Result<Self, ServiceError> {
-        let ArchiveStore::Local(store) = &cfg.archive_store else {
-            return Err(ServiceError::Other(
-                "the S3 archive store is not implemented yet; use archiveStore.local".into(),
-            ));
+        let store = match &cfg.archive_store {
+            ArchiveStore::Local(dir) => dir.clone(),
+            ArchiveStore::S3(_) => cfg.cache_dir.join("outgoing"),
         };
-        for d in [store, &cfg.cache_dir, &cfg.mount_base] {
+        for d in [&store, &cfg.cache_dir, &cfg.mount_base] {
             std::fs::create_dir_all(d).map_err(other(format!("creating {}", d.display())))?;
         }
         let docker_config = registry::dockerconfig::default_path()
@@ -210,17 +209,93 @@ impl ImageService {
         &self.cfg
     }
 
-    fn store_dir(&self) -> &Path {
+    /// Where archives are written: the store itself (local), or a staging directory whose
+    /// files are uploaded (S3).
+    fn store_dir(&self) -> PathBuf {
         match &self.cfg.archive_store {
-            ArchiveStore::Local(d) => d,
-            ArchiveStore::S3(_) => Path::new("/nonexistent"),
+            ArchiveStore::Local(d) => d.clone(),
+            ArchiveStore::S3(_) => self.cfg.cache_dir.join("outgoing"),
         }
     }
 
-    /// Where image `id`'s archive lives in the store.
+    /// Where image `id`'s archive is written locally (for a local store: where it lives).
     #[must_use]
     pub fn archive_path(&self, id: &str) -> PathBuf {
         self.store_dir().join(format!("{id}.clip"))
+    }
+
+    fn s3_options(s3: &clip_policy::S3Store) -> crate::extract::remote::RemoteOptions {
+        crate::extract::remote::RemoteOptions {
+            endpoint: s3.endpoint.clone(),
+            region: s3.region.clone(),
+            access_key_id: s3.access_key_id.clone(),
+            secret_access_key: s3.secret_access_key.clone(),
+            path_style: s3.force_path_style,
+        }
+    }
+
+    fn s3_url(s3: &clip_policy::S3Store, name: &str) -> String {
+        format!("s3://{}/{}{name}", s3.bucket, s3.prefix)
+    }
+
+    /// Moves a finished archive into the store: nothing to do for a local store; for S3, a v2
+    /// archive is uploaded as `<prefix><id>.clip`, and a v1 archive's data goes to
+    /// `<prefix><id>.data.clip` behind a v1-remote metadata archive stored as `<prefix><id>.clip`.
+    /// Returns where it lives.
+    fn publish(&self, id: &str, version: u8, local: &Path) -> Result<String, ServiceError> {
+        let ArchiveStore::S3(s3) = &self.cfg.archive_store else {
+            return Ok(local.display().to_string());
+        };
+        let opts = Self::s3_options(s3);
+        let index_url = Self::s3_url(s3, &format!("{id}.clip"));
+        let rt = runtime()?;
+        if version == 1 {
+            let meta = local.with_extension("remote.clip");
+            crate::extract::remote::upload_v1(
+                local,
+                &Self::s3_url(s3, &format!("{id}.data.clip")),
+                &meta,
+                &opts,
+                None,
+            )?;
+            let bytes = std::fs::read(&meta).map_err(other("reading the metadata archive"))?;
+            let obj = crate::extract::remote::RemoteObject::open(&index_url, &opts)?;
+            rt.block_on(obj.upload(&bytes, None))?;
+            let _ = std::fs::remove_file(&meta);
+        } else {
+            let bytes = std::fs::read(local).map_err(other("reading the archive"))?;
+            let obj = crate::extract::remote::RemoteObject::open(&index_url, &opts)?;
+            rt.block_on(obj.upload(&bytes, None))?;
+        }
+        let _ = std::fs::remove_file(local);
+        tracing::info!(image_id = id, url = %index_url, "archive stored");
+        Ok(index_url)
+    }
+
+    /// Copies image `id`'s archive from the store to `dest` (atomically).
+    fn fetch_archive(&self, id: &str, dest: &Path) -> Result<(), ServiceError> {
+        let bytes = match &self.cfg.archive_store {
+            ArchiveStore::Local(_) => {
+                let src = self.archive_path(id);
+                if !src.exists() {
+                    return Err(ServiceError::UnknownImage(id.to_owned()));
+                }
+                std::fs::read(&src).map_err(other(format!("reading {}", src.display())))?
+            }
+            ArchiveStore::S3(s3) => {
+                let obj = crate::extract::remote::RemoteObject::open(
+                    &Self::s3_url(s3, &format!("{id}.clip")),
+                    &Self::s3_options(s3),
+                )?;
+                let rt = runtime()?;
+                let size = rt
+                    .block_on(obj.size())
+                    .map_err(|_| ServiceError::UnknownImage(id.to_owned()))?;
+                rt.block_on(obj.get_range(0..size))?.to_vec()
+            }
+        };
+        format::publish_bytes(dest, &bytes)?;
+        Ok(())
     }
 
     fn client(&self) -> Result<registry::Client, ServiceError> {
@@ -281,7 +356,7 @@ impl ImageService {
                         bytes = s.archive_bytes,
                         "v2 archive created directly from registry"
                     );
-                    return Ok(self.result(id, 2, out, None, start));
+                    return self.result(id, 2, &out, None, start);
                 }
                 Err(e) => {
                     let reason = clip_policy::fallback_reason("v2 indexing failed", &e.to_string());
@@ -292,27 +367,27 @@ impl ImageService {
         }
         tracing::info!(image = image_ref, "Creating legacy archive (Clip v1)");
         crate::extract::archive_image(image_ref, &client, None, &out)?;
-        Ok(self.result(id, 1, out, fallback, start))
+        self.result(id, 1, &out, fallback, start)
     }
 
     fn result(
         &self,
         image_id: String,
         version: u8,
-        archive: PathBuf,
+        archive: &Path,
         fallback_reason: Option<String>,
         start: Instant,
-    ) -> ArchiveResult {
-        let bytes = std::fs::metadata(&archive).map_or(0, |m| m.len());
-        let _ = self;
-        ArchiveResult {
+    ) -> Result<ArchiveResult, ServiceError> {
+        let bytes = std::fs::metadata(archive).map_or(0, |m| m.len());
+        let stored = self.publish(&image_id, version, archive)?;
+        Ok(ArchiveResult {
             image_id,
             version,
-            archive,
+            archive: stored,
             bytes,
             fallback_reason,
             seconds: start.elapsed().as_secs_f64(),
-        }
+        })
     }
 
     fn buildah(&self) -> Command {
@@ -387,7 +462,7 @@ impl ImageService {
         }
         if let BuildPlan::PushAndIndex { registry } = plan {
             match self.push_and_index(&name, &registry, &id, &out) {
-                Ok(()) => return Ok(self.result(id, 2, out, None, start)),
+                Ok(()) => return self.result(id, 2, &out, None, start),
                 Err(reason) => {
                     tracing::warn!(reason = %reason, "falling back to v1");
                     fallback = Some(reason);
@@ -397,7 +472,7 @@ impl ImageService {
         tracing::info!(image = %name, "Creating legacy archive (Clip v1)");
         let staging = tempfile::Builder::new()
             .prefix(".clip-build-")
-            .tempdir_in(self.store_dir())
+            .tempdir_in(self.store_dir().as_path())
             .map_err(other("creating a staging directory"))?;
         let mut push = self.buildah();
         push.arg("push")
@@ -405,7 +480,7 @@ impl ImageService {
             .arg(format!("oci:{}:image", staging.path().display()));
         tool(&mut push)?;
         crate::extract::archive_layout(staging.path(), Some("image"), None, &out)?;
-        Ok(self.result(id, 1, out, fallback, start))
+        self.result(id, 1, &out, fallback, start)
     }
 
     /// v2 half of a build; any failure comes back as the reason to fall back.
@@ -481,16 +556,11 @@ impl ImageService {
         {
             return Ok(Arc::clone(m));
         }
-        let src = self.archive_path(id);
-        if !src.exists() {
-            return Err(ServiceError::UnknownImage(id.to_owned()));
-        }
         let local_dir = self.cfg.cache_dir.join("archives");
         std::fs::create_dir_all(&local_dir).map_err(other("creating the archive cache"))?;
         let local = local_dir.join(format!("{id}.clip"));
         if !local.exists() {
-            let bytes = std::fs::read(&src).map_err(other(format!("reading {}", src.display())))?;
-            format::publish_bytes(&local, &bytes)?;
+            self.fetch_archive(id, &local)?;
         }
         let archive = format::Archive::open(&local)?;
         let version = if archive.kind() == format::ArchiveKind::V2Oci {
@@ -510,6 +580,10 @@ impl ImageService {
             cache_dir: self.cfg.cache_dir.join("spans"),
             cache_bytes: self.cfg.cache_size_gib << 30,
             registry: self.client_cfg.clone(),
+            remote: match &self.cfg.archive_store {
+                ArchiveStore::S3(s3) => Self::s3_options(s3),
+                ArchiveStore::Local(_) => crate::extract::remote::RemoteOptions::default(),
+            },
             ..fs::MountOptions::default()
         })?;
         let m = Arc::new(MountedImage {

@@ -335,3 +335,57 @@ fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
         .unwrap();
     assert_eq!((r.version, r.fallback_reason), (1, None));
 }
+
+#[test]
+fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
+    if !can_run() {
+        return;
+    }
+    let s3 = clip_testkit::S3::start().unwrap();
+    s3.create_bucket("images").unwrap();
+    let reg = private_registry();
+    let image = push_sample(&reg);
+    for version in [2u8, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            archive_store: ArchiveStore::S3(clip_core::policy::S3Store {
+                bucket: "images".into(),
+                prefix: format!("v{version}/"),
+                endpoint: Some(s3.endpoint()),
+                region: Some(s3.region().into()),
+                force_path_style: true,
+                access_key_id: Some(s3.access_key().into()),
+                secret_access_key: Some(s3.secret_key().into()),
+            }),
+            ..with_creds(config(dir.path(), version), &reg, "secret")
+        };
+        let svc = service(dir.path(), cfg);
+        let r = svc.pull_and_archive(&image).unwrap();
+        assert_eq!(r.version, version);
+        assert_eq!(
+            r.archive,
+            format!("s3://images/v{version}/{}.clip", r.image_id)
+        );
+        let stored = s3.root().join("images").join(format!("v{version}"));
+        assert!(stored.join(format!("{}.clip", r.image_id)).exists());
+        assert_eq!(
+            stored.join(format!("{}.data.clip", r.image_id)).exists(),
+            version == 1,
+            "v1 keeps its data in the bucket"
+        );
+        let (m, logs) = with_logs(|| svc.pull_lazy(&r.image_id).unwrap());
+        assert!(
+            logs.contains(if version == 2 {
+                "detected v2"
+            } else {
+                "detected v1"
+            }),
+            "{logs}"
+        );
+        assert_eq!(
+            std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap(),
+            clip_testkit::image::random_bytes(3, 3 << 20)
+        );
+        assert!(m.stats().fetched_bytes >= 3 << 20);
+    }
+}

@@ -78,6 +78,10 @@ pub struct S3Store {
     pub region: Option<String>,
     /// Path-style addressing.
     pub force_path_style: bool,
+    /// Access key id (default: the AWS environment).
+    pub access_key_id: Option<String>,
+    /// Secret access key (default: the AWS environment).
+    pub secret_access_key: Option<String>,
 }
 
 /// Where `<id>.clip` archives live.
@@ -370,6 +374,8 @@ imageService:
                 endpoint: Some("http://127.0.0.1:9000".into()),
                 region: Some("us-east-1".into()),
                 force_path_style: true,
+                access_key_id: None,
+                secret_access_key: None,
             })
         );
         assert_eq!(c.cache_size_gib, 50);
