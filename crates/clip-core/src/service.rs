@@ -443,6 +443,21 @@ impl ImageService {
         ])
         .arg(format!("--file={}", dockerfile.display()))
         .arg(format!("--tag={name}"));
+        // Base images from loopback or insecure registries are pulled over plain HTTP.
+        let text = std::fs::read_to_string(dockerfile).unwrap_or_default();
+        let plain_http = text.lines().any(|l| {
+            let mut w = l.split_whitespace();
+            w.next().is_some_and(|k| k.eq_ignore_ascii_case("FROM"))
+                && w.find(|t| !t.starts_with("--")).is_some_and(|image| {
+                    let host = image.split('/').next().unwrap_or("");
+                    image.contains('/')
+                        && (is_loopback(host)
+                            || self.cfg.registry(host).is_some_and(|e| e.insecure))
+                })
+        });
+        if plain_http {
+            bud.arg("--tls-verify=false");
+        }
         for (k, v) in build_args {
             bud.arg(format!("--build-arg={k}={v}"));
         }
