@@ -94,6 +94,10 @@ enum Command {
         /// Spans fetched ahead of a sequential reader.
         #[arg(long, default_value_t = 2)]
         readahead_spans: usize,
+        /// v2: fetch whole layers in the background after mounting, at most RATE bytes/s
+        /// (K/M/G suffixes); off by default.
+        #[arg(long, value_name = "RATE", value_parser = parse_size)]
+        background_fetch: Option<u64>,
         /// Read the image from this registry host instead of the recorded one (a mirror).
         #[arg(long, value_name = "HOST")]
         registry_mirror: Option<String>,
@@ -363,6 +367,7 @@ fn main() -> anyhow::Result<()> {
             prefetch,
             record_profile,
             readahead_spans,
+            background_fetch,
             registry_mirror,
             registry,
             s3,
@@ -391,6 +396,7 @@ fn main() -> anyhow::Result<()> {
                 prefetch,
                 record_profile,
                 remote: s3.options(),
+                background_fetch,
                 ..clip_core::fs::MountOptions::default()
             };
             mount::foreground(options)

@@ -119,6 +119,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Object-store settings, for v1-remote archives.
     pub remote: clip_extract::remote::RemoteOptions,
+    /// v2: after mounting, fetch every layer's spans in the background at most this many
+    /// compressed bytes per second (`None`: off, the default).
+    pub background_fetch: Option<u64>,
 }
 
 impl Default for MountOptions {
@@ -136,6 +139,7 @@ impl Default for MountOptions {
             threads: 4,
             allow_other: true,
             remote: clip_extract::remote::RemoteOptions::default(),
+            background_fetch: None,
         }
     }
 }
@@ -443,6 +447,9 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         (Some(p), Some(src)) => Some(prefetch(&runtime, &archive, src, p)),
         _ => None,
     };
+    if let (Some(rate), Some(src)) = (options.background_fetch, &v2) {
+        runtime.spawn(background_fetch(Arc::clone(src), rate.max(1)));
+    }
     Ok(MountHandle {
         session: Some(session),
         mountpoint: options.mountpoint.clone(),
@@ -455,6 +462,32 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         runtime: Some(runtime),
         served,
     })
+}
+
+/// Fetches every span of every layer, in order, four spans per request, pausing so the average
+/// stays under `rate` compressed bytes per second. Spans already cached cost nothing; reads keep
+/// priority because they never wait for this task (it only fills the cache).
+async fn background_fetch(src: Arc<layers::V2Source>, rate: u64) {
+    let started = std::time::Instant::now();
+    for layer in 0..src.layers.len() {
+        for s in 0..src.layers[layer].checkpoints.len() {
+            if src.span_local(layer, s).is_some() {
+                continue;
+            }
+            let before = src.stats.fetched_bytes.load(Ordering::Relaxed);
+            if let Err(e) = src.span(layer, s, 3).await {
+                tracing::warn!(error = %e, "background fetch failed; stopping it");
+                return;
+            }
+            let got = src.stats.fetched_bytes.load(Ordering::Relaxed) - before;
+            let pause = std::time::Duration::from_secs_f64(got as f64 / rate as f64);
+            tokio::time::sleep(pause).await;
+        }
+    }
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "background fetch done"
+    );
 }
 
 /// Maps a profile to spans (in first-touch order, no duplicates) and fetches them, several

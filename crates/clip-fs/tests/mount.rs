@@ -649,3 +649,37 @@ fn a_v1_remote_archive_in_s3_mounts_with_verified_files() {
     assert_eq!(m.stats().requests, 0);
     m.unmount().unwrap();
 }
+
+#[test]
+fn background_fetch_fills_the_cache_so_the_registry_can_go_away() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let mut f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        1 << 20,
+        ClientConfig::default(),
+    );
+    let m = f.mount(
+        "mnt",
+        MountOptions {
+            background_fetch: Some(1 << 30),
+            ..MountOptions::default()
+        },
+    );
+    let spans = clip_format::Archive::open(&f.archive)
+        .unwrap()
+        .checkpoint_count() as u64;
+    let start = std::time::Instant::now();
+    while m.stats().spans_fetched < spans {
+        assert!(start.elapsed() < Duration::from_secs(60), "{:?}", m.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.registry.stop();
+    for (p, want) in &files {
+        assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *want);
+    }
+    m.unmount().unwrap();
+}
