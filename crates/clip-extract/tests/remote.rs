@@ -100,4 +100,11 @@ fn upload_extract_and_range_reads_through_s3_and_a_local_store() {
     assert!(!meta.exists());
     let err = upload_v1(&local, "ftp://x/y", &meta, &options(&s3), None).unwrap_err();
     assert!(err.to_string().contains("unsupported URL scheme"), "{err}");
+
+    // The object store going away: an error, and still no metadata archive.
+    let opts = options(&s3);
+    drop(s3);
+    let err = upload_v1(&local, "s3://images/late.clip", &meta, &opts, None).unwrap_err();
+    assert!(matches!(err, Error::Remote { .. }), "{err}");
+    assert!(!meta.exists());
 }

@@ -221,3 +221,35 @@ fn hostile_inputs_are_refused_and_nothing_lands_outside() {
     .unwrap_err();
     assert!(err.to_string().contains("digest"), "{err}");
 }
+
+#[test]
+fn a_debian_image_to_v1_and_back_equals_umoci() {
+    if !clip_testkit::is_root() {
+        eprintln!("skipping: debootstrap needs root");
+        return;
+    }
+    oracle::require_oracle_tools().unwrap();
+    let rootfs = clip_testkit::debian::minbase_rootfs().unwrap();
+    let tar = clip_testkit::debian::gnu_tar(&rootfs).unwrap();
+    let image = ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![
+        Layer::from_tar(tar),
+        Layer::new(vec![
+            Entry::whiteout("etc/motd"),
+            Entry::file("etc/hostname", "clip-test\n"),
+        ]),
+    ]));
+    let registry = Registry::start_anonymous().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let expected = oracle_tree(&registry, dir.path(), &image);
+    let layout = dir.path().join("layout");
+    image
+        .build()
+        .unwrap()
+        .write_oci_layout(&layout, "t")
+        .unwrap();
+    let out = dir.path().join("debian.clip");
+    archive_layout(&layout, Some("t"), None, &out).unwrap();
+    let root = dir.path().join("rootfs");
+    extract(&out, &root, &ExtractOptions::default()).unwrap();
+    assert_same(&expected, &root);
+}
