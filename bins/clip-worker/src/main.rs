@@ -252,6 +252,40 @@ mod api {
                 ),
             )
             .route(
+                "/v1/images",
+                get(|State(s): State<Svc>| async move {
+                    Json(
+                        s.images()
+                            .into_iter()
+                            .map(|(id, bytes, version)| serde_json::json!({"image_id": id, "bytes": bytes, "version": version}))
+                            .collect::<Vec<_>>(),
+                    )
+                }),
+            )
+            .route(
+                "/v1/build-context",
+                post(|State(s): State<Svc>, axum::extract::Query(q): axum::extract::Query<std::collections::BTreeMap<String, String>>, body: axum::body::Bytes| async move {
+                    let out = blocking(move || {
+                        let dir = tempfile::tempdir().map_err(|e| ServiceError::Other(format!("staging the context: {e}")))?;
+                        tar::Archive::new(&body[..])
+                            .unpack(dir.path())
+                            .map_err(|e| ServiceError::Other(format!("unpacking the uploaded context (a tar stream): {e}")))?;
+                        let df = dir.path().join(q.get("dockerfile").map_or("Dockerfile", String::as_str));
+                        if !df.starts_with(dir.path()) || q.get("dockerfile").is_some_and(|d| d.contains("..")) {
+                            return Err(ServiceError::Other("dockerfile must be a path inside the context".into()));
+                        }
+                        let args: Vec<(String, String)> = q
+                            .iter()
+                            .filter_map(|(k, v)| k.strip_prefix("arg.").map(|k| (k.to_owned(), v.clone())))
+                            .collect();
+                        s.build_and_archive(&df, dir.path(), &args)
+                    })
+                    .await?;
+                    Ok::<_, ApiError>(Json(out))
+                })
+                .layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
+            )
+            .route(
                 "/v1/mounts",
                 get(|State(s): State<Svc>| async move {
                     Json(s.mounts().iter().map(|m| mount_json(m)).collect::<Vec<_>>())

@@ -31,7 +31,11 @@ fn write_config(dir: &Path, version: u8) -> std::path::PathBuf {
 
 fn worker(cfg: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clip-worker"));
-    c.arg("--config").arg(cfg).env_remove("CLIP_VERSION");
+    c.arg("--config")
+        .arg(cfg)
+        .arg("--buildah-root")
+        .arg(cfg.with_file_name("buildah"))
+        .env_remove("CLIP_VERSION");
     c
 }
 
@@ -160,6 +164,40 @@ fn the_http_api_pulls_mounts_reports_and_shuts_down_cleanly() {
         std::fs::read(mp.join("etc/hello")).unwrap(),
         b"hello from the worker\n"
     );
+    let images = curl(&[&format!("{base}/v1/images")]);
+    assert!(images.contains(&id), "{images}");
+
+    // A build whose context is uploaded as a tar stream.
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("hello"), "uploaded context\n").unwrap();
+    std::fs::write(
+        ctx.join("Containerfile"),
+        "FROM scratch\nCOPY hello /etc/hello\n",
+    )
+    .unwrap();
+    let tarball = dir.path().join("ctx.tar");
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&ctx)
+            .arg("-cf")
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let built: serde_json::Value = serde_json::from_str(&curl(&[
+        "-X",
+        "POST",
+        "--data-binary",
+        &format!("@{}", tarball.display()),
+        &format!("{base}/v1/build-context?dockerfile=Containerfile&arg.V=1"),
+    ]))
+    .unwrap();
+    assert!(built["image_id"].is_string(), "{built}");
+
     let metrics = curl(&[&format!("{base}/metrics")]);
     assert!(metrics.contains("clip_mounts 1"), "{metrics}");
     assert!(metrics.contains("clip_fetched_bytes_total{"), "{metrics}");

@@ -615,6 +615,36 @@ impl ImageService {
         Ok(m)
     }
 
+    /// The archives in a local store: `(image id, archive bytes, version)`, sorted by id. An S3
+    /// store is not listed (its archives are found by id).
+    #[must_use]
+    pub fn images(&self) -> Vec<(String, u64, u8)> {
+        let ArchiveStore::Local(dir) = &self.cfg.archive_store else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, u64, u8)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name.strip_suffix(".clip")?.to_owned();
+                if id.contains('.') {
+                    return None;
+                }
+                let a = format::Archive::open(&e.path()).ok()?;
+                let version = if a.kind() == format::ArchiveKind::V2Oci {
+                    2
+                } else {
+                    1
+                };
+                Some((id, e.metadata().ok()?.len(), version))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The images mounted now.
     #[must_use]
     pub fn mounts(&self) -> Vec<Arc<MountedImage>> {
