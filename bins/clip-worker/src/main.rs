@@ -293,7 +293,11 @@ mod api {
             )
             .route(
                 "/metrics",
-                get(|State(s): State<Svc>| async move { metrics(&s) }),
+                get(|State(s): State<Svc>| async move {
+                    let mut text = PROMETHEUS.get().map(metrics_exporter_prometheus::PrometheusHandle::render).unwrap_or_default();
+                    text.push_str(&metrics(&s));
+                    text
+                }),
             )
             .with_state(svc)
     }
@@ -347,8 +351,15 @@ mod api {
         }
     }
 
+    /// The `metrics` facade's recorder, rendered at `/metrics`.
+    static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+
     /// Serves until SIGTERM/SIGINT, then unmounts everything.
     pub(crate) fn serve(svc: &Svc, listen: &str) -> anyhow::Result<()> {
+        if let Ok(h) = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+            let _ = PROMETHEUS.set(h);
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;

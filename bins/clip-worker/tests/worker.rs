@@ -200,6 +200,9 @@ fn the_http_api_pulls_mounts_reports_and_shuts_down_cleanly() {
 
     let metrics = curl(&[&format!("{base}/metrics")]);
     assert!(metrics.contains("clip_mounts 1"), "{metrics}");
+    assert!(metrics.contains("clip_archives_total{"), "{metrics}");
+    assert!(metrics.contains("clip_flow_seconds"), "{metrics}");
+    assert!(metrics.contains("clip_phase_seconds"), "{metrics}");
     assert!(metrics.contains("clip_fetched_bytes_total{"), "{metrics}");
     let err = Command::new("curl")
         .args(["-s", "-X", "POST", &format!("{base}/v1/images/nope/mount")])

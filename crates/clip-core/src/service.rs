@@ -356,7 +356,7 @@ impl ImageService {
                         bytes = s.archive_bytes,
                         "v2 archive created directly from registry"
                     );
-                    return self.result(id, 2, &out, None, start);
+                    return self.result("pull", id, 2, &out, None, start);
                 }
                 Err(e) => {
                     let reason = clip_policy::fallback_reason("v2 indexing failed", &e.to_string());
@@ -367,11 +367,12 @@ impl ImageService {
         }
         tracing::info!(image = image_ref, "Creating legacy archive (Clip v1)");
         crate::extract::archive_image(image_ref, &client, None, &out)?;
-        self.result(id, 1, &out, fallback, start)
+        self.result("pull", id, 1, &out, fallback, start)
     }
 
     fn result(
         &self,
+        flow: &'static str,
         image_id: String,
         version: u8,
         archive: &Path,
@@ -380,6 +381,15 @@ impl ImageService {
     ) -> Result<ArchiveResult, ServiceError> {
         let bytes = std::fs::metadata(archive).map_or(0, |m| m.len());
         let stored = self.publish(&image_id, version, archive)?;
+        let v = if version == 2 { "2" } else { "1" };
+        metrics::histogram!("clip_flow_seconds", "flow" => flow, "version" => v)
+            .record(start.elapsed().as_secs_f64());
+        metrics::histogram!("clip_archive_bytes", "flow" => flow, "version" => v)
+            .record(bytes as f64);
+        metrics::counter!("clip_archives_total", "flow" => flow, "version" => v).increment(1);
+        if fallback_reason.is_some() {
+            metrics::counter!("clip_fallbacks_total", "flow" => flow, "reason" => fallback_kind(fallback_reason.as_deref().unwrap_or(""))).increment(1);
+        }
         Ok(ArchiveResult {
             image_id,
             version,
@@ -462,7 +472,9 @@ impl ImageService {
             bud.arg(format!("--build-arg={k}={v}"));
         }
         bud.arg(context);
+        let t = Instant::now();
         tool(&mut bud)?;
+        phase("bud", t);
         let out = self.archive_path(&id);
         let plan = clip_policy::build_plan(&self.cfg, &self.probe());
         let mut fallback = match &plan {
@@ -477,7 +489,7 @@ impl ImageService {
         }
         if let BuildPlan::PushAndIndex { registry } = plan {
             match self.push_and_index(&name, &registry, &id, &out) {
-                Ok(()) => return self.result(id, 2, &out, None, start),
+                Ok(()) => return self.result("build", id, 2, &out, None, start),
                 Err(reason) => {
                     tracing::warn!(reason = %reason, "falling back to v1");
                     fallback = Some(reason);
@@ -493,9 +505,11 @@ impl ImageService {
         push.arg("push")
             .arg(&name)
             .arg(format!("oci:{}:image", staging.path().display()));
+        let t = Instant::now();
         tool(&mut push)?;
         crate::extract::archive_layout(staging.path(), Some("image"), None, &out)?;
-        self.result(id, 1, &out, fallback, start)
+        phase("v1_archive", t);
+        self.result("build", id, 1, &out, fallback, start)
     }
 
     /// v2 half of a build; any failure comes back as the reason to fall back.
@@ -521,7 +535,10 @@ impl ImageService {
             push.arg(format!("--creds={u}:{p}"));
         }
         push.arg(name).arg(format!("docker://{target}"));
-        if let Err(e) = tool(&mut push) {
+        let t = Instant::now();
+        let pushed = tool(&mut push);
+        phase("push", t);
+        if let Err(e) = pushed {
             tracing::warn!(error = %e, "failed to push to registry");
             return Err(clip_policy::fallback_reason(
                 "failed to push to registry",
@@ -530,6 +547,7 @@ impl ImageService {
         }
         tracing::info!(image = %target, "Creating index-only archive (Clip v2)");
         let client = self.client().map_err(|e| e.to_string())?;
+        let _index_timer = PhaseTimer("index", Instant::now());
         match crate::indexer::index_image(
             &target,
             out,
@@ -589,6 +607,8 @@ impl ImageService {
         drop(archive);
         let mountpoint = self.cfg.mount_base.join(id);
         std::fs::create_dir_all(&mountpoint).map_err(other("creating the mount point"))?;
+        metrics::counter!("clip_mounts_total", "version" => if version == 2 { "2" } else { "1" })
+            .increment(1);
         let handle = fs::mount_archive(fs::MountOptions {
             archive: local,
             mountpoint: mountpoint.clone(),
@@ -738,6 +758,32 @@ fn hinted(e: registry::Error, host: &str) -> ServiceError {
         ))
     } else {
         ServiceError::Registry(e)
+    }
+}
+
+/// Records a phase's duration when dropped.
+struct PhaseTimer(&'static str, Instant);
+
+impl Drop for PhaseTimer {
+    fn drop(&mut self) {
+        phase(self.0, self.1);
+    }
+}
+
+/// Records how long a phase took.
+fn phase(name: &'static str, since: Instant) {
+    metrics::histogram!("clip_phase_seconds", "phase" => name)
+        .record(since.elapsed().as_secs_f64());
+}
+
+/// The kind of a fallback reason, for the metric label.
+fn fallback_kind(reason: &str) -> &'static str {
+    if reason.contains("no registry configured") || reason.contains("unreachable") {
+        "registry_unreachable"
+    } else if reason.contains("failed to push") {
+        "push_failed"
+    } else {
+        "index_failed"
     }
 }
 
