@@ -219,3 +219,55 @@ fn the_http_api_pulls_mounts_reports_and_shuts_down_cleanly() {
     assert!(status.success(), "{status}");
     assert!(!mp.join("etc/hello").exists());
 }
+
+/// Credentials from docker's `config.json` (`DOCKER_CONFIG`), and the hint when there are none.
+#[test]
+fn private_registries_use_docker_config_json() {
+    if !can_run() {
+        return;
+    }
+    let reg = Registry::start(clip_testkit::RegistryOptions {
+        auth: clip_testkit::Auth::Basic {
+            username: "ci".into(),
+            password: "s3cret".into(),
+        },
+        tls: false,
+    })
+    .unwrap();
+    let image = sample(&reg);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), 2);
+    let empty = dir.path().join("empty-docker");
+    std::fs::create_dir(&empty).unwrap();
+    let out = worker(&cfg)
+        .env("DOCKER_CONFIG", &empty)
+        .args(["pull", &image])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unauthorized") && err.contains("docker login"),
+        "{err}"
+    );
+
+    let docker = dir.path().join("docker");
+    std::fs::create_dir(&docker).unwrap();
+    let auth = "Y2k6czNjcmV0"; // base64 of "ci:s3cret"
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{auth}\"}}}}}}",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let v = json(
+        &worker(&cfg)
+            .env("DOCKER_CONFIG", &docker)
+            .args(["pull", &image])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(v["version"], 2);
+}
