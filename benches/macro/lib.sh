@@ -36,33 +36,22 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{ a[NR] = $1 } END { prin
 spread() { tr ' ' '\n' | grep -v '^$' | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
 machine() { echo "$(nproc) cores $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -m), $(. /etc/os-release; echo "$PRETTY_NAME")"; }
 
-# start_shaped_registry RATE RTT_MS: the registry in a network namespace of our own, behind a veth
-# pair shaped with tc netem (RATE e.g. 100mbit, RTT split over both directions); sets PORT,
-# REG_PID, REG_HOST (10.203.0.2:PORT) and NETNS. Call stop_shaped_registry on exit.
+# start_shaped_registry RATE_MBIT RTT_MS: a registry on loopback reached through a proxy that models
+# a remote link (benches/macro/shape.py: RTT latency and one shared bandwidth limit per
+# direction); sets PORT, REG_PID, SHAPE_PID and REG_HOST (the proxy's 127.0.0.1:PORT).
+# The kernel here has no netem qdisc, so the link is modelled in userspace.
 start_shaped_registry() {
-  local rate=$1 rtt=$2 half
-  half=$(awk -v r="$rtt" 'BEGIN { printf "%.1fms", r / 2 }')
-  NETNS=clipbench$$
-  ip netns add "$NETNS"
-  ip link add "cb$$h" type veth peer name "cb$$n"
-  ip link set "cb$$n" netns "$NETNS"
-  ip addr add 10.203.0.1/24 dev "cb$$h"; ip link set "cb$$h" up
-  ip netns exec "$NETNS" ip addr add 10.203.0.2/24 dev "cb$$n"
-  ip netns exec "$NETNS" ip link set "cb$$n" up
-  ip netns exec "$NETNS" ip link set lo up
-  tc qdisc add dev "cb$$h" root netem delay "$half" rate "$rate" limit 100000
-  ip netns exec "$NETNS" tc qdisc add dev "cb$$n" root netem delay "$half" rate "$rate" limit 100000
-  PORT=5000
-  mkdir -p "$WORK/registry"
-  printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 10.203.0.2:%s}\n' "$WORK/registry" "$PORT" > "$WORK/reg.yml"
-  ip netns exec "$NETNS" docker-registry serve "$WORK/reg.yml" > "$WORK/reg.log" 2>&1 & REG_PID=$!
-  REG_HOST=10.203.0.2:$PORT
+  local mbit=$1 rtt=$2
+  start_registry
+  local inner=$PORT
+  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  python3 "$(dirname "${BASH_SOURCE[0]}")/shape.py" "$PORT" "$inner" "$mbit" "$rtt" & SHAPE_PID=$!
+  REG_HOST=127.0.0.1:$PORT
   for _ in $(seq 100); do curl -fs "http://$REG_HOST/v2/" >/dev/null && return 0; sleep 0.1; done
-  echo "shaped registry did not start" >&2; return 1
+  echo "shaping proxy did not start" >&2; return 1
 }
 
 stop_shaped_registry() {
-  [ -n "${REG_PID:-}" ] && kill "$REG_PID" 2>/dev/null
-  [ -n "${NETNS:-}" ] && ip netns delete "$NETNS" 2>/dev/null
-  ip link delete "cb$$h" 2>/dev/null || true
+  [ -n "${SHAPE_PID:-}" ] && kill "$SHAPE_PID" 2>/dev/null
+  return 0
 }

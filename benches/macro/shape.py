@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""A modelled remote link on loopback: a TCP proxy adding latency and a shared bandwidth limit.
+
+  shape.py LISTEN_PORT TARGET_PORT RATE_MBIT RTT_MS
+
+Every byte crossing the proxy, in each direction, is delayed by RTT/2 and paced through one token
+bucket per direction shared by all connections (one link, not one per connection), as a remote
+registry behind a `RATE_MBIT`, `RTT_MS` path would be. Used by the macro benchmarks when the
+kernel has no `netem` qdisc (this machine's does not); stdlib only.
+"""
+import asyncio
+import sys
+import time
+
+
+class Link:
+    """One direction of the link: latency plus a shared pacing clock."""
+
+    def __init__(self, rate_bytes_per_s, delay_s):
+        self.rate = rate_bytes_per_s
+        self.delay = delay_s
+        self.free_at = 0.0  # when the link finishes sending what it has been given
+
+    def schedule(self, n):
+        now = time.monotonic()
+        start = max(now, self.free_at)
+        self.free_at = start + n / self.rate
+        return self.free_at + self.delay
+
+
+async def pump(reader, writer, link):
+    queue = asyncio.Queue()
+
+    async def sender():
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            due, data = item
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+        try:
+            writer.write_eof()
+        except (OSError, RuntimeError):
+            pass
+
+    task = asyncio.create_task(sender())
+    try:
+        while True:
+            data = await reader.read(64 * 1024)
+            if not data:
+                break
+            await queue.put((link.schedule(len(data)), data))
+    except (ConnectionError, OSError):
+        pass
+    await queue.put(None)
+    try:
+        await task
+    except (ConnectionError, OSError):
+        pass
+
+
+async def main():
+    listen, target, mbit, rtt = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    rate = mbit * 1e6 / 8
+    up, down = Link(rate, rtt / 2000), Link(rate, rtt / 2000)
+
+    async def handle(client_r, client_w):
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(pump(client_r, server_w, up), pump(server_r, client_w, down))
+        for w in (client_w, server_w):
+            w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
