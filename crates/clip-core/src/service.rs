@@ -337,7 +337,10 @@ impl ImageService {
         ]);
         let out = self.archive_path(&id);
         let mut fallback = None;
-        if clip_policy::pull_plan(&self.cfg) == PullPlan::IndexFromRegistry {
+        if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, &id) {
+            tracing::info!(image = image_ref, image_id = %id, percent = self.cfg.clip_v2_rollout_percent, "outside the v2 rollout: this image uses v1");
+        }
+        if clip_policy::pull_plan(&self.cfg, &id) == PullPlan::IndexFromRegistry {
             tracing::info!(
                 image = image_ref,
                 "Creating index-only archive directly from registry"
@@ -476,7 +479,10 @@ impl ImageService {
         tool(&mut bud)?;
         phase("bud", t);
         let out = self.archive_path(&id);
-        let plan = clip_policy::build_plan(&self.cfg, &self.probe());
+        let plan = clip_policy::build_plan(&self.cfg, &id, &self.probe());
+        if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, &id) {
+            tracing::info!(image_id = %id, percent = self.cfg.clip_v2_rollout_percent, "outside the v2 rollout: this image uses v1");
+        }
         let mut fallback = match &plan {
             BuildPlan::V1 { reason } => reason.clone(),
             BuildPlan::PushAndIndex { .. } => None,

@@ -182,6 +182,16 @@ fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
     }
     assert_eq!(v2.mounts().len(), 1);
 
+    // Outside the v2 rollout (0%), clipVersion 2 pulls are v1 — not a fallback.
+    let dir4 = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        clip_v2_rollout_percent: 0,
+        ..with_creds(config(dir4.path(), 2), &reg, "secret")
+    };
+    let (r0, logs) = with_logs(|| service(dir4.path(), cfg).pull_and_archive(&image).unwrap());
+    assert_eq!((r0.version, r0.fallback_reason.as_deref()), (1, None));
+    assert!(logs.contains("outside the v2 rollout"), "{logs}");
+
     // Wrong credentials: a clear error with the docker login hint.
     let dir3 = tempfile::tempdir().unwrap();
     let bad = service(

@@ -22,7 +22,7 @@
 //! let cfg = Config::from_yaml("imageService:\n  clipVersion: 2\n").unwrap();
 //! assert_eq!(cfg.clip_version, 2);
 //! assert_eq!(cfg.build_registry, "localhost:5000");
-//! let plan = build_plan(&cfg, &RegistryProbe::Unreachable("connection refused".into()));
+//! let plan = build_plan(&cfg, "img", &RegistryProbe::Unreachable("connection refused".into()));
 //! assert!(matches!(plan, BuildPlan::V1 { .. }));
 //! ```
 
@@ -114,6 +114,9 @@ pub struct Config {
     pub mount_base: PathBuf,
     /// Registries by host (`docker` means Docker Hub).
     pub registries: BTreeMap<String, RegistryEntry>,
+    /// With clipVersion 2: the share of images (by a stable hash of the image id) that use v2;
+    /// the rest use v1 (the seed's gradual rollout, 25 → 50 → 75 → 100). Default 100.
+    pub clip_v2_rollout_percent: u8,
 }
 
 impl Default for Config {
@@ -128,6 +131,7 @@ impl Default for Config {
             cache_size_gib: 20,
             mount_base: PathBuf::from("/images/mnt"),
             registries: BTreeMap::new(),
+            clip_v2_rollout_percent: 100,
         }
     }
 }
@@ -151,6 +155,8 @@ struct Section {
     cache_size_gib: Option<u64>,
     mount_base: Option<PathBuf>,
     registries: BTreeMap<String, RegistryEntry>,
+    #[serde(rename = "clipV2RolloutPercent")]
+    clip_v2_rollout_percent: Option<u8>,
 }
 
 /// `archiveStore:` as written: exactly one of `local` and `s3`.
@@ -193,6 +199,9 @@ impl Config {
             cache_size_gib: s.cache_size_gib.unwrap_or(d.cache_size_gib),
             mount_base: s.mount_base.unwrap_or(d.mount_base),
             registries: s.registries,
+            clip_v2_rollout_percent: s
+                .clip_v2_rollout_percent
+                .unwrap_or(d.clip_v2_rollout_percent),
         };
         cfg.validate()
     }
@@ -226,6 +235,12 @@ impl Config {
             self.build_registry = r;
             self.build_registry_configured = true;
         }
+        if let Some(v) = get("CLIP_V2_ROLLOUT_PERCENT").filter(|v| !v.is_empty()) {
+            self.clip_v2_rollout_percent =
+                v.trim().parse().ok().filter(|p| *p <= 100).ok_or_else(|| {
+                    Error::Invalid(format!("CLIP_V2_ROLLOUT_PERCENT={v:?} is not 0..=100"))
+                })?;
+        }
         if let Some(d) = get("CLIP_CACHE_DIR").filter(|v| !v.is_empty()) {
             self.cache_dir = PathBuf::from(d);
         }
@@ -238,6 +253,11 @@ impl Config {
                 "clipVersion must be 1 or 2, not {}",
                 self.clip_version
             )));
+        }
+        if self.clip_v2_rollout_percent > 100 {
+            return Err(Error::Invalid(
+                "clipV2RolloutPercent must be 0..=100".into(),
+            ));
         }
         if self.checkpoint_mib == 0 || self.checkpoint_mib > 1024 {
             return Err(Error::Invalid("checkpointMiB must be 1..=1024".into()));
@@ -292,20 +312,32 @@ pub enum BuildPlan {
     },
 }
 
-/// The pull row of the behaviour matrix.
+/// Whether image `image_id` is inside the v2 rollout: a stable hash (FNV-1a) of the id, mod
+/// 100, under `clipV2RolloutPercent` — the same answer on every worker, every time.
 #[must_use]
-pub fn pull_plan(cfg: &Config) -> PullPlan {
-    if cfg.clip_version == 2 {
+pub fn in_v2_rollout(cfg: &Config, image_id: &str) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in image_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % 100 < u64::from(cfg.clip_v2_rollout_percent)
+}
+
+/// The pull row of the behaviour matrix (with the rollout applied to `image_id`).
+#[must_use]
+pub fn pull_plan(cfg: &Config, image_id: &str) -> PullPlan {
+    if cfg.clip_version == 2 && in_v2_rollout(cfg, image_id) {
         PullPlan::IndexFromRegistry
     } else {
         PullPlan::CopyAndArchive
     }
 }
 
-/// The build rows of the behaviour matrix.
+/// The build rows of the behaviour matrix (with the rollout applied to `image_id`).
 #[must_use]
-pub fn build_plan(cfg: &Config, probe: &RegistryProbe) -> BuildPlan {
-    if cfg.clip_version != 2 {
+pub fn build_plan(cfg: &Config, image_id: &str, probe: &RegistryProbe) -> BuildPlan {
+    if cfg.clip_version != 2 || !in_v2_rollout(cfg, image_id) {
         return BuildPlan::V1 { reason: None };
     }
     match probe {
@@ -409,6 +441,43 @@ imageService:
     }
 
     #[test]
+    fn the_rollout_is_stable_and_proportional() {
+        let mut cfg = Config {
+            clip_version: 2,
+            ..Config::default()
+        };
+        let ids: Vec<String> = (0..2000).map(|i| format!("{i:016x}")).collect();
+        for pct in [0u8, 25, 50, 75, 100] {
+            cfg.clip_v2_rollout_percent = pct;
+            let n = ids.iter().filter(|id| in_v2_rollout(&cfg, id)).count();
+            let want = 2000 * usize::from(pct) / 100;
+            assert!(n.abs_diff(want) <= 80, "{pct}%: {n} of 2000");
+            // Raising the percentage only adds images: nobody flips back to v1.
+            if pct > 0 {
+                let lower = Config {
+                    clip_v2_rollout_percent: pct - 25,
+                    ..cfg.clone()
+                };
+                assert!(
+                    ids.iter()
+                        .all(|id| !in_v2_rollout(&lower, id) || in_v2_rollout(&cfg, id))
+                );
+            }
+        }
+        cfg.clip_v2_rollout_percent = 0;
+        assert_eq!(pull_plan(&cfg, "abc"), PullPlan::CopyAndArchive);
+        assert_eq!(
+            build_plan(&cfg, "abc", &RegistryProbe::Reachable),
+            BuildPlan::V1 { reason: None }
+        );
+        let env = Config::default()
+            .with_env(|k| (k == "CLIP_V2_ROLLOUT_PERCENT").then(|| "25".to_owned()))
+            .unwrap();
+        assert_eq!(env.clip_v2_rollout_percent, 25);
+        assert!(Config::from_yaml("imageService:\n  clipV2RolloutPercent: 101\n").is_err());
+    }
+
+    #[test]
     fn bad_files_are_clear_errors() {
         for (text, want) in [
             (
@@ -437,19 +506,19 @@ imageService:
             ..Config::default()
         };
         let down = RegistryProbe::Unreachable("connection refused".into());
-        assert_eq!(pull_plan(&v1), PullPlan::CopyAndArchive);
-        assert_eq!(pull_plan(&v2), PullPlan::IndexFromRegistry);
+        assert_eq!(pull_plan(&v1, "img"), PullPlan::CopyAndArchive);
+        assert_eq!(pull_plan(&v2, "img"), PullPlan::IndexFromRegistry);
         assert_eq!(
-            build_plan(&v1, &RegistryProbe::Reachable),
+            build_plan(&v1, "img", &RegistryProbe::Reachable),
             BuildPlan::V1 { reason: None }
         );
         assert_eq!(
-            build_plan(&v2, &RegistryProbe::Reachable),
+            build_plan(&v2, "img", &RegistryProbe::Reachable),
             BuildPlan::PushAndIndex {
                 registry: "localhost:5000".into()
             }
         );
-        let BuildPlan::V1 { reason: Some(r) } = build_plan(&v2, &down) else {
+        let BuildPlan::V1 { reason: Some(r) } = build_plan(&v2, "img", &down) else {
             panic!("v1 expected")
         };
         assert!(
@@ -461,7 +530,7 @@ imageService:
             build_registry_configured: true,
             ..v2
         };
-        let BuildPlan::V1 { reason: Some(r) } = build_plan(&configured, &down) else {
+        let BuildPlan::V1 { reason: Some(r) } = build_plan(&configured, "img", &down) else {
             panic!("v1 expected")
         };
         assert!(r.contains("r:5000 is unreachable"), "{r}");
