@@ -17,6 +17,9 @@
 //! is [`fs::mount_archive`]). The image service (pull, build,
 //! PullLazy) arrives with its issue.
 //!
+//! Start from `examples/embed_index_and_read.rs` (run by the test suite): index an image
+//! straight from its registry, mount it lazily, read one file.
+//!
 //! ```no_run
 //! let summary = clip_core::create_from_oci_image(&clip_core::CreateFromOciImageOptions {
 //!     image_ref: "localhost:5000/app:latest".into(),
