@@ -418,15 +418,7 @@ fn fill_from_registry(
         source.registry, source.repository, source.manifest_digest
     ))?;
     let client = clip_registry::Client::new(opts.registry.clone())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            context: "starting the network runtime",
-            path: PathBuf::new(),
-            source,
-        })?;
+    let runtime = crate::runtime()?;
     let mut written = 0u64;
     for (info, jobs) in layers.iter().zip(jobs.iter_mut()) {
         if jobs.is_empty() {

@@ -75,7 +75,22 @@ pub(crate) struct FetchStats {
     pub(crate) verify_failures: AtomicU64,
 }
 
-type Outcome = Option<Result<SpanFile, String>>;
+/// What a fetch in flight publishes to the readers waiting on it (`None` until it is done).
+pub(crate) type Outcome = Option<Result<SpanFile, String>>;
+
+/// Waits for the fetch another task leads (single flight) and takes its outcome.
+pub(crate) async fn join_fetch(mut rx: watch::Receiver<Outcome>) -> Result<SpanFile, Error> {
+    let outcome = rx
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| Error::Fetch("the fetch being waited on was abandoned".into()))?
+        .clone();
+    match outcome {
+        Some(Ok(f)) => Ok(f),
+        Some(Err(e)) => Err(Error::Fetch(e)),
+        None => Err(Error::Fetch("no outcome".into())),
+    }
+}
 
 /// The registry-backed span source of one mount.
 pub(crate) struct V2Source {
@@ -244,17 +259,7 @@ impl V2Source {
             }
             return mine;
         }
-        let mut rx = rx;
-        let outcome = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| Error::Fetch("the fetch of this span was abandoned".into()))?
-            .clone();
-        match outcome {
-            Some(Ok(f)) => Ok(f),
-            Some(Err(e)) => Err(Error::Fetch(e)),
-            None => Err(Error::Fetch("no outcome".into())),
-        }
+        join_fetch(rx).await
     }
 
     /// Fetches spans `first..=last` of `layer` with one ranged GET; a span that fails

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::Error;
 use crate::cache::{SpanCache, SpanFile};
 
-type Outcome = Option<Result<SpanFile, String>>;
+use crate::layers::Outcome;
 
 /// The object-backed file source of one mount.
 pub(crate) struct RemoteFiles {
@@ -91,17 +91,7 @@ impl RemoteFiles {
                 .remove(&sha256);
             return result;
         }
-        let mut rx = rx;
-        let outcome = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| Error::Fetch("the fetch of this file was abandoned".into()))?
-            .clone();
-        match outcome {
-            Some(Ok(f)) => Ok(f),
-            Some(Err(e)) => Err(Error::Fetch(e)),
-            None => Err(Error::Fetch("no outcome".into())),
-        }
+        crate::layers::join_fetch(rx).await
     }
 
     async fn fetch(&self, offset: u64, length: u64, sha256: &[u8; 32]) -> Result<SpanFile, Error> {
