@@ -726,7 +726,13 @@ impl ImageService {
         );
         let dir = self.cfg.mount_base.join("containers").join(&cid);
         let overlay = crate::container::Overlay::mount(&image.mountpoint, &dir)?;
-        for d in ["proc", "sys", "dev", "tmp"] {
+        // Mount points runc needs, and the working directory, made in the upper layer so a
+        // read-only image without them still runs.
+        let workdir = image.config.working_dir.trim_start_matches('/').to_owned();
+        for d in ["proc", "sys", "dev", "tmp", workdir.as_str()] {
+            if d.is_empty() || d.split('/').any(|c| c == "..") {
+                continue;
+            }
             let p = overlay.merged().join(d);
             if !p.exists() {
                 std::fs::create_dir_all(&p).map_err(other(format!("creating {}", p.display())))?;
