@@ -148,17 +148,6 @@ impl std::fmt::Debug for ImageService {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
-    let h = host.rsplit_once(':').map_or(host, |(h, p)| {
-        if p.bytes().all(|b| b.is_ascii_digit()) {
-            h
-        } else {
-            host
-        }
-    });
-    matches!(h, "localhost" | "127.0.0.1" | "::1" | "[::1]") || h.starts_with("127.")
-}
-
 impl ImageService {
     /// A service for `cfg`: registry credentials from the config, then docker's `config.json`.
     pub fn new(cfg: Config, opts: ServiceOptions) -> Result<Self, ServiceError> {
@@ -464,7 +453,7 @@ impl ImageService {
                 && w.find(|t| !t.starts_with("--")).is_some_and(|image| {
                     let host = image.split('/').next().unwrap_or("");
                     image.contains('/')
-                        && (is_loopback(host)
+                        && (registry::is_loopback(host)
                             || self.cfg.registry(host).is_some_and(|e| e.insecure))
                 })
         });
@@ -530,7 +519,7 @@ impl ImageService {
         tracing::info!("Pushing built image to registry: {target}");
         let mut push = self.buildah();
         push.arg("push");
-        let insecure = is_loopback(registry_host)
+        let insecure = registry::is_loopback(registry_host)
             || self.cfg.registry(registry_host).is_some_and(|e| e.insecure);
         if insecure {
             push.arg("--tls-verify=false");

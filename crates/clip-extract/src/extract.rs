@@ -47,13 +47,20 @@ fn unsafe_path(path: &[u8], reason: &str) -> Error {
     }
 }
 
-fn sys(context: &'static str, path: &[u8]) -> impl FnOnce(rustix::io::Errno) -> Error {
+/// An I/O error on the archive entry at `path`.
+fn io_at(context: &'static str, path: &[u8]) -> impl FnOnce(std::io::Error) -> Error + use<> {
     let path = PathBuf::from(String::from_utf8_lossy(path).into_owned());
-    move |e| Error::Io {
+    move |source| Error::Io {
         context,
         path,
-        source: e.into(),
+        source,
     }
+}
+
+/// A system-call error on the archive entry at `path`.
+fn sys(context: &'static str, path: &[u8]) -> impl FnOnce(rustix::io::Errno) -> Error + use<> {
+    let io = io_at(context, path);
+    move |e| io(e.into())
 }
 
 /// Opens directory `rel` (relative, no `..`, no symlinks) beneath `root`.
@@ -240,11 +247,7 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
                         let bytes = a.file_data(&e, true)?;
                         std::fs::File::from(fd)
                             .write_all(bytes)
-                            .map_err(|source| Error::Io {
-                                context: "writing",
-                                path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
-                                source,
-                            })?;
+                            .map_err(io_at("writing", &path))?;
                         summary.bytes += bytes.len() as u64;
                     }
                     Some(DataLocation::V2 {
@@ -367,27 +370,17 @@ fn fill_from_object(
         let mut h = sha2::Sha256::new();
         let mut buf = vec![0u8; 256 << 10];
         loop {
-            let n = r.read(&mut buf).map_err(|source| Error::Io {
-                context: "reading the data object for",
-                path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
-                source,
-            })?;
+            let n = r
+                .read(&mut buf)
+                .map_err(io_at("reading the data object for", &path))?;
             if n == 0 {
                 break;
             }
             h.update(&buf[..n]);
-            f.write_all(&buf[..n]).map_err(|source| Error::Io {
-                context: "writing",
-                path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
-                source,
-            })?;
+            f.write_all(&buf[..n]).map_err(io_at("writing", &path))?;
             written += n as u64;
         }
-        f.flush().map_err(|source| Error::Io {
-            context: "writing",
-            path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
-            source,
-        })?;
+        f.flush().map_err(io_at("writing", &path))?;
         if <[u8; 32]>::from(h.finalize()) != sha256 {
             return Err(Error::Digest {
                 what: format!("{} from {}", String::from_utf8_lossy(&path), remote.url),
@@ -439,11 +432,7 @@ fn fill_from_registry(
             let mut f = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd));
             let n = std::io::copy(r, &mut f)
                 .and_then(|n| f.flush().map(|()| n))
-                .map_err(|source| Error::Io {
-                    context: "writing",
-                    path: PathBuf::from(String::from_utf8_lossy(&path).into_owned()),
-                    source,
-                })?;
+                .map_err(io_at("writing", &path))?;
             written += n;
             Ok(())
         })?;

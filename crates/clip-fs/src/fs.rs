@@ -43,29 +43,15 @@ struct OpenFile {
     ahead_until: u64,
 }
 
-pub(crate) struct ClipFs {
-    archive: Arc<Archive>,
+/// Inode number → the archive index of its first entry (inodes are dense, the root is 1; hard
+/// links share one), and the bytes of all distinct files. Built once per mount.
+pub(crate) struct Inodes {
     by_ino: Vec<u32>,
-    data: Data,
-    runtime: tokio::runtime::Handle,
-    recorder: Option<Arc<Recorder>>,
-    open: Mutex<HashMap<u64, OpenFile>>,
-    next_fh: AtomicU64,
-    /// Spans fetched ahead of a sequential reader.
-    readahead_spans: usize,
     total_bytes: u64,
-    /// Bytes returned to the kernel by reads.
-    pub(crate) served: Arc<AtomicU64>,
 }
 
-impl ClipFs {
-    pub(crate) fn new(
-        archive: Arc<Archive>,
-        data: Data,
-        runtime: tokio::runtime::Handle,
-        recorder: Option<Arc<Recorder>>,
-        readahead_spans: usize,
-    ) -> Self {
+impl Inodes {
+    pub(crate) fn new(archive: &Archive) -> Self {
         let mut by_ino = vec![u32::MAX; 1];
         let mut total_bytes = 0u64;
         for i in 0..u32::try_from(archive.len()).unwrap_or(u32::MAX) {
@@ -80,22 +66,56 @@ impl ClipFs {
             }
         }
         Self {
-            archive,
             by_ino,
+            total_bytes,
+        }
+    }
+
+    /// The first entry of inode `ino`.
+    pub(crate) fn entry<'a>(&self, archive: &'a Archive, ino: u64) -> Option<Entry<'a>> {
+        let i = *self.by_ino.get(usize::try_from(ino).ok()?)?;
+        archive.entry(i)
+    }
+}
+
+pub(crate) struct ClipFs {
+    archive: Arc<Archive>,
+    inodes: Arc<Inodes>,
+    data: Data,
+    runtime: tokio::runtime::Handle,
+    recorder: Option<Arc<Recorder>>,
+    open: Mutex<HashMap<u64, OpenFile>>,
+    next_fh: AtomicU64,
+    /// Spans fetched ahead of a sequential reader.
+    readahead_spans: usize,
+    /// Bytes returned to the kernel by reads.
+    pub(crate) served: Arc<AtomicU64>,
+}
+
+impl ClipFs {
+    pub(crate) fn new(
+        archive: Arc<Archive>,
+        inodes: Arc<Inodes>,
+        data: Data,
+        runtime: tokio::runtime::Handle,
+        recorder: Option<Arc<Recorder>>,
+        readahead_spans: usize,
+    ) -> Self {
+        Self {
+            archive,
+            inodes,
             data,
             runtime,
             recorder,
             open: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             readahead_spans,
-            total_bytes,
             served: Arc::new(AtomicU64::new(0)),
         }
     }
 
     fn entry(&self, ino: INodeNo) -> Option<Entry<'_>> {
-        let i = *self.by_ino.get(usize::try_from(ino.0).ok()?)?;
-        self.archive.entry(i)
+        self.inodes.entry(&self.archive, ino.0)
     }
 }
 
@@ -546,7 +566,7 @@ impl Filesystem for ClipFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let files = self.archive.len() as u64;
         reply.statfs(
-            self.total_bytes.div_ceil(4096),
+            self.inodes.total_bytes.div_ceil(4096),
             0,
             0,
             files,

@@ -180,10 +180,18 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     v2: Option<Arc<layers::V2Source>>,
     v1_remote: Option<Arc<remote::RemoteFiles>>,
-    recorder: Option<(Arc<profile::Recorder>, PathBuf, Arc<Archive>)>,
+    recording: Option<Recording>,
     prefetch: Option<tokio::task::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     served: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A profile being recorded: the recorder, where to write it, and how to name its inodes.
+struct Recording {
+    recorder: Arc<profile::Recorder>,
+    path: PathBuf,
+    archive: Arc<Archive>,
+    inodes: Arc<fs::Inodes>,
 }
 
 impl std::fmt::Debug for MountHandle {
@@ -245,15 +253,22 @@ impl MountHandle {
     /// The profile recorded so far, if recording.
     #[must_use]
     pub fn profile(&self) -> Option<Profile> {
-        let (rec, _, archive) = self.recorder.as_ref()?;
+        let Recording {
+            recorder,
+            archive,
+            inodes,
+            ..
+        } = self.recording.as_ref()?;
         let image = archive
             .meta()
             .source
             .as_ref()
             .map(|s| s.manifest_digest.clone())
             .unwrap_or_default();
-        let fs_paths = PathIndex::new(archive);
-        Some(rec.profile(&image, |ino| fs_paths.path(ino)))
+        Some(recorder.profile(&image, |ino| {
+            let e = inodes.entry(archive, ino)?;
+            Some(format!("/{}", String::from_utf8_lossy(&e.path())))
+        }))
     }
 
     /// Unmounts, waits for the session to end and writes the recorded profile.
@@ -274,12 +289,12 @@ impl MountHandle {
             }
         }
         if let Some(p) = self.profile()
-            && let Some((_, path, _)) = &self.recorder
+            && let Some(Recording { path, .. }) = &self.recording
         {
             p.save(path)?;
             tracing::info!(path = %path.display(), touches = p.touches.len(), "recorded prefetch profile");
         }
-        self.recorder = None;
+        self.recording = None;
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
@@ -292,29 +307,6 @@ impl Drop for MountHandle {
         if let Err(e) = self.finish() {
             tracing::warn!(error = %e, "unmount failed");
         }
-    }
-}
-
-/// Inode → path, for profiles.
-struct PathIndex<'a> {
-    archive: &'a Archive,
-    by_ino: std::collections::HashMap<u32, u32>,
-}
-
-impl<'a> PathIndex<'a> {
-    fn new(archive: &'a Archive) -> Self {
-        let mut by_ino = std::collections::HashMap::new();
-        for i in 0..u32::try_from(archive.len()).unwrap_or(u32::MAX) {
-            if let Some(e) = archive.entry(i) {
-                by_ino.entry(e.ino()).or_insert(i);
-            }
-        }
-        Self { archive, by_ino }
-    }
-    fn path(&self, ino: u64) -> Option<String> {
-        let i = self.by_ino.get(&u32::try_from(ino).ok()?)?;
-        let e = self.archive.entry(*i)?;
-        Some(format!("/{}", String::from_utf8_lossy(&e.path())))
     }
 }
 
@@ -407,8 +399,10 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         .record_profile
         .as_ref()
         .map(|_| Arc::new(profile::Recorder::default()));
+    let inodes = Arc::new(fs::Inodes::new(&archive));
     let fs = fs::ClipFs::new(
         Arc::clone(&archive),
+        Arc::clone(&inodes),
         data,
         runtime.handle().clone(),
         recorder.clone(),
@@ -455,9 +449,14 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         mountpoint: options.mountpoint.clone(),
         v2,
         v1_remote,
-        recorder: recorder
+        recording: recorder
             .zip(options.record_profile)
-            .map(|(r, p)| (r, p, archive)),
+            .map(|(recorder, path)| Recording {
+                recorder,
+                path,
+                archive,
+                inodes,
+            }),
         prefetch,
         runtime: Some(runtime),
         served,

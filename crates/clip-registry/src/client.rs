@@ -144,7 +144,10 @@ pub struct ResolvedImage {
     pub config: oci::Config,
 }
 
-fn is_loopback(host: &str) -> bool {
+/// Whether `host` (`name[:port]`, `[v6]:port`) is this machine: `localhost` or a loopback address.
+/// Such registries are reached over plain HTTP, as docker does.
+#[must_use]
+pub fn is_loopback(host: &str) -> bool {
     let h = host
         .rsplit_once(':')
         .filter(|(h, p)| p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':'))

@@ -53,7 +53,7 @@ mod reference;
 
 pub use client::{
     ACCEPT_MANIFESTS, BlobReader, Client, ClientConfig, Credentials, MAX_DOCUMENT, ResolvedImage,
-    RetryPolicy,
+    RetryPolicy, is_loopback,
 };
 pub use oci::Platform;
 pub use push::CHUNK;
