@@ -103,6 +103,10 @@ pub struct SpanCache {
     corrupt: AtomicU64,
     inserted: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Serialises this process's size accounting with its evictions: an eviction's rescan sets
+    /// the total, and an insert counted between that scan and that store would be lost,
+    /// leaving the directory over its cap with nothing left to trigger another eviction.
+    accounting: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +131,7 @@ impl SpanCache {
             corrupt: AtomicU64::new(0),
             inserted: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
+            accounting: Mutex::new(()),
         };
         cache.clean_tmp();
         let total = cache.scan().iter().map(|f| f.1).sum();
@@ -279,8 +284,14 @@ impl SpanCache {
         };
         let len = bytes.len() as u64 + TRAILER;
         self.inserted.fetch_add(len, Ordering::Relaxed);
-        let total = self.total.fetch_add(len, Ordering::Relaxed) + len;
         let file = self.remember(*digest, span);
+        // The file is in place before its size is counted, so an eviction's rescan either
+        // already sees it or runs after this addition.
+        let _accounting = self
+            .accounting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total = self.total.fetch_add(len, Ordering::Relaxed) + len;
         if total > self.max_bytes {
             self.evict();
         }
