@@ -271,3 +271,170 @@ fn private_registries_use_docker_config_json() {
     );
     assert_eq!(v["version"], 2);
 }
+
+fn s3_config(dir: &Path, version: u8, s3: &clip_testkit::S3) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("worker.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "imageService:\n  clipVersion: {version}\n  archiveStore:\n    s3: {{bucket: fleet, prefix: v{version}/, endpoint: \"{endpoint}\", region: {region}, forcePathStyle: true, accessKeyId: {key}, secretAccessKey: {secret}}}\n  cacheDir: {d}/cache\n  cacheSizeGiB: 1\n  mountBase: {d}/mnt\n",
+            endpoint = s3.endpoint(),
+            d = dir.display(),
+            region = s3.region(),
+            key = s3.access_key(),
+            secret = s3.secret_key(),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+const WORKERS: usize = 4;
+
+/// Several worker processes, one registry, one S3 store (s3s-fs): concurrent pulls of one image
+/// publish one archive (create-only writes; losers reuse it and drop their own v1 data), every
+/// worker mounts that archive, a later pull does no work, and a new image that shares the base
+/// layer reuses the layer index another worker stored.
+#[test]
+fn a_fleet_of_workers_shares_one_archive_store() {
+    if !can_run() {
+        return;
+    }
+    let s3 = clip_testkit::S3::start().unwrap();
+    s3.create_bucket("fleet").unwrap();
+    let reg = Registry::start_anonymous().unwrap();
+    let base = Layer::new(vec![
+        Entry::file("etc/hello", "hello from the fleet\n"),
+        Entry::file(
+            "usr/lib/big.bin",
+            clip_testkit::image::random_bytes(5, 2 << 20),
+        ),
+    ]);
+    let image = ImageBuilder::new(ManifestFormat::Oci)
+        .image(Image::new(vec![base.clone()]))
+        .build()
+        .unwrap()
+        .push(&reg, "team/fleet", "v1")
+        .unwrap()
+        .reference;
+    let dir = tempfile::tempdir().unwrap();
+    for version in [2u8, 1] {
+        let cfgs: Vec<_> = (0..WORKERS)
+            .map(|i| s3_config(&dir.path().join(format!("v{version}-w{i}")), version, &s3))
+            .collect();
+        let children: Vec<_> = cfgs
+            .iter()
+            .map(|c| {
+                worker(c)
+                    .args(["pull", &image])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let answers: Vec<serde_json::Value> = children
+            .into_iter()
+            .map(|c| json(&c.wait_with_output().unwrap()))
+            .collect();
+        let id = answers[0]["image_id"].as_str().unwrap().to_owned();
+        let url = format!("s3://fleet/v{version}/{id}.clip");
+        for a in &answers {
+            assert_eq!(
+                (a["image_id"].as_str(), a["archive"].as_str()),
+                (Some(id.as_str()), Some(url.as_str())),
+                "{a}"
+            );
+            assert_eq!(a["version"], version, "{a}");
+        }
+        let published = answers.iter().filter(|a| a["reused"] == false).count();
+        // Create-only: at least one worker published, and not all of them (without the
+        // conditional write every worker would have written its own archive).
+        eprintln!("v{version}: {published} of {WORKERS} workers published");
+        assert!((1..WORKERS).contains(&published), "{answers:?}");
+        let stored = s3.root().join("fleet").join(format!("v{version}"));
+        let names: Vec<String> = std::fs::read_dir(&stored)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let data = names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{id}.data.")))
+            .count();
+        // Every loser deleted its own data object; only published ones remain.
+        assert_eq!(data, if version == 1 { published } else { 0 }, "{names:?}");
+
+        // Every worker mounts the one archive and reads through it.
+        let mut mounts: Vec<_> = cfgs
+            .iter()
+            .map(|c| {
+                worker(c)
+                    .args(["mount", &id])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for m in &mut mounts {
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(m.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["version"], version, "{line}");
+            let mp = Path::new(v["mountpoint"].as_str().unwrap());
+            assert_eq!(
+                std::fs::read(mp.join("etc/hello")).unwrap(),
+                b"hello from the fleet\n"
+            );
+            assert_eq!(
+                std::fs::read(mp.join("usr/lib/big.bin")).unwrap(),
+                clip_testkit::image::random_bytes(5, 2 << 20)
+            );
+        }
+        for m in mounts {
+            Command::new("kill")
+                .arg(m.id().to_string())
+                .status()
+                .unwrap();
+            assert!(m.wait_with_output().unwrap().status.success());
+        }
+
+        // A worker that comes later finds the archive and does no work.
+        let late = s3_config(&dir.path().join(format!("v{version}-late")), version, &s3);
+        let v = json(&worker(&late).args(["pull", &image]).output().unwrap());
+        assert_eq!(
+            (v["reused"].as_bool(), v["archive"].as_str()),
+            (Some(true), Some(url.as_str())),
+            "{v}"
+        );
+    }
+
+    // A new image on the same base layer: its base layer's index comes from the store (another
+    // worker stored it), only the new layer is fetched.
+    let derived = ImageBuilder::new(ManifestFormat::Oci)
+        .image(Image::new(vec![
+            base,
+            Layer::new(vec![Entry::file("app/run.sh", "echo app\n")]),
+        ]))
+        .build()
+        .unwrap()
+        .push(&reg, "team/derived", "v1")
+        .unwrap()
+        .reference;
+    let fresh = s3_config(&dir.path().join("fresh"), 2, &s3);
+    let v = json(&worker(&fresh).args(["pull", &derived]).output().unwrap());
+    assert_eq!(
+        (
+            v["version"].as_u64(),
+            v["reused"].as_bool(),
+            v["reused_layers"].as_u64()
+        ),
+        (Some(2), Some(false), Some(1)),
+        "{v}"
+    );
+}

@@ -65,6 +65,10 @@ enum Command {
         /// Uncompressed MiB between checkpoints.
         #[arg(long, default_value_t = 4)]
         checkpoint_mib: u64,
+        /// Keep per-layer indexes in DIR: layers indexed before (by any image) are not fetched
+        /// again, new layer indexes are added.
+        #[arg(long, value_name = "DIR", env = "CLIP_LAYER_CACHE")]
+        layer_cache: Option<PathBuf>,
         #[command(flatten)]
         registry: RegistryArgs,
         /// Print a JSON summary.
@@ -278,9 +282,14 @@ fn main() -> anyhow::Result<()> {
             output,
             platform,
             checkpoint_mib,
+            layer_cache,
             registry,
             json,
         } => {
+            let layer_store = layer_cache.map(|d| {
+                std::sync::Arc::new(clip_core::indexer::DirLayerStore::new(d))
+                    as std::sync::Arc<dyn clip_core::indexer::LayerIndexStore>
+            });
             let platform = match platform {
                 Some(p) => Some(
                     clip_core::indexer::Platform::parse(&p)
@@ -292,7 +301,14 @@ fn main() -> anyhow::Result<()> {
             let (s, what) = if let Some(layout) = oci_layout {
                 let source = source.context("--oci-layout needs --source HOST/REPOSITORY")?;
                 (
-                    index_layout(&layout, &output, &source, platform, checkpoint_mib)?,
+                    index_layout(
+                        &layout,
+                        &output,
+                        &source,
+                        platform,
+                        checkpoint_mib,
+                        layer_store,
+                    )?,
                     source,
                 )
             } else {
@@ -324,15 +340,29 @@ fn main() -> anyhow::Result<()> {
                                     "layer {layer} {digest}: {compressed} bytes, {entries} entries"
                                 );
                             }
+                            clip_core::indexer::Progress::LayerReused {
+                                layer,
+                                digest,
+                                entries,
+                            } => {
+                                eprintln!(
+                                    "layer {layer} {digest}: index reused, {entries} entries"
+                                );
+                            }
                         }
                     }
                 };
-                let s = clip_core::indexer::index_image(
+                let opts = clip_core::indexer::IndexOptions {
+                    platform,
+                    checkpoint_bytes: checkpoint_mib.max(1) << 20,
+                    layer_store,
+                    ..clip_core::indexer::IndexOptions::default()
+                };
+                let s = clip_core::indexer::index_image_with(
                     &image,
                     &output,
                     &client,
-                    platform.as_ref(),
-                    checkpoint_mib.max(1) << 20,
+                    &opts,
                     Some(&progress),
                 )?;
                 (s, reference.to_string())
@@ -341,15 +371,16 @@ fn main() -> anyhow::Result<()> {
             if json {
                 let v = serde_json::json!({"kind": "v2-oci", "image": what, "manifest_digest": s.manifest_digest, "layers": s.layers,
                     "entries": s.entries, "checkpoints": s.checkpoints, "bytes": s.archive_bytes, "index_bytes": s.index_bytes,
-                    "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "seconds": secs, "output": output});
+                    "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "reused_layers": s.reused_layers, "seconds": secs, "output": output});
                 writeln!(out, "{v}")?;
             } else {
                 writeln!(
                     out,
-                    "{}: v2 archive of {what}@{}: {} layers, {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
+                    "{}: v2 archive of {what}@{}: {} layers ({} reused), {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
                     output.display(),
                     s.manifest_digest,
                     s.layers,
+                    s.reused_layers,
                     s.entries,
                     s.checkpoints,
                     s.archive_bytes,
@@ -657,6 +688,7 @@ fn index_layout(
     source: &str,
     platform: Option<clip_core::indexer::Platform>,
     checkpoint_mib: u64,
+    layer_store: Option<std::sync::Arc<dyn clip_core::indexer::LayerIndexStore>>,
 ) -> anyhow::Result<clip_core::indexer::IndexSummary> {
     let (dir, tag) = split_layout(oci_layout);
     let (registry, repository) = source
@@ -669,6 +701,7 @@ fn index_layout(
         registry: registry.to_owned(),
         repository: repository.to_owned(),
         reference: format!("{source}:{}", tag.as_deref().unwrap_or("latest")),
+        layer_store,
     };
     Ok(clip_core::indexer::index_layout(
         dir.as_ref(),

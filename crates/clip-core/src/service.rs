@@ -85,6 +85,30 @@ pub struct ArchiveResult {
     pub fallback_reason: Option<String>,
     /// Wall time of the flow.
     pub seconds: f64,
+    /// The archive was already in the store (published earlier, or by another worker that got
+    /// there first): nothing new was published.
+    pub reused: bool,
+    /// Layers whose stored index was reused instead of fetching the layer (v2).
+    pub reused_layers: usize,
+}
+
+/// A flow in progress: its name (the metrics label), when it started, and whether its archive
+/// replaces one of the other version in the store.
+#[derive(Clone, Copy)]
+struct Flow {
+    name: &'static str,
+    start: Instant,
+    replace: bool,
+}
+
+/// What the store holds for an image before a flow does any work.
+enum Stored {
+    /// Nothing: the flow creates the archive (create-only).
+    Absent,
+    /// An archive of the planned version: the flow's answer.
+    Same(ArchiveResult),
+    /// An archive of the other version: the flow replaces it.
+    Other,
 }
 
 /// A mounted image.
@@ -138,6 +162,56 @@ pub struct ImageService {
     client_cfg: registry::ClientConfig,
     mounts: Mutex<HashMap<String, Arc<MountedImage>>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    layer_store: Arc<dyn crate::indexer::LayerIndexStore>,
+}
+
+/// Layer indexes in the S3 archive store, under `<prefix>layers/`, shared by every worker;
+/// written create-only.
+#[derive(Debug)]
+struct S3LayerStore {
+    s3: clip_policy::S3Store,
+}
+
+impl S3LayerStore {
+    fn object(&self, key: &str) -> Option<crate::extract::remote::RemoteObject> {
+        crate::extract::remote::RemoteObject::open(
+            &ImageService::s3_url(&self.s3, &format!("layers/{key}")),
+            &ImageService::s3_options(&self.s3),
+        )
+        .ok()
+    }
+}
+
+fn small_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+impl crate::indexer::LayerIndexStore for S3LayerStore {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let obj = self.object(key)?;
+        match small_runtime().ok()?.block_on(obj.get_all()) {
+            Ok(b) => b.map(|b| b.to_vec()),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "layer index store unreachable");
+                None
+            }
+        }
+    }
+
+    fn put(&self, key: &str, bytes: &[u8]) -> std::io::Result<bool> {
+        let obj = self
+            .object(key)
+            .ok_or_else(|| std::io::Error::other("bad layer index URL"))?;
+        small_runtime()?
+            .block_on(obj.put_if_absent(bytes))
+            .map_err(std::io::Error::other)
+    }
+
+    fn describe(&self) -> String {
+        ImageService::s3_url(&self.s3, "layers/")
+    }
 }
 
 impl std::fmt::Debug for ImageService {
@@ -181,12 +255,20 @@ impl ImageService {
                 ));
             }
         }
+        // Layer indexes: this worker's cache first, then (S3) the store every worker shares.
+        let mut tiers: Vec<Box<dyn crate::indexer::LayerIndexStore>> = vec![Box::new(
+            crate::indexer::DirLayerStore::new(cfg.cache_dir.join("layers")),
+        )];
+        if let ArchiveStore::S3(s3) = &cfg.archive_store {
+            tiers.push(Box::new(S3LayerStore { s3: s3.clone() }));
+        }
         let svc = Self {
             cfg,
             opts,
             client_cfg,
             mounts: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            layer_store: Arc::new(crate::indexer::Tiered(tiers)),
         };
         svc.clean_dead_mounts();
         Ok(svc)
@@ -229,36 +311,149 @@ impl ImageService {
 
     /// Moves a finished archive into the store: nothing to do for a local store; for S3, a v2
     /// archive is uploaded as `<prefix><id>.clip`, and a v1 archive's data goes to
-    /// `<prefix><id>.data.clip` behind a v1-remote metadata archive stored as `<prefix><id>.clip`.
-    /// Returns where it lives.
-    fn publish(&self, id: &str, version: u8, local: &Path) -> Result<String, ServiceError> {
+    /// `<prefix><id>.data.<nonce>.clip` behind a v1-remote metadata archive stored as `<prefix><id>.clip`.
+    /// Returns where it lives and whether this call published it: `<id>.clip` is written
+    /// create-only, so when several workers archive one image at once, the first wins and the
+    /// others keep its archive (a losing v1 upload deletes its own data object). v1 data objects
+    /// get a name of their own per upload, so a loser never overwrites the data a winner's
+    /// metadata points at.
+    /// With `replace` (the store holds the other version), the archive is overwritten instead.
+    fn publish(
+        &self,
+        id: &str,
+        version: u8,
+        local: &Path,
+        replace: bool,
+    ) -> Result<(String, bool), ServiceError> {
         let ArchiveStore::S3(s3) = &self.cfg.archive_store else {
-            return Ok(local.display().to_string());
+            return Ok((local.display().to_string(), true));
         };
         let opts = Self::s3_options(s3);
         let index_url = Self::s3_url(s3, &format!("{id}.clip"));
+        let obj = crate::extract::remote::RemoteObject::open(&index_url, &opts)?;
         let rt = runtime()?;
-        if version == 1 {
+        let put = |rt: &tokio::runtime::Runtime,
+                   obj: &crate::extract::remote::RemoteObject,
+                   bytes: &[u8]|
+         -> Result<bool, ServiceError> {
+            if replace {
+                rt.block_on(obj.upload(bytes, None))?;
+                Ok(true)
+            } else {
+                Ok(rt.block_on(obj.put_if_absent(bytes))?)
+            }
+        };
+        let created = if version == 1 {
             let meta = local.with_extension("remote.clip");
-            crate::extract::remote::upload_v1(
-                local,
-                &Self::s3_url(s3, &format!("{id}.data.clip")),
-                &meta,
-                &opts,
-                None,
-            )?;
+            let nonce = short_hash(&[
+                std::process::id().to_string().as_bytes(),
+                format!("{:?}", std::time::SystemTime::now()).as_bytes(),
+                id.as_bytes(),
+            ]);
+            let data_url = Self::s3_url(s3, &format!("{id}.data.{nonce}.clip"));
+            crate::extract::remote::upload_v1(local, &data_url, &meta, &opts, None)?;
             let bytes = std::fs::read(&meta).map_err(other("reading the metadata archive"))?;
-            let obj = crate::extract::remote::RemoteObject::open(&index_url, &opts)?;
-            rt.block_on(obj.upload(&bytes, None))?;
             let _ = std::fs::remove_file(&meta);
+            let created = put(&rt, &obj, &bytes)?;
+            if !created {
+                let data = crate::extract::remote::RemoteObject::open(&data_url, &opts)?;
+                if let Err(e) = rt.block_on(data.delete()) {
+                    tracing::warn!(url = %data_url, error = %e, "could not delete an unused data object");
+                }
+            }
+            created
         } else {
             let bytes = std::fs::read(local).map_err(other("reading the archive"))?;
-            let obj = crate::extract::remote::RemoteObject::open(&index_url, &opts)?;
-            rt.block_on(obj.upload(&bytes, None))?;
-        }
+            put(&rt, &obj, &bytes)?
+        };
         let _ = std::fs::remove_file(local);
-        tracing::info!(image_id = id, url = %index_url, "archive stored");
-        Ok(index_url)
+        if created {
+            tracing::info!(image_id = id, url = %index_url, "archive stored");
+        } else {
+            tracing::info!(image_id = id, url = %index_url, "archive already stored by another worker; reusing it");
+        }
+        Ok((index_url, created))
+    }
+
+    /// Image `id`'s archive when the store has it already: `(where, bytes, version)`. For an
+    /// S3 store the archive is fetched into the local cache (PullLazy uses it from there).
+    fn stored(&self, id: &str) -> Result<Option<(String, u64, u8)>, ServiceError> {
+        let (place, local) = match &self.cfg.archive_store {
+            ArchiveStore::Local(_) => {
+                let p = self.archive_path(id);
+                if !p.exists() {
+                    return Ok(None);
+                }
+                (p.display().to_string(), p)
+            }
+            ArchiveStore::S3(s3) => {
+                let url = Self::s3_url(s3, &format!("{id}.clip"));
+                let obj = crate::extract::remote::RemoteObject::open(&url, &Self::s3_options(s3))?;
+                if !runtime()?.block_on(obj.exists())? {
+                    return Ok(None);
+                }
+                let dir = self.cfg.cache_dir.join("archives");
+                std::fs::create_dir_all(&dir).map_err(other("creating the archive cache"))?;
+                let local = dir.join(format!("{id}.clip"));
+                if !local.exists() {
+                    self.fetch_archive(id, &local)?;
+                }
+                (url, local)
+            }
+        };
+        let a = format::Archive::open(&local)?;
+        let version = if a.kind() == format::ArchiveKind::V2Oci {
+            2
+        } else {
+            1
+        };
+        let bytes = std::fs::metadata(&local).map_or(0, |m| m.len());
+        Ok(Some((place, bytes, version)))
+    }
+
+    /// Looks for image `id`'s archive in the store before any work: an archive of the `planned`
+    /// version is reused as it is; one of the other version is to be replaced (a rollout step
+    /// moved the image); none is to be created.
+    fn check_store(
+        &self,
+        flow: &'static str,
+        id: &str,
+        planned: u8,
+        start: Instant,
+    ) -> Result<Stored, ServiceError> {
+        match self.stored(id)? {
+            None => Ok(Stored::Absent),
+            Some(found) if found.2 == planned => {
+                Ok(Stored::Same(Self::reused(flow, id, found, start)))
+            }
+            Some((archive, _, version)) => {
+                tracing::info!(image_id = id, archive = %archive, "the store holds a v{version} archive; replacing it with v{planned}");
+                Ok(Stored::Other)
+            }
+        }
+    }
+
+    /// The result for an image whose archive `found` is already in the store.
+    fn reused(
+        flow: &'static str,
+        id: &str,
+        (archive, bytes, version): (String, u64, u8),
+        start: Instant,
+    ) -> ArchiveResult {
+        tracing::info!(image_id = id, archive = %archive, version, "archive already in the store; reusing it");
+        let v = if version == 2 { "2" } else { "1" };
+        metrics::counter!("clip_archives_reused_total", "flow" => flow, "version" => v)
+            .increment(1);
+        ArchiveResult {
+            image_id: id.to_owned(),
+            version,
+            archive,
+            bytes,
+            fallback_reason: None,
+            seconds: start.elapsed().as_secs_f64(),
+            reused: true,
+            reused_layers: 0,
+        }
     }
 
     /// Copies image `id`'s archive from the store to `dest` (atomically).
@@ -324,31 +519,57 @@ impl ImageService {
             reference.repository.as_bytes(),
             resolved.manifest_digest.as_bytes(),
         ]);
+        let plan = clip_policy::pull_plan(&self.cfg, &id);
+        let planned = if plan == PullPlan::IndexFromRegistry {
+            2
+        } else {
+            1
+        };
+        let replace = match self.check_store("pull", &id, planned, start)? {
+            Stored::Same(r) => return Ok(r),
+            Stored::Other => true,
+            Stored::Absent => false,
+        };
         let out = self.archive_path(&id);
         let mut fallback = None;
         if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, &id) {
             tracing::info!(image = image_ref, image_id = %id, percent = self.cfg.clip_v2_rollout_percent, "outside the v2 rollout: this image uses v1");
         }
-        if clip_policy::pull_plan(&self.cfg, &id) == PullPlan::IndexFromRegistry {
+        if plan == PullPlan::IndexFromRegistry {
             tracing::info!(
                 image = image_ref,
                 "Creating index-only archive directly from registry"
             );
-            match crate::indexer::index_image(
+            match crate::indexer::index_image_with(
                 image_ref,
                 &out,
                 &client,
-                None,
-                self.cfg.checkpoint_mib << 20,
+                &self.index_options(),
                 None,
             ) {
                 Ok(s) => {
                     tracing::info!(
                         image = image_ref,
                         bytes = s.archive_bytes,
+                        reused_layers = s.reused_layers,
                         "v2 archive created directly from registry"
                     );
-                    return self.result("pull", id, 2, &out, None, start);
+                    return self
+                        .result(
+                            &Flow {
+                                name: "pull",
+                                start,
+                                replace,
+                            },
+                            id,
+                            2,
+                            &out,
+                            None,
+                        )
+                        .map(|r| ArchiveResult {
+                            reused_layers: s.reused_layers,
+                            ..r
+                        });
                 }
                 Err(e) => {
                     let reason = clip_policy::fallback_reason("v2 indexing failed", &e.to_string());
@@ -359,20 +580,45 @@ impl ImageService {
         }
         tracing::info!(image = image_ref, "Creating legacy archive (Clip v1)");
         crate::extract::archive_image(image_ref, &client, None, &out)?;
-        self.result("pull", id, 1, &out, fallback, start)
+        self.result(
+            &Flow {
+                name: "pull",
+                start,
+                replace,
+            },
+            id,
+            1,
+            &out,
+            fallback,
+        )
+    }
+
+    fn index_options(&self) -> crate::indexer::IndexOptions {
+        crate::indexer::IndexOptions {
+            checkpoint_bytes: self.cfg.checkpoint_mib << 20,
+            layer_store: Some(Arc::clone(&self.layer_store)),
+            ..crate::indexer::IndexOptions::default()
+        }
     }
 
     fn result(
         &self,
-        flow: &'static str,
+        flow: &Flow,
         image_id: String,
         version: u8,
         archive: &Path,
         fallback_reason: Option<String>,
-        start: Instant,
     ) -> Result<ArchiveResult, ServiceError> {
+        let Flow {
+            name: flow,
+            start,
+            replace,
+        } = *flow;
         let bytes = std::fs::metadata(archive).map_or(0, |m| m.len());
-        let stored = self.publish(&image_id, version, archive)?;
+        let (stored, created) = self.publish(&image_id, version, archive, replace)?;
+        if !created && let Some(found) = self.stored(&image_id)? {
+            return Ok(Self::reused(flow, &image_id, found, start));
+        }
         let v = if version == 2 { "2" } else { "1" };
         metrics::histogram!("clip_flow_seconds", "flow" => flow, "version" => v)
             .record(start.elapsed().as_secs_f64());
@@ -389,6 +635,8 @@ impl ImageService {
             bytes,
             fallback_reason,
             seconds: start.elapsed().as_secs_f64(),
+            reused: false,
+            reused_layers: 0,
         })
     }
 
@@ -435,6 +683,17 @@ impl ImageService {
     ) -> Result<ArchiveResult, ServiceError> {
         let start = Instant::now();
         let id = build_id(dockerfile, context, build_args)?;
+        let plan = clip_policy::build_plan(&self.cfg, &id, &self.probe());
+        let planned = if matches!(plan, BuildPlan::PushAndIndex { .. }) {
+            2
+        } else {
+            1
+        };
+        let replace = match self.check_store("build", &id, planned, start)? {
+            Stored::Same(r) => return Ok(r),
+            Stored::Other => true,
+            Stored::Absent => false,
+        };
         let name = format!("localhost/clip-build-{id}");
         let mut bud = self.buildah();
         bud.args([
@@ -468,7 +727,6 @@ impl ImageService {
         tool(&mut bud)?;
         phase("bud", t);
         let out = self.archive_path(&id);
-        let plan = clip_policy::build_plan(&self.cfg, &id, &self.probe());
         if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, &id) {
             tracing::info!(image_id = %id, percent = self.cfg.clip_v2_rollout_percent, "outside the v2 rollout: this image uses v1");
         }
@@ -484,7 +742,21 @@ impl ImageService {
         }
         if let BuildPlan::PushAndIndex { registry } = plan {
             match self.push_and_index(&name, &registry, &id, &out) {
-                Ok(()) => return self.result("build", id, 2, &out, None, start),
+                Ok(reused_layers) => {
+                    return self
+                        .result(
+                            &Flow {
+                                name: "build",
+                                start,
+                                replace,
+                            },
+                            id,
+                            2,
+                            &out,
+                            None,
+                        )
+                        .map(|r| ArchiveResult { reused_layers, ..r });
+                }
                 Err(reason) => {
                     tracing::warn!(reason = %reason, "falling back to v1");
                     fallback = Some(reason);
@@ -504,7 +776,17 @@ impl ImageService {
         tool(&mut push)?;
         crate::extract::archive_layout(staging.path(), Some("image"), None, &out)?;
         phase("v1_archive", t);
-        self.result("build", id, 1, &out, fallback, start)
+        self.result(
+            &Flow {
+                name: "build",
+                start,
+                replace,
+            },
+            id,
+            1,
+            &out,
+            fallback,
+        )
     }
 
     /// v2 half of a build; any failure comes back as the reason to fall back.
@@ -514,7 +796,7 @@ impl ImageService {
         registry_host: &str,
         id: &str,
         out: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<usize, String> {
         let target = format!("{registry_host}/clip/build-{id}:latest");
         tracing::info!("Pushing built image to registry: {target}");
         let mut push = self.buildah();
@@ -543,17 +825,10 @@ impl ImageService {
         tracing::info!(image = %target, "Creating index-only archive (Clip v2)");
         let client = self.client().map_err(|e| e.to_string())?;
         let _index_timer = PhaseTimer("index", Instant::now());
-        match crate::indexer::index_image(
-            &target,
-            out,
-            &client,
-            None,
-            self.cfg.checkpoint_mib << 20,
-            None,
-        ) {
+        match crate::indexer::index_image_with(&target, out, &client, &self.index_options(), None) {
             Ok(s) => {
-                tracing::info!(image = %target, bytes = s.archive_bytes, "v2 archive created from registry");
-                Ok(())
+                tracing::info!(image = %target, bytes = s.archive_bytes, reused_layers = s.reused_layers, "v2 archive created from registry");
+                Ok(s.reused_layers)
             }
             Err(e) => Err(clip_policy::fallback_reason(
                 "v2 indexing failed",

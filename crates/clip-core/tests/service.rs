@@ -378,10 +378,23 @@ fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
         );
         let stored = s3.root().join("images").join(format!("v{version}"));
         assert!(stored.join(format!("{}.clip", r.image_id)).exists());
+        let data_objects = std::fs::read_dir(&stored)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name().into_string().unwrap();
+                name.starts_with(&format!("{}.data.", r.image_id))
+            })
+            .count();
         assert_eq!(
-            stored.join(format!("{}.data.clip", r.image_id)).exists(),
-            version == 1,
+            data_objects,
+            usize::from(version == 1),
             "v1 keeps its data in the bucket"
+        );
+        // Pulling again finds the archive in the store and does nothing else.
+        let again = svc.pull_and_archive(&image).unwrap();
+        assert!(
+            again.reused && again.version == version && again.archive == r.archive,
+            "{again:?}"
         );
         let (m, logs) = with_logs(|| svc.pull_lazy(&r.image_id).unwrap());
         assert!(

@@ -150,6 +150,55 @@ impl RemoteObject {
             .size)
     }
 
+    /// The whole object, or `None` when it does not exist.
+    pub async fn get_all(&self) -> Result<Option<Bytes>> {
+        match self.store.get(&self.path).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| store_err(&self.url, &e))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err(&self.url, &e)),
+        }
+    }
+
+    /// Whether the object exists.
+    pub async fn exists(&self) -> Result<bool> {
+        match self.store.head(&self.path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(store_err(&self.url, &e)),
+        }
+    }
+
+    /// Creates the object holding `bytes` unless it exists: one conditional, create-only PUT
+    /// (`If-None-Match: *` on S3; an atomic create on a file store). `Ok(true)` when this call
+    /// created it, `Ok(false)` when the object was already there (it is left as it was). The
+    /// coordination point of workers sharing a store: the first writer wins, the others reuse.
+    pub async fn put_if_absent(&self, bytes: &[u8]) -> Result<bool> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..object_store::PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path, Bytes::copy_from_slice(bytes).into(), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(false),
+            Err(e) => Err(store_err(&self.url, &e)),
+        }
+    }
+
+    /// Deletes the object (an absent object is not an error).
+    pub async fn delete(&self) -> Result<()> {
+        match self.store.delete(&self.path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(&self.url, &e)),
+        }
+    }
+
     /// Uploads `bytes` as the object, in parts; `progress(sent, total)` after each part. Aborts
     /// the upload on any error.
     pub async fn upload(

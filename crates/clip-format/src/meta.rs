@@ -89,14 +89,18 @@ pub enum MediaKind {
 }
 
 impl MediaKind {
-    pub(crate) fn code(self) -> u8 {
+    /// The code stored for this value.
+    #[must_use]
+    pub fn code(self) -> u8 {
         match self {
             Self::Tar => 1,
             Self::Gzip => 2,
             Self::Zstd => 3,
         }
     }
-    pub(crate) fn from_code(c: u8) -> Option<Self> {
+    /// The value stored as code `c`.
+    #[must_use]
+    pub fn from_code(c: u8) -> Option<Self> {
         match c {
             1 => Some(Self::Tar),
             2 => Some(Self::Gzip),
@@ -139,7 +143,9 @@ pub enum CheckpointKind {
 }
 
 impl CheckpointKind {
-    pub(crate) fn code(self) -> u8 {
+    /// The code stored for this value.
+    #[must_use]
+    pub fn code(self) -> u8 {
         match self {
             Self::Deflate => 1,
             Self::GzipMember => 2,
@@ -147,7 +153,9 @@ impl CheckpointKind {
             Self::Plain => 4,
         }
     }
-    pub(crate) fn from_code(c: u8) -> Option<Self> {
+    /// The value stored as code `c`.
+    #[must_use]
+    pub fn from_code(c: u8) -> Option<Self> {
         match c {
             1 => Some(Self::Deflate),
             2 => Some(Self::GzipMember),

@@ -30,7 +30,13 @@
 //! # Ok::<(), clip_indexer::Error>(())
 //! ```
 
+mod reuse;
 mod tarwalk;
+
+pub use reuse::{
+    DecodeError, DirLayerStore, LAYER_INDEX_VERSION, LayerIndexStore, StoredLayer, Tiered,
+    decode as decode_layer_index, encode as encode_layer_index, layer_key,
+};
 
 pub use clip_registry::oci;
 
@@ -127,6 +133,8 @@ pub struct IndexOptions {
     pub repository: String,
     /// The reference the user gave (informational).
     pub reference: String,
+    /// Where per-layer indexes are looked up before a layer is streamed, and stored after.
+    pub layer_store: Option<std::sync::Arc<dyn LayerIndexStore>>,
 }
 
 impl Default for IndexOptions {
@@ -138,6 +146,7 @@ impl Default for IndexOptions {
             registry: String::new(),
             repository: String::new(),
             reference: String::new(),
+            layer_store: None,
         }
     }
 }
@@ -165,6 +174,15 @@ pub enum Progress {
         /// Tar entries walked.
         entries: usize,
     },
+    /// A layer's stored index was reused: the layer was not fetched.
+    LayerReused {
+        /// Layer index.
+        layer: usize,
+        /// Blob digest.
+        digest: String,
+        /// Entries in the stored index.
+        entries: usize,
+    },
 }
 
 /// A progress callback (called from indexing threads).
@@ -189,6 +207,8 @@ pub struct IndexSummary {
     pub compressed_bytes: u64,
     /// Uncompressed bytes walked.
     pub uncompressed_bytes: u64,
+    /// Layers whose stored index was reused (not fetched).
+    pub reused_layers: usize,
 }
 
 const MAX_DOC: u64 = 4 << 20;
@@ -516,9 +536,15 @@ pub fn layout_image(layout: &Path, opts: &IndexOptions) -> Result<ImageTree> {
         reference: opts.reference.clone(),
     };
     let span = opts.checkpoint_bytes.max(64 << 10);
-    merge_all(&manifest, &config, source, span, |i, d| {
-        index_layout_layer(layout, i, d, &config.rootfs.diff_ids[i], span)
-    })
+    merge_all(
+        &manifest,
+        &config,
+        source,
+        span,
+        opts.layer_store.as_deref(),
+        None,
+        |i, d| index_layout_layer(layout, i, d, &config.rootfs.diff_ids[i], span),
+    )
 }
 
 /// Path of blob `digest` in an OCI layout (the digest is validated first).
@@ -538,6 +564,24 @@ pub fn index_image(
     checkpoint_bytes: u64,
     progress: Option<&ProgressFn<'_>>,
 ) -> Result<IndexSummary> {
+    let opts = IndexOptions {
+        platform: platform.cloned(),
+        checkpoint_bytes,
+        ..IndexOptions::default()
+    };
+    index_image_with(reference, out, client, &opts, progress)
+}
+
+/// [`index_image`] with all options: `opts.platform`, `opts.checkpoint_bytes` and
+/// `opts.layer_store` (layers whose index is stored there are not fetched; new layer indexes
+/// are stored). The registry and repository recorded come from `reference`.
+pub fn index_image_with(
+    reference: &str,
+    out: &Path,
+    client: &clip_registry::Client,
+    opts: &IndexOptions,
+    progress: Option<&ProgressFn<'_>>,
+) -> Result<IndexSummary> {
     let r = clip_registry::Reference::parse(reference)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -548,14 +592,14 @@ pub fn index_image(
             path: PathBuf::new(),
             source,
         })?;
-    let image = runtime.block_on(client.resolve(&r, platform))?;
+    let image = runtime.block_on(client.resolve(&r, opts.platform.as_ref()))?;
     let source = Source {
         registry: r.registry.clone(),
         repository: r.repository.clone(),
         manifest_digest: image.manifest_digest.clone(),
         reference: r.to_string(),
     };
-    let span = checkpoint_bytes.max(64 << 10);
+    let span = opts.checkpoint_bytes.max(64 << 10);
     let handle = runtime.handle().clone();
     let pinned = image.reference.clone();
     let diff_ids = image.config.rootfs.diff_ids.clone();
@@ -566,19 +610,18 @@ pub fn index_image(
             bytes: image.manifest.layers.iter().map(|l| l.size).sum(),
         });
     }
-    let built = merge_all(&image.manifest, &image.config, source, span, |i, d| {
-        let reader = client.blob_reader(&handle, &pinned, &d.digest);
-        let done = index_layer(reader, i, d, &diff_ids[i], span)?;
-        if let Some(p) = progress {
-            p(&Progress::LayerDone {
-                layer: i,
-                digest: d.digest.clone(),
-                compressed: done.index.compressed_size,
-                entries: done.entries.len(),
-            });
-        }
-        Ok(done)
-    })?;
+    let built = merge_all(
+        &image.manifest,
+        &image.config,
+        source,
+        span,
+        opts.layer_store.as_deref(),
+        progress,
+        |i, d| {
+            let reader = client.blob_reader(&handle, &pinned, &d.digest);
+            index_layer(reader, i, d, &diff_ids[i], span)
+        },
+    )?;
     write_image(out, &built)
 }
 
@@ -598,6 +641,8 @@ pub struct ImageTree {
     pub compressed_bytes: u64,
     /// Uncompressed bytes walked.
     pub uncompressed_bytes: u64,
+    /// Layers whose stored index was reused.
+    pub reused_layers: usize,
 }
 
 /// Writes a merged image as a v2 archive.
@@ -623,8 +668,12 @@ fn write_image(out: &Path, image: &ImageTree) -> Result<IndexSummary> {
         index_bytes: summary.index_bytes,
         compressed_bytes: image.compressed_bytes,
         uncompressed_bytes: image.uncompressed_bytes,
+        reused_layers: image.reused_layers,
     })
 }
+
+/// One layer's outcome: its index and whether a stored one was reused.
+type LayerSlot = std::sync::Mutex<Option<Result<(IndexedLayer, bool)>>>;
 
 /// Indexes every layer (in parallel, one thread per core) and merges them in order.
 fn merge_all(
@@ -632,6 +681,8 @@ fn merge_all(
     config: &oci::Config,
     source: Source,
     span: u64,
+    store: Option<&dyn LayerIndexStore>,
+    progress: Option<&ProgressFn<'_>>,
     layer: impl Fn(usize, &oci::Descriptor) -> Result<IndexedLayer> + Sync,
 ) -> Result<ImageTree> {
     if config.rootfs.diff_ids.len() != manifest.layers.len() {
@@ -645,7 +696,7 @@ fn merge_all(
         .map_or(2, std::num::NonZero::get)
         .min(manifest.layers.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<IndexedLayer>>>> = manifest
+    let results: Vec<LayerSlot> = manifest
         .layers
         .iter()
         .map(|_| std::sync::Mutex::new(None))
@@ -658,7 +709,25 @@ fn merge_all(
                     let Some(d) = manifest.layers.get(i) else {
                         break;
                     };
-                    let r = layer(i, d);
+                    let r = reusing(store, i, d, &config.rootfs.diff_ids[i], span, || {
+                        layer(i, d)
+                    });
+                    if let (Some(p), Ok((done, reused))) = (progress, &r) {
+                        p(&if *reused {
+                            Progress::LayerReused {
+                                layer: i,
+                                digest: d.digest.clone(),
+                                entries: done.entries.len(),
+                            }
+                        } else {
+                            Progress::LayerDone {
+                                layer: i,
+                                digest: d.digest.clone(),
+                                compressed: done.index.compressed_size,
+                                entries: done.entries.len(),
+                            }
+                        });
+                    }
                     if let Ok(mut slot) = results[i].lock() {
                         *slot = Some(r);
                     }
@@ -669,17 +738,21 @@ fn merge_all(
     let mut merger = Merger::new();
     let mut layers = Vec::new();
     let mut checkpoints = Vec::new();
-    let (mut compressed_bytes, mut uncompressed_bytes) = (0, 0);
+    let (mut compressed_bytes, mut uncompressed_bytes, mut reused_layers) = (0, 0, 0);
     for (i, slot) in results.into_iter().enumerate() {
         let done = slot
             .into_inner()
             .ok()
             .flatten()
             .ok_or_else(|| Error::Image(format!("layer {i} was not indexed")))?;
-        let done = done?;
+        let (done, reused) = done?;
         merger.apply(&done.entries)?;
-        compressed_bytes += done.index.compressed_size;
-        uncompressed_bytes += done.index.uncompressed_size;
+        if reused {
+            reused_layers += 1;
+        } else {
+            compressed_bytes += done.index.compressed_size;
+            uncompressed_bytes += done.index.uncompressed_size;
+        }
         layers.push(LayerInfo {
             digest: manifest.layers[i].digest.clone(),
             diff_id: config.rootfs.diff_ids[i].clone(),
@@ -704,5 +777,62 @@ fn merge_all(
         meta,
         compressed_bytes,
         uncompressed_bytes,
+        reused_layers,
     })
+}
+
+/// Layer `i`'s index from `store` when it holds a matching one, else `index()` (whose result is
+/// then stored, create-only). The flag says whether the stored index was used.
+fn reusing(
+    store: Option<&dyn LayerIndexStore>,
+    i: usize,
+    d: &oci::Descriptor,
+    diff_id: &str,
+    span: u64,
+    index: impl FnOnce() -> Result<IndexedLayer>,
+) -> Result<(IndexedLayer, bool)> {
+    let Some(store) = store else {
+        return index().map(|l| (l, false));
+    };
+    let layer = u32::try_from(i).map_err(|_| Error::Image("too many layers".into()))?;
+    let key = layer_key(&d.digest, span);
+    if let Some(bytes) = store.get(&key) {
+        match reuse::decode(&bytes, layer) {
+            Ok(s)
+                if s.digest == d.digest
+                    && s.index.span == span
+                    && s.index.compressed_size == d.size
+                    && format!("sha256:{}", hex::encode(s.index.diff_id)) == diff_id =>
+            {
+                return Ok((
+                    IndexedLayer {
+                        entries: s.entries,
+                        index: s.index,
+                        media: s.media,
+                    },
+                    true,
+                ));
+            }
+            Ok(_) => {
+                tracing::warn!(key, store = %store.describe(), layer = i, "stored layer index does not match the layer; indexing it again");
+                store.discard(&key);
+            }
+            Err(e) => {
+                tracing::warn!(key, store = %store.describe(), error = %e, "stored layer index rejected; indexing the layer again");
+                store.discard(&key);
+            }
+        }
+    }
+    let done = index()?;
+    // The encoding records file offsets, not layer numbers: no renumbering needed here.
+    let bytes = reuse::encode_parts(&d.digest, done.media, &done.entries, &done.index);
+    match store.put(&key, &bytes) {
+        Ok(created) => {
+            tracing::debug!(key, created, store = %store.describe(), "layer index stored");
+        }
+        Err(e) => {
+            tracing::warn!(key, store = %store.describe(), error = %e, "could not store a layer index");
+        }
+    }
+    Ok((done, false))
 }

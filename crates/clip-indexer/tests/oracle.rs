@@ -135,6 +135,7 @@ fn check(image: &ImageBuilder, span: u64, platform: Option<&str>) {
         registry: "127.0.0.1:5000".into(),
         repository: "test/edge".into(),
         reference: "127.0.0.1:5000/test/edge:t".into(),
+        layer_store: None,
     };
     let summary = index_layout(&layout, &out, &opts).unwrap();
     let a = Archive::open(&out).unwrap();
@@ -477,4 +478,224 @@ fn zstd_layers_index_to_the_same_tree_as_their_gzip_twin() {
     };
     let diffs = trees[1].compare(&trees[0], &opts);
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+/// Counts what a layer-index store is asked for.
+#[derive(Debug)]
+struct Counting {
+    inner: clip_indexer::DirLayerStore,
+    hits: std::sync::atomic::AtomicUsize,
+    created: std::sync::atomic::AtomicUsize,
+}
+
+impl clip_indexer::LayerIndexStore for Counting {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let r = self.inner.get(key);
+        if r.is_some() {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> std::io::Result<bool> {
+        let c = self.inner.put(key, bytes)?;
+        if c {
+            self.created
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(c)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn discard(&self, key: &str) {
+        self.inner.discard(key);
+    }
+}
+
+fn blob_gets(registry: &clip_testkit::Registry, digest: &str) -> usize {
+    registry
+        .log()
+        .lines()
+        .filter(|l| l.contains("GET") && l.contains(&format!("/blobs/{digest}")))
+        .count()
+}
+
+#[test]
+fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
+    oracle::require_oracle_tools().unwrap();
+    let base = edge([
+        Compression::Gzip,
+        Compression::GzipMultiMember(3),
+        Compression::None,
+    ]);
+    // The same three layers plus a top layer that overrides and deletes lower files.
+    let mut derived = base.clone();
+    derived.layers.push(Layer::new(vec![
+        Entry::file("etc/top", clip_testkit::image::text_bytes(9, 300_000)),
+        Entry::whiteout("etc/hostname"),
+    ]));
+    let registry = clip_testkit::Registry::start_anonymous().unwrap();
+    let a = ImageBuilder::new(ManifestFormat::Oci)
+        .image(base)
+        .build()
+        .unwrap();
+    let b = ImageBuilder::new(ManifestFormat::Oci)
+        .image(derived)
+        .build()
+        .unwrap();
+    let pa = a.push(&registry, "test/base", "v1").unwrap();
+    let pb = b.push(&registry, "test/derived", "v1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
+    let store = std::sync::Arc::new(Counting {
+        inner: clip_indexer::DirLayerStore::new(dir.path().join("layers")),
+        hits: 0.into(),
+        created: 0.into(),
+    });
+    let with_store = IndexOptions {
+        checkpoint_bytes: 1 << 20,
+        layer_store: Some(store.clone()),
+        ..IndexOptions::default()
+    };
+    let sa = clip_indexer::index_image_with(
+        &pa.reference,
+        &dir.path().join("a.clip"),
+        &client,
+        &with_store,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            sa.reused_layers,
+            store.created.load(std::sync::atomic::Ordering::SeqCst)
+        ),
+        (0, 3)
+    );
+
+    // The derived image: only its top layer is fetched.
+    let lower: Vec<String> = Archive::open(&dir.path().join("a.clip"))
+        .unwrap()
+        .layers()
+        .iter()
+        .map(|l| l.digest.clone())
+        .collect();
+    let before: Vec<usize> = lower.iter().map(|d| blob_gets(&registry, d)).collect();
+    let events = std::sync::Mutex::new(Vec::new());
+    let record = |p: &clip_indexer::Progress| events.lock().unwrap().push(p.clone());
+    let reused = dir.path().join("b-reused.clip");
+    let sb =
+        clip_indexer::index_image_with(&pb.reference, &reused, &client, &with_store, Some(&record))
+            .unwrap();
+    assert_eq!(sb.reused_layers, 3);
+    assert_eq!(store.hits.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let after: Vec<usize> = lower.iter().map(|d| blob_gets(&registry, d)).collect();
+    assert_eq!(before, after, "a reused layer was fetched again");
+    let events = events.into_inner().unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, clip_indexer::Progress::LayerReused { .. }))
+            .count(),
+        3,
+        "{events:?}"
+    );
+
+    // Byte for byte the archive indexing every layer writes, and what umoci unpacks.
+    let fresh = dir.path().join("b-fresh.clip");
+    clip_indexer::index_image(&pb.reference, &fresh, &client, None, 1 << 20, None).unwrap();
+    assert!(std::fs::read(&reused).unwrap() == std::fs::read(&fresh).unwrap());
+    let layout = dir.path().join("layout");
+    b.write_oci_layout(&layout, "v1").unwrap();
+    let want = oracle::oracle_unpack(
+        &registry,
+        "test/derived:v1",
+        &dir.path().join("oracle"),
+        None,
+    )
+    .unwrap();
+    let diffs = Tree::scan(&want).unwrap().compare(
+        &archive_tree(&Archive::open(&reused).unwrap(), &layout),
+        &CompareOptions::default(),
+    );
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+
+    // A damaged stored index, or one stored under another layer's key, is not used: the layer is
+    // indexed again and the archive is the same.
+    let keys: Vec<String> = lower
+        .iter()
+        .map(|d| clip_indexer::layer_key(d, 1 << 20))
+        .collect();
+    let layers_dir = dir.path().join("layers");
+    let mut damaged = std::fs::read(layers_dir.join(&keys[0])).unwrap();
+    let mid = damaged.len() / 2;
+    damaged[mid] ^= 0x40;
+    std::fs::write(layers_dir.join(&keys[0]), damaged).unwrap();
+    std::fs::copy(layers_dir.join(&keys[2]), layers_dir.join(&keys[1])).unwrap();
+    let again = dir.path().join("b-again.clip");
+    let sc =
+        clip_indexer::index_image_with(&pb.reference, &again, &client, &with_store, None).unwrap();
+    // Layer 2 and the top layer (stored by the run before) are reused.
+    assert_eq!(sc.reused_layers, 2);
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(&fresh).unwrap());
+    // The bad ones were replaced: now every layer is reused.
+    let sd =
+        clip_indexer::index_image_with(&pb.reference, &again, &client, &with_store, None).unwrap();
+    assert_eq!(sd.reused_layers, 4);
+    assert!(std::fs::read(&again).unwrap() == std::fs::read(&fresh).unwrap());
+}
+
+#[test]
+fn stored_layer_indexes_round_trip_and_reject_damage() {
+    let (tmp, layout) = layout_of(edge([
+        Compression::Gzip,
+        Compression::Zstd,
+        Compression::None,
+    ]));
+    let store = clip_indexer::DirLayerStore::new(tmp.path().join("layers"));
+    let arc: std::sync::Arc<dyn clip_indexer::LayerIndexStore> = std::sync::Arc::new(store.clone());
+    index_layout(
+        &layout,
+        &tmp.path().join("x.clip"),
+        &IndexOptions {
+            layer_store: Some(arc),
+            ..opts()
+        },
+    )
+    .unwrap();
+    let mut n = 0;
+    for e in std::fs::read_dir(tmp.path().join("layers")).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        let decoded = clip_indexer::decode_layer_index(&bytes, 5).unwrap();
+        assert_eq!(clip_indexer::encode_layer_index(&decoded), bytes);
+        assert!(decoded.entries.iter().all(|e| match &e.kind {
+            clip_format::NodeKind::File { span: Some(s), .. } => s.layer == 5,
+            _ => true,
+        }));
+        // Every truncation and a flipped byte anywhere are errors, never panics.
+        for cut in (0..bytes.len()).step_by(97) {
+            assert!(clip_indexer::decode_layer_index(&bytes[..cut], 0).is_err());
+        }
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 3] ^= 1;
+        assert!(clip_indexer::decode_layer_index(&flipped, 0).is_err());
+        n += 1;
+    }
+    assert_eq!(n, 3);
+    // Create-only: a second put of a key keeps the first object.
+    assert!(
+        !clip_indexer::LayerIndexStore::put(
+            &store,
+            &std::fs::read_dir(tmp.path().join("layers"))
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .file_name()
+                .into_string()
+                .unwrap(),
+            b"other"
+        )
+        .unwrap()
+    );
 }
