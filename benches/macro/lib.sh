@@ -55,3 +55,31 @@ stop_shaped_registry() {
   [ -n "${SHAPE_PID:-}" ] && kill "$SHAPE_PID" 2>/dev/null
   return 0
 }
+
+# build_numpy_layered NAME: commits localhost/NAME, a Debian + python3 + numpy image in three
+# layers as a Dockerfile would make them: (1) debootstrap minbase, (2) what installing python3
+# added or changed, (3) numpy and its BLAS/LAPACK/Fortran libraries (benches/macro/layers.py
+# splits the trees by dpkg ownership). Gzip layers, built by buildah in $WORK.
+build_numpy_layered() {
+  local name=$1 base full
+  base=$(debian_rootfs); full=$(debian_rootfs python3-numpy)
+  mkdir -p "$WORK/split"
+  python3 "$(dirname "${BASH_SOURCE[0]}")/layers.py" "$base" "$full" "$WORK/split" \
+    python3-numpy,libblas3,liblapack3,libgfortran5,libquadmath0 2>/dev/null
+  tar --numeric-owner --xattrs --xattrs-include='*' -C "$base" -cf "$WORK/split/base.tar" .
+  for l in mid top; do
+    tar --numeric-owner --xattrs --xattrs-include='*' -C "$full" --no-recursion -cf "$WORK/split/$l.tar" -T "$WORK/split/$l.list"
+  done
+  local ctr
+  ctr=$(bah from scratch)
+  bah config --cmd /usr/bin/python3 --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$ctr"
+  bah add "$ctr" "$WORK/split/base.tar" / >/dev/null
+  bah commit --quiet --format oci "$ctr" "localhost/$name-l1" >/dev/null
+  ctr=$(bah from "localhost/$name-l1")
+  bah add "$ctr" "$WORK/split/mid.tar" / >/dev/null
+  bah commit --quiet --format oci "$ctr" "localhost/$name-l2" >/dev/null
+  ctr=$(bah from "localhost/$name-l2")
+  bah add "$ctr" "$WORK/split/top.tar" / >/dev/null
+  bah commit --quiet --format oci "$ctr" "localhost/$name" >/dev/null
+  rm -rf "$WORK/split"
+}
