@@ -12,6 +12,12 @@
 //! Archives are stored as `<id>.clip`; ids are stable: the hash of the platform manifest digest
 //! and repository for pulls, of the Dockerfile, the context's content and the build args for
 //! builds. Log lines follow the seed's wording.
+//!
+//! Workers sharing a store coordinate through it: a flow whose `<id>.clip` (of the planned
+//! version) is in the store answers with it and does no work; archives and per-layer indexes are
+//! published with create-only conditional writes, so concurrent workers produce one archive and
+//! the others reuse it. Layer indexes are kept in `<cacheDir>/layers` and, with an S3 store,
+//! under `<prefix>layers/`, so base layers are indexed once per fleet.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -18,6 +18,13 @@
 //! points; a single-frame layer is flagged to be read from its start) or uncompressed. Sparse
 //! files are refused with a clear error until sparse maps land.
 //!
+//! A layer's index depends only on the layer blob and the span size, so it can be kept and
+//! reused by every image built on that layer: with [`IndexOptions::layer_store`] set, a layer
+//! whose stored index matches (blob digest, span, size, `diff_id`) is not fetched at all, and
+//! new layer indexes are stored create-only ([`LayerIndexStore`], [`DirLayerStore`],
+//! [`Tiered`]; the encoding is in `docs/format.md`). The merged archive is byte-for-byte the same
+//! either way.
+//!
 //! ```no_run
 //! use clip_indexer::{IndexOptions, index_layout};
 //! let summary = index_layout("/tmp/layout".as_ref(), "/tmp/app.clip".as_ref(), &IndexOptions {
