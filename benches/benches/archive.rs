@@ -60,6 +60,7 @@ fn tree() -> (Tree, Vec<Vec<u8>>) {
         diff_id: format!("sha256:{}", "2".repeat(64)),
         media: MediaKind::Gzip,
         single_frame: false,
+        toc_indexed: false,
         compressed_size: offset / 3,
         uncompressed_size: offset,
         span_size: 4 << 20,

@@ -31,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         diff_id: format!("sha256:{}", "0".repeat(64)),
         media: MediaKind::Gzip,
         single_frame: false,
+        toc_indexed: false,
         compressed_size: offset,
         uncompressed_size: offset,
         span_size: 4 << 20,

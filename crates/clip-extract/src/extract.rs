@@ -393,6 +393,78 @@ fn fill_from_object(
     Ok(written)
 }
 
+/// A layer indexed from its eStargz TOC: its file offsets are virtual, so each file is read
+/// through its spans (one range request per run of adjacent spans, each span inflated from its
+/// gzip member and checked against its digest) instead of streaming the layer.
+#[allow(clippy::too_many_arguments)]
+fn fill_by_spans(
+    a: &Archive,
+    layer: u32,
+    info: &clip_format::LayerInfo,
+    jobs: &mut [Job<u32>],
+    root: BorrowedFd<'_>,
+    client: &clip_registry::Client,
+    runtime: &tokio::runtime::Runtime,
+    reference: &clip_registry::Reference,
+) -> Result<u64> {
+    let cps = a.checkpoints(layer);
+    let layer_err = |reason: String| Error::Layer {
+        layer: info.digest.clone(),
+        reason,
+    };
+    let span_end = |k: usize| {
+        cps.get(k + 1)
+            .map_or(info.uncompressed_size, |c| c.uncompressed_offset)
+    };
+    let mut written = 0u64;
+    jobs.sort_by_key(|j| j.offset);
+    for job in jobs.iter() {
+        let path = a.entry(job.target).map(|e| e.path()).unwrap_or_default();
+        let fd = rustix::fs::openat2(
+            root,
+            &path[..],
+            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        )
+        .map_err(sys("opening", &path))?;
+        let mut f = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd));
+        let end = job.offset + job.size;
+        let first = cps.partition_point(|c| c.uncompressed_offset <= job.offset);
+        let Some(first) = first.checked_sub(1) else {
+            return Err(layer_err(format!(
+                "no checkpoint before offset {}",
+                job.offset
+            )));
+        };
+        let mut last = first;
+        while span_end(last) < end && last + 1 < cps.len() {
+            last += 1;
+        }
+        let from = cps[first].compressed_offset;
+        let to = cps
+            .get(last + 1)
+            .map_or(info.compressed_size, |c| c.compressed_offset);
+        let bytes = runtime.block_on(client.read_range(reference, &info.digest, from..to))?;
+        for (k, cp) in cps.iter().enumerate().take(last + 1).skip(first) {
+            let len = usize::try_from(span_end(k) - cp.uncompressed_offset)
+                .map_err(|_| layer_err("span too large".into()))?;
+            let span = clip_seekable::gzip::decode(cp, &bytes, from, 0, len)
+                .map_err(|e| layer_err(e.to_string()))?;
+            clip_seekable::verify_span(cp, &span).map_err(|e| layer_err(e.to_string()))?;
+            let lo = job.offset.max(cp.uncompressed_offset) - cp.uncompressed_offset;
+            let hi = end.min(span_end(k)) - cp.uncompressed_offset;
+            let part = span
+                .get(usize::try_from(lo).unwrap_or(usize::MAX)..usize::try_from(hi).unwrap_or(0))
+                .ok_or_else(|| layer_err(format!("span at {} is short", cp.uncompressed_offset)))?;
+            f.write_all(part).map_err(io_at("writing", &path))?;
+            written += part.len() as u64;
+        }
+        f.flush().map_err(io_at("writing", &path))?;
+    }
+    Ok(written)
+}
+
 /// v2: streams each layer once from the registry and writes the files it holds.
 fn fill_from_registry(
     a: &Archive,
@@ -413,8 +485,12 @@ fn fill_from_registry(
     let client = clip_registry::Client::new(opts.registry.clone())?;
     let runtime = crate::runtime()?;
     let mut written = 0u64;
-    for (info, jobs) in layers.iter().zip(jobs.iter_mut()) {
+    for (layer, (info, jobs)) in (0u32..).zip(layers.iter().zip(jobs.iter_mut())) {
         if jobs.is_empty() {
+            continue;
+        }
+        if info.toc_indexed {
+            written += fill_by_spans(a, layer, info, jobs, root, &client, &runtime, &reference)?;
             continue;
         }
         let blob = client.blob_reader(runtime.handle(), &reference, &info.digest);

@@ -35,7 +35,7 @@
 //!             Metadata { mode: 0o644, ..Metadata::default() })?;
 //! let meta = Meta { source: Some(Source { manifest_digest: format!("sha256:{}", "0".repeat(64)), ..Source::default() }), ..Meta::default() };
 //! let layer = clip_format::LayerInfo { digest: "sha256:…".into(), diff_id: "sha256:…".into(),
-//!     media: clip_format::MediaKind::Tar, single_frame: false, compressed_size: 2048, uncompressed_size: 2048, span_size: 0 };
+//!     media: clip_format::MediaKind::Tar, single_frame: false, toc_indexed: false, compressed_size: 2048, uncompressed_size: 2048, span_size: 0 };
 //! let path = dir.path().join("img.clip");
 //! write_v2(&path, &tree, &meta, &[layer], &[vec![]])?;
 //!

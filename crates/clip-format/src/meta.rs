@@ -121,6 +121,11 @@ pub struct LayerInfo {
     pub media: MediaKind,
     /// A single zstd frame: no seek points, readers materialise the layer once.
     pub single_frame: bool,
+    /// Indexed from the layer's table of contents (eStargz): file offsets are positions in a
+    /// virtual stream where the data chunks lie back to back, one span each, not offsets in the
+    /// layer's tar stream. Readers go through the checkpoints; nothing streams the layer against
+    /// these offsets.
+    pub toc_indexed: bool,
     /// Blob size.
     pub compressed_size: u64,
     /// Uncompressed tar size.

@@ -621,7 +621,13 @@ impl Archive {
             let r = &self.section(SectionId::LAYERS)[l * LAYER_SIZE..(l + 1) * LAYER_SIZE];
             self.string(u32_at(r, 0))?;
             self.string(u32_at(r, 4))?;
-            if MediaKind::from_code(r[8]).is_none() || r[9] > 1 {
+            let media = MediaKind::from_code(r[8]);
+            if media.is_none()
+                || !matches!(
+                    (media, r[9]),
+                    (_, 0) | (Some(MediaKind::Zstd), 1) | (Some(MediaKind::Gzip), 2)
+                )
+            {
                 return Err(section_err(
                     SectionId::LAYERS,
                     format!("layer {l} has an unknown media type or flags"),
@@ -714,6 +720,7 @@ impl Archive {
                     diff_id: text(u32_at(r, 4)),
                     media: MediaKind::from_code(r[8]).unwrap_or(MediaKind::Tar),
                     single_frame: r[9] == 1,
+                    toc_indexed: r[9] == 2,
                     compressed_size: u64_at(r, 24),
                     uncompressed_size: u64_at(r, 32),
                     span_size: u64_at(r, 40),

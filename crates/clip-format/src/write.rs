@@ -410,7 +410,7 @@ pub fn write_v2(
         layer_bytes.extend_from_slice(&index.strings.add(l.digest.as_bytes())?.to_le_bytes());
         layer_bytes.extend_from_slice(&index.strings.add(l.diff_id.as_bytes())?.to_le_bytes());
         layer_bytes.push(l.media.code());
-        layer_bytes.push(u8::from(l.single_frame));
+        layer_bytes.push(u8::from(l.single_frame) | (u8::from(l.toc_indexed) << 1));
         layer_bytes.extend_from_slice(&0u16.to_le_bytes());
         layer_bytes.extend_from_slice(&first.to_le_bytes());
         layer_bytes.extend_from_slice(&count.to_le_bytes());

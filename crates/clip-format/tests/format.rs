@@ -45,6 +45,7 @@ fn layer(size: u64) -> LayerInfo {
         diff_id: format!("sha256:{}", "ef".repeat(32)),
         media: MediaKind::Gzip,
         single_frame: false,
+        toc_indexed: false,
         compressed_size: size / 2,
         uncompressed_size: size,
         span_size: 1 << 20,

@@ -37,6 +37,7 @@
 //! # Ok::<(), clip_indexer::Error>(())
 //! ```
 
+pub mod estargz;
 mod reuse;
 mod tarwalk;
 
@@ -210,12 +211,14 @@ pub struct IndexSummary {
     pub archive_bytes: u64,
     /// Archive size without checkpoint windows.
     pub index_bytes: u64,
-    /// Compressed bytes read.
+    /// Compressed bytes fetched (all of a streamed layer, footer and TOC of an eStargz one).
     pub compressed_bytes: u64,
     /// Uncompressed bytes walked.
     pub uncompressed_bytes: u64,
     /// Layers whose stored index was reused (not fetched).
     pub reused_layers: usize,
+    /// Layers indexed from their eStargz table of contents (a few range requests each).
+    pub toc_layers: usize,
 }
 
 const MAX_DOC: u64 = 4 << 20;
@@ -364,6 +367,10 @@ struct IndexedLayer {
     entries: Vec<LayerEntry>,
     index: LayerIndex,
     media: MediaKind,
+    /// Indexed from an eStargz TOC (virtual offsets).
+    toc: bool,
+    /// Compressed bytes fetched to index it.
+    fetched: u64,
 }
 
 fn index_layout_layer(
@@ -497,10 +504,13 @@ fn index_layer<R: Read>(
             found,
         });
     }
+    let fetched = index.compressed_size;
     Ok(IndexedLayer {
         entries,
         index,
         media,
+        toc: false,
+        fetched,
     })
 }
 
@@ -625,6 +635,28 @@ pub fn index_image_with(
         opts.layer_store.as_deref(),
         progress,
         |i, d| {
+            if let Some(toc_digest) = estargz::toc_digest(d) {
+                let fetch = |r: std::ops::Range<u64>| -> Result<Vec<u8>> {
+                    Ok(handle
+                        .block_on(client.read_range(&pinned, &d.digest, r))?
+                        .to_vec())
+                };
+                let layer = u32::try_from(i).map_err(|_| Error::Image("too many layers".into()))?;
+                match estargz::index_from_toc(&fetch, layer, d, toc_digest, &diff_ids[i], span) {
+                    Ok(t) => {
+                        return Ok(IndexedLayer {
+                            entries: t.entries,
+                            index: t.index,
+                            media: MediaKind::Gzip,
+                            toc: true,
+                            fetched: t.fetched,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(layer = i, digest = %d.digest, error = %e, "eStargz TOC not usable; streaming the layer")
+                    }
+                }
+            }
             let reader = client.blob_reader(&handle, &pinned, &d.digest);
             index_layer(reader, i, d, &diff_ids[i], span)
         },
@@ -650,6 +682,8 @@ pub struct ImageTree {
     pub uncompressed_bytes: u64,
     /// Layers whose stored index was reused.
     pub reused_layers: usize,
+    /// Layers indexed from an eStargz table of contents.
+    pub toc_layers: usize,
 }
 
 /// Writes a merged image as a v2 archive.
@@ -676,6 +710,7 @@ fn write_image(out: &Path, image: &ImageTree) -> Result<IndexSummary> {
         compressed_bytes: image.compressed_bytes,
         uncompressed_bytes: image.uncompressed_bytes,
         reused_layers: image.reused_layers,
+        toc_layers: image.toc_layers,
     })
 }
 
@@ -746,6 +781,7 @@ fn merge_all(
     let mut layers = Vec::new();
     let mut checkpoints = Vec::new();
     let (mut compressed_bytes, mut uncompressed_bytes, mut reused_layers) = (0, 0, 0);
+    let mut toc_layers = 0;
     for (i, slot) in results.into_iter().enumerate() {
         let done = slot
             .into_inner()
@@ -757,14 +793,18 @@ fn merge_all(
         if reused {
             reused_layers += 1;
         } else {
-            compressed_bytes += done.index.compressed_size;
-            uncompressed_bytes += done.index.uncompressed_size;
+            compressed_bytes += done.fetched;
+            if !done.toc {
+                uncompressed_bytes += done.index.uncompressed_size;
+            }
         }
+        toc_layers += usize::from(done.toc);
         layers.push(LayerInfo {
             digest: manifest.layers[i].digest.clone(),
             diff_id: config.rootfs.diff_ids[i].clone(),
             media: done.media,
             single_frame: done.media == MediaKind::Zstd && done.index.members <= 1,
+            toc_indexed: done.toc,
             compressed_size: done.index.compressed_size,
             uncompressed_size: done.index.uncompressed_size,
             span_size: span,
@@ -785,6 +825,7 @@ fn merge_all(
         compressed_bytes,
         uncompressed_bytes,
         reused_layers,
+        toc_layers,
     })
 }
 
@@ -816,6 +857,8 @@ fn reusing(
                         entries: s.entries,
                         index: s.index,
                         media: s.media,
+                        toc: s.toc_indexed,
+                        fetched: 0,
                     },
                     true,
                 ));
@@ -832,7 +875,7 @@ fn reusing(
     }
     let done = index()?;
     // The encoding records file offsets, not layer numbers: no renumbering needed here.
-    let bytes = reuse::encode_parts(&d.digest, done.media, &done.entries, &done.index);
+    let bytes = reuse::encode_parts(&d.digest, done.media, done.toc, &done.entries, &done.index);
     match store.put(&key, &bytes) {
         Ok(created) => {
             tracing::debug!(key, created, store = %store.describe(), "layer index stored");

@@ -47,6 +47,8 @@ pub struct StoredLayer {
     pub digest: String,
     /// Compression of the blob.
     pub media: MediaKind,
+    /// Indexed from an eStargz table of contents (virtual offsets).
+    pub toc_indexed: bool,
     /// Entries of the layer's tar stream (file spans name layer 0; the user renumbers).
     pub entries: Vec<LayerEntry>,
     /// Checkpoints, sizes, `diff_id`.
@@ -56,13 +58,20 @@ pub struct StoredLayer {
 /// Encodes a layer index.
 #[must_use]
 pub fn encode(layer: &StoredLayer) -> Vec<u8> {
-    encode_parts(&layer.digest, layer.media, &layer.entries, &layer.index)
+    encode_parts(
+        &layer.digest,
+        layer.media,
+        layer.toc_indexed,
+        &layer.entries,
+        &layer.index,
+    )
 }
 
 /// [`encode`] from borrowed parts.
 pub(crate) fn encode_parts(
     digest: &str,
     media: MediaKind,
+    toc_indexed: bool,
     entries: &[LayerEntry],
     ix: &LayerIndex,
 ) -> Vec<u8> {
@@ -71,6 +80,7 @@ pub(crate) fn encode_parts(
     put_u32(&mut w, LAYER_INDEX_VERSION);
     put_bytes(&mut w, digest.as_bytes());
     w.push(media.code());
+    w.push(u8::from(toc_indexed));
     put_u64(&mut w, ix.compressed_size);
     put_u64(&mut w, ix.uncompressed_size);
     w.extend_from_slice(&ix.diff_id);
@@ -166,6 +176,11 @@ pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
     let digest =
         String::from_utf8(r.bytes(MAX_NAME)?.to_vec()).map_err(|_| bad("digest is not UTF-8"))?;
     let media = MediaKind::from_code(r.u8()?).ok_or_else(|| bad("unknown media kind"))?;
+    let toc_indexed = match r.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(bad("bad flags")),
+    };
     let compressed_size = r.u64()?;
     let uncompressed_size = r.u64()?;
     let diff_id = r.array32()?;
@@ -280,6 +295,7 @@ pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
     Ok(StoredLayer {
         digest,
         media,
+        toc_indexed,
         entries,
         index: LayerIndex {
             checkpoints,

@@ -699,3 +699,63 @@ fn stored_layer_indexes_round_trip_and_reject_damage() {
         .unwrap()
     );
 }
+
+/// eStargz layers are indexed from their TOC with a few range requests (the footer and the TOC
+/// member), not streamed; the tree read back through the TOC's chunk spans equals umoci's,
+/// except for sub-second file times, which the TOC format does not carry.
+#[test]
+fn estargz_layers_are_indexed_from_their_toc_and_match_umoci() {
+    oracle::require_oracle_tools().unwrap();
+    let img = edge([
+        Compression::EStargz(64 << 10),
+        Compression::EStargz(1 << 20),
+        Compression::EStargz(4 << 10),
+    ]);
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    let registry = clip_testkit::Registry::start_anonymous().unwrap();
+    let pushed = built.push(&registry, "test/estargz", "v1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("e.clip");
+    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
+    let summary =
+        clip_indexer::index_image(&pushed.reference, &out, &client, None, 1 << 20, None).unwrap();
+    let a = Archive::open(&out).unwrap();
+    let layer_bytes: u64 = a.layers().iter().map(|l| l.compressed_size).sum();
+    assert_eq!(summary.toc_layers, 3, "{summary:?}");
+    assert!(a.layers().iter().all(|l| l.toc_indexed));
+    assert!(
+        summary.compressed_bytes * 5 < layer_bytes,
+        "fetched {} of {layer_bytes} layer bytes",
+        summary.compressed_bytes
+    );
+    // Only ranged blob requests were made: no layer was streamed.
+    let log = registry.log();
+    for l in a.layers() {
+        let gets = log
+            .lines()
+            .filter(|x| x.contains("\"GET /v2/") && x.contains(&format!("/blobs/{}", l.digest)))
+            .count();
+        assert_eq!(gets, 2, "footer and TOC of {}", l.digest);
+    }
+    let layout = dir.path().join("layout");
+    built.write_oci_layout(&layout, "v1").unwrap();
+    let want = oracle::oracle_unpack(
+        &registry,
+        "test/estargz:v1",
+        &dir.path().join("oracle"),
+        None,
+    )
+    .unwrap();
+    let diffs = Tree::scan(&want)
+        .unwrap()
+        .compare(&archive_tree(&a, &layout), &CompareOptions::default());
+    assert!(
+        diffs.len() == 1 && diffs[0].contains("data/ns-time") && diffs[0].contains("mtime"),
+        "{}",
+        diffs.join("\n")
+    );
+    assert!(a.lookup(b"stargz.index.json").is_some());
+}

@@ -34,6 +34,9 @@ pub enum Compression {
     Zstd,
     /// Several concatenated zstd frames.
     ZstdMultiFrame(usize),
+    /// eStargz with data chunks of at most this many bytes (gzip members per chunk, a TOC, a
+    /// footer, and the TOC digest annotation on the descriptor).
+    EStargz(usize),
 }
 
 /// Which manifest media types to use.
@@ -325,6 +328,8 @@ pub struct Blob {
     pub media_type: String,
     /// The bytes.
     pub bytes: Vec<u8>,
+    /// Annotations of the referring descriptor.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl Blob {
@@ -333,10 +338,19 @@ impl Blob {
             digest: sha256_digest(&bytes),
             media_type: media_type.into(),
             bytes,
+            annotations: Vec::new(),
         }
     }
     fn descriptor(&self) -> serde_json::Value {
-        serde_json::json!({"mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len()})
+        let mut d = serde_json::json!({"mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len()});
+        if !self.annotations.is_empty() {
+            d["annotations"] = self
+                .annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())))
+                .collect();
+        }
+        d
     }
 }
 
@@ -533,18 +547,20 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 fn layer_media_type(format: ManifestFormat, c: Compression) -> Result<&'static str> {
     Ok(match (format, c) {
         (ManifestFormat::Oci, Compression::None) => "application/vnd.oci.image.layer.v1.tar",
-        (ManifestFormat::Oci, Compression::Gzip | Compression::GzipMultiMember(_)) => {
-            "application/vnd.oci.image.layer.v1.tar+gzip"
-        }
+        (
+            ManifestFormat::Oci,
+            Compression::Gzip | Compression::GzipMultiMember(_) | Compression::EStargz(_),
+        ) => "application/vnd.oci.image.layer.v1.tar+gzip",
         (ManifestFormat::Oci, Compression::Zstd | Compression::ZstdMultiFrame(_)) => {
             "application/vnd.oci.image.layer.v1.tar+zstd"
         }
         (ManifestFormat::Docker, Compression::None) => {
             "application/vnd.docker.image.rootfs.diff.tar"
         }
-        (ManifestFormat::Docker, Compression::Gzip | Compression::GzipMultiMember(_)) => {
-            "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        }
+        (
+            ManifestFormat::Docker,
+            Compression::Gzip | Compression::GzipMultiMember(_) | Compression::EStargz(_),
+        ) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
         (ManifestFormat::Docker, _) => {
             return Err(Error::InvalidImage(
                 "Docker v2 schema 2 has no zstd layer type".into(),
@@ -560,6 +576,19 @@ fn build_manifest(img: &Image, format: ManifestFormat) -> Result<BuiltManifest> 
             Some(t) => t.clone(),
             None => write_tar(layer)?,
         };
+        if let Compression::EStargz(chunk) = layer.compression {
+            // The blob's tar stream is the input's entries plus the TOC entry.
+            let e = crate::estargz::build(&tar, chunk)?;
+            let mut blob = Blob::new(layer_media_type(format, layer.compression)?, e.blob);
+            blob.annotations
+                .push((crate::estargz::TOC_DIGEST_ANNOTATION.into(), e.toc_digest));
+            layers.push(BuiltLayer {
+                blob,
+                diff_id: sha256_digest(&e.tar),
+                tar: e.tar,
+            });
+            continue;
+        }
         let bytes = compress(&tar, layer.compression)?;
         layers.push(BuiltLayer {
             blob: Blob::new(layer_media_type(format, layer.compression)?, bytes),
@@ -772,6 +801,7 @@ pub fn compress(tar: &[u8], c: Compression) -> Result<Vec<u8>> {
             }
             out
         }
+        Compression::EStargz(chunk) => crate::estargz::build(tar, chunk)?.blob,
     })
 }
 

@@ -31,6 +31,7 @@
 pub mod buildah;
 pub mod debian;
 mod error;
+pub mod estargz;
 pub mod fake;
 pub mod http;
 pub mod image;
