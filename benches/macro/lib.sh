@@ -56,20 +56,27 @@ stop_shaped_registry() {
   return 0
 }
 
-# build_numpy_layered NAME: commits localhost/NAME, a Debian + python3 + numpy image in three
-# layers as a Dockerfile would make them: (1) debootstrap minbase, (2) what installing python3
-# added or changed, (3) numpy and its BLAS/LAPACK/Fortran libraries (benches/macro/layers.py
-# splits the trees by dpkg ownership). Gzip layers, built by buildah in $WORK.
-build_numpy_layered() {
-  local name=$1 base full
+# split_numpy_layers DIR: writes DIR/base.tar, DIR/mid.tar and DIR/top.tar, the three layers of a
+# Debian + python3 + numpy image as a Dockerfile would make them: (1) debootstrap minbase, (2)
+# what installing python3 added or changed, (3) numpy and its BLAS/LAPACK/Fortran libraries
+# (benches/macro/layers.py splits the trees by dpkg ownership).
+split_numpy_layers() {
+  local dir=$1 base full
   base=$(debian_rootfs); full=$(debian_rootfs python3-numpy)
-  mkdir -p "$WORK/split"
-  python3 "$(dirname "${BASH_SOURCE[0]}")/layers.py" "$base" "$full" "$WORK/split" \
+  mkdir -p "$dir"
+  python3 "$(dirname "${BASH_SOURCE[0]}")/layers.py" "$base" "$full" "$dir" \
     python3-numpy,libblas3,liblapack3,libgfortran5,libquadmath0 2>/dev/null
-  tar --numeric-owner --xattrs --xattrs-include='*' -C "$base" -cf "$WORK/split/base.tar" .
+  tar --numeric-owner --xattrs --xattrs-include='*' -C "$base" -cf "$dir/base.tar" .
   for l in mid top; do
-    tar --numeric-owner --xattrs --xattrs-include='*' -C "$full" --no-recursion -cf "$WORK/split/$l.tar" -T "$WORK/split/$l.list"
+    tar --numeric-owner --xattrs --xattrs-include='*' -C "$full" --no-recursion -cf "$dir/$l.tar" -T "$dir/$l.list"
   done
+}
+
+# build_numpy_layered NAME: commits localhost/NAME, the three layers of split_numpy_layers as a
+# gzip image built by buildah in $WORK.
+build_numpy_layered() {
+  local name=$1
+  split_numpy_layers "$WORK/split"
   local ctr
   ctr=$(bah from scratch)
   bah config --cmd /usr/bin/python3 --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$ctr"

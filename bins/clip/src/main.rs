@@ -371,16 +371,17 @@ fn main() -> anyhow::Result<()> {
             if json {
                 let v = serde_json::json!({"kind": "v2-oci", "image": what, "manifest_digest": s.manifest_digest, "layers": s.layers,
                     "entries": s.entries, "checkpoints": s.checkpoints, "bytes": s.archive_bytes, "index_bytes": s.index_bytes,
-                    "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "reused_layers": s.reused_layers, "seconds": secs, "output": output});
+                    "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "reused_layers": s.reused_layers, "toc_layers": s.toc_layers, "seconds": secs, "output": output});
                 writeln!(out, "{v}")?;
             } else {
                 writeln!(
                     out,
-                    "{}: v2 archive of {what}@{}: {} layers ({} reused), {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
+                    "{}: v2 archive of {what}@{}: {} layers ({} reused, {} from eStargz TOCs), {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
                     output.display(),
                     s.manifest_digest,
                     s.layers,
                     s.reused_layers,
+                    s.toc_layers,
                     s.entries,
                     s.checkpoints,
                     s.archive_bytes,

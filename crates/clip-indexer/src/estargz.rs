@@ -241,7 +241,62 @@ pub(crate) fn index_from_toc(
             found,
         });
     }
-    let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(&format!("TOC: {e}")))?;
+    let field = |r: std::io::Result<u64>| r.map_err(|e| bad(&format!("TOC header: {e}")));
+    let toc_meta = Metadata {
+        mode: u32::try_from(field(toc_hdr.mode().map(u64::from))? & 0o7777).unwrap_or(0),
+        uid: u32::try_from(field(toc_hdr.uid())?).unwrap_or(0),
+        gid: u32::try_from(field(toc_hdr.gid())?).unwrap_or(0),
+        mtime_sec: i64::try_from(field(toc_hdr.mtime())?).unwrap_or(0),
+        mtime_nsec: 0,
+        xattrs: Vec::new(),
+    };
+    let (mut entries, mut checkpoints, virt) = toc_entries(&json, layer, toc_at, &d.digest)?;
+    // The TOC file: the whole TOC member is its span.
+    entries.push(LayerEntry {
+        path: TOC_NAME.to_vec(),
+        kind: NodeKind::File {
+            size: json.len() as u64,
+            span: Some(LayerSpan {
+                layer,
+                offset: virt + toc_data_at,
+            }),
+        },
+        meta: toc_meta,
+    });
+    checkpoints.push(Checkpoint {
+        kind: CheckpointKind::GzipMember,
+        compressed_offset: toc_at,
+        uncompressed_offset: virt,
+        bits: 0,
+        window: Vec::new(),
+        span_digest: Sha256::digest(&plain).into(),
+    });
+    let members = u32::try_from(checkpoints.len() + 1).unwrap_or(u32::MAX);
+    Ok(TocLayer {
+        entries,
+        index: LayerIndex {
+            checkpoints,
+            compressed_size: d.size,
+            uncompressed_size: virt + plain.len() as u64,
+            diff_id: hex32(diff_id).ok_or_else(|| bad("bad diff_id"))?,
+            members,
+            span,
+        },
+        fetched: FOOTER + member.len() as u64,
+    })
+}
+
+/// A TOC's entries as layer entries (file spans name `layer`), its chunks as checkpoints (all
+/// below `toc_at`), and the virtual stream length they cover. The parser of untrusted TOC JSON:
+/// never panics, every count bounded by the input.
+pub fn toc_entries(
+    json: &[u8],
+    layer: u32,
+    toc_at: u64,
+    digest: &str,
+) -> Result<(Vec<LayerEntry>, Vec<Checkpoint>, u64), Error> {
+    let bad = |what: &str| Error::Image(format!("eStargz layer {digest}: {what}"));
+    let toc: Toc = serde_json::from_slice(json).map_err(|e| bad(&format!("TOC: {e}")))?;
 
     let mut entries = Vec::with_capacity(toc.entries.len() + 1);
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
@@ -362,47 +417,7 @@ pub(crate) fn index_from_toc(
     {
         return Err(bad("a file's chunks do not cover it"));
     }
-    // The TOC file: the whole TOC member is its span.
-    let field = |r: std::io::Result<u64>| r.map_err(|e| bad(&format!("TOC header: {e}")));
-    entries.push(LayerEntry {
-        path: TOC_NAME.to_vec(),
-        kind: NodeKind::File {
-            size: json.len() as u64,
-            span: Some(LayerSpan {
-                layer,
-                offset: virt + toc_data_at,
-            }),
-        },
-        meta: Metadata {
-            mode: u32::try_from(field(toc_hdr.mode().map(u64::from))? & 0o7777).unwrap_or(0),
-            uid: u32::try_from(field(toc_hdr.uid())?).unwrap_or(0),
-            gid: u32::try_from(field(toc_hdr.gid())?).unwrap_or(0),
-            mtime_sec: i64::try_from(field(toc_hdr.mtime())?).unwrap_or(0),
-            mtime_nsec: 0,
-            xattrs: Vec::new(),
-        },
-    });
-    checkpoints.push(Checkpoint {
-        kind: CheckpointKind::GzipMember,
-        compressed_offset: toc_at,
-        uncompressed_offset: virt,
-        bits: 0,
-        window: Vec::new(),
-        span_digest: Sha256::digest(&plain).into(),
-    });
-    let members = u32::try_from(checkpoints.len() + 1).unwrap_or(u32::MAX);
-    Ok(TocLayer {
-        entries,
-        index: LayerIndex {
-            checkpoints,
-            compressed_size: d.size,
-            uncompressed_size: virt + plain.len() as u64,
-            diff_id: hex32(diff_id).ok_or_else(|| bad("bad diff_id"))?,
-            members,
-            span,
-        },
-        fetched: FOOTER + member.len() as u64,
-    })
+    Ok((entries, checkpoints, virt))
 }
 
 #[cfg(test)]

@@ -25,6 +25,11 @@
 //! [`Tiered`]; the encoding is in `docs/format.md`). The merged archive is byte-for-byte the same
 //! either way.
 //!
+//! An eStargz layer (its descriptor carries the `containerd.io/snapshot/stargz/toc.digest`
+//! annotation) fetched from a registry is indexed from its table of contents with two range
+//! requests instead of being streamed ([`estargz`]); when the TOC is unusable the layer is
+//! streamed as usual.
+//!
 //! ```no_run
 //! use clip_indexer::{IndexOptions, index_layout};
 //! let summary = index_layout("/tmp/layout".as_ref(), "/tmp/app.clip".as_ref(), &IndexOptions {
@@ -177,7 +182,7 @@ pub enum Progress {
         layer: usize,
         /// Blob digest.
         digest: String,
-        /// Blob bytes read.
+        /// Compressed bytes fetched (the whole blob, or footer and TOC of an eStargz layer).
         compressed: u64,
         /// Tar entries walked.
         entries: usize,
@@ -653,7 +658,7 @@ pub fn index_image_with(
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(layer = i, digest = %d.digest, error = %e, "eStargz TOC not usable; streaming the layer")
+                        tracing::warn!(layer = i, digest = %d.digest, error = %e, "eStargz TOC not usable; streaming the layer");
                     }
                 }
             }
@@ -765,7 +770,7 @@ fn merge_all(
                             Progress::LayerDone {
                                 layer: i,
                                 digest: d.digest.clone(),
-                                compressed: done.index.compressed_size,
+                                compressed: done.fetched,
                                 entries: done.entries.len(),
                             }
                         });
