@@ -449,8 +449,12 @@ fn fill_by_spans(
         for (k, cp) in cps.iter().enumerate().take(last + 1).skip(first) {
             let len = usize::try_from(span_end(k) - cp.uncompressed_offset)
                 .map_err(|_| layer_err("span too large".into()))?;
-            let span = clip_seekable::gzip::decode(cp, &bytes, from, 0, len)
-                .map_err(|e| layer_err(e.to_string()))?;
+            let span = if info.media == clip_format::MediaKind::Zstd {
+                clip_seekable::zstd_layer::decode(cp, &bytes, from, 0, len)
+            } else {
+                clip_seekable::gzip::decode(cp, &bytes, from, 0, len)
+            }
+            .map_err(|e| layer_err(e.to_string()))?;
             clip_seekable::verify_span(cp, &span).map_err(|e| layer_err(e.to_string()))?;
             let lo = job.offset.max(cp.uncompressed_offset) - cp.uncompressed_offset;
             let hi = end.min(span_end(k)) - cp.uncompressed_offset;

@@ -113,50 +113,71 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
     assert!(s.bytes > 6 << 20, "{s:?}");
     assert_same(&expected, &root);
 
-    // An eStargz image indexed from its TOC (virtual offsets) extracts span by span; the TOC
-    // carries whole-second times, so one file's sub-second mtime is the only difference.
-    let estargz = edge_cases(&EdgeCaseOptions {
-        compression: [
-            Compression::EStargz(64 << 10),
-            Compression::EStargz(1 << 20),
-            Compression::EStargz(4 << 10),
-        ],
-        devices: clip_testkit::is_root(),
-        ..EdgeCaseOptions::default()
-    });
-    ImageBuilder::new(ManifestFormat::Oci)
-        .image(estargz)
-        .build()
-        .unwrap()
-        .push(&registry, "test/estargz", "t")
+    // Images indexed from their tables of contents (eStargz, zstd:chunked; virtual offsets)
+    // extract span by span; TOCs carry whole-second times, so one file's sub-second mtime is the
+    // only difference from umoci (of the gzip twin for zstd, which this umoci cannot read).
+    for (name, compression) in [
+        (
+            "estargz",
+            [
+                Compression::EStargz(64 << 10),
+                Compression::EStargz(1 << 20),
+                Compression::EStargz(4 << 10),
+            ],
+        ),
+        ("chunked", [Compression::ZstdChunked; 3]),
+    ] {
+        let image = edge_cases(&EdgeCaseOptions {
+            compression,
+            devices: clip_testkit::is_root(),
+            ..EdgeCaseOptions::default()
+        });
+        ImageBuilder::new(ManifestFormat::Oci)
+            .image(image)
+            .build()
+            .unwrap()
+            .push(&registry, &format!("test/{name}"), "t")
+            .unwrap();
+        let toc = dir.path().join(format!("{name}.clip"));
+        clip_indexer::index_image(
+            &format!("{}/test/{name}:t", registry.host()),
+            &toc,
+            &client,
+            None,
+            1 << 20,
+            None,
+        )
         .unwrap();
-    let toc = dir.path().join("toc.clip");
-    clip_indexer::index_image(
-        &format!("{}/test/estargz:t", registry.host()),
-        &toc,
-        &client,
-        None,
-        1 << 20,
-        None,
-    )
-    .unwrap();
-    let toc_root = dir.path().join("from-toc");
-    extract(&toc, &toc_root, &ExtractOptions::default()).unwrap();
-    let want = clip_testkit::oracle::oracle_unpack(
-        &registry,
-        "test/estargz:t",
-        &dir.path().join("toc-oracle"),
-        None,
-    )
-    .unwrap();
-    let diffs = Tree::scan(&want)
-        .unwrap()
-        .compare(&Tree::scan(&toc_root).unwrap(), &CompareOptions::default());
-    assert!(
-        diffs.len() == 1 && diffs[0].contains("data/ns-time"),
-        "{}",
-        diffs.join("\n")
-    );
+        assert!(
+            clip_format::Archive::open(&toc)
+                .unwrap()
+                .layers()
+                .iter()
+                .all(|l| l.toc_indexed)
+        );
+        let toc_root = dir.path().join(format!("from-{name}"));
+        extract(&toc, &toc_root, &ExtractOptions::default()).unwrap();
+        let want = if name == "estargz" {
+            Tree::scan(
+                &clip_testkit::oracle::oracle_unpack(
+                    &registry,
+                    "test/estargz:t",
+                    &dir.path().join("toc-oracle"),
+                    None,
+                )
+                .unwrap(),
+            )
+            .unwrap()
+        } else {
+            expected.clone()
+        };
+        let diffs = want.compare(&Tree::scan(&toc_root).unwrap(), &CompareOptions::default());
+        assert!(
+            diffs.len() == 1 && diffs[0].contains("data/ns-time"),
+            "{name}: {}",
+            diffs.join("\n")
+        );
+    }
 
     // Directory → v1 → extract round-trips the unpacked tree.
     let out = dir.path().join("dir.clip");

@@ -625,7 +625,9 @@ impl Archive {
             if media.is_none()
                 || !matches!(
                     (media, r[9]),
-                    (_, 0) | (Some(MediaKind::Zstd), 1) | (Some(MediaKind::Gzip), 2)
+                    (_, 0)
+                        | (Some(MediaKind::Zstd), 1)
+                        | (Some(MediaKind::Gzip | MediaKind::Zstd), 2)
                 )
             {
                 return Err(section_err(

@@ -25,10 +25,9 @@
 //! [`Tiered`]; the encoding is in `docs/format.md`). The merged archive is byte-for-byte the same
 //! either way.
 //!
-//! An eStargz layer (its descriptor carries the `containerd.io/snapshot/stargz/toc.digest`
-//! annotation) fetched from a registry is indexed from its table of contents with two range
-//! requests instead of being streamed ([`estargz`]); when the TOC is unusable the layer is
-//! streamed as usual.
+//! An eStargz or zstd:chunked layer (its descriptor carries the TOC annotations) fetched from a
+//! registry is indexed from its table of contents with one or two range requests instead of
+//! being streamed ([`toc`]); when the TOC is unusable the layer is streamed as usual.
 //!
 //! ```no_run
 //! use clip_indexer::{IndexOptions, index_layout};
@@ -42,9 +41,9 @@
 //! # Ok::<(), clip_indexer::Error>(())
 //! ```
 
-pub mod estargz;
 mod reuse;
 mod tarwalk;
+pub mod toc;
 
 pub use reuse::{
     DecodeError, DirLayerStore, LAYER_INDEX_VERSION, LayerIndexStore, StoredLayer, Tiered,
@@ -640,25 +639,42 @@ pub fn index_image_with(
         opts.layer_store.as_deref(),
         progress,
         |i, d| {
-            if let Some(toc_digest) = estargz::toc_digest(d) {
+            if let Some(kind) = toc::layer_toc(d) {
                 let fetch = |r: std::ops::Range<u64>| -> Result<Vec<u8>> {
                     Ok(handle
                         .block_on(client.read_range(&pinned, &d.digest, r))?
                         .to_vec())
                 };
                 let layer = u32::try_from(i).map_err(|_| Error::Image("too many layers".into()))?;
-                match estargz::index_from_toc(&fetch, layer, d, toc_digest, &diff_ids[i], span) {
+                let (attempt, media) = match kind {
+                    toc::TocKind::EStargz => (
+                        toc::index_from_toc(
+                            &fetch,
+                            layer,
+                            d,
+                            toc::toc_digest(d).unwrap_or_default(),
+                            &diff_ids[i],
+                            span,
+                        ),
+                        MediaKind::Gzip,
+                    ),
+                    toc::TocKind::ZstdChunked => (
+                        toc::index_from_zstd_chunked(&fetch, layer, d, &diff_ids[i], span),
+                        MediaKind::Zstd,
+                    ),
+                };
+                match attempt {
                     Ok(t) => {
                         return Ok(IndexedLayer {
                             entries: t.entries,
                             index: t.index,
-                            media: MediaKind::Gzip,
+                            media,
                             toc: true,
                             fetched: t.fetched,
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(layer = i, digest = %d.digest, error = %e, "eStargz TOC not usable; streaming the layer");
+                        tracing::warn!(layer = i, digest = %d.digest, error = %e, "table of contents not usable; streaming the layer");
                     }
                 }
             }
@@ -808,7 +824,7 @@ fn merge_all(
             digest: manifest.layers[i].digest.clone(),
             diff_id: config.rootfs.diff_ids[i].clone(),
             media: done.media,
-            single_frame: done.media == MediaKind::Zstd && done.index.members <= 1,
+            single_frame: !done.toc && done.media == MediaKind::Zstd && done.index.members <= 1,
             toc_indexed: done.toc,
             compressed_size: done.index.compressed_size,
             uncompressed_size: done.index.uncompressed_size,

@@ -75,6 +75,71 @@ fn rfc3339(secs: u64) -> String {
     )
 }
 
+/// The TOC fields shared by eStargz and zstd:chunked for one tar entry: name, type, times, mode,
+/// owner, link target, device numbers, xattrs (base64) and, for regular files, size.
+pub(crate) fn toc_entry<R: std::io::Read>(
+    entry: &mut tar::Entry<'_, R>,
+    name: &str,
+    link: &str,
+) -> std::io::Result<serde_json::Value> {
+    let h = entry.header().clone();
+    let ty = h.entry_type();
+    let mut xattrs = serde_json::Map::new();
+    let mut mtime = h.mtime().unwrap_or(0);
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            if let Some(k) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                xattrs.insert(
+                    String::from_utf8_lossy(k).into_owned(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(ext.value_bytes())
+                        .into(),
+                );
+            } else if ext.key_bytes() == b"mtime" {
+                let v = String::from_utf8_lossy(ext.value_bytes()).into_owned();
+                mtime = v
+                    .split('.')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(mtime);
+            }
+        }
+    }
+    let kind = match ty {
+        tar::EntryType::Directory => "dir",
+        tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
+        tar::EntryType::Symlink => "symlink",
+        tar::EntryType::Link => "hardlink",
+        tar::EntryType::Char => "char",
+        tar::EntryType::Block => "block",
+        tar::EntryType::Fifo => "fifo",
+        _ => "",
+    };
+    let mut e = serde_json::json!({
+        "name": name,
+        "type": kind,
+        "modtime": rfc3339(mtime),
+        "mode": h.mode().unwrap_or(0),
+        "uid": h.uid().unwrap_or(0),
+        "gid": h.gid().unwrap_or(0),
+    });
+    if !link.is_empty() {
+        e["linkName"] = link.into();
+    }
+    if matches!(ty, tar::EntryType::Char | tar::EntryType::Block) {
+        e["devMajor"] = h.device_major().ok().flatten().unwrap_or(0).into();
+        e["devMinor"] = h.device_minor().ok().flatten().unwrap_or(0).into();
+    }
+    if !xattrs.is_empty() {
+        e["xattrs"] = xattrs.into();
+    }
+    if kind == "reg" {
+        e["size"] = entry.size().into();
+    }
+    Ok(e)
+}
+
 /// Converts a tar stream into an eStargz blob with data chunks of at most `chunk` bytes.
 pub fn build(input: &[u8], chunk: usize) -> Result<EStargz> {
     let bad = |e: std::io::Error| Error::InvalidImage(format!("eStargz input tar: {e}"));
@@ -91,8 +156,6 @@ pub fn build(input: &[u8], chunk: usize) -> Result<EStargz> {
         let mut entry = entry.map_err(bad)?;
         let data_at = usize::try_from(entry.raw_file_position()).unwrap_or(usize::MAX);
         let size = usize::try_from(entry.size()).unwrap_or(usize::MAX);
-        let h = entry.header().clone();
-        let ty = h.entry_type();
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let name = name.trim_start_matches("./").trim_start_matches('/');
         let name = name.trim_end_matches('/').to_owned();
@@ -100,62 +163,14 @@ pub fn build(input: &[u8], chunk: usize) -> Result<EStargz> {
             .link_name_bytes()
             .map(|l| String::from_utf8_lossy(&l).into_owned())
             .unwrap_or_default();
-        let mut xattrs = serde_json::Map::new();
-        let mut mtime = h.mtime().unwrap_or(0);
-        if let Some(exts) = entry.pax_extensions().map_err(bad)? {
-            for ext in exts {
-                let ext = ext.map_err(bad)?;
-                if let Some(k) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.insert(
-                        String::from_utf8_lossy(k).into_owned(),
-                        base64::engine::general_purpose::STANDARD
-                            .encode(ext.value_bytes())
-                            .into(),
-                    );
-                } else if ext.key_bytes() == b"mtime" {
-                    let v = String::from_utf8_lossy(ext.value_bytes()).into_owned();
-                    mtime = v
-                        .split('.')
-                        .next()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(mtime);
-                }
-            }
-        }
+        let mut e = toc_entry(&mut entry, &name, &link).map_err(bad)?;
+        let kind = e["type"].as_str().unwrap_or("").to_owned();
+        let kind = kind.as_str();
         let mut data = Vec::with_capacity(size.min(1 << 24));
         entry.read_to_end(&mut data).map_err(bad)?;
         // The entry's header blocks (PAX and long-name headers included), copied as they are.
         m.cur.extend_from_slice(&input[prev_end..data_at]);
-        let kind = match ty {
-            tar::EntryType::Directory => "dir",
-            tar::EntryType::Regular | tar::EntryType::Continuous => "reg",
-            tar::EntryType::Symlink => "symlink",
-            tar::EntryType::Link => "hardlink",
-            tar::EntryType::Char => "char",
-            tar::EntryType::Block => "block",
-            tar::EntryType::Fifo => "fifo",
-            _ => "",
-        };
-        let mut e = serde_json::json!({
-            "name": name,
-            "type": kind,
-            "modtime": rfc3339(mtime),
-            "mode": h.mode().unwrap_or(0),
-            "uid": h.uid().unwrap_or(0),
-            "gid": h.gid().unwrap_or(0),
-        });
-        if !link.is_empty() {
-            e["linkName"] = link.into();
-        }
-        if matches!(ty, tar::EntryType::Char | tar::EntryType::Block) {
-            e["devMajor"] = h.device_major().ok().flatten().unwrap_or(0).into();
-            e["devMinor"] = h.device_minor().ok().flatten().unwrap_or(0).into();
-        }
-        if !xattrs.is_empty() {
-            e["xattrs"] = xattrs.into();
-        }
         if kind == "reg" {
-            e["size"] = size.into();
             e["digest"] = format!("sha256:{}", hex::encode(Sha256::digest(&data))).into();
         }
         if kind == "reg" {

@@ -37,6 +37,9 @@ pub enum Compression {
     /// eStargz with data chunks of at most this many bytes (gzip members per chunk, a TOC, a
     /// footer, and the TOC digest annotation on the descriptor).
     EStargz(usize),
+    /// zstd:chunked (a zstd frame per file's data, the manifest in a skippable frame, the
+    /// manifest position and checksum annotations on the descriptor).
+    ZstdChunked,
 }
 
 /// Which manifest media types to use.
@@ -551,9 +554,10 @@ fn layer_media_type(format: ManifestFormat, c: Compression) -> Result<&'static s
             ManifestFormat::Oci,
             Compression::Gzip | Compression::GzipMultiMember(_) | Compression::EStargz(_),
         ) => "application/vnd.oci.image.layer.v1.tar+gzip",
-        (ManifestFormat::Oci, Compression::Zstd | Compression::ZstdMultiFrame(_)) => {
-            "application/vnd.oci.image.layer.v1.tar+zstd"
-        }
+        (
+            ManifestFormat::Oci,
+            Compression::Zstd | Compression::ZstdMultiFrame(_) | Compression::ZstdChunked,
+        ) => "application/vnd.oci.image.layer.v1.tar+zstd",
         (ManifestFormat::Docker, Compression::None) => {
             "application/vnd.docker.image.rootfs.diff.tar"
         }
@@ -576,6 +580,17 @@ fn build_manifest(img: &Image, format: ManifestFormat) -> Result<BuiltManifest> 
             Some(t) => t.clone(),
             None => write_tar(layer)?,
         };
+        if layer.compression == Compression::ZstdChunked {
+            let z = crate::zstd_chunked::build(&tar)?;
+            let mut blob = Blob::new(layer_media_type(format, layer.compression)?, z.blob);
+            blob.annotations = z.annotations;
+            layers.push(BuiltLayer {
+                blob,
+                diff_id: sha256_digest(&z.tar),
+                tar: z.tar,
+            });
+            continue;
+        }
         if let Compression::EStargz(chunk) = layer.compression {
             // The blob's tar stream is the input's entries plus the TOC entry.
             let e = crate::estargz::build(&tar, chunk)?;
@@ -802,6 +817,7 @@ pub fn compress(tar: &[u8], c: Compression) -> Result<Vec<u8>> {
             out
         }
         Compression::EStargz(chunk) => crate::estargz::build(tar, chunk)?.blob,
+        Compression::ZstdChunked => crate::zstd_chunked::build(tar)?.blob,
     })
 }
 

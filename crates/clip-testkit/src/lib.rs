@@ -42,6 +42,7 @@ pub mod registry;
 pub mod s3;
 pub mod token;
 pub mod tree;
+pub mod zstd_chunked;
 
 pub use buildah::Buildah;
 pub use error::{Error, Result};

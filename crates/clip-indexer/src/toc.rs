@@ -1,28 +1,34 @@
-//! eStargz layers indexed from their table of contents, with a few range requests instead of
-//! streaming the layer.
+//! Layers that carry a table of contents — eStargz and zstd:chunked — indexed with a few range
+//! requests instead of streaming the layer.
 //!
 //! # Model
 //!
-//! An eStargz blob (containerd/stargz-snapshotter) is a gzip tar in which every chunk of a
+//! An **eStargz** blob (containerd/stargz-snapshotter) is a gzip tar in which every chunk of a
 //! regular file's data starts a new gzip member, followed by a `stargz.index.json` entry (the TOC,
 //! in its own member) and a 51-byte footer member whose gzip extra field holds the TOC's
-//! compressed offset. The layer descriptor's `containerd.io/snapshot/stargz/toc.digest`
-//! annotation names the TOC's sha256.
+//! compressed offset; the layer descriptor's `containerd.io/snapshot/stargz/toc.digest`
+//! annotation names the TOC's sha256. Indexing fetches the footer and the TOC member.
 //!
-//! Indexing fetches the footer and the TOC member (two range requests), checks the TOC against
-//! the annotation, and turns its entries into layer entries. The TOC gives each chunk's compressed
-//! offset and the sha256 of its uncompressed bytes, but not where the chunk sits in the layer's
-//! uncompressed tar stream; so file offsets of such a layer are positions in a *virtual* stream in
-//! which the chunks lie back to back: each chunk is one span with a gzip-member checkpoint at its
-//! compressed offset, and the span's digest is the TOC's chunk digest, verified on every read.
-//! The TOC file itself, which conventional unpackers create, is the last span. The layer is marked
-//! `toc_indexed` in the archive so that nothing streams it against these offsets. The `diff_id`
-//! cannot be checked without reading the whole layer; the TOC digest (from the manifest, which is
-//! pinned by digest) and the per-chunk digests take its place.
+//! A **zstd:chunked** blob (containers/storage) is a zstd tar in which each regular file's data is
+//! in zstd frames of its own, followed by skippable frames holding the zstd-compressed TOC ("manifest")
+//! and a footer; the descriptor's `io.github.containers.zstd-chunked.manifest-position`
+//! (`offset:length:uncompressed length:1`) and `…manifest-checksum` (sha256 of the compressed
+//! manifest) annotations locate and pin it. Indexing fetches the manifest.
 //!
-//! Anything this model cannot express exactly (no chunk digests, chunks packed into one member
-//! with `innerOffset`, unknown entry types, a TOC that does not cover every file byte) is an
-//! error, and the caller streams the layer instead.
+//! A TOC gives each file's (or chunk's) compressed offset and the sha256 of its uncompressed
+//! bytes, but not where it sits in the layer's uncompressed tar stream; so file offsets of such a
+//! layer are positions in a *virtual* stream in which the data lie back to back: each eStargz
+//! chunk, or each zstd:chunked file, is one span with a checkpoint at its compressed offset, and
+//! the span's digest is the TOC's digest of it, verified on every read. eStargz's TOC file itself,
+//! which conventional unpackers create, is the last span (zstd:chunked keeps its manifest in
+//! skippable frames, outside the tar). The layer is marked `toc_indexed` in the archive so that
+//! nothing streams it against these offsets. The `diff_id` cannot be checked without reading the
+//! whole layer; the TOC digest (from the manifest, which is pinned by digest) and the per-span
+//! digests take its place. TOC times have whole-second precision.
+//!
+//! Anything this model cannot express exactly (no data digests, eStargz chunks packed into one
+//! member with `innerOffset`, zstd:chunked `zeros` chunks, unknown entry types, a TOC that does
+//! not cover every file byte) is an error, and the caller streams the layer instead.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -36,8 +42,36 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{Error, oci};
 
-/// The layer annotation naming the TOC digest.
+/// The layer annotation naming the eStargz TOC digest.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// The zstd:chunked annotation locating the manifest: `offset:length:uncompressed:type`.
+pub const ZSTD_POSITION_ANNOTATION: &str = "io.github.containers.zstd-chunked.manifest-position";
+/// The zstd:chunked annotation naming the sha256 of the compressed manifest.
+pub const ZSTD_CHECKSUM_ANNOTATION: &str = "io.github.containers.zstd-chunked.manifest-checksum";
+
+/// Which kind of table of contents a layer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TocKind {
+    /// eStargz (gzip).
+    EStargz,
+    /// zstd:chunked (zstd).
+    ZstdChunked,
+}
+
+/// The kind of TOC a layer's descriptor announces, if any.
+#[must_use]
+pub fn layer_toc(d: &oci::Descriptor) -> Option<TocKind> {
+    if toc_digest(d).is_some() {
+        Some(TocKind::EStargz)
+    } else if d.media_type.contains("zstd")
+        && d.annotations.contains_key(ZSTD_POSITION_ANNOTATION)
+        && d.annotations.contains_key(ZSTD_CHECKSUM_ANNOTATION)
+    {
+        Some(TocKind::ZstdChunked)
+    } else {
+        None
+    }
+}
 const TOC_NAME: &[u8] = b"stargz.index.json";
 const FOOTER: u64 = 51;
 /// Largest TOC accepted (compressed member and JSON).
@@ -92,6 +126,12 @@ struct TocEntry {
     chunk_digest: String,
     #[serde(default)]
     inner_offset: u64,
+    #[serde(default)]
+    digest: String,
+    #[serde(default)]
+    end_offset: u64,
+    #[serde(default)]
+    chunk_type: String,
 }
 
 /// What the TOC yields: the layer's entries (file spans name `layer`) and its index.
@@ -183,6 +223,114 @@ fn parse_time(text: &str) -> Option<(i64, u32)> {
     ))
 }
 
+/// One TOC entry (not a chunk) as a layer entry whose data (if a file) starts at `virt`.
+fn entry_of(
+    e: &TocEntry,
+    layer: u32,
+    virt: u64,
+    bad: &dyn Fn(&str) -> Error,
+) -> Result<LayerEntry, Error> {
+    let (secs, nanos) =
+        parse_time(&e.modtime).ok_or_else(|| bad(&format!("bad modtime {:?}", e.modtime)))?;
+    let mut xattrs = Vec::new();
+    for (k, v) in &e.xattrs {
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(v)
+            .map_err(|_| bad(&format!("bad xattr {k} on {}", e.name)))?;
+        xattrs.push((k.as_bytes().to_vec(), value));
+    }
+    let meta = Metadata {
+        mode: u32::try_from(e.mode & 0o7777).unwrap_or(0),
+        uid: e.uid,
+        gid: e.gid,
+        mtime_sec: secs,
+        mtime_nsec: nanos,
+        xattrs,
+    };
+    let link = || {
+        (!e.link_name.is_empty())
+            .then(|| e.link_name.as_bytes().to_vec())
+            .ok_or_else(|| bad(&format!("{} has no link target", e.name)))
+    };
+    let kind = match e.kind.as_str() {
+        "dir" => NodeKind::Dir,
+        "reg" => NodeKind::File {
+            size: e.size,
+            span: Some(LayerSpan {
+                layer,
+                offset: virt,
+            }),
+        },
+        "symlink" => NodeKind::Symlink(link()?),
+        "hardlink" => NodeKind::HardLink(link()?),
+        "char" => NodeKind::CharDevice {
+            major: e.dev_major,
+            minor: e.dev_minor,
+        },
+        "block" => NodeKind::BlockDevice {
+            major: e.dev_major,
+            minor: e.dev_minor,
+        },
+        "fifo" => NodeKind::Fifo,
+        other => return Err(Error::Unsupported(format!("TOC entry type {other:?}"))),
+    };
+    Ok(LayerEntry {
+        path: e.name.as_bytes().to_vec(),
+        kind,
+        meta,
+    })
+}
+
+/// zstd:chunked: each regular file's data is one span (its frames, decoded from the first one),
+/// verified against the file's digest; chunk entries only subdivide it and are not needed.
+fn zstd_entries(
+    json: &[u8],
+    layer: u32,
+    limit: u64,
+    digest: &str,
+) -> Result<(Vec<LayerEntry>, Vec<Checkpoint>, u64), Error> {
+    let bad = |what: &str| Error::Image(format!("zstd:chunked layer {digest}: {what}"));
+    let toc: Toc = serde_json::from_slice(json).map_err(|e| bad(&format!("manifest: {e}")))?;
+    let mut entries = Vec::with_capacity(toc.entries.len());
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    let mut virt = 0u64;
+    for e in &toc.entries {
+        if e.kind == "chunk" {
+            if e.chunk_type == "zeros" {
+                return Err(Error::Unsupported(
+                    "zstd:chunked files with holes (zeros chunks)".into(),
+                ));
+            }
+            continue;
+        }
+        entries.push(entry_of(e, layer, virt, &bad)?);
+        if e.kind == "reg" && e.size > 0 {
+            let sum = hex32(&e.digest)
+                .ok_or_else(|| Error::Unsupported(format!("no digest for {}", e.name)))?;
+            if e.end_offset <= e.offset
+                || e.end_offset > limit
+                || checkpoints
+                    .last()
+                    .is_some_and(|c| c.compressed_offset >= e.offset)
+            {
+                return Err(bad(&format!("data range of {} out of order", e.name)));
+            }
+            checkpoints.push(Checkpoint {
+                kind: CheckpointKind::ZstdFrame,
+                compressed_offset: e.offset,
+                uncompressed_offset: virt,
+                bits: 0,
+                window: Vec::new(),
+                span_digest: sum,
+            });
+            virt = virt
+                .checked_add(e.size)
+                .ok_or_else(|| bad("sizes overflow"))?;
+        }
+    }
+    Ok((entries, checkpoints, virt))
+}
+
 fn hex32(digest: &str) -> Option<[u8; 32]> {
     let h = digest.strip_prefix("sha256:")?;
     let v = hex::decode(h).ok()?;
@@ -250,7 +398,8 @@ pub(crate) fn index_from_toc(
         mtime_nsec: 0,
         xattrs: Vec::new(),
     };
-    let (mut entries, mut checkpoints, virt) = toc_entries(&json, layer, toc_at, &d.digest)?;
+    let (mut entries, mut checkpoints, virt) =
+        toc_entries(&json, layer, toc_at, &d.digest, TocKind::EStargz)?;
     // The TOC file: the whole TOC member is its span.
     entries.push(LayerEntry {
         path: TOC_NAME.to_vec(),
@@ -286,7 +435,74 @@ pub(crate) fn index_from_toc(
     })
 }
 
-/// A TOC's entries as layer entries (file spans name `layer`), its chunks as checkpoints (all
+/// Indexes zstd:chunked layer `layer` (descriptor `d`) from its manifest; `fetch` returns exact
+/// byte ranges of the blob. Errors mean "stream this layer instead".
+pub(crate) fn index_from_zstd_chunked(
+    fetch: &dyn Fn(Range<u64>) -> Result<Vec<u8>, Error>,
+    layer: u32,
+    d: &oci::Descriptor,
+    diff_id: &str,
+    span: u64,
+) -> Result<TocLayer, Error> {
+    let bad = |what: &str| Error::Image(format!("zstd:chunked layer {}: {what}", d.digest));
+    let position = d
+        .annotations
+        .get(ZSTD_POSITION_ANNOTATION)
+        .ok_or_else(|| bad("no manifest position"))?;
+    let checksum = d
+        .annotations
+        .get(ZSTD_CHECKSUM_ANNOTATION)
+        .ok_or_else(|| bad("no manifest checksum"))?;
+    let fields: Vec<u64> = position
+        .split(':')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad(&format!("bad manifest position {position:?}")))?;
+    let [offset, length, plain_len, kind] = fields[..] else {
+        return Err(bad(&format!("bad manifest position {position:?}")));
+    };
+    if kind != 1 {
+        return Err(Error::Unsupported(format!(
+            "zstd:chunked manifest type {kind}"
+        )));
+    }
+    if length == 0
+        || length > MAX_TOC
+        || plain_len > MAX_TOC
+        || offset.checked_add(length).is_none_or(|end| end > d.size)
+    {
+        return Err(bad("manifest position out of range"));
+    }
+    let compressed = fetch(offset..offset + length)?;
+    let found = format!("sha256:{}", hex::encode(Sha256::digest(&compressed)));
+    if &found != checksum {
+        return Err(Error::Digest {
+            what: format!("zstd:chunked manifest of layer {}", d.digest),
+            expected: checksum.clone(),
+            found,
+        });
+    }
+    let cap = usize::try_from(plain_len).map_err(|_| bad("manifest too large"))?;
+    let json =
+        zstd::bulk::decompress(&compressed, cap).map_err(|e| bad(&format!("manifest: {e}")))?;
+    let (entries, checkpoints, virt) =
+        toc_entries(&json, layer, offset, &d.digest, TocKind::ZstdChunked)?;
+    let members = u32::try_from(checkpoints.len()).unwrap_or(u32::MAX);
+    Ok(TocLayer {
+        entries,
+        index: LayerIndex {
+            checkpoints,
+            compressed_size: d.size,
+            uncompressed_size: virt,
+            diff_id: hex32(diff_id).ok_or_else(|| bad("bad diff_id"))?,
+            members,
+            span,
+        },
+        fetched: length,
+    })
+}
+
+/// A TOC's entries as layer entries (file spans name `layer`), its data spans as checkpoints (all
 /// below `toc_at`), and the virtual stream length they cover. The parser of untrusted TOC JSON:
 /// never panics, every count bounded by the input.
 pub fn toc_entries(
@@ -294,7 +510,11 @@ pub fn toc_entries(
     layer: u32,
     toc_at: u64,
     digest: &str,
+    kind: TocKind,
 ) -> Result<(Vec<LayerEntry>, Vec<Checkpoint>, u64), Error> {
+    if kind == TocKind::ZstdChunked {
+        return zstd_entries(json, layer, toc_at, digest);
+    }
     let bad = |what: &str| Error::Image(format!("eStargz layer {digest}: {what}"));
     let toc: Toc = serde_json::from_slice(json).map_err(|e| bad(&format!("TOC: {e}")))?;
 
@@ -358,55 +578,7 @@ pub fn toc_entries(
         {
             return Err(bad("a file's chunks do not cover it"));
         }
-        let (secs, nanos) =
-            parse_time(&e.modtime).ok_or_else(|| bad(&format!("bad modtime {:?}", e.modtime)))?;
-        let mut xattrs = Vec::new();
-        for (k, v) in &e.xattrs {
-            let value = base64::engine::general_purpose::STANDARD
-                .decode(v)
-                .map_err(|_| bad(&format!("bad xattr {k} on {}", e.name)))?;
-            xattrs.push((k.as_bytes().to_vec(), value));
-        }
-        let meta = Metadata {
-            mode: u32::try_from(e.mode & 0o7777).unwrap_or(0),
-            uid: e.uid,
-            gid: e.gid,
-            mtime_sec: secs,
-            mtime_nsec: nanos,
-            xattrs,
-        };
-        let link = || {
-            (!e.link_name.is_empty())
-                .then(|| e.link_name.as_bytes().to_vec())
-                .ok_or_else(|| bad(&format!("{} has no link target", e.name)))
-        };
-        let kind = match e.kind.as_str() {
-            "dir" => NodeKind::Dir,
-            "reg" => NodeKind::File {
-                size: e.size,
-                span: Some(LayerSpan {
-                    layer,
-                    offset: virt,
-                }),
-            },
-            "symlink" => NodeKind::Symlink(link()?),
-            "hardlink" => NodeKind::HardLink(link()?),
-            "char" => NodeKind::CharDevice {
-                major: e.dev_major,
-                minor: e.dev_minor,
-            },
-            "block" => NodeKind::BlockDevice {
-                major: e.dev_major,
-                minor: e.dev_minor,
-            },
-            "fifo" => NodeKind::Fifo,
-            other => return Err(Error::Unsupported(format!("eStargz entry type {other:?}"))),
-        };
-        entries.push(LayerEntry {
-            path: e.name.as_bytes().to_vec(),
-            kind,
-            meta,
-        });
+        entries.push(entry_of(e, layer, virt, &bad)?);
         if e.kind == "reg" && e.size > 0 {
             open = Some((entries.len() - 1, e.size, 0));
             add_chunk(e, &mut virt, &mut open)?;
