@@ -1,6 +1,6 @@
-//! Indexing an image from its eStargz tables of contents vs streaming the same layers as plain
-//! gzip, side by side in one run against a local `docker-registry` (started by clip-testkit):
-//! index time (medians) and compressed bytes fetched. Used by `benches/macro/index-estargz`.
+//! Indexing an image from its tables of contents (eStargz, zstd:chunked) vs streaming the same
+//! layers as plain gzip and zstd, side by side in one run against a local `docker-registry` (started by clip-testkit):
+//! index time (medians) and compressed bytes fetched. Used by `benches/macro/index-toc`.
 //!
 //! usage: `cargo run --release -p clip-indexer --example estargz_bench -- REPS OUT.json LAYER.tar...`
 #![allow(clippy::unwrap_used, clippy::print_stdout, clippy::cast_precision_loss)]
@@ -31,6 +31,8 @@ fn main() {
     for (name, compression) in [
         ("gzip", Compression::Gzip),
         ("estargz", Compression::EStargz(4 << 20)),
+        ("zstd", Compression::Zstd),
+        ("zstd-chunked", Compression::ZstdChunked),
     ] {
         let layers = tars
             .iter()
@@ -67,8 +69,7 @@ fn main() {
             "archive_bytes": s.archive_bytes, "toc_layers": s.toc_layers, "entries": s.entries,
         }));
     }
-    let g = &rows[0];
-    let e = &rows[1];
+    let (g, e, z, zc) = (&rows[0], &rows[1], &rows[2], &rows[3]);
     println!(
         "| layers | index time (median of {reps}) | bytes fetched | layer bytes | archive bytes |"
     );
@@ -83,15 +84,22 @@ fn main() {
             r["archive_bytes"]
         );
     }
-    let ratio = e["median_seconds"].as_f64().unwrap() / g["median_seconds"].as_f64().unwrap();
-    let fetched = e["fetched_bytes"].as_f64().unwrap() / g["fetched_bytes"].as_f64().unwrap();
+    let r = |a: &serde_json::Value, b: &serde_json::Value, k: &str| {
+        a[k].as_f64().unwrap() / b[k].as_f64().unwrap()
+    };
+    let (ratio, fetched) = (r(e, g, "median_seconds"), r(e, g, "fetched_bytes"));
+    let (zratio, zfetched) = (r(zc, z, "median_seconds"), r(zc, z, "fetched_bytes"));
     println!(
         "\neStargz from its TOC / streaming gzip: time {ratio:.3}, bytes fetched {fetched:.4}"
+    );
+    println!(
+        "zstd:chunked from its manifest / streaming zstd: time {zratio:.3}, bytes fetched {zfetched:.4}"
     );
     std::fs::write(
         &args[2],
         serde_json::to_vec_pretty(&serde_json::json!({"reps": reps, "rows": rows,
-            "time_ratio": ratio, "fetched_ratio": fetched}))
+            "estargz_vs_gzip": {"time_ratio": ratio, "fetched_ratio": fetched},
+            "zstd_chunked_vs_zstd": {"time_ratio": zratio, "fetched_ratio": zfetched}}))
         .unwrap(),
     )
     .unwrap();
