@@ -407,7 +407,17 @@ impl ImageService {
                 (url, local)
             }
         };
-        let a = format::Archive::open(&local)?;
+        let a = match format::Archive::open(&local) {
+            Ok(a) => a,
+            Err(e) => {
+                // A damaged archive is replaced, not served: version 0 matches no plan.
+                tracing::warn!(image_id = id, archive = %place, error = %e, "stored archive is unreadable; it will be replaced");
+                if matches!(self.cfg.archive_store, ArchiveStore::S3(_)) {
+                    let _ = std::fs::remove_file(&local);
+                }
+                return Ok(Some((place, 0, 0)));
+            }
+        };
         let version = if a.kind() == format::ArchiveKind::V2Oci {
             2
         } else {

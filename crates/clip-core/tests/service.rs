@@ -182,6 +182,17 @@ fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
     }
     assert_eq!(v2.mounts().len(), 1);
 
+    // The same pull again does no work; a damaged archive in the store is replaced.
+    let (again, logs) = with_logs(|| v2.pull_and_archive(&image).unwrap());
+    assert!(again.reused && again.version == 2, "{again:?}");
+    assert!(logs.contains("archive already in the store"), "{logs}");
+    let stored = std::path::PathBuf::from(&again.archive);
+    std::fs::write(&stored, b"not an archive").unwrap();
+    let (fixed, logs) = with_logs(|| v2.pull_and_archive(&image).unwrap());
+    assert!(!fixed.reused && fixed.version == 2, "{fixed:?}");
+    assert!(logs.contains("stored archive is unreadable"), "{logs}");
+    clip_core::format::Archive::open(&stored).unwrap();
+
     // Outside the v2 rollout (0%), clipVersion 2 pulls are v1 — not a fallback.
     let dir4 = tempfile::tempdir().unwrap();
     let cfg = Config {
