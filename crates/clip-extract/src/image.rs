@@ -128,15 +128,11 @@ pub fn archive_image(
             path: parent.to_owned(),
             source,
         })?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            context: "starting the network runtime for",
-            path: out.to_owned(),
-            source,
-        })?;
+    let runtime = clip_registry::blocking_runtime().map_err(|source| Error::Io {
+        context: "starting the network runtime for",
+        path: out.to_owned(),
+        source,
+    })?;
     runtime.block_on(client.pull_layout(&r, platform, staging.path(), "image"))?;
     archive_layout(staging.path(), Some("image"), platform.cloned(), out)
 }

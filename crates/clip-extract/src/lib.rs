@@ -105,15 +105,11 @@ pub enum Error {
 
 /// A small runtime for the blocking entry points that talk to the network.
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            context: "starting the network runtime",
-            path: PathBuf::new(),
-            source,
-        })
+    clip_registry::blocking_runtime().map_err(|source| Error::Io {
+        context: "starting the network runtime",
+        path: PathBuf::new(),
+        source,
+    })
 }
 
 /// Result with [`Error`].

@@ -604,15 +604,11 @@ pub fn index_image_with(
     progress: Option<&ProgressFn<'_>>,
 ) -> Result<IndexSummary> {
     let r = clip_registry::Reference::parse(reference)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            context: "starting the network runtime",
-            path: PathBuf::new(),
-            source,
-        })?;
+    let runtime = clip_registry::blocking_runtime().map_err(|source| Error::Io {
+        context: "starting the network runtime",
+        path: PathBuf::new(),
+        source,
+    })?;
     let image = runtime.block_on(client.resolve(&r, opts.platform.as_ref()))?;
     let source = Source {
         registry: r.registry.clone(),

@@ -59,6 +59,15 @@ pub use oci::Platform;
 pub use push::CHUNK;
 pub use reference::{DOCKER_HUB, Reference};
 
+/// The small runtime (two worker threads, I/O and timers) that blocking entry points — indexing,
+/// archiving, extracting, the image service — build to drive a [`Client`].
+pub fn blocking_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 /// What went wrong talking to a registry.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
