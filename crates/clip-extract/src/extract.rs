@@ -393,9 +393,10 @@ fn fill_from_object(
     Ok(written)
 }
 
-/// A layer indexed from its eStargz TOC: its file offsets are virtual, so each file is read
-/// through its spans (one range request per run of adjacent spans, each span inflated from its
-/// gzip member and checked against its digest) instead of streaming the layer.
+/// A layer indexed from its table of contents (eStargz, zstd:chunked): its file offsets are
+/// virtual, so each file is read through its spans (one range request per run of adjacent spans,
+/// each span decoded from its checkpoint and checked against its digest) instead of streaming the
+/// layer.
 #[allow(clippy::too_many_arguments)]
 fn fill_by_spans(
     a: &Archive,
@@ -420,15 +421,7 @@ fn fill_by_spans(
     jobs.sort_by_key(|j| j.offset);
     for job in jobs.iter() {
         let path = a.entry(job.target).map(|e| e.path()).unwrap_or_default();
-        let fd = rustix::fs::openat2(
-            root,
-            &path[..],
-            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-        )
-        .map_err(sys("opening", &path))?;
-        let mut f = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd));
+        let mut f = std::io::BufWriter::with_capacity(256 << 10, open_for_data(root, &path)?);
         let end = job.offset + job.size;
         let first = cps.partition_point(|c| c.uncompressed_offset <= job.offset);
         let Some(first) = first.checked_sub(1) else {
@@ -449,12 +442,8 @@ fn fill_by_spans(
         for (k, cp) in cps.iter().enumerate().take(last + 1).skip(first) {
             let len = usize::try_from(span_end(k) - cp.uncompressed_offset)
                 .map_err(|_| layer_err("span too large".into()))?;
-            let span = if info.media == clip_format::MediaKind::Zstd {
-                clip_seekable::zstd_layer::decode(cp, &bytes, from, 0, len)
-            } else {
-                clip_seekable::gzip::decode(cp, &bytes, from, 0, len)
-            }
-            .map_err(|e| layer_err(e.to_string()))?;
+            let span = clip_seekable::decode_span(info.media, cp, &bytes, from, len)
+                .map_err(|e| layer_err(e.to_string()))?;
             clip_seekable::verify_span(cp, &span).map_err(|e| layer_err(e.to_string()))?;
             let lo = job.offset.max(cp.uncompressed_offset) - cp.uncompressed_offset;
             let hi = end.min(span_end(k)) - cp.uncompressed_offset;
@@ -501,15 +490,7 @@ fn fill_from_registry(
         let stream = decoder(info.media, std::io::BufReader::with_capacity(1 << 20, blob))?;
         copy_out(&info.digest, &info.diff_id, stream, jobs, |i, r, _| {
             let path = a.entry(*i).map(|e| e.path()).unwrap_or_default();
-            let fd = rustix::fs::openat2(
-                root,
-                &path[..],
-                OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-            )
-            .map_err(sys("opening", &path))?;
-            let mut f = std::io::BufWriter::with_capacity(256 << 10, std::fs::File::from(fd));
+            let mut f = std::io::BufWriter::with_capacity(256 << 10, open_for_data(root, &path)?);
             let n = std::io::copy(r, &mut f)
                 .and_then(|n| f.flush().map(|()| n))
                 .map_err(io_at("writing", &path))?;

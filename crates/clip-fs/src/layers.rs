@@ -329,20 +329,13 @@ impl V2Source {
         let want = l.span_range(i);
         let len = usize::try_from(want.end - want.start)
             .map_err(|_| Error::Config("span larger than memory".into()))?;
-        let bytes = match l.media {
-            MediaKind::Tar => {
-                let from = usize::try_from(want.start - input_offset).unwrap_or(usize::MAX);
-                input
-                    .get(from..from.saturating_add(len))
-                    .ok_or_else(|| Error::Fetch("short range for an uncompressed span".into()))?
-                    .to_vec()
+        let bytes = match clip_seekable::decode_span(l.media, cp, input, input_offset, len) {
+            Ok(b) => b,
+            Err(_) if l.media == MediaKind::Tar => {
+                return Err(Error::Fetch("short range for an uncompressed span".into()));
             }
             // Undecodable bytes are bad bytes like any other: refetch, never serve.
-            MediaKind::Gzip => {
-                clip_seekable::gzip::decode(cp, input, input_offset, 0, len).unwrap_or_default()
-            }
-            MediaKind::Zstd => clip_seekable::zstd_layer::decode(cp, input, input_offset, 0, len)
-                .unwrap_or_default(),
+            Err(_) => Vec::new(),
         };
         if bytes.len() != len || clip_seekable::verify_span(cp, &bytes).is_err() {
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);

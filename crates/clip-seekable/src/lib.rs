@@ -222,6 +222,33 @@ pub fn checkpoint_for(checkpoints: &[Checkpoint], uncompressed_offset: u64) -> O
     i.checked_sub(1).map(|i| &checkpoints[i])
 }
 
+/// The first `len` uncompressed bytes from checkpoint `cp` of a layer compressed as `media`,
+/// from `input`, the blob's bytes starting at blob offset `input_offset` (for an uncompressed
+/// layer blob and stream offsets are the same). One entry point for every reader of spans; the
+/// caller verifies the result with [`verify_span`].
+pub fn decode_span(
+    media: clip_format::MediaKind,
+    cp: &Checkpoint,
+    input: &[u8],
+    input_offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, Error> {
+    match media {
+        clip_format::MediaKind::Tar => {
+            let from = usize::try_from(cp.uncompressed_offset.saturating_sub(input_offset))
+                .unwrap_or(usize::MAX);
+            input
+                .get(from..from.saturating_add(len))
+                .map(<[u8]>::to_vec)
+                .ok_or(Error::Truncated {
+                    compressed: input_offset + input.len() as u64,
+                })
+        }
+        clip_format::MediaKind::Gzip => gzip::decode(cp, input, input_offset, 0, len),
+        clip_format::MediaKind::Zstd => zstd_layer::decode(cp, input, input_offset, 0, len),
+    }
+}
+
 /// Checks a whole span's bytes against the digest recorded in its checkpoint.
 pub fn verify_span(cp: &Checkpoint, bytes: &[u8]) -> Result<(), Error> {
     if <[u8; 32]>::from(Sha256::digest(bytes)) == cp.span_digest {
