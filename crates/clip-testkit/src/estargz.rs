@@ -76,12 +76,18 @@ fn rfc3339(secs: u64) -> String {
 }
 
 /// The TOC fields shared by eStargz and zstd:chunked for one tar entry: name, type, times, mode,
-/// owner, link target, device numbers, xattrs (base64) and, for regular files, size.
+/// owner, link target, device numbers, xattrs (base64) and, for regular files, size; and the
+/// entry's cleaned name (no `./`, leading or trailing `/`).
 pub(crate) fn toc_entry<R: std::io::Read>(
     entry: &mut tar::Entry<'_, R>,
-    name: &str,
-    link: &str,
-) -> std::io::Result<serde_json::Value> {
+) -> std::io::Result<(serde_json::Value, String)> {
+    let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+    let name = name.trim_start_matches("./").trim_start_matches('/');
+    let name = name.trim_end_matches('/').to_owned();
+    let link = entry
+        .link_name_bytes()
+        .map(|l| String::from_utf8_lossy(&l).into_owned())
+        .unwrap_or_default();
     let h = entry.header().clone();
     let ty = h.entry_type();
     let mut xattrs = serde_json::Map::new();
@@ -137,7 +143,7 @@ pub(crate) fn toc_entry<R: std::io::Read>(
     if kind == "reg" {
         e["size"] = entry.size().into();
     }
-    Ok(e)
+    Ok((e, name))
 }
 
 /// Converts a tar stream into an eStargz blob with data chunks of at most `chunk` bytes.
@@ -156,14 +162,7 @@ pub fn build(input: &[u8], chunk: usize) -> Result<EStargz> {
         let mut entry = entry.map_err(bad)?;
         let data_at = usize::try_from(entry.raw_file_position()).unwrap_or(usize::MAX);
         let size = usize::try_from(entry.size()).unwrap_or(usize::MAX);
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let name = name.trim_start_matches("./").trim_start_matches('/');
-        let name = name.trim_end_matches('/').to_owned();
-        let link = entry
-            .link_name_bytes()
-            .map(|l| String::from_utf8_lossy(&l).into_owned())
-            .unwrap_or_default();
-        let mut e = toc_entry(&mut entry, &name, &link).map_err(bad)?;
+        let (mut e, name) = toc_entry(&mut entry).map_err(bad)?;
         let kind = e["type"].as_str().unwrap_or("").to_owned();
         let kind = kind.as_str();
         let mut data = Vec::with_capacity(size.min(1 << 24));
@@ -172,8 +171,6 @@ pub fn build(input: &[u8], chunk: usize) -> Result<EStargz> {
         m.cur.extend_from_slice(&input[prev_end..data_at]);
         if kind == "reg" {
             e["digest"] = format!("sha256:{}", hex::encode(Sha256::digest(&data))).into();
-        }
-        if kind == "reg" {
             for (k, part) in data.chunks(chunk).enumerate() {
                 m.close()?;
                 let fields = serde_json::json!({

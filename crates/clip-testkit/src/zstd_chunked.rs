@@ -55,14 +55,7 @@ pub fn build(input: &[u8]) -> Result<ZstdChunked> {
         let mut entry = entry.map_err(bad)?;
         let data_at = usize::try_from(entry.raw_file_position()).unwrap_or(usize::MAX);
         let size = usize::try_from(entry.size()).unwrap_or(usize::MAX);
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let name = name.trim_start_matches("./").trim_start_matches('/');
-        let name = name.trim_end_matches('/').to_owned();
-        let link = entry
-            .link_name_bytes()
-            .map(|l| String::from_utf8_lossy(&l).into_owned())
-            .unwrap_or_default();
-        let mut e = crate::estargz::toc_entry(&mut entry, &name, &link).map_err(bad)?;
+        let (mut e, name) = crate::estargz::toc_entry(&mut entry).map_err(bad)?;
         let end = data_at + size;
         let data = input
             .get(data_at..end)
