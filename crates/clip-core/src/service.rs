@@ -487,11 +487,12 @@ impl ImageService {
                     &Self::s3_url(s3, &format!("{id}.clip")),
                     &Self::s3_options(s3),
                 )?;
-                let rt = runtime()?;
-                let size = rt
-                    .block_on(obj.size())
-                    .map_err(|_| ServiceError::UnknownImage(id.to_owned()))?;
-                rt.block_on(obj.get_range(0..size))?.to_vec()
+                runtime()?
+                    .block_on(obj.get_all())
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| ServiceError::UnknownImage(id.to_owned()))?
+                    .to_vec()
             }
         };
         format::publish_bytes(dest, &bytes)?;
@@ -1080,11 +1081,7 @@ fn fallback_kind(reason: &str) -> &'static str {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ServiceError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(other("starting the runtime"))
+    registry::blocking_runtime().map_err(other("starting the runtime"))
 }
 
 fn tool(c: &mut Command) -> Result<(), ServiceError> {
