@@ -46,7 +46,7 @@ fn tree() -> (Tree, Vec<Vec<u8>>) {
                 path.as_bytes(),
                 NodeKind::File {
                     size,
-                    span: Some(LayerSpan { layer: 0, offset }),
+                    span: Some(LayerSpan::new(0, offset)),
                 },
                 meta,
             )

@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for id in tree.breadth_first() {
         if let Some(NodeKind::File { size, span }) = tree.node_mut(id).map(|n| &mut n.kind) {
             offset += 512;
-            *span = Some(LayerSpan { layer: 0, offset });
+            *span = Some(LayerSpan::new(0, offset));
             offset += size.next_multiple_of(512);
         }
     }

@@ -254,14 +254,23 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
                         layer,
                         offset,
                         length,
+                        sparse,
                     }) if length > 0 => {
-                        jobs.get_mut(layer as usize)
-                            .ok_or_else(|| unsafe_path(&path, "names a missing layer"))?
-                            .push(Job {
-                                offset,
-                                size: length,
-                                target: i,
-                            });
+                        let mut size = length;
+                        if sparse {
+                            // Sized now: the holes stay holes, the extents are written later.
+                            rustix::fs::ftruncate(&fd, length).map_err(sys("sizing", &path))?;
+                            size = e.sparse_map().map_or(0, |m| m.stored_len());
+                        }
+                        if size > 0 {
+                            jobs.get_mut(layer as usize)
+                                .ok_or_else(|| unsafe_path(&path, "names a missing layer"))?
+                                .push(Job {
+                                    offset,
+                                    size,
+                                    target: i,
+                                });
+                        }
                     }
                     _ => {}
                 }
@@ -322,6 +331,60 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
     }
     apply_meta(root.as_fd(), b".", &a.root(), as_root)?;
     Ok(summary)
+}
+
+/// A writer of entry `i`'s stored bytes into `path`: sequential for a whole file; for a sparse
+/// file (already sized), each byte at its place in the file's extents.
+fn file_writer(
+    a: &Archive,
+    i: u32,
+    root: BorrowedFd<'_>,
+    path: &[u8],
+) -> Result<Box<dyn std::io::Write>> {
+    let f = open_for_data(root, path)?;
+    Ok(match a.entry(i).and_then(|e| e.sparse_map()) {
+        Some(map) => Box::new(ExtentWriter {
+            file: f,
+            map,
+            next: 0,
+            done: 0,
+        }),
+        None => Box::new(std::io::BufWriter::with_capacity(256 << 10, f)),
+    })
+}
+
+/// Writes a sparse file's stored bytes, in order, to the logical offsets of its extents.
+struct ExtentWriter {
+    file: std::fs::File,
+    map: clip_format::SparseMap,
+    /// The extent being filled and how many of its bytes are written.
+    next: usize,
+    done: u64,
+}
+
+impl std::io::Write for ExtentWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt as _;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let Some(e) = self.map.extents().get(self.next) else {
+            return Err(std::io::Error::other("more data than the sparse map holds"));
+        };
+        let n = usize::try_from(e.length - self.done)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        self.file.write_all_at(&buf[..n], e.offset + self.done)?;
+        self.done += n as u64;
+        if self.done == e.length {
+            self.next += 1;
+            self.done = 0;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Opens `path` (a regular file created by this extraction) for writing, beneath `root`.
@@ -421,7 +484,7 @@ fn fill_by_spans(
     jobs.sort_by_key(|j| j.offset);
     for job in jobs.iter() {
         let path = a.entry(job.target).map(|e| e.path()).unwrap_or_default();
-        let mut f = std::io::BufWriter::with_capacity(256 << 10, open_for_data(root, &path)?);
+        let mut f = file_writer(a, job.target, root, &path)?;
         let end = job.offset + job.size;
         let first = cps.partition_point(|c| c.uncompressed_offset <= job.offset);
         let Some(first) = first.checked_sub(1) else {
@@ -490,7 +553,7 @@ fn fill_from_registry(
         let stream = decoder(info.media, std::io::BufReader::with_capacity(1 << 20, blob))?;
         copy_out(&info.digest, &info.diff_id, stream, jobs, |i, r, _| {
             let path = a.entry(*i).map(|e| e.path()).unwrap_or_default();
-            let mut f = std::io::BufWriter::with_capacity(256 << 10, open_for_data(root, &path)?);
+            let mut f = file_writer(a, *i, root, &path)?;
             let n = std::io::copy(r, &mut f)
                 .and_then(|n| f.flush().map(|()| n))
                 .map_err(io_at("writing", &path))?;

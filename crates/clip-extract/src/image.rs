@@ -3,11 +3,16 @@
 
 use std::path::Path;
 
-use clip_format::{ArchiveKind, Meta, NodeKind, V1Writer};
+use std::sync::Arc;
+
+use clip_format::{ArchiveKind, Meta, NodeKind, SparseMap, SparseReader, V1Writer};
 use clip_indexer::{IndexOptions, layout_blob, layout_image};
 
 use crate::layers::{Job, copy_out, decoder};
 use crate::{Error, Result};
+
+/// A file to copy: its tree node and, if it is sparse, its extent map.
+type Target = (usize, Option<Arc<SparseMap>>);
 
 /// What an image → v1 run produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +57,7 @@ pub fn archive_layout(
         .as_ref()
         .map(|s| s.manifest_digest.clone())
         .unwrap_or_default();
-    let mut per_layer: Vec<Vec<Job<usize>>> = vec![Vec::new(); image.layers.len()];
+    let mut per_layer: Vec<Vec<Job<Target>>> = vec![Vec::new(); image.layers.len()];
     for id in image.tree.breadth_first() {
         if let Some(NodeKind::File {
             size,
@@ -68,8 +73,8 @@ pub fn archive_layout(
                 })?
                 .push(Job {
                     offset: span.offset,
-                    size: *size,
-                    target: id,
+                    size: span.stored_len(*size),
+                    target: (id, span.sparse.clone()),
                 });
         }
     }
@@ -83,11 +88,21 @@ pub fn archive_layout(
             source,
         })?;
         let stream = decoder(info.media, std::io::BufReader::with_capacity(1 << 20, blob))?;
-        copy_out(&info.digest, &info.diff_id, stream, jobs, |id, r, _| {
-            let (n, _) = writer.add_file(*id, r)?;
-            data_bytes += n;
-            Ok(())
-        })?;
+        copy_out(
+            &info.digest,
+            &info.diff_id,
+            stream,
+            jobs,
+            |(id, sparse), r, _| {
+                let (n, _) = match sparse {
+                    // v1 data holds the logical bytes: the holes become zeros.
+                    Some(map) => writer.add_file(*id, &mut SparseReader::new(map, r))?,
+                    None => writer.add_file(*id, r)?,
+                };
+                data_bytes += n;
+                Ok(())
+            },
+        )?;
     }
     let meta = Meta {
         image: image.meta.image.clone(),

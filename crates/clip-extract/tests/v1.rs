@@ -112,6 +112,12 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
     let s = extract(&v2, &root, &ExtractOptions::default()).unwrap();
     assert!(s.bytes > 6 << 20, "{s:?}");
     assert_same(&expected, &root);
+    // Sparse files keep their holes on disk (umoci writes the zeros out).
+    for (name, at_most) in [("sparse-empty", 0), ("sparse-1.0", 3 << 20)] {
+        let md = std::fs::metadata(root.join("data").join(name)).unwrap();
+        let allocated = std::os::unix::fs::MetadataExt::blocks(&md) * 512;
+        assert!(allocated <= at_most, "{name}: {allocated} bytes allocated");
+    }
 
     // Images indexed from their tables of contents (eStargz, zstd:chunked; virtual offsets)
     // extract span by span; TOCs carry whole-second times, so one file's sub-second mtime is the

@@ -31,6 +31,8 @@ pub const DIGEST_SIZE: usize = 32;
 pub const LAYER_SIZE: usize = 48;
 /// Size of a checkpoint record.
 pub const CHECKPOINT_SIZE: usize = 64;
+/// Size of a SPARSE record.
+pub const SPARSE_SIZE: usize = 16;
 
 /// Identifies a section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,6 +59,8 @@ impl SectionId {
     pub const META: Self = Self(9);
     /// v1 local file data.
     pub const DATA: Self = Self(10);
+    /// Extent maps of sparse files (v2, optional).
+    pub const SPARSE: Self = Self(11);
 
     /// Human name.
     #[must_use]
@@ -72,6 +76,7 @@ impl SectionId {
             8 => "windows",
             9 => "meta",
             10 => "data",
+            11 => "sparse",
             _ => "unknown",
         }
     }
@@ -86,6 +91,7 @@ impl SectionId {
             Self::DIGESTS => Some(DIGEST_SIZE),
             Self::LAYERS => Some(LAYER_SIZE),
             Self::CHECKPOINTS => Some(CHECKPOINT_SIZE),
+            Self::SPARSE => Some(SPARSE_SIZE),
             _ => None,
         }
     }

@@ -31,7 +31,7 @@
 //! use clip_format::{Archive, Meta, Source, Tree, Metadata, NodeKind, LayerSpan, write_v2};
 //! # let dir = tempfile::tempdir()?;
 //! let mut tree = Tree::default();
-//! tree.insert(b"etc/hostname", NodeKind::File { size: 5, span: Some(LayerSpan { layer: 0, offset: 512 }) },
+//! tree.insert(b"etc/hostname", NodeKind::File { size: 5, span: Some(LayerSpan::new(0, 512)) },
 //!             Metadata { mode: 0o644, ..Metadata::default() })?;
 //! let meta = Meta { source: Some(Source { manifest_digest: format!("sha256:{}", "0".repeat(64)), ..Source::default() }), ..Meta::default() };
 //! let layer = clip_format::LayerInfo { digest: "sha256:…".into(), diff_id: "sha256:…".into(),
@@ -51,6 +51,7 @@ pub mod layout;
 pub mod merge;
 mod meta;
 mod read;
+pub mod sparse;
 pub mod tree;
 mod write;
 
@@ -60,6 +61,7 @@ pub use meta::{
     Checkpoint, CheckpointKind, ImageConfig, LayerInfo, MediaKind, Meta, Remote, Source,
 };
 pub use read::{Archive, DataLocation, Entry, EntryKind, SectionInfo};
+pub use sparse::{SparseMap, SparseReader};
 pub use tree::{LayerSpan, Metadata, NodeKind, Tree};
 pub use write::{V1Writer, WriteSummary, publish_bytes, write_v1_remote, write_v2};
 

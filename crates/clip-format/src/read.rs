@@ -6,10 +6,11 @@ use crate::ArchiveKind;
 use crate::error::{Error, Result, entry_err, section_err};
 use crate::layout::{
     ATTR_SIZE, CHECKPOINT_SIZE, DIGEST_SIZE, ENTRY_SIZE, FORMAT_VERSION, HEADER_FIXED, LAYER_SIZE,
-    MAGIC, MAX_META, MAX_SECTIONS, MAX_STRING, SECTION_ROW, SECTION_UNCHECKED, SectionId,
-    XATTR_SIZE, checksum, i64_at, mode, u16_at, u32_at, u64_at, varint_at,
+    MAGIC, MAX_META, MAX_SECTIONS, MAX_STRING, SECTION_ROW, SECTION_UNCHECKED, SPARSE_SIZE,
+    SectionId, XATTR_SIZE, checksum, i64_at, mode, u16_at, u32_at, u64_at, varint_at,
 };
 use crate::meta::{Checkpoint, CheckpointKind, LayerInfo, MediaKind, Meta};
+use crate::sparse::SparseMap;
 
 enum Backing {
     Mmap(memmap2::Mmap),
@@ -36,7 +37,7 @@ pub struct Archive {
     backing: Backing,
     kind: ArchiveKind,
     sections: Vec<SectionInfo>,
-    ranges: [(usize, usize); 11],
+    ranges: [(usize, usize); 12],
     meta: Meta,
 }
 
@@ -95,14 +96,17 @@ pub enum DataLocation {
         /// sha256 of the content.
         sha256: [u8; 32],
     },
-    /// v2: `length` bytes at `offset` of layer `layer`'s uncompressed stream.
+    /// v2: `length` bytes at `offset` of layer `layer`'s uncompressed stream; for a sparse
+    /// file, its data extents stored back to back from `offset` ([`Entry::sparse_map`]).
     V2 {
         /// Layer index.
         layer: u32,
         /// Offset in the uncompressed layer.
         offset: u64,
-        /// Length.
+        /// Length (the logical file size).
         length: u64,
+        /// The file is sparse: only its data extents are stored.
+        sparse: bool,
     },
 }
 
@@ -154,7 +158,7 @@ impl Archive {
             backing,
             kind: ArchiveKind::V1Local,
             sections: Vec::new(),
-            ranges: [(0, 0); 11],
+            ranges: [(0, 0); 12],
             meta: Meta::default(),
         };
         a.parse_header()?;
@@ -297,6 +301,10 @@ impl Archive {
                 SectionId::META,
             ],
         };
+        let optional: &[SectionId] = match kind {
+            ArchiveKind::V2Oci => &[SectionId::SPARSE],
+            ArchiveKind::V1Local | ArchiveKind::V1Remote => &[],
+        };
         for r in required {
             if !sections.iter().any(|s| s.id == *r) {
                 return Err(section_err(
@@ -305,11 +313,14 @@ impl Archive {
                 ));
             }
         }
-        if sections.len() != required.len() {
-            return Err(Error::InvalidHeader(format!(
-                "a {kind} archive has exactly {} sections",
-                required.len()
-            )));
+        if let Some(s) = sections
+            .iter()
+            .find(|s| !required.contains(&s.id) && !optional.contains(&s.id))
+        {
+            return Err(section_err(
+                s.id,
+                format!("does not belong in a {kind} archive"),
+            ));
         }
         for s in &sections {
             let bytes = &b[usize_of(s.offset)..usize_of(s.offset + s.length)];
@@ -317,7 +328,7 @@ impl Archive {
                 return Err(Error::SectionChecksum { section: s.id });
             }
         }
-        let mut ranges = [(0, 0); 11];
+        let mut ranges = [(0, 0); 12];
         for s in &sections {
             ranges[s.id.0 as usize] = (usize_of(s.offset), usize_of(s.offset + s.length));
         }
@@ -389,6 +400,33 @@ impl Archive {
                 format!("string at {off} runs past the section"),
             )
         })
+    }
+
+    /// The map whose header is SPARSE record `b - 1`, for a file of `size` bytes.
+    fn sparse_map_at(&self, b: u32, size: u64) -> std::result::Result<SparseMap, String> {
+        let sp = self.section(SectionId::SPARSE);
+        let records = sp.len() / SPARSE_SIZE;
+        let head = b as usize - 1;
+        if head >= records {
+            return Err(format!("record {head} is past the end of the section"));
+        }
+        let at = |k: usize, f: usize| u64_at(sp, k * SPARSE_SIZE + f);
+        let (n, reserved) = (at(head, 0), at(head, 8));
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if reserved != 0 || n > records - head - 1 {
+            return Err(format!(
+                "record {head} has a bad extent count or reserved field"
+            ));
+        }
+        let extents = (head + 1..head + 1 + n).map(|k| (at(k, 0), at(k, 8)));
+        if extents.clone().any(|(_, len)| len == 0) {
+            return Err("an extent is empty".into());
+        }
+        let map = SparseMap::new(extents, size)?;
+        if map.extents().len() != n {
+            return Err("extents touch (they must be merged)".into());
+        }
+        Ok(map)
     }
 
     fn validate(&mut self) -> Result<()> {
@@ -463,6 +501,9 @@ impl Archive {
 
         // Per inode: the first entry that had it, so every name of one inode can be checked to agree.
         let mut first_of_ino: Vec<u32> = vec![u32::MAX; n];
+        // Sparse maps already checked (by header record and file size): their stored length.
+        let mut sparse_checked: std::collections::HashMap<(u32, u64), u64> =
+            std::collections::HashMap::new();
         for i in 0..n32 {
             let e = self.raw(i);
             let kind = e.kind_checked(n_attrs).map_err(|r| entry_err(i, r))?;
@@ -512,6 +553,7 @@ impl Archive {
                 if kind != EntryKind::File
                     || f.attr() != e.attr()
                     || f.a() != e.a()
+                    || f.b() != e.b()
                     || f.c() != e.c()
                     || f.size() != e.size()
                 {
@@ -526,7 +568,7 @@ impl Archive {
             }
             // Fields a type does not use must be zero (see docs/format.md).
             let unused_ok = match kind {
-                EntryKind::File => e.b() == 0,
+                EntryKind::File => e.b() == 0 || self.kind == ArchiveKind::V2Oci,
                 EntryKind::Symlink => e.b() == 0 && e.c() == 0,
                 EntryKind::Dir | EntryKind::CharDevice | EntryKind::BlockDevice => {
                     e.size() == 0 && e.c() == 0
@@ -576,11 +618,23 @@ impl Archive {
                         }
                     }
                     ArchiveKind::V2Oci => {
+                        let stored = if e.b() == 0 {
+                            e.size()
+                        } else if let Some(n) = sparse_checked.get(&(e.b(), e.size())) {
+                            *n
+                        } else {
+                            let n = self
+                                .sparse_map_at(e.b(), e.size())
+                                .map_err(|r| entry_err(i, format!("sparse map: {r}")))?
+                                .stored_len();
+                            sparse_checked.insert((e.b(), e.size()), n);
+                            n
+                        };
                         let ok = (e.a() as usize) < n_layers
                             && e.c()
-                                .checked_add(e.size())
+                                .checked_add(stored)
                                 .is_some_and(|end| end <= layer_sizes[e.a() as usize]);
-                        if !ok && e.size() > 0 {
+                        if !ok && stored > 0 {
                             return Err(entry_err(i, "file range is outside its layer"));
                         }
                     }
@@ -967,6 +1021,7 @@ impl<'a> Entry<'a> {
                 layer: r.a(),
                 offset: r.c(),
                 length: r.size(),
+                sparse: r.b() != 0,
             }
         } else {
             let d = self.archive.section(SectionId::DIGESTS);
@@ -981,6 +1036,16 @@ impl<'a> Entry<'a> {
                 sha256,
             }
         })
+    }
+    /// A sparse v2 file's extent map (`None` for any other entry).
+    #[must_use]
+    pub fn sparse_map(&self) -> Option<SparseMap> {
+        let r = self.raw();
+        if self.kind() != EntryKind::File || self.archive.kind != ArchiveKind::V2Oci || r.b() == 0 {
+            return None;
+        }
+        // Validated when the archive was opened.
+        self.archive.sparse_map_at(r.b(), r.size()).ok()
     }
     /// The children of a directory, in name order.
     #[must_use]

@@ -11,12 +11,33 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 
 /// Where a v2 file's bytes live: in a layer's uncompressed stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerSpan {
     /// Index into the archive's layer table.
     pub layer: u32,
-    /// Offset of the first byte in the layer's uncompressed tar stream.
+    /// Offset of the first (stored) byte in the layer's uncompressed tar stream.
     pub offset: u64,
+    /// For a sparse file: its data extents, stored back to back from `offset`; the rest reads
+    /// as zeros. `None`: the file's bytes are stored whole.
+    pub sparse: Option<std::sync::Arc<crate::sparse::SparseMap>>,
+}
+
+impl LayerSpan {
+    /// A file stored whole at `offset` of layer `layer`.
+    #[must_use]
+    pub fn new(layer: u32, offset: u64) -> Self {
+        Self {
+            layer,
+            offset,
+            sparse: None,
+        }
+    }
+
+    /// How many bytes the file occupies in the layer stream, for a file of `size` bytes.
+    #[must_use]
+    pub fn stored_len(&self, size: u64) -> u64 {
+        self.sparse.as_ref().map_or(size, |m| m.stored_len())
+    }
 }
 
 /// What a node is, with its type-specific data.

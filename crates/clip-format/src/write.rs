@@ -50,8 +50,16 @@ impl Strings {
 /// Where a file's data is, as the writer records it.
 #[derive(Clone, Copy)]
 enum FileLoc {
-    V1 { digest_index: u32, offset: u64 },
-    V2 { layer: u32, offset: u64 },
+    V1 {
+        digest_index: u32,
+        offset: u64,
+    },
+    /// `sparse`: 0, or 1 + the index of the file's map header record in SPARSE.
+    V2 {
+        layer: u32,
+        offset: u64,
+        sparse: u32,
+    },
 }
 
 struct Index {
@@ -180,14 +188,18 @@ fn build_index(
                 )
             }
             NodeKind::File { size, .. } => {
-                let (a, c) = match loc(cid)? {
+                let (a, b, c) = match loc(cid)? {
                     FileLoc::V1 {
                         digest_index,
                         offset,
-                    } => (digest_index, offset),
-                    FileLoc::V2 { layer, offset } => (layer, offset),
+                    } => (digest_index, 0, offset),
+                    FileLoc::V2 {
+                        layer,
+                        offset,
+                        sparse,
+                    } => (layer, sparse, offset),
                 };
-                (links[&cid], a, 0, c, *size)
+                (links[&cid], a, b, c, *size)
             }
             NodeKind::Symlink(t) => (1, strings.add(t)?, 0, 0, t.len() as u64),
             NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
@@ -382,17 +394,57 @@ pub fn write_v2(
         ));
     }
     let canon = resolve_links(tree)?;
+    // Sparse maps: per file a header record (extent count, 0), then its extents.
+    let mut sparse_bytes: Vec<u8> = Vec::new();
+    let mut sparse_of: HashMap<usize, u32> = HashMap::new();
     let mut index = build_index(
         tree,
         &canon,
         &mut |id| match tree.node(id).map(|n| &n.kind) {
-            Some(NodeKind::File { span: Some(s), .. }) => Ok(FileLoc::V2 {
-                layer: s.layer,
-                offset: s.offset,
-            }),
+            Some(NodeKind::File {
+                size,
+                span: Some(s),
+            }) => {
+                let sparse = match &s.sparse {
+                    None => 0,
+                    Some(map) if map.size() != *size => {
+                        return Err(Error::InvalidTree(format!(
+                            "sparse map of {} is for {} bytes, the file has {size}",
+                            String::from_utf8_lossy(&tree.path_of(id)),
+                            map.size()
+                        )));
+                    }
+                    Some(map) => {
+                        if let Some(r) = sparse_of.get(&id) {
+                            *r
+                        } else {
+                            let record =
+                                u32::try_from(sparse_bytes.len() / crate::layout::SPARSE_SIZE + 1)
+                                    .map_err(|_| {
+                                        Error::InvalidTree("too many sparse extents".into())
+                                    })?;
+                            sparse_bytes
+                                .extend_from_slice(&(map.extents().len() as u64).to_le_bytes());
+                            sparse_bytes.extend_from_slice(&0u64.to_le_bytes());
+                            for e in map.extents() {
+                                sparse_bytes.extend_from_slice(&e.offset.to_le_bytes());
+                                sparse_bytes.extend_from_slice(&e.length.to_le_bytes());
+                            }
+                            sparse_of.insert(id, record);
+                            record
+                        }
+                    }
+                };
+                Ok(FileLoc::V2 {
+                    layer: s.layer,
+                    offset: s.offset,
+                    sparse,
+                })
+            }
             Some(NodeKind::File { size: 0, .. }) => Ok(FileLoc::V2 {
                 layer: 0,
                 offset: 0,
+                sparse: 0,
             }),
             _ => Err(Error::InvalidTree(format!(
                 "file {} has no layer location",
@@ -456,6 +508,12 @@ pub fn write_v2(
             bytes: meta_json(meta)?,
         },
     ]);
+    if !sparse_bytes.is_empty() {
+        sections.push(Section {
+            id: SectionId::SPARSE,
+            bytes: sparse_bytes,
+        });
+    }
     let window_len = sections
         .iter()
         .find(|s| s.id == SectionId::WINDOWS)

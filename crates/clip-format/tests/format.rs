@@ -80,14 +80,7 @@ fn sample_tree(v2: bool) -> Tree {
         xattrs: vec![],
     };
     let span = |o| {
-        if v2 {
-            Some(LayerSpan {
-                layer: 0,
-                offset: o,
-            })
-        } else {
-            None
-        }
+        if v2 { Some(LayerSpan::new(0, o)) } else { None }
     };
     let mut t = Tree::new(Metadata {
         mode: 0o755,
@@ -296,6 +289,92 @@ fn v2_round_trips_every_entry_kind() {
     assert_eq!(a.lookup(b"bin").unwrap().nlink(), 2);
     assert_eq!(a.root().nlink(), 2 + 7);
     assert!(a.lookup(b"bin/nope").is_none() && a.lookup(b"bin/sh/x").is_none());
+}
+
+#[test]
+fn sparse_maps_round_trip_and_damaged_maps_are_rejected() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.clip");
+    let meta = Metadata {
+        mode: 0o644,
+        ..Metadata::default()
+    };
+    let map = clip_format::SparseMap::new([(100, 50), (150, 0), (5000, 10)], 10_000).unwrap();
+    let hole = clip_format::SparseMap::new([(300, 0)], 300).unwrap();
+    let mut tree = Tree::default();
+    let sparse = |offset, m: &clip_format::SparseMap| {
+        Some(LayerSpan {
+            layer: 0,
+            offset,
+            sparse: Some(Arc::new(m.clone())),
+        })
+    };
+    let file = |size, span| NodeKind::File { size, span };
+    tree.insert(b"big", file(10_000, sparse(512, &map)), meta.clone())
+        .unwrap();
+    tree.insert(
+        b"big-link",
+        NodeKind::HardLink(b"big".to_vec()),
+        meta.clone(),
+    )
+    .unwrap();
+    tree.insert(b"hole", file(300, sparse(2048, &hole)), meta.clone())
+        .unwrap();
+    tree.insert(
+        b"dense",
+        file(5, Some(LayerSpan::new(0, 4096))),
+        meta.clone(),
+    )
+    .unwrap();
+    write_v2(&p, &tree, &meta_v2(), &[layer(1 << 20)], &[checkpoints()]).unwrap();
+    let a = Archive::open(&p).unwrap();
+    let sparse_of = |name: &[u8]| {
+        let e = a.lookup(name).unwrap();
+        let Some(DataLocation::V2 { sparse, .. }) = e.data() else {
+            panic!("not a v2 file")
+        };
+        (sparse, e.sparse_map())
+    };
+    assert_eq!(sparse_of(b"big"), (true, Some(map.clone())));
+    assert_eq!(sparse_of(b"big-link"), (true, Some(map.clone())));
+    assert_eq!(sparse_of(b"hole"), (true, Some(hole)));
+    assert_eq!(sparse_of(b"dense"), (false, None));
+    assert_eq!(map.extents().len(), 2, "the empty extent is dropped");
+    let info = a.section_info(SectionId::SPARSE).unwrap();
+    // Two maps (shared by the hard link): heads and 2 + 0 extents.
+    assert_eq!(info.length, 16 * 4);
+
+    // Resealed damage to the map is caught when the archive is opened.
+    let good = std::fs::read(&p).unwrap();
+    let head = info.offset as usize; // big's map comes first
+    let put = |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let damages: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+        ("count past the section", Box::new(|b| put(b, head, 9))),
+        ("reserved field", Box::new(|b| put(b, head + 8, 1))),
+        ("empty extent", Box::new(|b| put(b, head + 24, 0))),
+        ("overlap", Box::new(|b| put(b, head + 32, 120))),
+        ("touching extents", Box::new(|b| put(b, head + 32, 150))),
+        ("past the end", Box::new(|b| put(b, head + 32, 9_995))),
+        ("huge extent", Box::new(|b| put(b, head + 40, 1 << 40))),
+    ];
+    for (what, damage) in damages {
+        let mut bad = good.clone();
+        damage(&mut bad);
+        clip_format::layout::reseal(&mut bad);
+        let err = Archive::from_bytes(bad).unwrap_err();
+        assert!(err.to_string().contains("sparse map"), "{what}: {err}");
+    }
+    // A v1 archive with a SPARSE section (in place of its STRINGS) is rejected.
+    let v1 = dir.path().join("v1.clip");
+    write_sample_v1(&v1);
+    let mut b = std::fs::read(&v1).unwrap();
+    let row = HEADER_FIXED; // first section row: change its id to SPARSE
+    let id = u32::from_le_bytes(b[row..row + 4].try_into().unwrap());
+    assert_ne!(id, 11);
+    b[row..row + 4].copy_from_slice(&11u32.to_le_bytes());
+    let err = Archive::from_bytes(rewrite_header(b, |_| {})).unwrap_err();
+    assert!(matches!(err, Error::InvalidSection { .. }), "{err}");
 }
 
 #[test]
@@ -687,7 +766,7 @@ proptest! {
             let meta = Metadata { mode, uid, gid: uid / 3, mtime_sec: sec, mtime_nsec: uid % 1_000_000_000, xattrs };
             let k = match kind {
                 Gen::Dir => NodeKind::Dir,
-                Gen::File(size) => NodeKind::File { size: u64::from(size), span: Some(LayerSpan { layer: 0, offset: u64::from(size) * 3 }) },
+                Gen::File(size) => NodeKind::File { size: u64::from(size), span: Some(LayerSpan::new(0, u64::from(size) * 3)) },
                 Gen::Link(i) if !files.is_empty() => NodeKind::HardLink(files[i % files.len()].clone()),
                 Gen::Link(_) | Gen::Fifo => NodeKind::Fifo,
                 Gen::Sym(t) => NodeKind::Symlink(t),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use clip_format::{Archive, DataLocation, Entry, EntryKind, SectionId};
+use clip_format::{Archive, DataLocation, Entry, EntryKind, SectionId, SparseMap};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -90,6 +90,23 @@ pub(crate) struct ClipFs {
     readahead_spans: usize,
     /// Bytes returned to the kernel by reads.
     pub(crate) served: Arc<AtomicU64>,
+    /// Extent maps of the sparse files read so far, by inode.
+    sparse_maps: Mutex<HashMap<u64, Arc<SparseMap>>>,
+}
+
+/// A read of a sparse file: the logical range `from..to` whose stored bytes are being fetched.
+struct Expand {
+    map: Arc<SparseMap>,
+    from: u64,
+    to: u64,
+}
+
+/// Replies with `bytes`, expanded to the logical bytes of a sparse read.
+fn reply_with(reply: ReplyData, bytes: &[u8], expand: Option<&Expand>) {
+    match expand {
+        None => reply.data(bytes),
+        Some(x) => reply.data(&x.map.expand(x.from, x.to, bytes)),
+    }
 }
 
 impl ClipFs {
@@ -108,6 +125,7 @@ impl ClipFs {
             runtime,
             recorder,
             open: Mutex::new(HashMap::new()),
+            sparse_maps: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             readahead_spans,
             served: Arc::new(AtomicU64::new(0)),
@@ -190,16 +208,19 @@ fn assemble(src: &V2Source, layer: usize, start: u64, end: u64, spans: &[SpanFil
 }
 
 impl ClipFs {
+    /// Reads `want` (offset, length) of the bytes a file stores at `loc` (layer, offset in the
+    /// layer, stored length); `expand` turns a sparse file's stored bytes into its logical ones.
     fn read_v2(
         &self,
         src: &Arc<V2Source>,
         fh: u64,
         loc: (u32, u64, u64),
-        offset: u64,
-        size: u32,
+        want: (u64, u32),
+        expand: Option<Expand>,
         reply: ReplyData,
     ) {
         let (layer, file_off, length) = loc;
+        let (offset, size) = want;
         let layer = layer as usize;
         if layer >= src.layers.len() {
             reply.error(Errno::EIO);
@@ -262,9 +283,13 @@ impl ClipFs {
                 let base = l.span_range(first).start;
                 let b = one.bytes();
                 let (a, z) = ((start - base) as usize, (end - base) as usize);
-                reply.data(&b[a.min(b.len())..z.min(b.len())]);
+                reply_with(reply, &b[a.min(b.len())..z.min(b.len())], expand.as_ref());
             } else {
-                reply.data(&assemble(src, layer, start, end, &spans));
+                reply_with(
+                    reply,
+                    &assemble(src, layer, start, end, &spans),
+                    expand.as_ref(),
+                );
             }
             return;
         }
@@ -285,12 +310,26 @@ impl ClipFs {
             }
             let b = assemble(&src, layer, start, end, &spans);
             served.fetch_add(b.len() as u64, Ordering::Relaxed);
-            reply.data(&b);
+            reply_with(reply, &b, expand.as_ref());
         });
     }
 }
 
 impl ClipFs {
+    /// The extent map of sparse file `ino` (parsed once, then cached).
+    fn sparse_map(&self, ino: u64, e: &clip_format::Entry<'_>) -> Option<Arc<SparseMap>> {
+        let mut maps = self
+            .sparse_maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = maps.get(&ino) {
+            return Some(Arc::clone(m));
+        }
+        let m = Arc::new(e.sparse_map()?);
+        maps.insert(ino, Arc::clone(&m));
+        Some(m)
+    }
+
     fn read_remote(
         &self,
         src: &Arc<crate::remote::RemoteFiles>,
@@ -423,9 +462,48 @@ impl Filesystem for ClipFs {
                     layer,
                     offset: at,
                     length,
+                    sparse: false,
                 }),
                 Data::V2(src),
-            ) => self.read_v2(src, fh.0, (layer, at, length), offset, size, reply),
+            ) => self.read_v2(src, fh.0, (layer, at, length), (offset, size), None, reply),
+            (
+                Some(DataLocation::V2 {
+                    layer,
+                    offset: at,
+                    length,
+                    sparse: true,
+                }),
+                Data::V2(src),
+            ) => {
+                let Some(map) = self.sparse_map(ino.0, &e) else {
+                    reply.error(Errno::EIO);
+                    return;
+                };
+                let to = length.min(offset.saturating_add(u64::from(size)));
+                let stored = map.stored_range(offset, to);
+                if stored.is_empty() {
+                    // All hole.
+                    reply.data(&map.expand(offset, to, &[]));
+                    return;
+                }
+                let stored_len = map.stored_len();
+                let expand = Expand {
+                    map,
+                    from: offset,
+                    to,
+                };
+                self.read_v2(
+                    src,
+                    fh.0,
+                    (layer, at, stored_len),
+                    (
+                        stored.start,
+                        u32::try_from(stored.end - stored.start).unwrap_or(u32::MAX),
+                    ),
+                    Some(expand),
+                    reply,
+                );
+            }
             (
                 Some(DataLocation::V1 {
                     offset: at,

@@ -507,20 +507,32 @@ fn prefetch(
             layer,
             offset,
             length,
+            sparse,
         }) = e.data()
         else {
             continue;
         };
+        // A sparse file's touches map to the stored bytes of their data.
+        let (length, t_offset, t_len) = match e.sparse_map().filter(|_| sparse) {
+            Some(map) => {
+                let r = map.stored_range(t.offset, t.offset.saturating_add(t.len));
+                (map.stored_len(), r.start, r.end - r.start)
+            }
+            None => (length, t.offset, t.len),
+        };
+        if t_len == 0 {
+            continue;
+        }
         let layer = layer as usize;
         let Some(l) = src.layers.get(layer) else {
             continue;
         };
-        if t.offset >= length {
+        if t_offset >= length {
             continue;
         }
         let (a, b) = (
-            offset + t.offset,
-            offset + length.min(t.offset.saturating_add(t.len)),
+            offset + t_offset,
+            offset + length.min(t_offset.saturating_add(t_len)),
         );
         for s in l.span_of(a)..=l.span_of(b.saturating_sub(1).max(a)) {
             if seen.insert((layer, s)) {

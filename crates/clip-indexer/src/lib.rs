@@ -15,8 +15,10 @@
 //! are streamed once through `clip-registry`, nothing is stored), or an OCI image layout directory
 //! (what `buildah push oci:DIR` or `skopeo copy` writes) plus the registry location to record
 //! ([`index_layout`]). Layers may be gzip (one or many members), zstd (frames are the seek
-//! points; a single-frame layer is flagged to be read from its start) or uncompressed. Sparse
-//! files are refused with a clear error until sparse maps land.
+//! points; a single-frame layer is flagged to be read from its start) or uncompressed. PAX sparse
+//! files (GNU tar formats 0.0, 0.1, 1.0) keep their extent map, so their holes cost nothing and
+//! read as zeros; old GNU sparse entries (type `S`), which umoci, containerd and Docker refuse
+//! too, are a typed error.
 //!
 //! A layer's index depends only on the layer blob and the span size, so it can be kept and
 //! reused by every image built on that layer: with [`IndexOptions::layer_store`] set, a layer

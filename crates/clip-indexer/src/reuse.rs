@@ -19,7 +19,9 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use clip_format::merge::LayerEntry;
-use clip_format::{Checkpoint, CheckpointKind, LayerSpan, MediaKind, Metadata, NodeKind};
+use clip_format::{
+    Checkpoint, CheckpointKind, LayerSpan, MediaKind, Metadata, NodeKind, SparseMap,
+};
 use clip_seekable::LayerIndex;
 
 const MAGIC: &[u8; 8] = b"CLIPLIX\0";
@@ -108,8 +110,18 @@ pub(crate) fn encode_parts(
                 put_u64(&mut w, *size);
                 match span {
                     Some(s) => {
-                        w.push(1);
+                        w.push(if s.sparse.is_some() { 2 } else { 1 });
                         put_u64(&mut w, s.offset);
+                        if let Some(map) = &s.sparse {
+                            put_u32(
+                                &mut w,
+                                u32::try_from(map.extents().len()).unwrap_or(u32::MAX),
+                            );
+                            for e in map.extents() {
+                                put_u64(&mut w, e.offset);
+                                put_u64(&mut w, e.length);
+                            }
+                        }
                     }
                     None => w.push(0),
                 }
@@ -232,15 +244,35 @@ pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
                 let size = r.u64()?;
                 let span = match r.u8()? {
                     0 => None,
-                    1 => {
+                    flag @ (1 | 2) => {
                         let offset = r.u64()?;
+                        let sparse = if flag == 2 {
+                            let n = r.u32()? as usize;
+                            if n > r.b.len() / 16 {
+                                return Err(bad("sparse map longer than the index"));
+                            }
+                            let mut extents = Vec::with_capacity(n);
+                            for _ in 0..n {
+                                extents.push((r.u64()?, r.u64()?));
+                            }
+                            let map = SparseMap::new(extents, size)
+                                .map_err(|e| DecodeError(format!("sparse map: {e}")))?;
+                            Some(std::sync::Arc::new(map))
+                        } else {
+                            None
+                        };
+                        let stored = sparse.as_ref().map_or(size, |m| m.stored_len());
                         if offset
-                            .checked_add(size)
+                            .checked_add(stored)
                             .is_none_or(|end| end > uncompressed_size)
                         {
                             return Err(bad("file data out of the layer"));
                         }
-                        Some(LayerSpan { layer, offset })
+                        Some(LayerSpan {
+                            layer,
+                            offset,
+                            sparse,
+                        })
                     }
                     _ => return Err(bad("bad span flag")),
                 };

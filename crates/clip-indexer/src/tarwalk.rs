@@ -3,7 +3,7 @@
 use std::io::Read;
 
 use clip_format::merge::LayerEntry;
-use clip_format::{LayerSpan, Metadata, NodeKind};
+use clip_format::{LayerSpan, Metadata, NodeKind, SparseMap};
 use clip_seekable::CheckpointRequests;
 
 use crate::Error;
@@ -33,6 +33,7 @@ pub(crate) fn walk<R: Read>(
             let field = |r: std::io::Result<u64>, what: &str| {
                 r.map_err(|e| bad(format!("{}: bad {what}: {e}", shown())))
             };
+            let mut sparse = SparsePax::default();
             let mut meta = Metadata {
                 mode: u32::try_from(field(hdr.mode().map(u64::from), "mode")? & 0o7777)
                     .unwrap_or(0),
@@ -69,16 +70,43 @@ pub(crate) fn walk<R: Read>(
                         } else {
                             meta.gid = v;
                         }
-                    } else if key.starts_with(b"GNU.sparse.") {
-                        return Err(Error::Unsupported(format!(
-                            "layer {layer}: {} is a PAX sparse file",
-                            shown()
-                        )));
+                    } else if let Some(k) = key.strip_prefix(b"GNU.sparse.") {
+                        sparse
+                            .record(k, text)
+                            .map_err(|r| bad(format!("{}: {r}", shown())))?;
                     }
                 }
             }
-            let kind = match ty {
-                tar::EntryType::Regular | tar::EntryType::Continuous => {
+            let sparse = sparse.resolve().map_err(|r| match r {
+                SparseError::Version(v) => Error::Unsupported(format!(
+                    "layer {layer}: {} is a PAX sparse file of unknown format {v}",
+                    shown()
+                )),
+                SparseError::Bad(r) => bad(format!("{}: {r}", shown())),
+            })?;
+            let mut name = None;
+            let kind = match (ty, sparse) {
+                (tar::EntryType::Regular | tar::EntryType::Continuous, Some(sp)) => {
+                    name.clone_from(&sp.name);
+                    let (span, logical, stored) = sparse_span(&mut entry, sp, layer, offset, size)
+                        .map_err(|r| bad(format!("{}: sparse file: {r}", shown())))?;
+                    if stored > large
+                        && let Some(r) = requests
+                    {
+                        r.request(span.offset);
+                    }
+                    NodeKind::File {
+                        size: logical,
+                        span: Some(span),
+                    }
+                }
+                (_, Some(_)) => {
+                    return Err(bad(format!(
+                        "{}: sparse records on an entry that is not a regular file",
+                        shown()
+                    )));
+                }
+                (tar::EntryType::Regular | tar::EntryType::Continuous, None) => {
                     if size > large
                         && let Some(r) = requests
                     {
@@ -86,23 +114,23 @@ pub(crate) fn walk<R: Read>(
                     }
                     NodeKind::File {
                         size,
-                        span: Some(LayerSpan { layer, offset }),
+                        span: Some(LayerSpan::new(layer, offset)),
                     }
                 }
-                tar::EntryType::Directory => NodeKind::Dir,
-                tar::EntryType::Symlink => {
+                (tar::EntryType::Directory, None) => NodeKind::Dir,
+                (tar::EntryType::Symlink, None) => {
                     let t = link
                         .filter(|l| !l.is_empty())
                         .ok_or_else(|| bad(format!("{}: symlink without target", shown())))?;
                     NodeKind::Symlink(t)
                 }
-                tar::EntryType::Link => {
+                (tar::EntryType::Link, None) => {
                     let t = link
                         .filter(|l| !l.is_empty())
                         .ok_or_else(|| bad(format!("{}: hard link without target", shown())))?;
                     NodeKind::HardLink(t)
                 }
-                tar::EntryType::Char | tar::EntryType::Block => {
+                (tar::EntryType::Char | tar::EntryType::Block, None) => {
                     let major = field(
                         hdr.device_major().map(|m| u64::from(m.unwrap_or(0))),
                         "device major",
@@ -121,20 +149,227 @@ pub(crate) fn walk<R: Read>(
                         NodeKind::BlockDevice { major, minor }
                     }
                 }
-                tar::EntryType::Fifo => NodeKind::Fifo,
-                tar::EntryType::GNUSparse => {
+                (tar::EntryType::Fifo, None) => NodeKind::Fifo,
+                // Old GNU sparse entries (type 'S') are refused, as umoci, containerd and Docker
+                // refuse them; GNU tar writes PAX sparse files (above) in its POSIX format.
+                (tar::EntryType::GNUSparse, None) => {
                     return Err(Error::Unsupported(format!(
-                        "layer {layer}: {} is a GNU sparse file",
+                        "layer {layer}: {} is an old-style GNU sparse file (type 'S'), which \
+                         container runtimes do not unpack; write the layer in PAX format",
                         shown()
                     )));
                 }
                 // Global PAX headers and vendor extensions carry no file.
                 _ => continue,
             };
-            out.push(LayerEntry { path, kind, meta });
+            out.push(LayerEntry {
+                path: name.unwrap_or(path),
+                kind,
+                meta,
+            });
         }
     }
     Ok((out, archive.into_inner()))
+}
+
+/// Most extents a sparse file may have (a larger map is refused before it is allocated).
+const MAX_SPARSE_EXTENTS: usize = 1 << 20;
+
+/// The `GNU.sparse.*` PAX records of one entry (GNU tar's sparse formats 0.0, 0.1 and 1.0).
+#[derive(Default)]
+struct SparsePax {
+    major: Option<String>,
+    minor: Option<String>,
+    name: Option<Vec<u8>>,
+    size: Option<String>,
+    realsize: Option<String>,
+    numblocks: Option<String>,
+    /// Format 0.1's `map`, or format 0.0's repeated `offset`/`numbytes` records in order.
+    map: Vec<String>,
+    from_map_record: bool,
+}
+
+enum SparseError {
+    Version(String),
+    Bad(String),
+}
+
+/// What the PAX records say about a sparse file.
+struct SparseHeader {
+    /// The file's real name (`GNU.sparse.name`), if given.
+    name: Option<Vec<u8>>,
+    /// Its logical size.
+    size: u64,
+    /// Formats 0.x: the extents; format 1.0: `None` (the map leads the entry's data).
+    map: Option<Vec<(u64, u64)>>,
+}
+
+impl SparsePax {
+    /// Takes one record (`key` without the `GNU.sparse.` prefix).
+    fn record(&mut self, key: &[u8], value: &str) -> Result<(), String> {
+        match key {
+            b"major" => self.major = Some(value.to_owned()),
+            b"minor" => self.minor = Some(value.to_owned()),
+            b"name" => self.name = Some(value.as_bytes().to_vec()),
+            b"size" => self.size = Some(value.to_owned()),
+            b"realsize" => self.realsize = Some(value.to_owned()),
+            b"numblocks" => self.numblocks = Some(value.to_owned()),
+            b"map" => {
+                self.map = value.split(',').map(str::to_owned).collect();
+                self.from_map_record = true;
+            }
+            // Format 0.0: offset and numbytes alternate, starting with an offset.
+            b"offset" | b"numbytes" => {
+                let want = if self.map.len().is_multiple_of(2) {
+                    &b"offset"[..]
+                } else {
+                    &b"numbytes"[..]
+                };
+                if key != want || value.contains(',') || self.from_map_record {
+                    return Err("GNU.sparse.offset and numbytes records do not alternate".into());
+                }
+                if self.map.len() >= 2 * MAX_SPARSE_EXTENTS {
+                    return Err("too many sparse extents".into());
+                }
+                self.map.push(value.to_owned());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Decides whether the entry is a sparse file (as Go's archive/tar, which umoci uses).
+    fn resolve(self) -> Result<Option<SparseHeader>, SparseError> {
+        let is_1x0 = match (self.major.as_deref(), self.minor.as_deref()) {
+            (Some("0"), Some("0" | "1")) => false,
+            (Some("1"), Some("0")) => true,
+            (None, None) if !self.map.is_empty() => false,
+            (None, None) => return Ok(None),
+            (major, minor) => {
+                return Err(SparseError::Version(format!(
+                    "{}.{}",
+                    major.unwrap_or("?"),
+                    minor.unwrap_or("?")
+                )));
+            }
+        };
+        let bad = |s: &str| SparseError::Bad(s.to_owned());
+        let size = self
+            .size
+            .or(self.realsize)
+            .ok_or_else(|| bad("no GNU.sparse.size or realsize record"))?;
+        let size = parse_decimal(&size).ok_or_else(|| bad("bad GNU.sparse size"))?;
+        let map = if is_1x0 {
+            None
+        } else {
+            let blocks = self
+                .numblocks
+                .as_deref()
+                .and_then(parse_decimal)
+                .ok_or_else(|| bad("bad or missing GNU.sparse.numblocks"))?;
+            if blocks > MAX_SPARSE_EXTENTS as u64 || self.map.len() as u64 != 2 * blocks {
+                return Err(bad("GNU.sparse.numblocks does not match the map"));
+            }
+            let nums: Option<Vec<u64>> = self.map.iter().map(|v| parse_decimal(v)).collect();
+            let nums = nums.ok_or_else(|| bad("bad number in the sparse map"))?;
+            Some(nums.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+        };
+        Ok(Some(SparseHeader {
+            name: self.name.filter(|n| !n.is_empty()),
+            size,
+            map,
+        }))
+    }
+}
+
+/// A non-negative decimal number (digits only, as tar writes them).
+fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Reads a format 1.0 map from the head of the entry's data: decimal numbers each ending in a
+/// newline (the count, then offset/length pairs), in whole 512-byte blocks. Returns the extents
+/// and the bytes the map occupies.
+fn read_map_1x0(data: &mut impl Read) -> Result<(Vec<(u64, u64)>, u64), String> {
+    let mut text: Vec<u8> = Vec::new();
+    let mut block = [0u8; 512];
+    let mut lines = 0usize;
+    let mut want = 1usize;
+    let mut numbers: Vec<u64> = Vec::new();
+    let mut consumed = 0usize;
+    loop {
+        while lines < want {
+            data.read_exact(&mut block)
+                .map_err(|e| format!("its map ends early ({e})"))?;
+            lines += block.split(|&b| b == b'\n').count() - 1;
+            text.extend_from_slice(&block);
+        }
+        while numbers.len() < want {
+            let rest = &text[consumed..];
+            let end = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or("its map is malformed")?;
+            let n = std::str::from_utf8(&rest[..end])
+                .ok()
+                .and_then(parse_decimal)
+                .ok_or("its map holds a bad number")?;
+            numbers.push(n);
+            consumed += end + 1;
+        }
+        if want == 1 {
+            let count = usize::try_from(numbers[0]).unwrap_or(usize::MAX);
+            if count > MAX_SPARSE_EXTENTS {
+                return Err(format!(
+                    "its map has {count} extents (at most {MAX_SPARSE_EXTENTS})"
+                ));
+            }
+            want = 1 + 2 * count;
+            if want == 1 {
+                break;
+            }
+        } else {
+            break;
+        }
+    }
+    let extents = numbers[1..].chunks_exact(2).map(|p| (p[0], p[1])).collect();
+    Ok((extents, text.len() as u64))
+}
+
+/// Where a PAX sparse file's data lies: its span (data offset and map), logical size and stored
+/// length. The stored length must be exactly the entry's data (less a format 1.0 map).
+fn sparse_span<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    sp: SparseHeader,
+    layer: u32,
+    offset: u64,
+    size: u64,
+) -> Result<(LayerSpan, u64, u64), String> {
+    let (extents, map_len) = match sp.map {
+        Some(m) => (m, 0),
+        None => read_map_1x0(entry)?,
+    };
+    let map = SparseMap::new(extents, sp.size)?;
+    let stored = size - map_len.min(size);
+    if map.stored_len() != stored {
+        return Err(format!(
+            "its map covers {} bytes but the entry stores {stored}",
+            map.stored_len()
+        ));
+    }
+    let sparse = (!map.is_dense()).then(|| std::sync::Arc::new(map));
+    Ok((
+        LayerSpan {
+            layer,
+            offset: offset + map_len,
+            sparse,
+        },
+        sp.size,
+        stored,
+    ))
 }
 
 /// Parses a PAX time `SECONDS[.FRACTION]` (seconds may be negative).

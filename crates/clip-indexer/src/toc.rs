@@ -28,7 +28,8 @@
 //!
 //! Anything this model cannot express exactly (no data digests, eStargz chunks packed into one
 //! member with `innerOffset`, zstd:chunked `zeros` chunks, unknown entry types, a TOC that does
-//! not cover every file byte) is an error, and the caller streams the layer instead.
+//! not cover every file byte, an entry named like a PAX sparse file's `GNUSparseFile.N/` stand-in)
+//! is an error, and the caller streams the layer instead.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -230,6 +231,14 @@ fn entry_of(
     virt: u64,
     bad: &dyn Fn(&str) -> Error,
 ) -> Result<LayerEntry, Error> {
+    // Converters expand PAX sparse files; a stand-in name means this TOC lists one raw, and a
+    // TOC cannot say where its holes are.
+    if e.name.split('/').any(|c| c.starts_with("GNUSparseFile.")) {
+        return Err(Error::Unsupported(format!(
+            "{} looks like a PAX sparse file's stand-in name",
+            e.name
+        )));
+    }
     let (secs, nanos) =
         parse_time(&e.modtime).ok_or_else(|| bad(&format!("bad modtime {:?}", e.modtime)))?;
     let mut xattrs = Vec::new();
@@ -256,10 +265,7 @@ fn entry_of(
         "dir" => NodeKind::Dir,
         "reg" => NodeKind::File {
             size: e.size,
-            span: Some(LayerSpan {
-                layer,
-                offset: virt,
-            }),
+            span: Some(LayerSpan::new(layer, virt)),
         },
         "symlink" => NodeKind::Symlink(link()?),
         "hardlink" => NodeKind::HardLink(link()?),
@@ -405,10 +411,7 @@ pub(crate) fn index_from_toc(
         path: TOC_NAME.to_vec(),
         kind: NodeKind::File {
             size: json.len() as u64,
-            span: Some(LayerSpan {
-                layer,
-                offset: virt + toc_data_at,
-            }),
+            span: Some(LayerSpan::new(layer, virt + toc_data_at)),
         },
         meta: toc_meta,
     });

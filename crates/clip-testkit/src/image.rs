@@ -68,6 +68,40 @@ pub enum Kind {
     CharDevice(u32, u32),
     /// A block device (major, minor).
     BlockDevice(u32, u32),
+    /// A sparse regular file of `size` bytes holding `data` (offset, bytes) and zeros elsewhere,
+    /// written as GNU tar writes it in `format`.
+    Sparse {
+        /// Logical size.
+        size: u64,
+        /// The data extents: logical offset and bytes, in order, not overlapping.
+        data: Vec<(u64, Vec<u8>)>,
+        /// Which PAX sparse format.
+        format: SparseFormat,
+    },
+}
+
+/// GNU tar's PAX sparse formats (`tar --sparse --format=posix --sparse-version=…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseFormat {
+    /// 0.0: repeated `GNU.sparse.offset`/`numbytes` records; the header keeps the real name.
+    Pax00,
+    /// 0.1: one `GNU.sparse.map` record; the real name in `GNU.sparse.name`.
+    Pax01,
+    /// 1.0: the map leads the data in 512-byte blocks; the real name in `GNU.sparse.name`.
+    Pax10,
+}
+
+impl Kind {
+    /// A sparse file's logical content.
+    #[must_use]
+    pub fn sparse_content(size: u64, data: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut v = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        for (off, bytes) in data {
+            let at = usize::try_from(*off).unwrap_or(0);
+            v[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        v
+    }
 }
 
 /// One tar entry.
@@ -106,6 +140,11 @@ impl Entry {
             xattrs: Vec::new(),
             pax_path: false,
         }
+    }
+    /// A sparse regular file, mode 0644: `size` bytes, `data` at its offsets, zeros elsewhere.
+    #[must_use]
+    pub fn sparse(path: &str, size: u64, data: Vec<(u64, Vec<u8>)>, format: SparseFormat) -> Self {
+        Self::new(path, Kind::Sparse { size, data, format }, 0o644)
     }
     /// A regular file, mode 0644.
     #[must_use]
@@ -245,6 +284,18 @@ impl Layer {
     pub fn dot_slash(mut self) -> Self {
         self.dot_slash = true;
         self
+    }
+    /// The layer with every sparse file written whole (as eStargz and zstd:chunked converters
+    /// write them: they read the source tar with a reader that expands sparse files).
+    #[must_use]
+    pub fn sparse_expanded(&self) -> Self {
+        let mut l = self.clone();
+        for e in &mut l.entries {
+            if let Kind::Sparse { size, data, .. } = &e.kind {
+                e.kind = Kind::File(Kind::sparse_content(*size, data));
+            }
+        }
+        l
     }
 }
 
@@ -578,6 +629,13 @@ fn build_manifest(img: &Image, format: ManifestFormat) -> Result<BuiltManifest> 
     for layer in &img.layers {
         let tar = match &layer.raw_tar {
             Some(t) => t.clone(),
+            None if matches!(
+                layer.compression,
+                Compression::EStargz(_) | Compression::ZstdChunked
+            ) =>
+            {
+                write_tar(&layer.sparse_expanded())?
+            }
             None => write_tar(layer)?,
         };
         if layer.compression == Compression::ZstdChunked {
@@ -715,6 +773,12 @@ pub fn write_tar(layer: &Layer) -> Result<Vec<u8>> {
         if e.pax_path {
             pax.push(("path".into(), path.clone().into_bytes()));
         }
+        // A sparse file: its PAX records, the name its header carries, and its stored bytes.
+        let mut sparse_body: Option<(String, Vec<u8>)> = None;
+        if let Kind::Sparse { size, data, format } = &e.kind {
+            let (header_name, body) = sparse_records(&path, *size, data, *format, &mut pax);
+            sparse_body = Some((header_name, body));
+        }
         if !pax.is_empty() {
             b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
                 .map_err(|x| io(&e.path, x))?;
@@ -733,6 +797,10 @@ pub fn write_tar(layer: &Layer) -> Result<Vec<u8>> {
             Kind::Fifo => (tar::EntryType::Fifo, &[]),
             Kind::CharDevice(..) => (tar::EntryType::Char, &[]),
             Kind::BlockDevice(..) => (tar::EntryType::Block, &[]),
+            Kind::Sparse { .. } => (
+                tar::EntryType::Regular,
+                sparse_body.as_ref().map_or(&[][..], |(_, b)| b),
+            ),
         };
         h.set_entry_type(ty);
         if let Kind::CharDevice(ma, mi) | Kind::BlockDevice(ma, mi) = e.kind {
@@ -756,6 +824,12 @@ pub fn write_tar(layer: &Layer) -> Result<Vec<u8>> {
                         .map_err(|x| io(&e.path, x))?;
                 }
             }
+            Kind::Sparse { .. } => {
+                h.set_size(data.len() as u64);
+                let name = sparse_body.as_ref().map_or(path.as_str(), |(n, _)| n);
+                b.append_data(&mut h, name, data)
+                    .map_err(|x| io(&e.path, x))?;
+            }
             _ => {
                 h.set_size(data.len() as u64);
                 if e.pax_path {
@@ -770,6 +844,70 @@ pub fn write_tar(layer: &Layer) -> Result<Vec<u8>> {
         }
     }
     b.into_inner().map_err(|x| io("(finish)", x))
+}
+
+/// Adds the PAX records GNU tar writes for a sparse file in `format` to `pax`; returns the name
+/// its header carries and its stored bytes (the 1.0 map, padded to 512, then the data extents).
+/// Like GNU tar, the map ends with an empty extent at the file's end.
+fn sparse_records(
+    path: &str,
+    size: u64,
+    data: &[(u64, Vec<u8>)],
+    format: SparseFormat,
+    pax: &mut Vec<(String, Vec<u8>)>,
+) -> (String, Vec<u8>) {
+    let mut extents: Vec<(u64, u64)> = data.iter().map(|(o, b)| (*o, b.len() as u64)).collect();
+    extents.push((size, 0));
+    let (dir, base) = path.rsplit_once('/').map_or(("", path), |(d, b)| (d, b));
+    let hidden = if dir.is_empty() {
+        format!("GNUSparseFile.0/{base}")
+    } else {
+        format!("{dir}/GNUSparseFile.0/{base}")
+    };
+    let mut rec = |k: &str, v: String| pax.push((k.to_owned(), v.into_bytes()));
+    let mut body = Vec::new();
+    let header_name = match format {
+        SparseFormat::Pax00 => {
+            rec("GNU.sparse.size", size.to_string());
+            rec("GNU.sparse.numblocks", extents.len().to_string());
+            for (o, l) in &extents {
+                rec("GNU.sparse.offset", o.to_string());
+                rec("GNU.sparse.numbytes", l.to_string());
+            }
+            path.to_owned()
+        }
+        SparseFormat::Pax01 => {
+            rec("GNU.sparse.size", size.to_string());
+            rec("GNU.sparse.numblocks", extents.len().to_string());
+            rec("GNU.sparse.name", path.to_owned());
+            let map: Vec<String> = extents
+                .iter()
+                .flat_map(|(o, l)| [o.to_string(), l.to_string()])
+                .collect();
+            rec("GNU.sparse.map", map.join(","));
+            hidden
+        }
+        SparseFormat::Pax10 => {
+            rec("GNU.sparse.major", "1".into());
+            rec("GNU.sparse.minor", "0".into());
+            rec("GNU.sparse.name", path.to_owned());
+            rec("GNU.sparse.realsize", size.to_string());
+            let mut map = format!("{}\n", extents.len());
+            for (o, l) in &extents {
+                for n in [o, l] {
+                    map.push_str(&n.to_string());
+                    map.push('\n');
+                }
+            }
+            body.extend_from_slice(map.as_bytes());
+            body.resize(body.len().next_multiple_of(512), 0);
+            hidden
+        }
+    };
+    for (_, bytes) in data {
+        body.extend_from_slice(bytes);
+    }
+    (header_name, body)
 }
 
 /// Puts the first 99 bytes of `path` in the header's name field (the PAX record holds the rest).
@@ -945,11 +1083,13 @@ impl Default for EdgeCaseOptions {
 /// setuid/setgid/sticky, owners, xattrs incl. `security.capability`, hard links, absolute,
 /// relative and dangling symlinks, GNU and PAX long names and link targets, odd names, fifos,
 /// devices, nanosecond mtimes, whiteouts, opaque directories, a file replacing a directory and a
-/// directory replacing a file, implicit parents, `./`-prefixed paths, and a same-layer whiteout.
+/// directory replacing a file, implicit parents, `./`-prefixed paths, a same-layer whiteout, and
+/// PAX sparse files (formats 0.0, 0.1 and 1.0).
 #[must_use]
 pub fn edge_cases(o: &EdgeCaseOptions) -> Image {
     let s = o.seed;
     let long_dir = format!("data/{}/{}", "d".repeat(60), "e".repeat(60));
+    let sparse_size = o.large_file as u64 + 3;
     let long_target = format!("/{}/{}/target", "t".repeat(70), "u".repeat(40));
     let mut base = vec![
         Entry::dir("etc"),
@@ -1008,6 +1148,50 @@ pub fn edge_cases(o: &EdgeCaseOptions) -> Image {
         Entry::file("replace-dir/x/y", "y\n"),
         Entry::file("replace-file", "i become a dir\n"),
         Entry::dir("data/many"),
+        // PAX sparse files in GNU tar's three formats: holes at the start, middle and end, a
+        // data extent spanning several checkpoints, and a file that is all hole.
+        Entry::sparse(
+            "data/sparse-0.0",
+            300_000,
+            vec![
+                (0, random_bytes(s + 11, 1000)),
+                (200_000, text_bytes(s + 12, 500)),
+            ],
+            SparseFormat::Pax00,
+        )
+        .mode(0o640),
+        Entry::sparse(
+            "data/sparse-0.1",
+            (2 << 20) + 17,
+            vec![
+                (65_536, random_bytes(s + 13, 3000)),
+                ((1 << 20) - 10, random_bytes(s + 14, 5000)),
+            ],
+            SparseFormat::Pax01,
+        ),
+        Entry::sparse(
+            "data/sparse-1.0",
+            sparse_size,
+            vec![
+                (
+                    sparse_size / 16,
+                    random_bytes(s + 15, (sparse_size / 3) as usize),
+                ),
+                (
+                    sparse_size * 5 / 6,
+                    text_bytes(s + 16, (sparse_size / 10).min(777) as usize),
+                ),
+            ],
+            SparseFormat::Pax10,
+        )
+        .mtime(1_650_000_000, 0),
+        Entry::hardlink("data/sparse-link", "data/sparse-1.0"),
+        Entry::sparse(
+            "data/sparse-empty",
+            100_000,
+            Vec::new(),
+            SparseFormat::Pax10,
+        ),
     ];
     if o.devices {
         base.push(Entry::dir("dev"));

@@ -47,7 +47,7 @@ pub mod zstd_chunked;
 pub use buildah::Buildah;
 pub use error::{Error, Result};
 pub use fake::{FakeRegistry, FakeRequest, FakeResponse};
-pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat};
+pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, SparseFormat};
 pub use registry::{Auth, Registry, RegistryOptions};
 pub use s3::S3;
 pub use tree::{CompareOptions, Tree};
