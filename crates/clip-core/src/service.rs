@@ -174,49 +174,75 @@ pub struct ImageService {
 /// Layer indexes in the S3 archive store, under `<prefix>layers/`, shared by every worker;
 /// written create-only.
 #[derive(Debug)]
+/// Layer indexes under `<prefix>layers/` in the S3 store: one client and one small runtime for
+/// the service's lifetime, so connections are reused across layers and images.
 struct S3LayerStore {
-    s3: clip_policy::S3Store,
+    prefix: crate::extract::remote::RemoteObject,
+    /// Started on first use (from an indexing thread); `None` if it could not be.
+    runtime: std::sync::OnceLock<Option<tokio::runtime::Runtime>>,
 }
 
 impl S3LayerStore {
-    fn object(&self, key: &str) -> Option<crate::extract::remote::RemoteObject> {
-        crate::extract::remote::RemoteObject::open(
-            &ImageService::s3_url(&self.s3, &format!("layers/{key}")),
-            &ImageService::s3_options(&self.s3),
-        )
-        .ok()
+    fn open(s3: &clip_policy::S3Store) -> Option<Self> {
+        let url = ImageService::s3_url(s3, "layers");
+        match crate::extract::remote::RemoteObject::open(&url, &ImageService::s3_options(s3)) {
+            Ok(prefix) => Some(Self {
+                prefix,
+                runtime: std::sync::OnceLock::new(),
+            }),
+            Err(e) => {
+                tracing::warn!(url, error = %e, "layer index store unusable; layers are indexed locally only");
+                None
+            }
+        }
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> std::io::Result<F::Output> {
+        let rt = self.runtime.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("clip-layer-store")
+                .enable_all()
+                .build()
+                .ok()
+        });
+        rt.as_ref()
+            .map(|rt| rt.block_on(f))
+            .ok_or_else(|| std::io::Error::other("cannot start the layer store's runtime"))
     }
 }
 
-fn small_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+impl Drop for S3LayerStore {
+    fn drop(&mut self) {
+        // The service may be dropped inside an async context, where a runtime cannot block.
+        if let Some(Some(rt)) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl crate::indexer::LayerIndexStore for S3LayerStore {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let obj = self.object(key)?;
-        match small_runtime().ok()?.block_on(obj.get_all()) {
-            Ok(b) => b.map(|b| b.to_vec()),
-            Err(e) => {
+        match self.block_on(self.prefix.child(key).get_all()) {
+            Ok(Ok(b)) => b.map(|b| b.to_vec()),
+            Ok(Err(e)) => {
                 tracing::warn!(key, error = %e, "layer index store unreachable");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "layer index store unusable");
                 None
             }
         }
     }
 
     fn put(&self, key: &str, bytes: &[u8]) -> std::io::Result<bool> {
-        let obj = self
-            .object(key)
-            .ok_or_else(|| std::io::Error::other("bad layer index URL"))?;
-        small_runtime()?
-            .block_on(obj.put_if_absent(bytes))
+        self.block_on(self.prefix.child(key).put_if_absent(bytes))?
             .map_err(std::io::Error::other)
     }
 
     fn describe(&self) -> String {
-        ImageService::s3_url(&self.s3, "layers/")
+        format!("{}/", self.prefix.url())
     }
 }
 
@@ -265,8 +291,10 @@ impl ImageService {
         let mut tiers: Vec<Box<dyn crate::indexer::LayerIndexStore>> = vec![Box::new(
             crate::indexer::DirLayerStore::new(cfg.cache_dir.join("layers")),
         )];
-        if let ArchiveStore::S3(s3) = &cfg.archive_store {
-            tiers.push(Box::new(S3LayerStore { s3: s3.clone() }));
+        if let ArchiveStore::S3(s3) = &cfg.archive_store
+            && let Some(store) = S3LayerStore::open(s3)
+        {
+            tiers.push(Box::new(store));
         }
         let svc = Self {
             cfg,

@@ -117,6 +117,17 @@ impl RemoteObject {
         Err(bad("unsupported URL scheme (s3:// or file://)"))
     }
 
+    /// The object `name` under this one's key taken as a prefix (`KEY/name`), on the same
+    /// client (and so the same connections).
+    #[must_use]
+    pub fn child(&self, name: &str) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            path: object_store::path::Path::from(format!("{}/{name}", self.path)),
+            url: format!("{}/{name}", self.url.trim_end_matches('/')),
+        }
+    }
+
     /// The object's URL.
     #[must_use]
     pub fn url(&self) -> &str {
