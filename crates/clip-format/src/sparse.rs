@@ -121,6 +121,25 @@ impl SparseMap {
         }
     }
 
+    /// Where the data at or after logical position `pos` starts (`SEEK_DATA`); `None` past the
+    /// last extent.
+    #[must_use]
+    pub fn next_data(&self, pos: u64) -> Option<u64> {
+        let k = self.extents.partition_point(|e| e.end() <= pos);
+        self.extents.get(k).map(|e| e.offset.max(pos))
+    }
+
+    /// Where the hole at or after logical position `pos` starts (`SEEK_HOLE`); the end of the
+    /// file counts as a hole.
+    #[must_use]
+    pub fn next_hole(&self, pos: u64) -> u64 {
+        let k = self.extents.partition_point(|e| e.end() <= pos);
+        match self.extents.get(k) {
+            Some(e) if e.offset <= pos => e.end(),
+            _ => pos.min(self.size),
+        }
+    }
+
     /// The stored bytes holding the data of logical range `from..to`.
     #[must_use]
     pub fn stored_range(&self, from: u64, to: u64) -> std::ops::Range<u64> {
@@ -273,5 +292,17 @@ mod tests {
         assert_eq!(out, full);
         let short = SparseReader::new(&m, &stored[..5]).read_to_end(&mut Vec::new());
         assert!(short.is_err());
+        // SEEK_DATA / SEEK_HOLE agree with the logical bytes' extents.
+        let data = |p: usize| {
+            m.extents()
+                .iter()
+                .any(|e| (e.offset..e.end()).contains(&(p as u64)))
+        };
+        for pos in 0..30usize {
+            let want_data = (pos..30).find(|&p| data(p)).map(|p| p as u64);
+            assert_eq!(m.next_data(pos as u64), want_data, "data after {pos}");
+            let want_hole = (pos..30).find(|&p| !data(p)).unwrap_or(30) as u64;
+            assert_eq!(m.next_hole(pos as u64), want_hole, "hole after {pos}");
+        }
     }
 }

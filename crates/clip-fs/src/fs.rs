@@ -16,7 +16,8 @@ use clip_format::{Archive, DataLocation, Entry, EntryKind, SectionId, SparseMap}
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 
 use crate::cache::SpanFile;
@@ -169,10 +170,17 @@ pub(crate) fn attr(e: &Entry<'_>) -> FileAttr {
         EntryKind::Dir => 4096,
         _ => e.size(),
     };
+    // A sparse file occupies only its data.
+    let stored = match e.data() {
+        Some(DataLocation::V2 { sparse: true, .. }) => {
+            e.sparse_map().map_or(size, |m| m.stored_len())
+        }
+        _ => size,
+    };
     FileAttr {
         ino: INodeNo(u64::from(e.ino())),
         size,
-        blocks: size.div_ceil(512),
+        blocks: stored.div_ceil(512),
         atime: t,
         mtime: t,
         ctime: t,
@@ -513,6 +521,52 @@ impl Filesystem for ClipFs {
                 Data::V1Remote(src),
             ) => self.read_remote(src, (at, length, sha256), offset, size, reply),
             _ => reply.error(Errno::EIO),
+        }
+    }
+
+    /// `SEEK_DATA` and `SEEK_HOLE` (the kernel handles the other `whence` values): a sparse
+    /// file's extents, so tools that copy sparse files keep its holes.
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        const SEEK_DATA: i32 = 3;
+        const SEEK_HOLE: i32 = 4;
+        let Some(e) = self.entry(ino) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let size = e.size();
+        let Ok(pos) = u64::try_from(offset) else {
+            reply.error(Errno::ENXIO);
+            return;
+        };
+        if e.kind() != EntryKind::File || !matches!(whence, SEEK_DATA | SEEK_HOLE) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        if pos >= size {
+            reply.error(Errno::ENXIO);
+            return;
+        }
+        let map = match e.data() {
+            Some(DataLocation::V2 { sparse: true, .. }) => self.sparse_map(ino.0, &e),
+            _ => None,
+        };
+        let found = match (whence, map) {
+            (SEEK_DATA, Some(m)) => m.next_data(pos),
+            (SEEK_HOLE, Some(m)) => Some(m.next_hole(pos)),
+            (SEEK_DATA, None) => Some(pos),
+            _ => Some(size),
+        };
+        match found.and_then(|p| i64::try_from(p).ok()) {
+            Some(p) => reply.offset(p),
+            None => reply.error(Errno::ENXIO),
         }
     }
 

@@ -120,6 +120,38 @@ fn edge(compression: [Compression; 3]) -> ImageBuilder {
     }))
 }
 
+/// Holes of the edge-case image's sparse files, seen through a mount (files closed on return).
+fn check_sparse(mp: &std::path::Path) {
+    let sparse = std::fs::File::open(mp.join("data/sparse-1.0")).unwrap();
+    let md = sparse.metadata().unwrap();
+    let size = md.len();
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&md) * 512 < size / 2,
+        "{md:?}"
+    );
+    let seek = |to: rustix::fs::SeekFrom| rustix::fs::seek(&sparse, to);
+    assert_eq!(seek(rustix::fs::SeekFrom::Data(0)), Ok(size / 16));
+    assert_eq!(
+        seek(rustix::fs::SeekFrom::Hole(size / 16)),
+        Ok(size / 16 + size / 3)
+    );
+    // Inside a hole, SEEK_HOLE stays put; the last extent (777 bytes) ends in the tail hole.
+    assert_eq!(seek(rustix::fs::SeekFrom::Hole(size - 1)), Ok(size - 1));
+    assert_eq!(
+        seek(rustix::fs::SeekFrom::Hole(size * 5 / 6)),
+        Ok(size * 5 / 6 + 777)
+    );
+    assert_eq!(
+        seek(rustix::fs::SeekFrom::Data(size / 16 + size / 3)),
+        Ok(size * 5 / 6)
+    );
+    let empty = std::fs::File::open(mp.join("data/sparse-empty")).unwrap();
+    assert_eq!(
+        rustix::fs::seek(&empty, rustix::fs::SeekFrom::Data(0)),
+        Err(rustix::io::Errno::NXIO)
+    );
+}
+
 #[test]
 fn v2_mounts_equal_umoci_for_every_layer_compression() {
     if !can_mount() {
@@ -163,6 +195,10 @@ fn v2_mounts_equal_umoci_for_every_layer_compression() {
         let mp = m.mountpoint().to_owned();
         let err = std::fs::write(mp.join("new-file"), "x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(30), "EROFS expected: {err}");
+
+        // Sparse files: holes cost no blocks, and SEEK_DATA / SEEK_HOLE find the extents (so
+        // `cp --sparse`, `tar --sparse` keep them), here data at size/16 for size/3 bytes.
+        check_sparse(&mp);
 
         // A second mount of the same image reads everything from the shared cache.
         let m2 = f.mount("mnt2", MountOptions::default());
