@@ -291,18 +291,17 @@ fn v2_round_trips_every_entry_kind() {
     assert!(a.lookup(b"bin/nope").is_none() && a.lookup(b"bin/sh/x").is_none());
 }
 
-#[test]
-fn sparse_maps_round_trip_and_damaged_maps_are_rejected() {
+/// The sample v2 tree plus sparse files: `sparse/big` (two extents, and a hard link to it),
+/// `sparse/hole` (no data at all) and `sparse/dense` (stored whole). Returns the two maps.
+fn sparse_tree() -> (Tree, clip_format::SparseMap, clip_format::SparseMap) {
     use std::sync::Arc;
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("s.clip");
     let meta = Metadata {
         mode: 0o644,
         ..Metadata::default()
     };
     let map = clip_format::SparseMap::new([(100, 50), (150, 0), (5000, 10)], 10_000).unwrap();
     let hole = clip_format::SparseMap::new([(300, 0)], 300).unwrap();
-    let mut tree = Tree::default();
+    let mut tree = sample_tree(true);
     let sparse = |offset, m: &clip_format::SparseMap| {
         Some(LayerSpan {
             layer: 0,
@@ -311,35 +310,43 @@ fn sparse_maps_round_trip_and_damaged_maps_are_rejected() {
         })
     };
     let file = |size, span| NodeKind::File { size, span };
-    tree.insert(b"big", file(10_000, sparse(512, &map)), meta.clone())
+    tree.insert(b"sparse/big", file(10_000, sparse(512, &map)), meta.clone())
         .unwrap();
     tree.insert(
-        b"big-link",
-        NodeKind::HardLink(b"big".to_vec()),
+        b"sparse/big-link",
+        NodeKind::HardLink(b"sparse/big".to_vec()),
         meta.clone(),
     )
     .unwrap();
-    tree.insert(b"hole", file(300, sparse(2048, &hole)), meta.clone())
+    tree.insert(b"sparse/hole", file(300, sparse(2048, &hole)), meta.clone())
         .unwrap();
     tree.insert(
-        b"dense",
+        b"sparse/dense",
         file(5, Some(LayerSpan::new(0, 4096))),
-        meta.clone(),
+        meta,
     )
     .unwrap();
+    (tree, map, hole)
+}
+
+#[test]
+fn sparse_maps_round_trip_and_damaged_maps_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.clip");
+    let (tree, map, hole) = sparse_tree();
     write_v2(&p, &tree, &meta_v2(), &[layer(1 << 20)], &[checkpoints()]).unwrap();
     let a = Archive::open(&p).unwrap();
-    let sparse_of = |name: &[u8]| {
-        let e = a.lookup(name).unwrap();
+    let sparse_of = |name: &str| {
+        let e = a.lookup(format!("sparse/{name}").as_bytes()).unwrap();
         let Some(DataLocation::V2 { sparse, .. }) = e.data() else {
             panic!("not a v2 file")
         };
         (sparse, e.sparse_map())
     };
-    assert_eq!(sparse_of(b"big"), (true, Some(map.clone())));
-    assert_eq!(sparse_of(b"big-link"), (true, Some(map.clone())));
-    assert_eq!(sparse_of(b"hole"), (true, Some(hole)));
-    assert_eq!(sparse_of(b"dense"), (false, None));
+    assert_eq!(sparse_of("big"), (true, Some(map.clone())));
+    assert_eq!(sparse_of("big-link"), (true, Some(map.clone())));
+    assert_eq!(sparse_of("hole"), (true, Some(hole)));
+    assert_eq!(sparse_of("dense"), (false, None));
     assert_eq!(map.extents().len(), 2, "the empty extent is dropped");
     let info = a.section_info(SectionId::SPARSE).unwrap();
     // Two maps (shared by the hard link): heads and 2 + 0 extents.
@@ -504,6 +511,14 @@ fn make_goldens(dir: &Path) {
         &[checkpoints()],
     )
     .unwrap();
+    write_v2(
+        &dir.join("v2-sparse.clip"),
+        &sparse_tree().0,
+        &meta_v2(),
+        &[layer(1 << 20)],
+        &[checkpoints()],
+    )
+    .unwrap();
     write_sample_v1(&dir.join("v1-local.clip"));
     let local = Archive::open(&dir.join("v1-local.clip")).unwrap();
     write_v1_remote(&local, "s3://bucket/v1.clip", &dir.join("v1-remote.clip")).unwrap();
@@ -516,7 +531,12 @@ fn golden_archives_are_stable() {
     if std::env::var_os("CLIP_BLESS").is_some() {
         make_goldens(&golden_dir());
     }
-    for name in ["v2.clip", "v1-local.clip", "v1-remote.clip"] {
+    for name in [
+        "v2.clip",
+        "v2-sparse.clip",
+        "v1-local.clip",
+        "v1-remote.clip",
+    ] {
         let golden = std::fs::read(golden_dir().join(name)).unwrap();
         let now = std::fs::read(fresh.path().join(name)).unwrap();
         assert!(
@@ -533,10 +553,15 @@ fn golden_archives_are_stable() {
 fn all_goldens() -> Vec<Vec<u8>> {
     let d = tempfile::tempdir().unwrap();
     make_goldens(d.path());
-    ["v2.clip", "v1-local.clip", "v1-remote.clip"]
-        .iter()
-        .map(|n| std::fs::read(d.path().join(n)).unwrap())
-        .collect()
+    [
+        "v2.clip",
+        "v2-sparse.clip",
+        "v1-local.clip",
+        "v1-remote.clip",
+    ]
+    .iter()
+    .map(|n| std::fs::read(d.path().join(n)).unwrap())
+    .collect()
 }
 
 /// Opens and walks everything, as the fuzz target does.
