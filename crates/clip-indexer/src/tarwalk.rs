@@ -291,52 +291,44 @@ fn parse_decimal(s: &str) -> Option<u64> {
 }
 
 /// Reads a format 1.0 map from the head of the entry's data: decimal numbers each ending in a
-/// newline (the count, then offset/length pairs), in whole 512-byte blocks. Returns the extents
-/// and the bytes the map occupies.
+/// newline (the count, then offset/length pairs), in whole 512-byte blocks, read one at a time
+/// only as the next number needs them (as Go's archive/tar does). Only the unparsed tail of the
+/// text is kept, and a number is at most 20 digits, so memory stays bounded whatever the entry
+/// holds. Returns the extents and the bytes the map occupies.
 fn read_map_1x0(data: &mut impl Read) -> Result<(Vec<(u64, u64)>, u64), String> {
-    let mut text: Vec<u8> = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
     let mut block = [0u8; 512];
-    let mut lines = 0usize;
-    let mut want = 1usize;
-    let mut numbers: Vec<u64> = Vec::new();
-    let mut consumed = 0usize;
-    loop {
-        while lines < want {
+    let mut blocks = 0u64;
+    let mut next = || -> Result<u64, String> {
+        loop {
+            if let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let n = std::str::from_utf8(&pending[..end])
+                    .ok()
+                    .and_then(parse_decimal)
+                    .ok_or("its map holds a bad number")?;
+                pending.drain(..=end);
+                return Ok(n);
+            }
+            if pending.len() > 20 {
+                return Err("its map holds a bad number".into());
+            }
             data.read_exact(&mut block)
                 .map_err(|e| format!("its map ends early ({e})"))?;
-            lines += block.split(|&b| b == b'\n').count() - 1;
-            text.extend_from_slice(&block);
+            blocks += 1;
+            pending.extend_from_slice(&block);
         }
-        while numbers.len() < want {
-            let rest = &text[consumed..];
-            let end = rest
-                .iter()
-                .position(|&b| b == b'\n')
-                .ok_or("its map is malformed")?;
-            let n = std::str::from_utf8(&rest[..end])
-                .ok()
-                .and_then(parse_decimal)
-                .ok_or("its map holds a bad number")?;
-            numbers.push(n);
-            consumed += end + 1;
-        }
-        if want == 1 {
-            let count = usize::try_from(numbers[0]).unwrap_or(usize::MAX);
-            if count > MAX_SPARSE_EXTENTS {
-                return Err(format!(
-                    "its map has {count} extents (at most {MAX_SPARSE_EXTENTS})"
-                ));
-            }
-            want = 1 + 2 * count;
-            if want == 1 {
-                break;
-            }
-        } else {
-            break;
-        }
+    };
+    let count = usize::try_from(next()?).unwrap_or(usize::MAX);
+    if count > MAX_SPARSE_EXTENTS {
+        return Err(format!(
+            "its map has {count} extents (at most {MAX_SPARSE_EXTENTS})"
+        ));
     }
-    let extents = numbers[1..].chunks_exact(2).map(|p| (p[0], p[1])).collect();
-    Ok((extents, text.len() as u64))
+    let mut extents = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        extents.push((next()?, next()?));
+    }
+    Ok((extents, blocks * 512))
 }
 
 /// Where a PAX sparse file's data lies: its span (data offset and map), logical size and stored

@@ -462,6 +462,12 @@ fn malformed_sparse_files_are_typed_errors() {
             pax_tar(&v1, "GNUSparseFile.0/f", &map_1x0("1\n-5\n10\n", 10)),
             "bad number",
         ),
+        // A number with no end: refused at its 21st digit, not read to the end of the entry.
+        (
+            "endless number",
+            pax_tar(&v1, "GNUSparseFile.0/f", &[b'1'; 8192]),
+            "bad number",
+        ),
         // Format 0.1 with a map that does not match numblocks.
         (
             "numblocks",
