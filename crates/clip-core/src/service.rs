@@ -172,10 +172,9 @@ pub struct ImageService {
 }
 
 /// Layer indexes in the S3 archive store, under `<prefix>layers/`, shared by every worker;
-/// written create-only.
+/// written create-only. One client and one small runtime serve the service's lifetime, so
+/// connections are reused across layers and images.
 #[derive(Debug)]
-/// Layer indexes under `<prefix>layers/` in the S3 store: one client and one small runtime for
-/// the service's lifetime, so connections are reused across layers and images.
 struct S3LayerStore {
     prefix: crate::extract::remote::RemoteObject,
     /// Started on first use (from an indexing thread); `None` if it could not be.

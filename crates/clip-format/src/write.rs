@@ -371,6 +371,20 @@ pub struct WriteSummary {
     pub index_bytes: u64,
 }
 
+/// Appends `map` to the SPARSE section bytes (a head record `(extent count, 0)`, then the
+/// extents); returns the entry's `b` for it: 1 + the head record's index.
+fn append_sparse_map(bytes: &mut Vec<u8>, map: &crate::sparse::SparseMap) -> Result<u32> {
+    let record = u32::try_from(bytes.len() / crate::layout::SPARSE_SIZE + 1)
+        .map_err(|_| Error::InvalidTree("too many sparse extents".into()))?;
+    bytes.extend_from_slice(&(map.extents().len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&0u64.to_le_bytes());
+    for e in map.extents() {
+        bytes.extend_from_slice(&e.offset.to_le_bytes());
+        bytes.extend_from_slice(&e.length.to_le_bytes());
+    }
+    Ok(record)
+}
+
 /// Writes a v2 (index-only) archive of `tree`, whose files carry [`crate::tree::LayerSpan`]s.
 pub fn write_v2(
     path: &Path,
@@ -394,7 +408,7 @@ pub fn write_v2(
         ));
     }
     let canon = resolve_links(tree)?;
-    // Sparse maps: per file a header record (extent count, 0), then its extents.
+    // Sparse maps, once per inode (the writer is asked once per name).
     let mut sparse_bytes: Vec<u8> = Vec::new();
     let mut sparse_of: HashMap<usize, u32> = HashMap::new();
     let mut index = build_index(
@@ -418,20 +432,9 @@ pub fn write_v2(
                         if let Some(r) = sparse_of.get(&id) {
                             *r
                         } else {
-                            let record =
-                                u32::try_from(sparse_bytes.len() / crate::layout::SPARSE_SIZE + 1)
-                                    .map_err(|_| {
-                                        Error::InvalidTree("too many sparse extents".into())
-                                    })?;
-                            sparse_bytes
-                                .extend_from_slice(&(map.extents().len() as u64).to_le_bytes());
-                            sparse_bytes.extend_from_slice(&0u64.to_le_bytes());
-                            for e in map.extents() {
-                                sparse_bytes.extend_from_slice(&e.offset.to_le_bytes());
-                                sparse_bytes.extend_from_slice(&e.length.to_le_bytes());
-                            }
-                            sparse_of.insert(id, record);
-                            record
+                            let r = append_sparse_map(&mut sparse_bytes, map)?;
+                            sparse_of.insert(id, r);
+                            r
                         }
                     }
                 };

@@ -171,12 +171,7 @@ pub(crate) fn attr(e: &Entry<'_>) -> FileAttr {
         _ => e.size(),
     };
     // A sparse file occupies only its data.
-    let stored = match e.data() {
-        Some(DataLocation::V2 { sparse: true, .. }) => {
-            e.sparse_map().map_or(size, |m| m.stored_len())
-        }
-        _ => size,
-    };
+    let stored = e.sparse_map().map_or(size, |m| m.stored_len());
     FileAttr {
         ino: INodeNo(u64::from(e.ino())),
         size,

@@ -507,22 +507,22 @@ fn prefetch(
             layer,
             offset,
             length,
-            sparse,
+            ..
         }) = e.data()
         else {
             continue;
         };
         // A sparse file's touches map to the stored bytes of their data.
-        let (length, t_offset, t_len) = match e.sparse_map().filter(|_| sparse) {
+        let (length, t_offset, t_len) = match e.sparse_map() {
             Some(map) => {
                 let r = map.stored_range(t.offset, t.offset.saturating_add(t.len));
+                if r.is_empty() {
+                    continue; // all hole: nothing stored to fetch
+                }
                 (map.stored_len(), r.start, r.end - r.start)
             }
             None => (length, t.offset, t.len),
         };
-        if t_len == 0 {
-            continue;
-        }
         let layer = layer as usize;
         let Some(l) = src.layers.get(layer) else {
             continue;

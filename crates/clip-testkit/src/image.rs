@@ -774,11 +774,12 @@ pub fn write_tar(layer: &Layer) -> Result<Vec<u8>> {
             pax.push(("path".into(), path.clone().into_bytes()));
         }
         // A sparse file: its PAX records, the name its header carries, and its stored bytes.
-        let mut sparse_body: Option<(String, Vec<u8>)> = None;
-        if let Kind::Sparse { size, data, format } = &e.kind {
-            let (header_name, body) = sparse_records(&path, *size, data, *format, &mut pax);
-            sparse_body = Some((header_name, body));
-        }
+        let sparse_body = match &e.kind {
+            Kind::Sparse { size, data, format } => {
+                Some(sparse_records(&path, *size, data, *format, &mut pax))
+            }
+            _ => None,
+        };
         if !pax.is_empty() {
             b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
                 .map_err(|x| io(&e.path, x))?;
