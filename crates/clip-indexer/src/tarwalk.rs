@@ -1,6 +1,6 @@
 //! Walking one layer's tar stream into [`LayerEntry`]s with data locations.
 
-use std::io::Read;
+use std::io::{Read, Seek};
 
 use clip_format::merge::LayerEntry;
 use clip_format::{LayerSpan, Metadata, NodeKind, SparseMap};
@@ -8,9 +8,44 @@ use clip_seekable::CheckpointRequests;
 
 use crate::Error;
 
+/// A reader that "seeks" forward by reading and discarding, for walking a plain [`Read`].
+pub(crate) struct Forward<R> {
+    inner: R,
+    pos: u64,
+}
+
+impl<R> Forward<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        Self { inner, pos: 0 }
+    }
+}
+
+impl<R: Read> Read for Forward<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read> Seek for Forward<R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        let std::io::SeekFrom::Current(n) = pos else {
+            return Err(std::io::ErrorKind::Unsupported.into());
+        };
+        let n = u64::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::Unsupported))?;
+        let skipped = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())?;
+        self.pos += skipped;
+        if skipped < n {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(self.pos)
+    }
+}
+
 /// Reads every entry of a layer. File data stays where it is: each file records its offset in
 /// the uncompressed stream. Files larger than `large` get a checkpoint requested at their start.
-pub(crate) fn walk<R: Read>(
+pub(crate) fn walk<R: Read + Seek>(
     reader: R,
     layer: u32,
     requests: Option<&CheckpointRequests>,
@@ -20,7 +55,10 @@ pub(crate) fn walk<R: Read>(
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
     {
-        let entries = archive.entries().map_err(|e| bad(e.to_string()))?;
+        // Seeking passes over file data without copying it out of the indexer.
+        let entries = archive
+            .entries_with_seek()
+            .map_err(|e| bad(e.to_string()))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| bad(e.to_string()))?;
             let path = entry.path_bytes().into_owned();

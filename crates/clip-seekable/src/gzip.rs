@@ -2,13 +2,13 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
 use clip_format::{Checkpoint, CheckpointKind};
 use libz_rs_sys::{Z_BUF_ERROR, Z_OK, Z_STREAM_END};
 
-use crate::span::{Recorder, expand_window};
+use crate::span::{Produce, Recorder, expand_window};
 use crate::zlib::{GZIP, Inflater, RAW};
 use crate::{Error, LayerIndex, zlib_error};
 
@@ -47,14 +47,10 @@ pub struct GzipIndexer<R> {
     eof: bool,
     compressed: u64,
     inflater: Inflater,
-    out: Box<[u8]>,
-    out_pos: usize,
-    out_len: usize,
     rec: Recorder,
     boundaries: VecDeque<Boundary>,
     settled: usize,
     requests: CheckpointRequests,
-    consumer: u64,
     member_out: u64,
     members: u32,
     done: bool,
@@ -74,14 +70,10 @@ impl<R: Read> GzipIndexer<R> {
             eof: false,
             compressed: 0,
             inflater: Inflater::new(GZIP).map_err(|c| zlib_error(c, 0))?,
-            out: vec![0; OUT_CHUNK].into_boxed_slice(),
-            out_pos: 0,
-            out_len: 0,
             rec,
             boundaries: VecDeque::new(),
             settled: 0,
             requests: CheckpointRequests::default(),
-            consumer: 0,
             member_out: 0,
             members: 1,
             done: false,
@@ -136,19 +128,21 @@ impl<R: Read> GzipIndexer<R> {
             }
             .into());
         }
-        let s = self
-            .inflater
-            .inflate(&self.inbuf[self.in_pos..self.in_len], &mut self.out, true);
+        let s = self.inflater.inflate(
+            &self.inbuf[self.in_pos..self.in_len],
+            self.rec.space(),
+            true,
+        );
         self.in_pos += s.consumed;
         self.compressed += s.consumed as u64;
-        self.rec.push(&self.out[..s.produced]);
-        self.out_pos = 0;
-        self.out_len = s.produced;
+        self.rec.commit(s.produced);
         let out = self.rec.end();
         match s.code {
             Z_OK | Z_BUF_ERROR => {
                 let dt = self.inflater.data_type();
-                if s.code == Z_OK && dt & 128 != 0 && dt & 64 == 0 && out > self.member_out {
+                // A block ends here (not the member's last). A call that stops at a block end
+                // without progress (Z_BUF_ERROR) still stops at a block end.
+                if dt & 128 != 0 && dt & 64 == 0 && out > self.member_out {
                     let bits = u8::try_from(dt & 7).unwrap_or(0);
                     self.boundary(Boundary {
                         compressed: self.compressed,
@@ -187,11 +181,15 @@ impl<R: Read> GzipIndexer<R> {
         Ok(())
     }
 
-    /// Places checkpoints that are now decidable: span checkpoints at boundaries the consumer
-    /// has passed, then requested ones whose position has been inflated.
+    /// Places checkpoints that are now decidable: requested ones whose position has been
+    /// inflated past, then span checkpoints at boundaries the consumer has passed. Requests go
+    /// first: a request's boundary lies at or before its position, which the consumer had reached
+    /// when the request was made, so it precedes every boundary not yet settled. Taking them in
+    /// this order makes placement independent of how much one inflate call produced.
     fn settle(&mut self) {
+        self.settle_requests();
         while let Some(b) = self.boundaries.get(self.settled).copied() {
-            if b.out > self.consumer {
+            if b.out > self.rec.consumed() {
                 break;
             }
             self.settled += 1;
@@ -200,6 +198,9 @@ impl<R: Read> GzipIndexer<R> {
                 self.add(b);
             }
         }
+    }
+
+    fn settle_requests(&mut self) {
         let end = self.rec.end();
         let mut reqs = self.requests.0.borrow_mut();
         if reqs.is_empty() {
@@ -208,9 +209,11 @@ impl<R: Read> GzipIndexer<R> {
         let ready: Vec<u64> = reqs
             .iter()
             .copied()
-            .filter(|r| *r <= end || self.done)
+            .filter(|r| *r < end || self.done)
             .collect();
-        reqs.retain(|r| *r > end && !self.done);
+        // Strictly behind the output: a block ending exactly at `r` is known only once output
+        // past `r` exists.
+        reqs.retain(|r| *r >= end && !self.done);
         drop(reqs);
         for r in ready {
             let i = self.boundaries.partition_point(|b| b.out <= r);
@@ -241,7 +244,7 @@ impl<R: Read> GzipIndexer<R> {
         crate::drain(&mut self)?;
         let (compressed, members, span) = (self.compressed, self.members, self.rec.span);
         let uncompressed = self.rec.end();
-        let (checkpoints, diff) = self.rec.finish();
+        let (checkpoints, diff) = self.rec.finish()?;
         Ok(LayerIndex {
             checkpoints,
             compressed_size: compressed,
@@ -253,26 +256,32 @@ impl<R: Read> GzipIndexer<R> {
     }
 }
 
+impl<R: Read> Produce for GzipIndexer<R> {
+    fn rec(&mut self) -> &mut Recorder {
+        &mut self.rec
+    }
+    fn produce(&mut self) -> io::Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        self.step()?;
+        Ok(true)
+    }
+    fn consumed(&mut self) {
+        self.settle();
+    }
+}
+
 impl<R: Read> Read for GzipIndexer<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.out_pos < self.out_len {
-                let n = buf.len().min(self.out_len - self.out_pos);
-                buf[..n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
-                self.out_pos += n;
-                self.consumer += n as u64;
-                self.settle();
-                return Ok(n);
-            }
-            if self.done {
-                self.settle();
-                return Ok(0);
-            }
-            if buf.is_empty() {
-                return Ok(0);
-            }
-            self.step()?;
-        }
+        crate::span::read(self, buf)
+    }
+}
+
+/// Skips forward without copying (how a tar reader with `entries_with_seek` passes over file data).
+impl<R: Read> Seek for GzipIndexer<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        crate::span::seek(self, pos)
     }
 }
 

@@ -1,10 +1,10 @@
 //! Uncompressed tar layers: every offset is a seek point; spans exist only for verification.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 
 use clip_format::CheckpointKind;
 
-use crate::span::Recorder;
+use crate::span::{Produce, Recorder};
 use crate::{Error, LayerIndex};
 
 /// Streams an uncompressed layer, recording a plain checkpoint (and span digest) every span.
@@ -26,7 +26,7 @@ impl<R: Read> PlainIndexer<R> {
         crate::drain(&mut self)?;
         let size = self.rec.end();
         let span = self.rec.span;
-        let (checkpoints, diff) = self.rec.finish();
+        let (checkpoints, diff) = self.rec.finish()?;
         Ok(LayerIndex {
             checkpoints,
             compressed_size: size,
@@ -38,8 +38,11 @@ impl<R: Read> PlainIndexer<R> {
     }
 }
 
-impl<R: Read> Read for PlainIndexer<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl<R: Read> Produce for PlainIndexer<R> {
+    fn rec(&mut self) -> &mut Recorder {
+        &mut self.rec
+    }
+    fn produce(&mut self) -> io::Result<bool> {
         // Stop at each span boundary so checkpoints land exactly on it; a boundary becomes a
         // checkpoint only once data follows it (no empty span at the end).
         let end = self.rec.end();
@@ -50,15 +53,33 @@ impl<R: Read> Read for PlainIndexer<R> {
         } else {
             next.saturating_sub(end)
         };
-        let room = usize::try_from(room)
-            .unwrap_or(usize::MAX)
-            .clamp(1, 64 << 10);
-        let n = buf.len().min(room);
-        let n = self.src.read(&mut buf[..n])?;
+        let room = usize::try_from(room).unwrap_or(usize::MAX).max(1);
+        let space = self.rec.space();
+        let room = room.min(space.len());
+        let n = loop {
+            match self.src.read(&mut space[..room]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
         if n > 0 && at_boundary {
             self.rec.add(CheckpointKind::Plain, end, end, 0, false);
         }
-        self.rec.push(&buf[..n]);
-        Ok(n)
+        self.rec.commit(n);
+        Ok(n > 0)
+    }
+}
+
+impl<R: Read> Read for PlainIndexer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        crate::span::read(self, buf)
+    }
+}
+
+/// Skips forward without copying.
+impl<R: Read> Seek for PlainIndexer<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        crate::span::seek(self, pos)
     }
 }

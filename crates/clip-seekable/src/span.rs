@@ -1,6 +1,13 @@
-//! Output history and span bookkeeping shared by the gzip and plain indexers.
+//! Output chunks and span bookkeeping shared by the gzip, zstd and plain indexers.
+//!
+//! An indexer decodes straight into the [`Recorder`]'s current output chunk ([`Recorder::space`],
+//! [`Recorder::commit`]); its consumer (the tar walker) copies out of that chunk or skips over
+//! it. A full chunk is frozen and shared, without copying, with the helper thread that hashes
+//! it and with the short history kept for checkpoint windows.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write as _};
+use std::sync::{Arc, Mutex};
 
 use clip_format::{Checkpoint, CheckpointKind};
 use sha2::{Digest, Sha256};
@@ -10,50 +17,112 @@ use crate::{Error, WINDOW};
 /// How far span hashing lags behind the newest output, so that a checkpoint can still be placed
 /// at a block boundary somewhat behind the current position (the start of a large file).
 pub(crate) const HASH_LAG: u64 = 2 << 20;
-/// Capacity of the output history: the lag, plus a window, plus one output chunk, with room.
-const HISTORY: usize = 4 << 20;
+/// Size of one output chunk.
+const CHUNK: usize = 128 << 10;
+/// Frozen chunks are kept while they end less than this far behind the newest output: enough for
+/// a window at any position a checkpoint may still be placed.
+const KEEP: u64 = HASH_LAG + 2 * CHUNK as u64 + WINDOW as u64;
+/// Messages in flight to the hashing thread (bounds the memory it holds).
+const QUEUE: usize = 64;
+/// Spare chunk buffers kept for reuse.
+const SPARE: usize = 8;
 
-/// A ring of the most recent output bytes.
-pub(crate) struct History {
-    data: Vec<u8>,
-    end: u64,
-}
+/// Chunk buffers for reuse, returned by whichever side (the output history or the hashing
+/// thread) lets go of a chunk last.
+#[derive(Clone, Default)]
+struct Pool(Arc<Mutex<Vec<Vec<u8>>>>);
 
-impl History {
-    fn new() -> Self {
-        Self {
-            data: vec![0; HISTORY],
-            end: 0,
+impl Pool {
+    fn get(&self) -> Vec<u8> {
+        let spare = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        spare.unwrap_or_else(|| vec![0; CHUNK])
+    }
+    /// Takes the chunk back if nobody else holds it.
+    fn give(&self, chunk: Arc<Vec<u8>>) {
+        if let Ok(mut v) = Arc::try_unwrap(chunk) {
+            let mut spare = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if spare.len() < SPARE {
+                v.resize(CHUNK, 0);
+                spare.push(v);
+            }
         }
     }
-    fn push(&mut self, mut bytes: &[u8]) {
-        if bytes.len() > HISTORY {
-            // Only the newest HISTORY bytes can be kept; the rest is skipped over.
-            self.end += (bytes.len() - HISTORY) as u64;
-            bytes = &bytes[bytes.len() - HISTORY..];
+}
+
+/// The output: frozen chunks (shared, immutable) followed by the chunk being written.
+struct Output {
+    frozen: VecDeque<(u64, Arc<Vec<u8>>)>,
+    cur: Vec<u8>,
+    cur_start: u64,
+    cur_fill: usize,
+    consumed: u64,
+    pool: Pool,
+}
+
+impl Output {
+    fn new(pool: Pool) -> Self {
+        Self {
+            frozen: VecDeque::new(),
+            cur: pool.get(),
+            cur_start: 0,
+            cur_fill: 0,
+            consumed: 0,
+            pool,
         }
-        for chunk in bytes.chunks(HISTORY) {
-            let at = (self.end % HISTORY as u64) as usize;
-            let first = chunk.len().min(HISTORY - at);
-            self.data[at..at + first].copy_from_slice(&chunk[..first]);
-            self.data[..chunk.len() - first].copy_from_slice(&chunk[first..]);
-            self.end += chunk.len() as u64;
+    }
+    fn end(&self) -> u64 {
+        self.cur_start + self.cur_fill as u64
+    }
+    /// Freezes the current chunk (if it holds anything) and starts an empty one.
+    fn freeze(&mut self) -> Option<Arc<Vec<u8>>> {
+        if self.cur_fill == 0 {
+            return None;
         }
+        let next = self.pool.get();
+        let mut full = std::mem::replace(&mut self.cur, next);
+        full.truncate(self.cur_fill);
+        let full = Arc::new(full);
+        self.frozen.push_back((self.cur_start, Arc::clone(&full)));
+        self.cur_start += self.cur_fill as u64;
+        self.cur_fill = 0;
+        let keep_from = self.end().saturating_sub(KEEP);
+        while let Some((start, c)) = self.frozen.front()
+            && start + c.len() as u64 <= keep_from
+        {
+            let Some((_, c)) = self.frozen.pop_front() else {
+                break;
+            };
+            self.pool.give(c);
+        }
+        Some(full)
     }
     /// Whether `[from, to)` is still held.
     fn holds(&self, from: u64, to: u64) -> bool {
-        from <= to && to <= self.end && from >= self.end.saturating_sub(HISTORY as u64)
+        let oldest = self.frozen.front().map_or(self.cur_start, |(s, _)| *s);
+        from <= to && to <= self.end() && from >= oldest
     }
     /// Calls `f` with the pieces of `[from, to)` in order (caller checked `holds`).
     fn each(&self, from: u64, to: u64, mut f: impl FnMut(&[u8])) {
-        let mut p = from;
-        while p < to {
-            let at = (p % HISTORY as u64) as usize;
-            let n = usize::try_from(to - p)
-                .unwrap_or(usize::MAX)
-                .min(HISTORY - at);
-            f(&self.data[at..at + n]);
-            p += n as u64;
+        let pieces = self
+            .frozen
+            .iter()
+            .map(|(s, c)| (*s, c.as_slice()))
+            .chain(std::iter::once((self.cur_start, &self.cur[..self.cur_fill])));
+        for (start, bytes) in pieces {
+            let end = start + bytes.len() as u64;
+            if end <= from || start >= to {
+                continue;
+            }
+            let a = usize::try_from(from.saturating_sub(start)).unwrap_or(usize::MAX);
+            let b = usize::try_from(to.min(end) - start).unwrap_or(usize::MAX);
+            f(&bytes[a..b]);
         }
     }
 }
@@ -61,37 +130,44 @@ impl History {
 /// Work for the hashing thread, in stream order.
 enum Msg {
     /// The next output bytes.
-    Data(Vec<u8>),
+    Data(Arc<Vec<u8>>),
     /// No span will be cut before this output position: hash up to it.
     Safe(u64),
     /// A span ends at this output position.
     Cut(u64),
+    /// The raw window of checkpoint `.0`, to be compressed for storage.
+    Window(usize, Vec<u8>),
 }
 
-/// Span digests in order, and the whole stream's digest.
-type Digests = (Vec<[u8; 32]>, [u8; 32]);
+/// Span digests in order, the whole stream's digest, and the compressed windows.
+struct Hashed {
+    spans: Vec<[u8; 32]>,
+    whole: [u8; 32],
+    windows: Vec<(usize, Vec<u8>)>,
+}
 
 /// Hashes the output on its own thread, so inflation and hashing overlap: the whole stream's
-/// sha256 immediately, span digests as soon as their cut points are known.
+/// sha256 immediately, span digests as soon as their cut points are known. It also compresses
+/// the checkpoint windows.
 struct Hasher {
     tx: Option<std::sync::mpsc::SyncSender<Msg>>,
-    thread: Option<std::thread::JoinHandle<Digests>>,
+    thread: Option<std::thread::JoinHandle<Hashed>>,
 }
 
 impl Hasher {
-    fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(256);
+    fn start(pool: Pool) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("clip-span-hash".into())
             .spawn(move || {
                 let mut whole = Sha256::new();
                 let mut span = Sha256::new();
-                let mut digests = Vec::new();
-                let mut queue: std::collections::VecDeque<Vec<u8>> =
-                    std::collections::VecDeque::new();
+                let mut spans = Vec::new();
+                let mut windows = Vec::new();
+                let mut queue: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
                 let (mut queued_from, mut hashed) = (0u64, 0u64);
                 // Feeds queued bytes up to `to` into the span hasher.
-                let advance = |queue: &mut std::collections::VecDeque<Vec<u8>>,
+                let advance = |queue: &mut VecDeque<Arc<Vec<u8>>>,
                                queued_from: &mut u64,
                                hashed: &mut u64,
                                span: &mut Sha256,
@@ -106,14 +182,16 @@ impl Hasher {
                         *hashed += n as u64;
                         if start + n == front.len() {
                             *queued_from += front.len() as u64;
-                            queue.pop_front();
+                            if let Some(done) = queue.pop_front() {
+                                pool.give(done);
+                            }
                         }
                     }
                 };
                 for msg in rx {
                     match msg {
                         Msg::Data(d) => {
-                            whole.update(&d);
+                            whole.update(d.as_slice());
                             queue.push_back(d);
                         }
                         Msg::Safe(w) => {
@@ -121,8 +199,9 @@ impl Hasher {
                         }
                         Msg::Cut(p) => {
                             advance(&mut queue, &mut queued_from, &mut hashed, &mut span, p);
-                            digests.push(std::mem::take(&mut span).finalize().into());
+                            spans.push(std::mem::take(&mut span).finalize().into());
                         }
+                        Msg::Window(i, raw) => windows.push((i, compress_window(&raw))),
                     }
                 }
                 advance(
@@ -132,8 +211,12 @@ impl Hasher {
                     &mut span,
                     u64::MAX,
                 );
-                digests.push(span.finalize().into());
-                (digests, whole.finalize().into())
+                spans.push(span.finalize().into());
+                Hashed {
+                    spans,
+                    whole: whole.finalize().into(),
+                    windows,
+                }
             })
             .ok();
         Self {
@@ -148,12 +231,9 @@ impl Hasher {
         }
     }
 
-    fn finish(mut self) -> Digests {
+    fn finish(mut self) -> Option<Hashed> {
         self.tx = None;
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        self.thread.take().and_then(|t| t.join().ok())
     }
 }
 
@@ -166,30 +246,35 @@ impl Drop for Hasher {
     }
 }
 
-/// Records checkpoints and the sha256 of every span and of the whole stream.
+/// Records checkpoints and the sha256 of every span and of the whole stream, and holds the
+/// output between the decoder and its consumer.
 pub(crate) struct Recorder {
     pub(crate) span: u64,
-    history: History,
+    out: Output,
     pub(crate) checkpoints: Vec<Checkpoint>,
     hasher: Hasher,
     /// No checkpoint may be placed before this output position any more.
     safe_upto: u64,
+    /// Span ends not yet sent to the hashing thread (their bytes are still in the current chunk).
+    cuts: VecDeque<u64>,
 }
 
 impl Recorder {
     pub(crate) fn new(span: u64) -> Self {
+        let pool = Pool::default();
         Self {
             span: span.max(1),
-            history: History::new(),
+            out: Output::new(pool.clone()),
             checkpoints: Vec::new(),
-            hasher: Hasher::start(),
+            hasher: Hasher::start(pool),
             safe_upto: 0,
+            cuts: VecDeque::new(),
         }
     }
 
     /// Total output so far.
     pub(crate) fn end(&self) -> u64 {
-        self.history.end
+        self.out.end()
     }
 
     /// Output position of the newest checkpoint.
@@ -197,16 +282,76 @@ impl Recorder {
         self.checkpoints.last().map(|c| c.uncompressed_offset)
     }
 
-    pub(crate) fn push(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
+    /// Room for the next output: the unused tail of the current chunk, never empty. Call only
+    /// when everything produced has been consumed ([`Self::pending`] is 0).
+    pub(crate) fn space(&mut self) -> &mut [u8] {
+        if self.out.cur_fill == CHUNK {
+            self.ship();
         }
-        self.hasher.send(Msg::Data(bytes.to_vec()));
-        self.history.push(bytes);
-        let target = self.history.end.saturating_sub(HASH_LAG);
+        &mut self.out.cur[self.out.cur_fill..]
+    }
+
+    /// Marks the first `n` bytes of [`Self::space`] as produced.
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.out.cur_fill = (self.out.cur_fill + n).min(CHUNK);
+        let target = self
+            .out
+            .end()
+            .saturating_sub(HASH_LAG)
+            .min(self.out.cur_start);
         if target > self.safe_upto {
             self.safe_upto = target;
             self.hasher.send(Msg::Safe(target));
+        }
+    }
+
+    /// Produced bytes the consumer has not taken yet.
+    pub(crate) fn pending(&self) -> usize {
+        usize::try_from(self.out.end() - self.out.consumed).unwrap_or(usize::MAX)
+    }
+
+    /// Bytes the consumer has taken or skipped.
+    pub(crate) fn consumed(&self) -> u64 {
+        self.out.consumed
+    }
+
+    /// Copies pending output into `buf`; returns how much.
+    pub(crate) fn take(&mut self, buf: &mut [u8]) -> usize {
+        let n = buf.len().min(self.pending());
+        let from = self.out.consumed;
+        if let Some(at) = from
+            .checked_sub(self.out.cur_start)
+            .and_then(|a| usize::try_from(a).ok())
+        {
+            buf[..n].copy_from_slice(&self.out.cur[at..at + n]);
+        } else {
+            let mut w = 0;
+            self.out.each(from, from + n as u64, |b| {
+                buf[w..w + b.len()].copy_from_slice(b);
+                w += b.len();
+            });
+        }
+        self.out.consumed += n as u64;
+        n
+    }
+
+    /// Passes over up to `n` pending bytes without copying them; returns how many.
+    pub(crate) fn skip(&mut self, n: u64) -> u64 {
+        let n = n.min(self.pending() as u64);
+        self.out.consumed += n;
+        n
+    }
+
+    /// Sends the current chunk, and the span ends it completes, to the hashing thread.
+    fn ship(&mut self) {
+        if let Some(chunk) = self.out.freeze() {
+            self.hasher.send(Msg::Data(chunk));
+        }
+        while let Some(&p) = self.cuts.front()
+            && p <= self.out.cur_start
+        {
+            self.cuts.pop_front();
+            self.hasher.send(Msg::Cut(p));
         }
     }
 
@@ -216,7 +361,7 @@ impl Recorder {
         let win_from = out.saturating_sub(WINDOW as u64);
         after_last
             && out >= self.safe_upto
-            && (!window || self.history.holds(win_from, out))
+            && (!window || self.out.holds(win_from, out))
             && out <= self.end()
     }
 
@@ -230,40 +375,101 @@ impl Recorder {
         window: bool,
     ) {
         if !self.checkpoints.is_empty() {
-            self.hasher.send(Msg::Cut(out));
+            if out <= self.out.cur_start {
+                self.hasher.send(Msg::Cut(out));
+            } else {
+                self.cuts.push_back(out);
+            }
         }
         self.safe_upto = self.safe_upto.max(out);
-        let window = if window {
+        if window {
             let from = out.saturating_sub(WINDOW as u64);
             let mut raw = Vec::with_capacity(WINDOW);
-            self.history.each(from, out, |b| raw.extend_from_slice(b));
-            compress_window(&raw)
-        } else {
-            Vec::new()
-        };
+            self.out.each(from, out, |b| raw.extend_from_slice(b));
+            self.hasher.send(Msg::Window(self.checkpoints.len(), raw));
+        }
         self.checkpoints.push(Checkpoint {
             kind,
             compressed_offset: compressed,
             uncompressed_offset: out,
             bits,
-            window,
+            window: Vec::new(),
             span_digest: [0; 32],
         });
     }
 
     /// Closes the last span; returns the checkpoints and the sha256 of the whole output.
-    pub(crate) fn finish(self) -> (Vec<Checkpoint>, [u8; 32]) {
+    pub(crate) fn finish(mut self) -> Result<(Vec<Checkpoint>, [u8; 32]), Error> {
+        self.ship();
         let Self {
             mut checkpoints,
             hasher,
             ..
         } = self;
-        let (digests, whole) = hasher.finish();
-        for (cp, d) in checkpoints.iter_mut().zip(digests) {
+        let hashed = hasher
+            .finish()
+            .ok_or_else(|| Error::BadCheckpoint("the hashing thread failed".into()))?;
+        for (cp, d) in checkpoints.iter_mut().zip(hashed.spans) {
             cp.span_digest = d;
         }
-        (checkpoints, whole)
+        for (i, w) in hashed.windows {
+            if let Some(cp) = checkpoints.get_mut(i) {
+                cp.window = w;
+            }
+        }
+        Ok((checkpoints, hashed.whole))
     }
+}
+
+/// A decoder that writes into a [`Recorder`]; [`read`] and [`seek`] serve its consumer.
+pub(crate) trait Produce {
+    fn rec(&mut self) -> &mut Recorder;
+    /// Decodes more output into the recorder (possibly none); `false` once the stream has ended.
+    fn produce(&mut self) -> std::io::Result<bool>;
+    /// Called whenever the consumer has advanced.
+    fn consumed(&mut self) {}
+}
+
+/// [`std::io::Read::read`] for a [`Produce`]r.
+pub(crate) fn read(p: &mut impl Produce, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        if p.rec().pending() > 0 {
+            let n = p.rec().take(buf);
+            p.consumed();
+            return Ok(n);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if !p.produce()? {
+            p.consumed();
+            return Ok(0);
+        }
+    }
+}
+
+/// [`std::io::Seek::seek`] for a [`Produce`]r: only forward from the current position (how a tar
+/// reader skips file data), decoding and hashing as reading would but copying nothing.
+pub(crate) fn seek(p: &mut impl Produce, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+    let left = match pos {
+        std::io::SeekFrom::Current(n) => u64::try_from(n).ok(),
+        _ => None,
+    };
+    let Some(mut left) = left else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "an indexer only seeks forward from its position",
+        ));
+    };
+    while left > 0 {
+        if p.rec().pending() > 0 {
+            left -= p.rec().skip(left);
+            p.consumed();
+        } else if !p.produce()? {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(p.rec().consumed())
 }
 
 /// Compresses a window (raw deflate) for storage in the archive.

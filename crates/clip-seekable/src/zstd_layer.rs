@@ -2,12 +2,12 @@
 //! start about every span; a single-frame layer has one checkpoint at 0 and must be read from the
 //! start (readers materialise it once).
 
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 
 use clip_format::{Checkpoint, CheckpointKind};
 use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
-use crate::span::Recorder;
+use crate::span::{Produce, Recorder};
 use crate::{Error, LayerIndex};
 
 const IN_CHUNK: usize = 256 << 10;
@@ -30,9 +30,6 @@ pub struct ZstdIndexer<R> {
     in_len: usize,
     eof: bool,
     compressed: u64,
-    out: Box<[u8]>,
-    out_pos: usize,
-    out_len: usize,
     rec: Recorder,
     frames: u32,
     in_frame: bool,
@@ -52,9 +49,6 @@ impl<R: Read> ZstdIndexer<R> {
             in_len: 0,
             eof: false,
             compressed: 0,
-            out: vec![0; OUT_CHUNK].into_boxed_slice(),
-            out_pos: 0,
-            out_len: 0,
             rec,
             frames: 0,
             in_frame: false,
@@ -77,11 +71,10 @@ impl<R: Read> ZstdIndexer<R> {
                 .into());
             }
             self.done = true;
-            self.out_len = 0;
             return Ok(());
         }
         let mut inb = InBuffer::around(&self.inbuf[self.in_pos..self.in_len]);
-        let mut outb = OutBuffer::around(&mut self.out[..]);
+        let mut outb = OutBuffer::around(self.rec.space());
         let hint = self
             .dec
             .run(&mut inb, &mut outb)
@@ -90,9 +83,7 @@ impl<R: Read> ZstdIndexer<R> {
         self.in_pos += consumed;
         self.compressed += consumed as u64;
         self.in_frame = true;
-        self.rec.push(&self.out[..produced]);
-        self.out_pos = 0;
-        self.out_len = produced;
+        self.rec.commit(produced);
         if hint == 0 {
             // A frame ended here; the next byte (if any) starts the next frame.
             self.in_frame = false;
@@ -112,7 +103,7 @@ impl<R: Read> ZstdIndexer<R> {
         crate::drain(&mut self)?;
         let (compressed, frames, span) = (self.compressed, self.frames, self.rec.span);
         let uncompressed = self.rec.end();
-        let (mut checkpoints, diff) = self.rec.finish();
+        let (mut checkpoints, diff) = self.rec.finish()?;
         // A checkpoint recorded at the very end (after the last frame) starts nothing.
         if checkpoints.len() > 1
             && checkpoints
@@ -132,20 +123,29 @@ impl<R: Read> ZstdIndexer<R> {
     }
 }
 
+impl<R: Read> Produce for ZstdIndexer<R> {
+    fn rec(&mut self) -> &mut Recorder {
+        &mut self.rec
+    }
+    fn produce(&mut self) -> io::Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        self.step()?;
+        Ok(true)
+    }
+}
+
 impl<R: Read> Read for ZstdIndexer<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.out_pos < self.out_len {
-                let n = buf.len().min(self.out_len - self.out_pos);
-                buf[..n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
-                self.out_pos += n;
-                return Ok(n);
-            }
-            if self.done || buf.is_empty() {
-                return Ok(0);
-            }
-            self.step()?;
-        }
+        crate::span::read(self, buf)
+    }
+}
+
+/// Skips forward without copying.
+impl<R: Read> Seek for ZstdIndexer<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        crate::span::seek(self, pos)
     }
 }
 
