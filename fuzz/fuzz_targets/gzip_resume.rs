@@ -19,6 +19,7 @@ fuzz_target!(|input: (u8, u8, u16, u32, Vec<u8>, Vec<u8>)| {
         bits,
         window,
         span_digest: [0; 32],
+        chain_head: None,
     };
     let _ = clip_seekable::gzip::decode(&cp, &data, 0, u64::from(skip), 1 << 16);
     // The indexer over the same bytes.

@@ -476,6 +476,8 @@ fn fill_by_spans(
         layer: info.digest.clone(),
         reason,
     };
+    let layer_end = clip_seekable::LayerEnd::new(info.uncompressed_size, &info.diff_id)
+        .ok_or_else(|| layer_err(format!("diff_id {} is not a sha256", info.diff_id)))?;
     let span_end = |k: usize| {
         cps.get(k + 1)
             .map_or(info.uncompressed_size, |c| c.uncompressed_offset)
@@ -507,7 +509,8 @@ fn fill_by_spans(
                 .map_err(|_| layer_err("span too large".into()))?;
             let span = clip_seekable::decode_span(info.media, cp, &bytes, from, len)
                 .map_err(|e| layer_err(e.to_string()))?;
-            clip_seekable::verify_span(cp, &span).map_err(|e| layer_err(e.to_string()))?;
+            clip_seekable::verify_span(&cps, k, &layer_end, &span)
+                .map_err(|e| layer_err(e.to_string()))?;
             let lo = job.offset.max(cp.uncompressed_offset) - cp.uncompressed_offset;
             let hi = end.min(span_end(k)) - cp.uncompressed_offset;
             let part = span

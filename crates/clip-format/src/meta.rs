@@ -185,7 +185,15 @@ pub struct Checkpoint {
     /// The preceding 32 KiB of output, compressed (empty where no window is needed).
     #[serde(skip)]
     pub window: Vec<u8>,
-    /// sha256 of the uncompressed span from this checkpoint to the next (or the layer's end).
+    /// What the span from this checkpoint to the next (or the layer's end) is verified with.
+    /// Without a [`Self::chain_head`]: the sha256 of the span's uncompressed bytes. With one
+    /// (a chained layer): the SHA-256 chaining value (eight big-endian words) after the layer's
+    /// first `uncompressed_offset − uncompressed_offset % 64` bytes, the state the layer's
+    /// `diff_id` computation passes through there.
     #[serde(skip)]
     pub span_digest: [u8; 32],
+    /// In a chained layer: the layer's `uncompressed_offset % 64` bytes before this checkpoint
+    /// (from the 64-byte block boundary the chaining value stands at).
+    #[serde(skip)]
+    pub chain_head: Option<Vec<u8>>,
 }

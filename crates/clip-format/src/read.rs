@@ -679,8 +679,8 @@ impl Archive {
             if media.is_none()
                 || !matches!(
                     (media, r[9]),
-                    (_, 0)
-                        | (Some(MediaKind::Zstd), 1)
+                    (_, 0 | 4)
+                        | (Some(MediaKind::Zstd), 1 | 5)
                         | (Some(MediaKind::Gzip | MediaKind::Zstd), 2)
                 )
             {
@@ -697,12 +697,15 @@ impl Archive {
                 ));
             }
             let (csize, usize_) = (u64_at(r, 24), u64_at(r, 32));
+            let chained = r[9] & 4 != 0;
             let mut last = (0u64, 0u64);
             for c in first..first + count {
                 let cp = &self.section(SectionId::CHECKPOINTS)
                     [c * CHECKPOINT_SIZE..(c + 1) * CHECKPOINT_SIZE];
                 let (co, uo) = (u64_at(cp, 0), u64_at(cp, 8));
                 let (wo, wl) = (u64::from(u32_at(cp, 16)), u64::from(u32_at(cp, 20)));
+                // A chained layer's checkpoint head follows its window.
+                let wl = wl + if chained { uo % 64 } else { 0 };
                 let bad = cp[24] > 7
                     || CheckpointKind::from_code(cp[25]).is_none()
                     || co > csize
@@ -775,8 +778,8 @@ impl Archive {
                     digest: text(u32_at(r, 0)),
                     diff_id: text(u32_at(r, 4)),
                     media: MediaKind::from_code(r[8]).unwrap_or(MediaKind::Tar),
-                    single_frame: r[9] == 1,
-                    toc_indexed: r[9] == 2,
+                    single_frame: r[9] & 1 != 0,
+                    toc_indexed: r[9] & 2 != 0,
                     compressed_size: u64_at(r, 24),
                     uncompressed_size: u64_at(r, 32),
                     span_size: u64_at(r, 40),
@@ -796,19 +799,28 @@ impl Archive {
         let (first, count) = (u32_at(ls, at + 12) as usize, u32_at(ls, at + 16) as usize);
         let cps = self.section(SectionId::CHECKPOINTS);
         let windows = self.section(SectionId::WINDOWS);
+        let chained = ls[at + 9] & 4 != 0;
         (first..first + count)
             .filter_map(|c| cps.get(c * CHECKPOINT_SIZE..(c + 1) * CHECKPOINT_SIZE))
             .map(|cp| {
                 let (wo, wl) = (u32_at(cp, 16) as usize, u32_at(cp, 20) as usize);
+                let uncompressed_offset = u64_at(cp, 8);
                 let mut span_digest = [0u8; 32];
                 span_digest.copy_from_slice(&cp[32..64]);
+                let head = (uncompressed_offset % 64) as usize;
                 Checkpoint {
                     kind: CheckpointKind::from_code(cp[25]).unwrap_or(CheckpointKind::Plain),
                     compressed_offset: u64_at(cp, 0),
-                    uncompressed_offset: u64_at(cp, 8),
+                    uncompressed_offset,
                     bits: cp[24],
                     window: windows.get(wo..wo + wl).unwrap_or_default().to_vec(),
                     span_digest,
+                    chain_head: chained.then(|| {
+                        windows
+                            .get(wo + wl..wo + wl + head)
+                            .unwrap_or_default()
+                            .to_vec()
+                    }),
                 }
             })
             .collect()

@@ -462,10 +462,23 @@ pub fn write_v2(
     for (l, cps) in layers.iter().zip(checkpoints) {
         let count = u32::try_from(cps.len())
             .map_err(|_| Error::InvalidTree("too many checkpoints".into()))?;
+        let chained = cps.first().is_some_and(|c| c.chain_head.is_some());
+        if cps.iter().any(|c| {
+            c.chain_head.as_ref().map_or(chained, |h| {
+                !chained || h.len() as u64 != c.uncompressed_offset % 64
+            })
+        }) {
+            return Err(Error::InvalidTree(format!(
+                "layer {} mixes chained and plain checkpoints, or has a chain head of the wrong length",
+                l.digest
+            )));
+        }
         layer_bytes.extend_from_slice(&index.strings.add(l.digest.as_bytes())?.to_le_bytes());
         layer_bytes.extend_from_slice(&index.strings.add(l.diff_id.as_bytes())?.to_le_bytes());
         layer_bytes.push(l.media.code());
-        layer_bytes.push(u8::from(l.single_frame) | (u8::from(l.toc_indexed) << 1));
+        layer_bytes.push(
+            u8::from(l.single_frame) | (u8::from(l.toc_indexed) << 1) | (u8::from(chained) << 2),
+        );
         layer_bytes.extend_from_slice(&0u16.to_le_bytes());
         layer_bytes.extend_from_slice(&first.to_le_bytes());
         layer_bytes.extend_from_slice(&count.to_le_bytes());
@@ -482,6 +495,7 @@ pub fn write_v2(
             let wlen = u32::try_from(cp.window.len())
                 .map_err(|_| Error::InvalidTree("window too large".into()))?;
             windows.extend_from_slice(&cp.window);
+            windows.extend_from_slice(cp.chain_head.as_deref().unwrap_or_default());
             cp_bytes.extend_from_slice(&cp.compressed_offset.to_le_bytes());
             cp_bytes.extend_from_slice(&cp.uncompressed_offset.to_le_bytes());
             cp_bytes.extend_from_slice(&woff.to_le_bytes());

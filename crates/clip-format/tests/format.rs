@@ -65,8 +65,47 @@ fn checkpoints() -> Vec<Checkpoint> {
             bits: (i % 8) as u8,
             window: if i == 0 { vec![] } else { vec![i as u8; 100] },
             span_digest: [i as u8; 32],
+            chain_head: None,
         })
         .collect()
+}
+
+/// Checkpoints of a chained layer: chaining values in `span_digest`, and heads of
+/// `uncompressed_offset % 64` bytes.
+fn chained_checkpoints() -> Vec<Checkpoint> {
+    let mut cps = checkpoints();
+    for (i, c) in cps.iter_mut().enumerate() {
+        c.uncompressed_offset += i as u64 * 21; // 0, 4021 (head 53 bytes), 8042 (head 42)
+        c.chain_head = Some(vec![0x60 + i as u8; (c.uncompressed_offset % 64) as usize]);
+    }
+    cps
+}
+
+#[test]
+fn chained_checkpoints_round_trip_and_bad_heads_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.clip");
+    let tree = sample_tree(true);
+    write_v2(
+        &p,
+        &tree,
+        &meta_v2(),
+        &[layer(1 << 20)],
+        &[chained_checkpoints()],
+    )
+    .unwrap();
+    let a = Archive::open(&p).unwrap();
+    assert_eq!(a.checkpoints(0), chained_checkpoints());
+    // The writer refuses a head of the wrong length and a layer mixing both kinds.
+    let mut wrong = chained_checkpoints();
+    wrong[1].chain_head = Some(vec![0; 3]);
+    let mut mixed = chained_checkpoints();
+    mixed[2].chain_head = None;
+    let mut late = checkpoints();
+    late[1].chain_head = Some(vec![]);
+    for cps in [wrong, mixed, late] {
+        assert!(write_v2(&p, &tree, &meta_v2(), &[layer(1 << 20)], &[cps]).is_err());
+    }
 }
 
 /// A small tree with every entry kind.
@@ -519,6 +558,14 @@ fn make_goldens(dir: &Path) {
         &[checkpoints()],
     )
     .unwrap();
+    write_v2(
+        &dir.join("v2-chained.clip"),
+        &sample_tree(true),
+        &meta_v2(),
+        &[layer(1 << 20)],
+        &[chained_checkpoints()],
+    )
+    .unwrap();
     write_sample_v1(&dir.join("v1-local.clip"));
     let local = Archive::open(&dir.join("v1-local.clip")).unwrap();
     write_v1_remote(&local, "s3://bucket/v1.clip", &dir.join("v1-remote.clip")).unwrap();
@@ -534,6 +581,7 @@ fn golden_archives_are_stable() {
     for name in [
         "v2.clip",
         "v2-sparse.clip",
+        "v2-chained.clip",
         "v1-local.clip",
         "v1-remote.clip",
     ] {
@@ -556,6 +604,7 @@ fn all_goldens() -> Vec<Vec<u8>> {
     [
         "v2.clip",
         "v2-sparse.clip",
+        "v2-chained.clip",
         "v1-local.clip",
         "v1-remote.clip",
     ]

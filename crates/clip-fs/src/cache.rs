@@ -1,14 +1,15 @@
-//! The span cache: verified, uncompressed spans on local disk, named by their sha256.
+//! The span cache: verified, uncompressed spans on local disk, named by their content.
 //!
-//! One directory serves every mount and image on a machine. A span is stored under the digest
-//! recorded for it at indexing time (`spans/ab/abcdef…`), so the key *is* the content: two
-//! layers or images sharing a span share the file, and a file whose bytes do not hash to its name
-//! is garbage (a torn write after a crash, a bit flip) and is deleted on sight. Files are written
+//! One directory serves every mount and image on a machine. A span is stored under its name
+//! (`spans/ab/abcdef…`, [`clip_seekable::span_key`]: a sha256 that pins down the span's bytes,
+//! derived from what the archive records for it), so the key *is* the content: two images
+//! sharing a layer share its span files, and a file that fails its check is garbage (a torn
+//! write after a crash, a bit flip) and is deleted on sight. Files are written
 //! to `tmp/` and renamed into place, so no reader ever sees a partial span under its name; no
 //! fsync is needed because every file is verified the first time a process opens it.
 //!
 //! A span file is the span's bytes followed by a 16-byte trailer: the xxh3-64 of the bytes and
-//! the magic `CLIPSPAN`. The sha256 in the name was checked when the bytes came off the network;
+//! the magic `CLIPSPAN`. The bytes were verified against the archive when they came off the network;
 //! the trailer lets a process re-verify a file it opens at memory speed (a torn or flipped file
 //! fails it), instead of re-hashing sha256 on every mount. Open spans are memory-mapped, so reads
 //! are served straight from the page cache with a single copy.

@@ -26,6 +26,10 @@ pub(crate) struct Layer {
     pub(crate) compressed_size: u64,
     pub(crate) uncompressed_size: u64,
     pub(crate) checkpoints: Vec<Checkpoint>,
+    /// What the last span is verified against.
+    pub(crate) end: clip_seekable::LayerEnd,
+    /// Span cache names ([`clip_seekable::span_key`]), one per span.
+    pub(crate) keys: Vec<[u8; 32]>,
 }
 
 impl Layer {
@@ -152,12 +156,21 @@ impl V2Source {
                         "layer {i} has no checkpoint at offset 0"
                     )));
                 }
+                let end = clip_seekable::LayerEnd::new(l.uncompressed_size, &l.diff_id)
+                    .ok_or_else(|| {
+                        Error::Config(format!("layer {i} diff_id {} is not a sha256", l.diff_id))
+                    })?;
+                let keys = (0..checkpoints.len())
+                    .map(|k| clip_seekable::span_key(&checkpoints, k, &end))
+                    .collect();
                 Ok(Layer {
                     digest: l.digest,
                     media: l.media,
                     compressed_size: l.compressed_size,
                     uncompressed_size: l.uncompressed_size,
                     checkpoints,
+                    end,
+                    keys,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -176,7 +189,7 @@ impl V2Source {
     }
 
     fn digest(&self, layer: usize, span: usize) -> [u8; 32] {
-        self.layers[layer].checkpoints[span].span_digest
+        self.layers[layer].keys[span]
     }
 
     /// The span if it is open in this process already (no I/O).
@@ -337,7 +350,9 @@ impl V2Source {
             // Undecodable bytes are bad bytes like any other: refetch, never serve.
             Err(_) => Vec::new(),
         };
-        if bytes.len() != len || clip_seekable::verify_span(cp, &bytes).is_err() {
+        if bytes.len() != len
+            || clip_seekable::verify_span(&l.checkpoints, i, &l.end, &bytes).is_err()
+        {
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(layer = %l.digest, offset = want.start, "span failed verification");
             return Err(Error::Verify {
@@ -346,6 +361,6 @@ impl V2Source {
             });
         }
         self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
-        Ok(self.cache.insert(&cp.span_digest, &bytes)?)
+        Ok(self.cache.insert(&l.keys[i], &bytes)?)
     }
 }

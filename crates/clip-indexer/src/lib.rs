@@ -57,8 +57,7 @@ pub use clip_registry::oci;
 /// Walks an uncompressed layer tar stream into entries (as layer `layer`), without checkpoints:
 /// the parser of untrusted layer bytes, exposed for fuzzing and tools.
 pub fn walk_tar<R: Read>(reader: R, layer: u32) -> Result<Vec<clip_format::merge::LayerEntry>> {
-    tarwalk::walk(tarwalk::Forward::new(reader), layer, None, u64::MAX)
-        .map(|(entries, _)| entries)
+    tarwalk::walk(tarwalk::Forward::new(reader), layer, None, u64::MAX).map(|(entries, _)| entries)
 }
 
 use std::cell::RefCell;

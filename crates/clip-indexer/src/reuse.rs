@@ -26,7 +26,7 @@ use clip_seekable::LayerIndex;
 
 const MAGIC: &[u8; 8] = b"CLIPLIX\0";
 /// Version of the stored layer-index encoding (part of every key).
-pub const LAYER_INDEX_VERSION: u32 = 1;
+pub const LAYER_INDEX_VERSION: u32 = 2;
 const MAX_NAME: usize = 1 << 20;
 const MAX_WINDOW: usize = 1 << 17;
 
@@ -99,6 +99,13 @@ pub(crate) fn encode_parts(
         w.push(c.bits);
         put_bytes(&mut w, &c.window);
         w.extend_from_slice(&c.span_digest);
+        match &c.chain_head {
+            None => w.push(0),
+            Some(head) => {
+                w.push(1);
+                put_bytes(&mut w, head);
+            }
+        }
     }
     put_u32(&mut w, u32::try_from(entries.len()).unwrap_or(u32::MAX));
     for e in entries {
@@ -209,6 +216,17 @@ pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
         let bits = r.u8()?;
         let window = r.bytes(MAX_WINDOW)?.to_vec();
         let span_digest = r.array32()?;
+        let chain_head = match r.u8()? {
+            0 => None,
+            1 => Some(r.bytes(63)?.to_vec()),
+            _ => return Err(bad("unknown span check")),
+        };
+        if chain_head
+            .as_ref()
+            .is_some_and(|h| h.len() as u64 != uncompressed_offset % 64)
+        {
+            return Err(bad("chain head of the wrong length"));
+        }
         if bits > 7
             || compressed_offset > compressed_size
             || uncompressed_offset > uncompressed_size
@@ -226,6 +244,7 @@ pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
             bits,
             window,
             span_digest,
+            chain_head,
         });
     }
     if checkpoints

@@ -33,7 +33,8 @@ impl<R: Read> Seek for Forward<R> {
         let std::io::SeekFrom::Current(n) = pos else {
             return Err(std::io::ErrorKind::Unsupported.into());
         };
-        let n = u64::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::Unsupported))?;
+        let n =
+            u64::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::Unsupported))?;
         let skipped = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())?;
         self.pos += skipped;
         if skipped < n {

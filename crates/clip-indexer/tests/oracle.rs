@@ -51,7 +51,9 @@ impl SpanReader {
                 } else {
                     clip_seekable::gzip::decode(cp, blob, 0, 0, len).unwrap()
                 };
-                clip_seekable::verify_span(cp, &bytes).unwrap();
+                let layer_end =
+                    clip_seekable::LayerEnd::new(info.uncompressed_size, &info.diff_id).unwrap();
+                clip_seekable::verify_span(&cps, idx, &layer_end, &bytes).unwrap();
                 bytes
             });
             let from = (pos - cp.uncompressed_offset) as usize;

@@ -20,9 +20,10 @@
 //! One engine serves both sides: [`GzipIndexer`] is a [`std::io::Read`] of the uncompressed
 //! stream (so a tar walker can pull from it) that records checkpoints as it goes, and
 //! [`gzip::decode`] takes one checkpoint plus compressed bytes from any range source. Every span
-//! (checkpoint to next checkpoint) carries the sha256 of its uncompressed bytes, so lazily
-//! fetched data is verified before it is served ([`verify_span`]); the whole stream's sha256 is
-//! the layer's `diff_id`.
+//! (checkpoint to next checkpoint) is verified before it is served ([`verify_span`]) against the
+//! layer's own SHA-256: each checkpoint records the chaining value the `diff_id` computation
+//! passes through there (module `chain`), so indexing hashes the stream once, not once for the
+//! `diff_id` and again for the spans.
 //!
 //! CPU work only: no async, no network. The zlib calls live in one private module that owns the
 //! `z_stream` and is the crate's only `unsafe`.
@@ -49,18 +50,19 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod chain;
 pub mod gzip;
 mod plain;
 mod span;
 mod zlib;
 pub mod zstd_layer;
 
+pub use chain::{LayerEnd, span_key, verify_span};
 pub use gzip::{CheckpointRequests, GzipIndexer};
 pub use plain::PlainIndexer;
 pub use zstd_layer::ZstdIndexer;
 
 use clip_format::Checkpoint;
-use sha2::{Digest, Sha256};
 
 /// Size of a deflate window.
 pub const WINDOW: usize = 32 << 10;
@@ -213,6 +215,20 @@ impl LayerIndex {
     pub fn checkpoint_for(&self, uncompressed_offset: u64) -> Option<&Checkpoint> {
         checkpoint_for(&self.checkpoints, uncompressed_offset)
     }
+
+    /// The layer's end, for [`verify_span`].
+    #[must_use]
+    pub fn end(&self) -> LayerEnd {
+        LayerEnd {
+            size: self.uncompressed_size,
+            diff_id: self.diff_id,
+        }
+    }
+
+    /// Checks span `i`'s bytes ([`verify_span`]).
+    pub fn verify_span(&self, i: usize, bytes: &[u8]) -> Result<(), Error> {
+        verify_span(&self.checkpoints, i, &self.end(), bytes)
+    }
 }
 
 /// The last checkpoint at or before `uncompressed_offset` in `checkpoints` (sorted).
@@ -246,16 +262,5 @@ pub fn decode_span(
         }
         clip_format::MediaKind::Gzip => gzip::decode(cp, input, input_offset, 0, len),
         clip_format::MediaKind::Zstd => zstd_layer::decode(cp, input, input_offset, 0, len),
-    }
-}
-
-/// Checks a whole span's bytes against the digest recorded in its checkpoint.
-pub fn verify_span(cp: &Checkpoint, bytes: &[u8]) -> Result<(), Error> {
-    if <[u8; 32]>::from(Sha256::digest(bytes)) == cp.span_digest {
-        Ok(())
-    } else {
-        Err(Error::SpanDigest {
-            offset: cp.uncompressed_offset,
-        })
     }
 }

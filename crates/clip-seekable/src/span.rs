@@ -10,7 +10,8 @@ use std::io::{Read, Write as _};
 use std::sync::{Arc, Mutex};
 
 use clip_format::{Checkpoint, CheckpointKind};
-use sha2::{Digest, Sha256};
+
+use crate::chain::Chain;
 
 use crate::{Error, WINDOW};
 
@@ -114,7 +115,10 @@ impl Output {
             .frozen
             .iter()
             .map(|(s, c)| (*s, c.as_slice()))
-            .chain(std::iter::once((self.cur_start, &self.cur[..self.cur_fill])));
+            .chain(std::iter::once((
+                self.cur_start,
+                &self.cur[..self.cur_fill],
+            )));
         for (start, bytes) in pieces {
             let end = start + bytes.len() as u64;
             if end <= from || start >= to {
@@ -139,16 +143,18 @@ enum Msg {
     Window(usize, Vec<u8>),
 }
 
-/// Span digests in order, the whole stream's digest, and the compressed windows.
+/// Per checkpoint its chaining value and head, the whole stream's digest, and the compressed
+/// windows.
 struct Hashed {
-    spans: Vec<[u8; 32]>,
+    chain: Vec<([u8; 32], Vec<u8>)>,
     whole: [u8; 32],
     windows: Vec<(usize, Vec<u8>)>,
 }
 
-/// Hashes the output on its own thread, so inflation and hashing overlap: the whole stream's
-/// sha256 immediately, span digests as soon as their cut points are known. It also compresses
-/// the checkpoint windows.
+/// Hashes the output on its own thread, so inflation and hashing overlap: one SHA-256 over the
+/// stream (the `diff_id`), lagging behind the output so that the chaining value can be taken
+/// at each checkpoint's 64-byte block boundary (module `chain`). It also compresses the
+/// checkpoint windows.
 struct Hasher {
     tx: Option<std::sync::mpsc::SyncSender<Msg>>,
     thread: Option<std::thread::JoinHandle<Hashed>>,
@@ -160,26 +166,24 @@ impl Hasher {
         let thread = std::thread::Builder::new()
             .name("clip-span-hash".into())
             .spawn(move || {
-                let mut whole = Sha256::new();
-                let mut span = Sha256::new();
-                let mut spans = Vec::new();
+                let mut chain = Chain::new();
+                let mut cuts = vec![(crate::chain::initial(), Vec::new())];
                 let mut windows = Vec::new();
                 let mut queue: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
-                let (mut queued_from, mut hashed) = (0u64, 0u64);
-                // Feeds queued bytes up to `to` into the span hasher.
+                // Stream position of the first queued byte not yet hashed is chain.total().
+                let mut queued_from = 0u64;
+                // Hashes queued bytes up to `to`.
                 let advance = |queue: &mut VecDeque<Arc<Vec<u8>>>,
                                queued_from: &mut u64,
-                               hashed: &mut u64,
-                               span: &mut Sha256,
+                               chain: &mut Chain,
                                to: u64| {
-                    while *hashed < to {
+                    while chain.total() < to {
                         let Some(front) = queue.front() else { break };
-                        let start = usize::try_from(*hashed - *queued_from).unwrap_or(0);
-                        let n = usize::try_from(to - *hashed)
+                        let start = usize::try_from(chain.total() - *queued_from).unwrap_or(0);
+                        let n = usize::try_from(to - chain.total())
                             .unwrap_or(usize::MAX)
                             .min(front.len() - start);
-                        span.update(&front[start..start + n]);
-                        *hashed += n as u64;
+                        chain.update(&front[start..start + n]);
                         if start + n == front.len() {
                             *queued_from += front.len() as u64;
                             if let Some(done) = queue.pop_front() {
@@ -190,31 +194,42 @@ impl Hasher {
                 };
                 for msg in rx {
                     match msg {
-                        Msg::Data(d) => {
-                            whole.update(d.as_slice());
-                            queue.push_back(d);
-                        }
+                        Msg::Data(d) => queue.push_back(d),
+                        // Only to a block boundary: a later cut may stand in the same block.
                         Msg::Safe(w) => {
-                            advance(&mut queue, &mut queued_from, &mut hashed, &mut span, w);
+                            advance(&mut queue, &mut queued_from, &mut chain, w - w % 64);
                         }
-                        Msg::Cut(p) => {
-                            advance(&mut queue, &mut queued_from, &mut hashed, &mut span, p);
-                            spans.push(std::mem::take(&mut span).finalize().into());
+                        Msg::Cut(cut) => {
+                            let block = cut - cut % 64;
+                            advance(&mut queue, &mut queued_from, &mut chain, block);
+                            let value = chain.value().unwrap_or_default();
+                            // The head: queued bytes [block, cut), not consumed.
+                            let mut head = Vec::with_capacity(64);
+                            let mut chunk_start = queued_from;
+                            for chunk in &queue {
+                                let chunk_end = chunk_start + chunk.len() as u64;
+                                if chunk_end > block && chunk_start < cut {
+                                    let from =
+                                        usize::try_from(block.max(chunk_start) - chunk_start)
+                                            .unwrap_or(0);
+                                    let to = usize::try_from(cut.min(chunk_end) - chunk_start)
+                                        .unwrap_or(0);
+                                    head.extend_from_slice(&chunk[from..to]);
+                                }
+                                chunk_start = chunk_end;
+                                if chunk_start >= cut {
+                                    break;
+                                }
+                            }
+                            cuts.push((value, head));
                         }
                         Msg::Window(i, raw) => windows.push((i, compress_window(&raw))),
                     }
                 }
-                advance(
-                    &mut queue,
-                    &mut queued_from,
-                    &mut hashed,
-                    &mut span,
-                    u64::MAX,
-                );
-                spans.push(span.finalize().into());
+                advance(&mut queue, &mut queued_from, &mut chain, u64::MAX);
                 Hashed {
-                    spans,
-                    whole: whole.finalize().into(),
+                    chain: cuts,
+                    whole: chain.finalize(),
                     windows,
                 }
             })
@@ -395,6 +410,7 @@ impl Recorder {
             bits,
             window: Vec::new(),
             span_digest: [0; 32],
+            chain_head: None,
         });
     }
 
@@ -409,8 +425,14 @@ impl Recorder {
         let hashed = hasher
             .finish()
             .ok_or_else(|| Error::BadCheckpoint("the hashing thread failed".into()))?;
-        for (cp, d) in checkpoints.iter_mut().zip(hashed.spans) {
-            cp.span_digest = d;
+        if hashed.chain.len() != checkpoints.len() {
+            return Err(Error::BadCheckpoint(
+                "the hashing thread lost a checkpoint".into(),
+            ));
+        }
+        for (cp, (value, head)) in checkpoints.iter_mut().zip(hashed.chain) {
+            cp.span_digest = value;
+            cp.chain_head = Some(head);
         }
         for (i, w) in hashed.windows {
             if let Some(cp) = checkpoints.get_mut(i) {

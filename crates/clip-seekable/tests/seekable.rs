@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 
 use clip_format::CheckpointKind;
-use clip_seekable::{Error, GzipIndexer, LayerIndex, PlainIndexer, gzip, verify_span};
+use clip_seekable::{Error, GzipIndexer, LayerIndex, PlainIndexer, gzip};
 use clip_testkit::image::{random_bytes, text_bytes};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -92,16 +92,28 @@ fn every_span_verifies_and_diff_id_is_the_stream_digest() {
             .get(i + 1)
             .map_or(data.len() as u64, |n| n.uncompressed_offset);
         let span = &data[cp.uncompressed_offset as usize..end as usize];
-        verify_span(cp, span).unwrap();
+        ix.verify_span(i, span).unwrap();
         let decoded = read_range(&ix, &blob, cp.uncompressed_offset, span.len());
         assert_eq!(decoded, span);
         let mut bad = span.to_vec();
-        if let Some(b) = bad.first_mut() {
-            *b ^= 1;
-            assert!(matches!(
-                verify_span(cp, &bad),
-                Err(Error::SpanDigest { .. })
-            ));
+        // A flipped byte anywhere (first, middle, last: inside the chained blocks or the
+        // next head), a byte too few or too many: refused.
+        for at in [0, bad.len() / 2, bad.len().saturating_sub(1)] {
+            if let Some(b) = bad.get_mut(at) {
+                *b ^= 1;
+                assert!(matches!(
+                    ix.verify_span(i, &bad),
+                    Err(Error::SpanDigest { .. })
+                ));
+                bad[at] ^= 1;
+            }
+        }
+        assert!(ix.verify_span(i, &bad[..bad.len() - 1]).is_err());
+        bad.push(0);
+        assert!(ix.verify_span(i, &bad).is_err());
+        // Another span's bytes do not pass for this one.
+        if i > 0 {
+            assert!(ix.verify_span(i - 1, span).is_err());
         }
     }
 }
@@ -234,7 +246,8 @@ fn empty_and_tiny_layers() {
         let ix = index(&blob, 1 << 20);
         assert_eq!(ix.uncompressed_size, data.len() as u64);
         assert_eq!(ix.checkpoints.len(), 1);
-        verify_span(&ix.checkpoints[0], &data).unwrap();
+        ix.verify_span(0, &data).unwrap();
+        assert!(ix.verify_span(0, b"y").is_err());
     }
 }
 
@@ -250,12 +263,13 @@ fn plain_layers_checkpoint_every_span_exactly() {
     for (i, cp) in index.checkpoints.iter().enumerate() {
         assert_eq!(cp.uncompressed_offset, i as u64 * 100_000);
         assert_eq!(cp.compressed_offset, cp.uncompressed_offset);
-        verify_span(
-            cp,
-            &data[cp.uncompressed_offset as usize
-                ..(cp.uncompressed_offset as usize + 100_000).min(data.len())],
-        )
-        .unwrap();
+        index
+            .verify_span(
+                i,
+                &data[cp.uncompressed_offset as usize
+                    ..(cp.uncompressed_offset as usize + 100_000).min(data.len())],
+            )
+            .unwrap();
     }
 }
 
@@ -311,7 +325,7 @@ fn zstd_frames_are_seek_points_and_single_frames_read_from_the_start() {
         let span =
             zstd_layer::decode(cp, &frames, 0, 0, (end - cp.uncompressed_offset) as usize).unwrap();
         assert_eq!(span, &data[cp.uncompressed_offset as usize..end as usize]);
-        verify_span(cp, &span).unwrap();
+        index.verify_span(i, &span).unwrap();
     }
     let off = 2_000_000u64;
     let cp = index.checkpoint_for(off).unwrap();
@@ -365,7 +379,14 @@ impl Read for Choppy<'_> {
 /// first data byte), requests a checkpoint there, skips on; the rest is skipped by seeking.
 fn index_driven(blob: &[u8], seed: u64, requests: &[u64]) -> Vec<(u64, u64, u8, [u8; 32])> {
     use std::io::{Seek, SeekFrom};
-    let mut ix = GzipIndexer::new(Choppy { data: blob, state: seed }, 1 << 20).unwrap();
+    let mut ix = GzipIndexer::new(
+        Choppy {
+            data: blob,
+            state: seed,
+        },
+        1 << 20,
+    )
+    .unwrap();
     let handle = ix.requests();
     let mut pos = 0u64;
     let mut buf = vec![0u8; 512];
@@ -380,7 +401,14 @@ fn index_driven(blob: &[u8], seed: u64, requests: &[u64]) -> Vec<(u64, u64, u8, 
     let done = ix.finish().unwrap();
     done.checkpoints
         .iter()
-        .map(|c| (c.uncompressed_offset, c.compressed_offset, c.bits, c.span_digest))
+        .map(|c| {
+            (
+                c.uncompressed_offset,
+                c.compressed_offset,
+                c.bits,
+                c.span_digest,
+            )
+        })
         .collect()
 }
 

@@ -1,0 +1,315 @@
+//! Span verification against the layer's own SHA-256.
+//!
+//! Indexing must compute the layer's `diff_id` (the sha256 of its uncompressed stream) anyway.
+//! SHA-256 processes its input in 64-byte blocks, carrying a 32-byte chaining value from one to
+//! the next. Instead of hashing every span a second time, the indexer records, per checkpoint at
+//! uncompressed offset `u`, the chaining value after the first `F = u − u % 64` bytes and the
+//! `u % 64` bytes between `F` and `u` (the *head*). A span `[u_i, u_{i+1})` then verifies alone:
+//! starting from chaining value `i`, compressing `head_i ++ span` up to `F_{i+1}` must give
+//! chaining value `i + 1`, and the rest must equal `head_{i+1}`; the last span, finished with
+//! SHA-256's padding for the layer's size, must give the `diff_id` itself. Forging a span means
+//! finding other bytes that take the compression chain from one recorded value to the next: a
+//! second preimage on SHA-256. Indexing hashes every byte once instead of twice.
+
+use clip_format::Checkpoint;
+use sha2::digest::generic_array::GenericArray;
+
+use crate::Error;
+
+/// SHA-256's initial chaining value.
+const IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// A running SHA-256 whose chaining value can be read at 64-byte boundaries and resumed from.
+#[derive(Clone)]
+pub(crate) struct Chain {
+    state: [u32; 8],
+    block: [u8; 64],
+    fill: usize,
+    total: u64,
+}
+
+impl Chain {
+    pub(crate) fn new() -> Self {
+        Self {
+            state: IV,
+            block: [0; 64],
+            fill: 0,
+            total: 0,
+        }
+    }
+
+    /// Resumes from a recorded chaining value standing after `at` bytes (a multiple of 64).
+    fn resume(value: &[u8; 32], at: u64) -> Self {
+        let mut state = [0u32; 8];
+        for (w, b) in state.iter_mut().zip(value.chunks_exact(4)) {
+            *w = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Self {
+            state,
+            block: [0; 64],
+            fill: 0,
+            total: at,
+        }
+    }
+
+    fn compress(&mut self, block: &[u8]) {
+        sha2::compress256(
+            &mut self.state,
+            std::slice::from_ref(GenericArray::from_slice(block)),
+        );
+    }
+
+    pub(crate) fn update(&mut self, mut data: &[u8]) {
+        self.total += data.len() as u64;
+        if self.fill > 0 {
+            let n = (64 - self.fill).min(data.len());
+            self.block[self.fill..self.fill + n].copy_from_slice(&data[..n]);
+            self.fill += n;
+            data = &data[n..];
+            if self.fill < 64 {
+                return;
+            }
+            let block = self.block;
+            self.compress(&block);
+            self.fill = 0;
+        }
+        let mut blocks = data.chunks_exact(64);
+        for b in blocks.by_ref() {
+            self.compress(b);
+        }
+        let rest = blocks.remainder();
+        self.block[..rest.len()].copy_from_slice(rest);
+        self.fill = rest.len();
+    }
+
+    /// Bytes fed so far.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The chaining value, if the input so far is a whole number of blocks.
+    pub(crate) fn value(&self) -> Option<[u8; 32]> {
+        (self.fill == 0).then(|| {
+            let mut out = [0u8; 32];
+            for (o, w) in out.chunks_exact_mut(4).zip(self.state) {
+                o.copy_from_slice(&w.to_be_bytes());
+            }
+            out
+        })
+    }
+
+    /// The SHA-256 digest of everything fed since the start of the stream.
+    pub(crate) fn finalize(mut self) -> [u8; 32] {
+        let bits = self.total.wrapping_mul(8);
+        let mut tail = [0u8; 128];
+        tail[..self.fill].copy_from_slice(&self.block[..self.fill]);
+        tail[self.fill] = 0x80;
+        let len = if self.fill < 56 { 64 } else { 128 };
+        tail[len - 8..len].copy_from_slice(&bits.to_be_bytes());
+        for b in tail[..len].chunks_exact(64) {
+            self.compress(b);
+        }
+        self.fill = 0;
+        self.value().unwrap_or_default()
+    }
+}
+
+/// The chaining value of an empty stream (a layer's first checkpoint carries it).
+pub(crate) fn initial() -> [u8; 32] {
+    Chain::new().value().unwrap_or_default()
+}
+
+/// Where a layer ends: what its last span is verified against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerEnd {
+    /// Uncompressed size of the layer.
+    pub size: u64,
+    /// sha256 of the whole uncompressed layer (its `diff_id`).
+    pub diff_id: [u8; 32],
+}
+
+impl LayerEnd {
+    /// From a layer's uncompressed size and `diff_id` (`sha256:<hex>`); `None` if the digest is
+    /// not a sha256.
+    #[must_use]
+    pub fn new(size: u64, diff_id: &str) -> Option<Self> {
+        let hex = diff_id.strip_prefix("sha256:")?;
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut d = [0u8; 32];
+        for (o, pair) in d.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Self { size, diff_id: d })
+    }
+}
+
+/// Checks span `i` of a layer with checkpoints `cps`: `bytes` must be the whole span, from
+/// checkpoint `i` to the next one or the layer's end.
+pub fn verify_span(
+    cps: &[Checkpoint],
+    i: usize,
+    end: &LayerEnd,
+    bytes: &[u8],
+) -> Result<(), Error> {
+    let cp = cps
+        .get(i)
+        .ok_or_else(|| Error::BadCheckpoint(format!("no span {i}")))?;
+    let bad = || Error::SpanDigest {
+        offset: cp.uncompressed_offset,
+    };
+    let span_end = cps.get(i + 1).map_or(end.size, |n| n.uncompressed_offset);
+    if span_end.checked_sub(cp.uncompressed_offset) != Some(bytes.len() as u64) {
+        return Err(bad());
+    }
+    let Some(head) = &cp.chain_head else {
+        use sha2::Digest as _;
+        return if <[u8; 32]>::from(sha2::Sha256::digest(bytes)) == cp.span_digest {
+            Ok(())
+        } else {
+            Err(bad())
+        };
+    };
+    let start = cp.uncompressed_offset - cp.uncompressed_offset % 64;
+    if head.len() as u64 != cp.uncompressed_offset - start {
+        return Err(bad());
+    }
+    let mut chain = Chain::resume(&cp.span_digest, start);
+    let Some(next) = cps.get(i + 1) else {
+        chain.update(head);
+        chain.update(bytes);
+        return if chain.total() == end.size && chain.finalize() == end.diff_id {
+            Ok(())
+        } else {
+            Err(bad())
+        };
+    };
+    let next_head = next.chain_head.as_deref().ok_or_else(bad)?;
+    let next_start = next.uncompressed_offset - next.uncompressed_offset % 64;
+    if next_start == start {
+        // Both checkpoints stand in one 64-byte block: no block is completed between them.
+        let mut joined = head.clone();
+        joined.extend_from_slice(bytes);
+        return if next.span_digest == cp.span_digest && joined == next_head {
+            Ok(())
+        } else {
+            Err(bad())
+        };
+    }
+    let cut = usize::try_from(next_start - cp.uncompressed_offset).map_err(|_| bad())?;
+    chain.update(head);
+    chain.update(&bytes[..cut]);
+    if chain.value() == Some(next.span_digest) && bytes[cut..] == *next_head {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// A name for span `i`'s content, for content-addressed caches: the span's sha256 in a plain
+/// layer; in a chained layer a sha256 over what pins the span down (its start and end chaining
+/// values and heads, or the layer's `diff_id` and size for the last span, and its length), so
+/// that equal names mean equal bytes, the same layer in two images shares its spans, and
+/// different layers never do.
+#[must_use]
+pub fn span_key(cps: &[Checkpoint], i: usize, end: &LayerEnd) -> [u8; 32] {
+    use sha2::Digest as _;
+    let Some(cp) = cps.get(i) else {
+        return [0; 32];
+    };
+    let Some(head) = &cp.chain_head else {
+        return cp.span_digest;
+    };
+    let mut h = sha2::Sha256::new();
+    h.update(b"clip chained span\0");
+    h.update(cp.uncompressed_offset.to_le_bytes());
+    h.update(cp.span_digest);
+    h.update(head);
+    if let Some(next) = cps.get(i + 1) {
+        h.update(next.uncompressed_offset.to_le_bytes());
+        h.update(next.span_digest);
+        h.update(next.chain_head.as_deref().unwrap_or_default());
+    } else {
+        h.update(end.size.to_le_bytes());
+        h.update(end.diff_id);
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sha2::Digest as _;
+
+    #[test]
+    fn the_chain_is_sha256() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for len in (0..200).chain([447, 448, 449, 511, 512, 513, 1000]) {
+            let mut c = Chain::new();
+            // Fed in uneven pieces.
+            for piece in data[..len].chunks(37) {
+                c.update(piece);
+            }
+            assert_eq!(c.total(), len as u64);
+            assert_eq!(
+                c.finalize(),
+                <[u8; 32]>::from(sha2::Sha256::digest(&data[..len])),
+                "length {len}"
+            );
+        }
+        // A value taken at a block boundary resumes to the same digest.
+        let mut c = Chain::new();
+        c.update(&data[..640]);
+        let v = c.value().unwrap();
+        let mut r = Chain::resume(&v, 640);
+        r.update(&data[640..]);
+        assert_eq!(r.finalize(), <[u8; 32]>::from(sha2::Sha256::digest(&data)));
+        c.update(&data[640..641]);
+        assert!(c.value().is_none(), "no value inside a block");
+    }
+
+    #[test]
+    fn spans_of_every_size_verify_alone_and_only_with_their_bytes() {
+        use std::io::Read as _;
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 31 + i / 7) as u8).collect();
+        for span in [1u64, 5, 63, 64, 65, 100, 128, 1000, 5000] {
+            let mut ix = crate::PlainIndexer::new(data.as_slice(), span);
+            std::io::copy(&mut ix.by_ref(), &mut std::io::sink()).unwrap();
+            let ix = ix.finish().unwrap();
+            assert!(ix.checkpoints.iter().all(|c| c.chain_head.is_some()));
+            for (i, cp) in ix.checkpoints.iter().enumerate() {
+                let from = cp.uncompressed_offset as usize;
+                let to = ix
+                    .checkpoints
+                    .get(i + 1)
+                    .map_or(data.len(), |n| n.uncompressed_offset as usize);
+                ix.verify_span(i, &data[from..to]).unwrap();
+                let mut bad = data[from..to].to_vec();
+                for at in [0, bad.len() / 2, bad.len() - 1] {
+                    bad[at] ^= 0x20;
+                    assert!(
+                        ix.verify_span(i, &bad).is_err(),
+                        "span {span} #{i} byte {at}"
+                    );
+                    bad[at] ^= 0x20;
+                }
+            }
+            // Keys name content: distinct spans, distinct keys.
+            let keys: std::collections::HashSet<[u8; 32]> = (0..ix.checkpoints.len())
+                .map(|i| span_key(&ix.checkpoints, i, &ix.end()))
+                .collect();
+            assert_eq!(keys.len(), ix.checkpoints.len());
+        }
+    }
+}
