@@ -314,7 +314,9 @@ impl Recorder {
             .end()
             .saturating_sub(HASH_LAG)
             .min(self.out.cur_start);
-        if target > self.safe_upto {
+        // In steps of a chunk: a message per deflate block would wake the hashing thread
+        // thousands of times per layer.
+        if target >= self.safe_upto + CHUNK as u64 {
             self.safe_upto = target;
             self.hasher.send(Msg::Safe(target));
         }
