@@ -51,17 +51,17 @@ fn bench(c: &mut Criterion) {
     // The same inflater reading into a large buffer: no 8 KiB copy loop, the faster baseline.
     g.bench_function("plain_inflate_128k_reads", |b| {
         b.iter(|| {
-            let mut d = flate2::read::GzDecoder::new(blob.as_slice());
+            let mut decoder = flate2::read::GzDecoder::new(blob.as_slice());
             let mut buf = vec![0u8; 128 << 10];
-            let mut n = 0;
+            let mut total = 0;
             loop {
-                let k = d.read(&mut buf).expect("inflate");
-                if k == 0 {
+                let got = decoder.read(&mut buf).expect("inflate");
+                if got == 0 {
                     break;
                 }
-                n += k;
+                total += got;
             }
-            black_box(n)
+            black_box(total)
         });
     });
     g.bench_function("checkpoints_and_span_digests", |b| {

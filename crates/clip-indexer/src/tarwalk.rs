@@ -28,6 +28,7 @@ impl<R: Read> Read for Forward<R> {
     }
 }
 
+/// Seeks forward only, stopping at the end of the stream (as the indexers do).
 impl<R: Read> Seek for Forward<R> {
     fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
         let std::io::SeekFrom::Current(n) = pos else {
@@ -35,11 +36,7 @@ impl<R: Read> Seek for Forward<R> {
         };
         let n =
             u64::try_from(n).map_err(|_| std::io::Error::from(std::io::ErrorKind::Unsupported))?;
-        let skipped = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())?;
-        self.pos += skipped;
-        if skipped < n {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
+        self.pos += std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())?;
         Ok(self.pos)
     }
 }
@@ -55,6 +52,8 @@ pub(crate) fn walk<R: Read + Seek>(
     let bad = |reason: String| Error::Tar { layer, reason };
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
+    // Where the last entry's data ends: the stream may end there (see below), not before.
+    let mut data_end = 0u64;
     {
         // Seeking passes over file data without copying it out of the indexer.
         let entries = archive
@@ -67,6 +66,7 @@ pub(crate) fn walk<R: Read + Seek>(
             let link = entry.link_name_bytes().map(std::borrow::Cow::into_owned);
             let offset = entry.raw_file_position();
             let size = entry.size();
+            data_end = data_end.max(offset.saturating_add(size));
             let hdr = entry.header().clone();
             let ty = hdr.entry_type();
             let field = |r: std::io::Result<u64>, what: &str| {
@@ -208,7 +208,21 @@ pub(crate) fn walk<R: Read + Seek>(
             });
         }
     }
-    Ok((out, archive.into_inner()))
+    // Go's archive/tar (umoci, containerd, Docker) takes a stream that ends right after an
+    // entry's data, without the padding to 512 bytes and the end-of-archive blocks, as complete
+    // (`umoci insert` writes such layers). The indexers' seek stops at the end of the stream,
+    // and the tar reader then finds no next header, so such a stream ends the walk; a stream
+    // that ends inside an entry's data is still truncated.
+    let mut reader = archive.into_inner();
+    let end = reader
+        .stream_position()
+        .map_err(|e| bad(format!("reading the stream position: {e}")))?;
+    if end < data_end {
+        return Err(bad(format!(
+            "the stream ends at byte {end}, inside an entry's data (which ends at {data_end})"
+        )));
+    }
+    Ok((out, reader))
 }
 
 /// Most extents a sparse file may have (a larger map is refused before it is allocated).
@@ -424,7 +438,58 @@ fn parse_pax_time(s: &str) -> Option<(i64, u32)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::parse_pax_time;
+
+    /// A tar of a directory and two files (the last 1000 bytes, not a multiple of 512).
+    fn sample_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        b.append_data(&mut h, "d/", std::io::empty()).unwrap();
+        for (name, len) in [("d/a", 700usize), ("d/b", 1000)] {
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(len as u64);
+            b.append_data(&mut h, name, vec![b'x'; len].as_slice())
+                .unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_stream_may_end_right_after_the_last_data_but_not_inside_it() {
+        let full = sample_tar();
+        // Headers at 0, 512 and 2048 (d/a's data at 1024, padded); d/b's data at 2560..3560.
+        let want = crate::walk_tar(full.as_slice(), 0).unwrap();
+        assert_eq!(want.len(), 3);
+        // Without the padding and the end-of-archive blocks, as `umoci insert` writes layers and
+        // Go's archive/tar accepts: the same entries, through the copying walker and an indexer.
+        let bare = &full[..3560];
+        assert_eq!(crate::walk_tar(bare, 0).unwrap(), want);
+        let ix = clip_seekable::PlainIndexer::new(bare, 1 << 20);
+        let (entries, ix) = super::walk(ix, 0, None, u64::MAX).unwrap();
+        assert_eq!(entries, want);
+        assert_eq!(ix.finish().unwrap().uncompressed_size, 3560);
+        // Ending inside d/b's data, or inside a header, is truncation.
+        for cut in [3559, 3000, 2561, 2300, 1500, 600] {
+            let err = crate::walk_tar(&full[..cut], 0).unwrap_err();
+            assert!(
+                matches!(err, crate::Error::Tar { .. }),
+                "cut at {cut}: {err}"
+            );
+            let ix = clip_seekable::PlainIndexer::new(&full[..cut], 1 << 20);
+            assert!(super::walk(ix, 0, None, u64::MAX).is_err(), "cut at {cut}");
+        }
+    }
 
     #[test]
     fn pax_times() {

@@ -473,7 +473,8 @@ pub(crate) fn read(p: &mut impl Produce, buf: &mut [u8]) -> std::io::Result<usiz
 }
 
 /// [`std::io::Seek::seek`] for a [`Produce`]r: only forward from the current position (how a tar
-/// reader skips file data), decoding and hashing as reading would but copying nothing.
+/// reader skips file data), decoding and hashing as reading would but copying nothing. A seek
+/// past the end stops at the end and returns that position (the caller compares).
 pub(crate) fn seek(p: &mut impl Produce, pos: std::io::SeekFrom) -> std::io::Result<u64> {
     let left = match pos {
         std::io::SeekFrom::Current(n) => u64::try_from(n).ok(),
@@ -490,7 +491,7 @@ pub(crate) fn seek(p: &mut impl Produce, pos: std::io::SeekFrom) -> std::io::Res
             left -= p.rec().skip(left);
             p.consumed();
         } else if !p.produce()? {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+            break;
         }
     }
     Ok(p.rec().consumed())
