@@ -59,6 +59,7 @@ pub use error::{Error, Result};
 pub use layout::{FORMAT_VERSION, MAGIC, SectionId};
 pub use meta::{
     Checkpoint, CheckpointKind, ImageConfig, LayerInfo, MediaKind, Meta, Remote, Source,
+    sha256_bytes,
 };
 pub use read::{Archive, DataLocation, Entry, EntryKind, SectionInfo};
 pub use sparse::{SparseMap, SparseReader};

@@ -110,6 +110,15 @@ impl MediaKind {
     }
 }
 
+/// The 32 bytes of a `sha256:<hex>` digest; `None` for another algorithm or a malformed digest.
+#[must_use]
+pub fn sha256_bytes(digest: &str) -> Option<[u8; 32]> {
+    hex::decode(digest.strip_prefix("sha256:")?)
+        .ok()?
+        .try_into()
+        .ok()
+}
+
 /// One layer of a v2 archive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LayerInfo {

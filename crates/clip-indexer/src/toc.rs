@@ -311,7 +311,7 @@ fn zstd_entries(
         }
         entries.push(entry_of(e, layer, virt, &bad)?);
         if e.kind == "reg" && e.size > 0 {
-            let sum = hex32(&e.digest)
+            let sum = clip_format::sha256_bytes(&e.digest)
                 .ok_or_else(|| Error::Unsupported(format!("no digest for {}", e.name)))?;
             if e.end_offset <= e.offset
                 || e.end_offset > limit
@@ -336,12 +336,6 @@ fn zstd_entries(
         }
     }
     Ok((entries, checkpoints, virt))
-}
-
-fn hex32(digest: &str) -> Option<[u8; 32]> {
-    let h = digest.strip_prefix("sha256:")?;
-    let v = hex::decode(h).ok()?;
-    v.try_into().ok()
 }
 
 /// Indexes layer `layer` (descriptor `d`) from its TOC; `fetch` returns exact byte ranges of the
@@ -432,7 +426,7 @@ pub(crate) fn index_from_toc(
             checkpoints,
             compressed_size: d.size,
             uncompressed_size: virt + plain.len() as u64,
-            diff_id: hex32(diff_id).ok_or_else(|| bad("bad diff_id"))?,
+            diff_id: clip_format::sha256_bytes(diff_id).ok_or_else(|| bad("bad diff_id"))?,
             members,
             span,
         },
@@ -499,7 +493,7 @@ pub(crate) fn index_from_zstd_chunked(
             checkpoints,
             compressed_size: d.size,
             uncompressed_size: virt,
-            diff_id: hex32(diff_id).ok_or_else(|| bad("bad diff_id"))?,
+            diff_id: clip_format::sha256_bytes(diff_id).ok_or_else(|| bad("bad diff_id"))?,
             members,
             span,
         },
@@ -545,7 +539,7 @@ pub fn toc_entries(
         if e.chunk_offset != *covered || len == 0 || *covered + len > *size {
             return Err(bad(&format!("chunks of {} do not tile the file", e.name)));
         }
-        let digest = hex32(&e.chunk_digest)
+        let digest = clip_format::sha256_bytes(&e.chunk_digest)
             .ok_or_else(|| Error::Unsupported(format!("no chunk digest for {}", e.name)))?;
         if checkpoints
             .last()

@@ -142,15 +142,10 @@ impl LayerEnd {
     /// not a sha256.
     #[must_use]
     pub fn new(size: u64, diff_id: &str) -> Option<Self> {
-        let hex = diff_id.strip_prefix("sha256:")?;
-        if hex.len() != 64 || !hex.is_ascii() {
-            return None;
-        }
-        let mut d = [0u8; 32];
-        for (o, pair) in d.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
-            *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-        }
-        Some(Self { size, diff_id: d })
+        Some(Self {
+            size,
+            diff_id: clip_format::sha256_bytes(diff_id)?,
+        })
     }
 }
 
@@ -277,6 +272,26 @@ mod tests {
         assert_eq!(r.finalize(), <[u8; 32]>::from(sha2::Sha256::digest(&data)));
         c.update(&data[640..641]);
         assert!(c.value().is_none(), "no value inside a block");
+    }
+
+    #[test]
+    fn layer_ends_take_sha256_digests_only() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            LayerEnd::new(7, &d),
+            Some(LayerEnd {
+                size: 7,
+                diff_id: [0xab; 32]
+            })
+        );
+        for bad in [
+            "sha512:ab",
+            "sha256:ab",
+            "ab",
+            &format!("sha256:{}", "+f".repeat(32)),
+        ] {
+            assert_eq!(LayerEnd::new(7, bad), None, "{bad}");
+        }
     }
 
     #[test]
