@@ -110,7 +110,7 @@ impl Output {
         from <= to && to <= self.end() && from >= oldest
     }
     /// Calls `f` with the pieces of `[from, to)` in order (caller checked `holds`).
-    fn each(&self, from: u64, to: u64, mut f: impl FnMut(&[u8])) {
+    fn each(&self, from: u64, to: u64, f: impl FnMut(&[u8])) {
         let pieces = self
             .frozen
             .iter()
@@ -119,15 +119,29 @@ impl Output {
                 self.cur_start,
                 &self.cur[..self.cur_fill],
             )));
-        for (start, bytes) in pieces {
-            let end = start + bytes.len() as u64;
-            if end <= from || start >= to {
-                continue;
-            }
-            let a = usize::try_from(from.saturating_sub(start)).unwrap_or(usize::MAX);
-            let b = usize::try_from(to.min(end) - start).unwrap_or(usize::MAX);
-            f(&bytes[a..b]);
+        slice_pieces(pieces, from, to, f);
+    }
+}
+
+/// Calls `f` with the parts of stream range `[from, to)` found in `pieces` (each its stream
+/// offset and bytes, in stream order).
+fn slice_pieces<'a>(
+    pieces: impl IntoIterator<Item = (u64, &'a [u8])>,
+    from: u64,
+    to: u64,
+    mut f: impl FnMut(&[u8]),
+) {
+    for (start, bytes) in pieces {
+        if start >= to {
+            break;
         }
+        let end = start + bytes.len() as u64;
+        if end <= from {
+            continue;
+        }
+        let a = usize::try_from(from.saturating_sub(start)).unwrap_or(usize::MAX);
+        let b = usize::try_from(to.min(end) - start).unwrap_or(usize::MAX);
+        f(&bytes[a..b]);
     }
 }
 
@@ -205,22 +219,12 @@ impl Hasher {
                             let value = chain.value().unwrap_or_default();
                             // The head: queued bytes [block, cut), not consumed.
                             let mut head = Vec::with_capacity(64);
-                            let mut chunk_start = queued_from;
-                            for chunk in &queue {
-                                let chunk_end = chunk_start + chunk.len() as u64;
-                                if chunk_end > block && chunk_start < cut {
-                                    let from =
-                                        usize::try_from(block.max(chunk_start) - chunk_start)
-                                            .unwrap_or(0);
-                                    let to = usize::try_from(cut.min(chunk_end) - chunk_start)
-                                        .unwrap_or(0);
-                                    head.extend_from_slice(&chunk[from..to]);
-                                }
-                                chunk_start = chunk_end;
-                                if chunk_start >= cut {
-                                    break;
-                                }
-                            }
+                            let pieces = queue.iter().scan(queued_from, |at, chunk| {
+                                let start = *at;
+                                *at += chunk.len() as u64;
+                                Some((start, chunk.as_slice()))
+                            });
+                            slice_pieces(pieces, block, cut, |b| head.extend_from_slice(b));
                             cuts.push((value, head));
                         }
                         Msg::Window(i, raw) => windows.push((i, compress_window(&raw))),
@@ -261,8 +265,8 @@ impl Drop for Hasher {
     }
 }
 
-/// Records checkpoints and the sha256 of every span and of the whole stream, and holds the
-/// output between the decoder and its consumer.
+/// Records checkpoints with their span checks (chaining values and heads) and the sha256 of the
+/// whole stream, and holds the output between the decoder and its consumer.
 pub(crate) struct Recorder {
     pub(crate) span: u64,
     out: Output,
