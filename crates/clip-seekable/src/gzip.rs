@@ -241,7 +241,7 @@ impl<R: Read> GzipIndexer<R> {
     /// Reads the stream to its end (a tar reader stops at the end-of-archive marker) and returns
     /// the index.
     pub fn finish(mut self) -> Result<LayerIndex, Error> {
-        crate::drain(&mut self)?;
+        crate::span::drain(&mut self)?;
         let (compressed, members, span) = (self.compressed, self.members, self.rec.span);
         let uncompressed = self.rec.end();
         let (checkpoints, diff) = self.rec.finish()?;

@@ -179,19 +179,6 @@ pub(crate) fn start_in(cp: &Checkpoint, input: &[u8], input_offset: u64) -> Resu
         })
 }
 
-/// Reads an indexer to its end (a tar walker stops at the end-of-archive marker, the layer may
-/// go on with padding), recovering typed errors.
-pub(crate) fn drain(r: &mut impl std::io::Read) -> Result<(), Error> {
-    let mut sink = vec![0u8; 128 << 10];
-    loop {
-        match r.read(&mut sink) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) => return Err(Error::from_io(e)),
-        }
-    }
-}
-
 /// The random-access index of one layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerIndex {

@@ -23,7 +23,7 @@ impl<R: Read> PlainIndexer<R> {
 
     /// Reads to the end and returns the index.
     pub fn finish(mut self) -> Result<LayerIndex, Error> {
-        crate::drain(&mut self)?;
+        crate::span::drain(&mut self)?;
         let size = self.rec.end();
         let span = self.rec.span;
         let (checkpoints, diff) = self.rec.finish()?;

@@ -458,6 +458,19 @@ pub(crate) trait Produce {
     fn consumed(&mut self) {}
 }
 
+/// Decodes a [`Produce`]r to its end without copying the rest out (a tar walker stops at the
+/// end-of-archive marker, the layer may go on with padding), recovering typed errors.
+pub(crate) fn drain(p: &mut impl Produce) -> Result<(), Error> {
+    loop {
+        let pending = p.rec().pending() as u64;
+        p.rec().skip(pending);
+        p.consumed();
+        if !p.produce().map_err(Error::from_io)? {
+            return Ok(());
+        }
+    }
+}
+
 /// [`std::io::Read::read`] for a [`Produce`]r.
 pub(crate) fn read(p: &mut impl Produce, buf: &mut [u8]) -> std::io::Result<usize> {
     loop {

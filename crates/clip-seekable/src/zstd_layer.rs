@@ -100,7 +100,7 @@ impl<R: Read> ZstdIndexer<R> {
 
     /// Reads to the end and returns the index (`members` counts frames).
     pub fn finish(mut self) -> Result<LayerIndex, Error> {
-        crate::drain(&mut self)?;
+        crate::span::drain(&mut self)?;
         let (compressed, frames, span) = (self.compressed, self.frames, self.rec.span);
         let uncompressed = self.rec.end();
         let (mut checkpoints, diff) = self.rec.finish()?;
