@@ -537,6 +537,15 @@ fn writers_reject_invalid_trees() {
 
 // ---- golden files: any change of the byte format fails here ----
 
+/// Every golden archive `make_goldens` writes.
+const GOLDENS: [&str; 5] = [
+    "v2.clip",
+    "v2-sparse.clip",
+    "v2-chained.clip",
+    "v1-local.clip",
+    "v1-remote.clip",
+];
+
 fn golden_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }
@@ -578,13 +587,7 @@ fn golden_archives_are_stable() {
     if std::env::var_os("CLIP_BLESS").is_some() {
         make_goldens(&golden_dir());
     }
-    for name in [
-        "v2.clip",
-        "v2-sparse.clip",
-        "v2-chained.clip",
-        "v1-local.clip",
-        "v1-remote.clip",
-    ] {
+    for name in GOLDENS {
         let golden = std::fs::read(golden_dir().join(name)).unwrap();
         let now = std::fs::read(fresh.path().join(name)).unwrap();
         assert!(
@@ -601,16 +604,10 @@ fn golden_archives_are_stable() {
 fn all_goldens() -> Vec<Vec<u8>> {
     let d = tempfile::tempdir().unwrap();
     make_goldens(d.path());
-    [
-        "v2.clip",
-        "v2-sparse.clip",
-        "v2-chained.clip",
-        "v1-local.clip",
-        "v1-remote.clip",
-    ]
-    .iter()
-    .map(|n| std::fs::read(d.path().join(n)).unwrap())
-    .collect()
+    GOLDENS
+        .iter()
+        .map(|n| std::fs::read(d.path().join(n)).unwrap())
+        .collect()
 }
 
 /// Opens and walks everything, as the fuzz target does.
