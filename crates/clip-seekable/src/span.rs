@@ -23,10 +23,13 @@ const CHUNK: usize = 128 << 10;
 /// Frozen chunks are kept while they end less than this far behind the newest output: enough for
 /// a window at any position a checkpoint may still be placed.
 const KEEP: u64 = HASH_LAG + 2 * CHUNK as u64 + WINDOW as u64;
-/// Messages in flight to the hashing thread (bounds the memory it holds).
-const QUEUE: usize = 64;
+/// Batches in flight to the hashing thread (with [`BATCH`], bounds the memory it holds).
+const QUEUE: usize = 8;
+/// Output chunks per batch sent to the hashing thread: one wake-up per megabyte, not one per
+/// chunk.
+const BATCH: usize = 8;
 /// Spare chunk buffers kept for reuse.
-const SPARE: usize = 8;
+const SPARE: usize = 16;
 
 /// Chunk buffers for reuse, returned by whichever side (the output history or the hashing
 /// thread) lets go of a chunk last.
@@ -170,13 +173,16 @@ struct Hashed {
 /// at each checkpoint's 64-byte block boundary (module `chain`). It also compresses the
 /// checkpoint windows.
 struct Hasher {
-    tx: Option<std::sync::mpsc::SyncSender<Msg>>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<Msg>>>,
     thread: Option<std::thread::JoinHandle<Hashed>>,
+    /// Messages not sent yet, and how many output chunks they carry.
+    batch: Vec<Msg>,
+    chunks: usize,
 }
 
 impl Hasher {
     fn start(pool: Pool) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Msg>>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("clip-span-hash".into())
             .spawn(move || {
@@ -206,7 +212,7 @@ impl Hasher {
                         }
                     }
                 };
-                for msg in rx {
+                for msg in rx.into_iter().flatten() {
                     match msg {
                         Msg::Data(d) => queue.push_back(d),
                         // Only to a block boundary: a later cut may stand in the same block.
@@ -241,16 +247,33 @@ impl Hasher {
         Self {
             tx: Some(tx),
             thread,
+            batch: Vec::with_capacity(2 * BATCH),
+            chunks: 0,
         }
     }
 
-    fn send(&self, m: Msg) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(m);
+    fn send(&mut self, m: Msg) {
+        self.chunks += usize::from(matches!(m, Msg::Data(_)));
+        self.batch.push(m);
+        if self.chunks >= BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.chunks = 0;
+        if let Some(tx) = &self.tx
+            && !self.batch.is_empty()
+        {
+            let _ = tx.send(std::mem::replace(
+                &mut self.batch,
+                Vec::with_capacity(2 * BATCH),
+            ));
         }
     }
 
     fn finish(mut self) -> Option<Hashed> {
+        self.flush();
         self.tx = None;
         self.thread.take().and_then(|t| t.join().ok())
     }

@@ -8,7 +8,7 @@ use std::ffi::c_int;
 
 use libz_rs_sys::{
     Z_BLOCK, Z_OK, inflate, inflateEnd, inflateInit2_, inflatePrime, inflateReset2,
-    inflateSetDictionary, z_stream, zlibVersion,
+    inflateSetDictionary, inflateValidate, z_stream, zlibVersion,
 };
 
 /// Window bits for a gzip stream (header and trailer parsed by zlib).
@@ -50,6 +50,16 @@ impl Inflater {
         // SAFETY: the stream was initialised by `new` and not ended.
         #[allow(unsafe_code)]
         let rc = unsafe { inflateReset2(&raw mut *self.strm, window_bits) };
+        if rc == Z_OK { Ok(()) } else { Err(rc) }
+    }
+
+    /// Stops computing and checking the gzip trailer's CRC-32 and length (zlib's
+    /// `inflateValidate(strm, 0)`), for a caller that verifies the output with a stronger digest
+    /// of its own. Lasts until the next reset.
+    pub(crate) fn skip_check(&mut self) -> Result<(), c_int> {
+        // SAFETY: initialised stream.
+        #[allow(unsafe_code)]
+        let rc = unsafe { inflateValidate(&raw mut *self.strm, 0) };
         if rc == Z_OK { Ok(()) } else { Err(rc) }
     }
 
