@@ -62,7 +62,7 @@ pub fn walk_tar<R: Read>(reader: R, layer: u32) -> Result<Vec<clip_format::merge
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -321,17 +321,52 @@ fn resolve(layout: &Path, opts: &IndexOptions) -> Result<oci::Descriptor> {
 /// The blob digest and byte count, once the hashing thread has seen all input.
 type BlobHash = Rc<RefCell<Option<std::thread::JoinHandle<(String, u64)>>>>;
 
-/// A reader that hashes and counts what passes through it on a helper thread (so the blob
-/// digest costs the inflating thread only a copy); the totals stay readable after the reader
-/// has been handed to, and consumed by, the tar walker.
-struct Hashing<R> {
-    inner: R,
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+/// A layer blob's bytes in the pieces its source delivers them, passed on without copying.
+trait Chunks {
+    /// The next piece; `None` at the end.
+    fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>>;
 }
 
-impl<R> Hashing<R> {
-    fn new(inner: R) -> (Self, BlobHash) {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
+/// The registry's network buffers.
+impl Chunks for clip_registry::BlobReader {
+    fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        clip_registry::BlobReader::next_chunk(self)
+    }
+}
+
+/// A blob file of an OCI layout, read in 1 MiB pieces.
+struct FileChunks(File);
+
+impl Chunks for FileChunks {
+    fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        while n < buf.len() {
+            match self.0.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(n);
+        Ok((n > 0).then(|| bytes::Bytes::from(buf)))
+    }
+}
+
+/// A [`BufRead`] over a blob's chunks that hands each chunk, shared rather than copied, to a
+/// helper thread computing the blob digest and byte count; the totals stay readable after the
+/// reader has been handed to, and consumed by, the tar walker.
+struct Hashing<C> {
+    src: C,
+    cur: bytes::Bytes,
+    ended: bool,
+    tx: Option<std::sync::mpsc::SyncSender<bytes::Bytes>>,
+}
+
+impl<C> Hashing<C> {
+    fn new(src: C) -> (Self, BlobHash) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(64);
         let handle = std::thread::spawn(move || {
             let mut h = Sha256::new();
             let mut n = 0u64;
@@ -343,7 +378,9 @@ impl<R> Hashing<R> {
         });
         (
             Self {
-                inner,
+                src,
+                cur: bytes::Bytes::new(),
+                ended: false,
                 tx: Some(tx),
             },
             Rc::new(RefCell::new(Some(handle))),
@@ -351,20 +388,39 @@ impl<R> Hashing<R> {
     }
 }
 
-impl<R> Drop for Hashing<R> {
+impl<C> Drop for Hashing<C> {
     fn drop(&mut self) {
         self.tx = None; // ends the hashing thread's input
     }
 }
 
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n > 0
-            && let Some(tx) = &self.tx
-        {
-            let _ = tx.send(buf[..n].to_vec());
+impl<C: Chunks> BufRead for Hashing<C> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.cur.is_empty() && !self.ended {
+            match self.src.next_chunk()? {
+                Some(c) => {
+                    if let Some(tx) = &self.tx {
+                        let _ = tx.send(c.clone());
+                    }
+                    self.cur = c;
+                }
+                None => self.ended = true,
+            }
         }
+        Ok(&self.cur)
+    }
+
+    fn consume(&mut self, n: usize) {
+        let _ = self.cur.split_to(n.min(self.cur.len()));
+    }
+}
+
+impl<C: Chunks> Read for Hashing<C> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
@@ -392,11 +448,11 @@ fn index_layout_layer(
         path: path.clone(),
         source,
     })?;
-    index_layer(file, i, d, diff_id, span)
+    index_layer(FileChunks(file), i, d, diff_id, span)
 }
 
-fn index_layer<R: Read>(
-    src: R,
+fn index_layer<C: Chunks>(
+    src: C,
     i: usize,
     d: &oci::Descriptor,
     diff_id: &str,
@@ -424,11 +480,10 @@ fn index_layer<R: Read>(
             }
         }
     };
-    let mut file = BufReader::with_capacity(1 << 20, src);
+    let (mut src, blob_hash) = Hashing::new(src);
     let mut magic = [0u8; 4];
     let head = {
-        use std::io::BufRead;
-        let buf = file.fill_buf().map_err(io)?;
+        let buf = src.fill_buf().map_err(io)?;
         let n = buf.len().min(4);
         magic[..n].copy_from_slice(&buf[..n]);
         n
@@ -461,7 +516,6 @@ fn index_layer<R: Read>(
             decl, d.media_type
         )));
     }
-    let (src, blob_hash) = Hashing::new(file);
     let large = span / 2;
     let layer_err = |source| Error::Layer {
         layer: i,

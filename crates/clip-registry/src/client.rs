@@ -1077,11 +1077,13 @@ impl Client {
     }
 }
 
-impl std::io::Read for BlobReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl BlobReader {
+    /// The next bytes as the network delivered them (shared, not copied); `None` at the end.
+    /// After an error, only `None`.
+    pub fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
         while self.current.is_empty() {
             if self.failed {
-                return Ok(0);
+                return Ok(None);
             }
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => self.current = b,
@@ -1089,6 +1091,18 @@ impl std::io::Read for BlobReader {
                     self.failed = true;
                     return Err(std::io::Error::other(e));
                 }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(std::mem::take(&mut self.current)))
+    }
+}
+
+impl std::io::Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.current.is_empty() {
+            match self.next_chunk()? {
+                Some(b) => self.current = b,
                 None => return Ok(0),
             }
         }

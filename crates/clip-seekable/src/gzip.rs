@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
 use clip_format::{Checkpoint, CheckpointKind};
@@ -12,7 +12,6 @@ use crate::span::{Produce, Recorder, expand_window};
 use crate::zlib::{GZIP, Inflater, RAW};
 use crate::{Error, LayerIndex, zlib_error};
 
-const IN_CHUNK: usize = 256 << 10;
 const OUT_CHUNK: usize = 64 << 10;
 /// Block boundaries remembered for placing checkpoints behind the read position.
 const MAX_BOUNDARIES: usize = 4096;
@@ -38,18 +37,18 @@ impl CheckpointRequests {
 }
 
 /// Streams a gzip layer (one or several members), yielding its uncompressed bytes through
-/// [`Read`] and recording checkpoints every span and where requested.
+/// [`Read`] and recording checkpoints every span and where requested. It inflates straight out
+/// of the source's buffer ([`BufRead`]): a source that holds the network's buffers (the
+/// registry's blob reader) costs no copy of the compressed bytes.
 ///
 /// The members' CRC-32 trailers are not computed or checked: the sha256 of the whole output
 /// ([`LayerIndex::diff_id`]) verifies every byte, and the caller compares it with the image
 /// config's `diff_id` (zlib's CRC would cost about 3% of inflation and prove less).
 pub struct GzipIndexer<R> {
     src: R,
-    inbuf: Box<[u8]>,
-    in_pos: usize,
-    in_len: usize,
-    eof: bool,
     compressed: u64,
+    /// Calls in a row that moved nothing (a stop at a block end moves nothing once).
+    stalls: u8,
     inflater: Inflater,
     rec: Recorder,
     boundaries: VecDeque<Boundary>,
@@ -60,7 +59,7 @@ pub struct GzipIndexer<R> {
     done: bool,
 }
 
-impl<R: Read> GzipIndexer<R> {
+impl<R: BufRead> GzipIndexer<R> {
     /// An indexer over the compressed stream `src` with checkpoints about every `span` bytes of
     /// output.
     pub fn new(src: R, span: u64) -> Result<Self, Error> {
@@ -70,11 +69,8 @@ impl<R: Read> GzipIndexer<R> {
         inflater.skip_check().map_err(|c| zlib_error(c, 0))?;
         Ok(Self {
             src,
-            inbuf: vec![0; IN_CHUNK].into_boxed_slice(),
-            in_pos: 0,
-            in_len: 0,
-            eof: false,
             compressed: 0,
+            stalls: 0,
             inflater,
             rec,
             boundaries: VecDeque::new(),
@@ -92,20 +88,15 @@ impl<R: Read> GzipIndexer<R> {
         self.requests.clone()
     }
 
-    fn refill(&mut self) -> io::Result<()> {
-        if self.in_pos == self.in_len && !self.eof {
-            let n = loop {
-                match self.src.read(&mut self.inbuf) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            };
-            self.in_pos = 0;
-            self.in_len = n;
-            self.eof = n == 0;
+    /// Whether the source has no more bytes.
+    fn at_end(&mut self) -> io::Result<bool> {
+        loop {
+            match self.src.fill_buf() {
+                Ok(b) => return Ok(b.is_empty()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
     }
 
     fn boundary(&mut self, b: Boundary) {
@@ -127,19 +118,13 @@ impl<R: Read> GzipIndexer<R> {
 
     /// One inflate call; queues boundaries and output.
     fn step(&mut self) -> io::Result<()> {
-        self.refill()?;
-        if self.in_pos == self.in_len {
-            return Err(Error::Truncated {
-                compressed: self.compressed,
-            }
-            .into());
+        let truncated = |at| io::Error::from(Error::Truncated { compressed: at });
+        if self.at_end()? {
+            return Err(truncated(self.compressed));
         }
-        let s = self.inflater.inflate(
-            &self.inbuf[self.in_pos..self.in_len],
-            self.rec.space(),
-            true,
-        );
-        self.in_pos += s.consumed;
+        let input = self.src.fill_buf()?;
+        let s = self.inflater.inflate(input, self.rec.space(), true);
+        self.src.consume(s.consumed);
         self.compressed += s.consumed as u64;
         self.rec.commit(s.produced);
         let out = self.rec.end();
@@ -157,16 +142,19 @@ impl<R: Read> GzipIndexer<R> {
                         member_start: false,
                     });
                 }
-                if s.code == Z_BUF_ERROR && s.consumed == 0 && s.produced == 0 && self.eof {
-                    return Err(Error::Truncated {
-                        compressed: self.compressed,
-                    }
-                    .into());
+                // zlib takes in all input it is given, so only a stop at a block end moves
+                // nothing, and the call after it moves on; never loop on a stuck stream.
+                self.stalls = if s.consumed == 0 && s.produced == 0 {
+                    self.stalls + 1
+                } else {
+                    0
+                };
+                if self.stalls > 2 {
+                    return Err(truncated(self.compressed));
                 }
             }
             Z_STREAM_END => {
-                self.refill()?;
-                if self.in_pos == self.in_len {
+                if self.at_end()? {
                     self.done = true;
                 } else {
                     self.inflater
@@ -263,7 +251,7 @@ impl<R: Read> GzipIndexer<R> {
     }
 }
 
-impl<R: Read> Produce for GzipIndexer<R> {
+impl<R: BufRead> Produce for GzipIndexer<R> {
     fn rec(&mut self) -> &mut Recorder {
         &mut self.rec
     }
@@ -279,14 +267,14 @@ impl<R: Read> Produce for GzipIndexer<R> {
     }
 }
 
-impl<R: Read> Read for GzipIndexer<R> {
+impl<R: BufRead> Read for GzipIndexer<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         crate::span::read(self, buf)
     }
 }
 
 /// Skips forward without copying (how a tar reader with `entries_with_seek` passes over file data).
-impl<R: Read> Seek for GzipIndexer<R> {
+impl<R: BufRead> Seek for GzipIndexer<R> {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
         crate::span::seek(self, pos)
     }

@@ -2,7 +2,7 @@
 //! inflater (`miniz_oxide`).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
 use clip_format::CheckpointKind;
 use clip_seekable::{Error, GzipIndexer, LayerIndex, PlainIndexer, gzip};
@@ -365,23 +365,39 @@ fn zstd_frames_are_seek_points_and_single_frames_read_from_the_start() {
 struct Choppy<'a> {
     data: &'a [u8],
     state: u64,
+    avail: usize,
 }
 
 impl Read for Choppy<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.state = self
-            .state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        let want = match (self.state >> 33) % 4 {
-            0 => 1 + (self.state >> 40) as usize % 16,
-            1 => 1 + (self.state >> 40) as usize % 4096,
-            _ => 1 + (self.state >> 40) as usize % (64 << 10),
-        };
-        let n = want.min(buf.len()).min(self.data.len());
-        buf[..n].copy_from_slice(&self.data[..n]);
-        self.data = &self.data[n..];
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
+    }
+}
+
+/// Offers the bytes in pieces of random length: 1-16 bytes, up to 4 KiB or up to 64 KiB.
+impl BufRead for Choppy<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.avail == 0 {
+            self.state = self
+                .state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let want = match (self.state >> 33) % 4 {
+                0 => 1 + (self.state >> 40) as usize % 16,
+                1 => 1 + (self.state >> 40) as usize % 4096,
+                _ => 1 + (self.state >> 40) as usize % (64 << 10),
+            };
+            self.avail = want.min(self.data.len());
+        }
+        Ok(&self.data[..self.avail])
+    }
+    fn consume(&mut self, n: usize) {
+        self.data = &self.data[n..];
+        self.avail -= n;
     }
 }
 
@@ -393,6 +409,7 @@ fn index_driven(blob: &[u8], seed: u64, requests: &[u64]) -> Vec<(u64, u64, u8, 
         Choppy {
             data: blob,
             state: seed,
+            avail: 0,
         },
         1 << 20,
     )
