@@ -339,17 +339,8 @@ struct FileChunks(File);
 
 impl Chunks for FileChunks {
     fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0;
-        while n < buf.len() {
-            match self.0.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        buf.truncate(n);
+        let mut buf = Vec::with_capacity(1 << 20);
+        let n = (&mut self.0).take(1 << 20).read_to_end(&mut buf)?;
         Ok((n > 0).then(|| bytes::Bytes::from(buf)))
     }
 }

@@ -537,11 +537,15 @@ pub(crate) fn seek(p: &mut impl Produce, pos: std::io::SeekFrom) -> std::io::Res
     Ok(p.rec().consumed())
 }
 
+/// zlib level for stored windows: level 3 takes about two thirds of level 6's time for windows
+/// 2-3% larger (measured on 32 KiB windows of shared libraries: 26.5 vs 38.8 ms per 100).
+const WINDOW_LEVEL: u32 = 3;
+
 /// Compresses a window (raw deflate) for storage in the archive.
 pub(crate) fn compress_window(raw: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::DeflateEncoder::new(
         Vec::with_capacity(raw.len() / 2),
-        flate2::Compression::new(6),
+        flate2::Compression::new(WINDOW_LEVEL),
     );
     // Writing into a Vec cannot fail.
     let _ = enc.write_all(raw);
