@@ -1,5 +1,5 @@
 //! The work no indexer can skip, timed on its own: inflating every layer (zlib-rs into 128 KiB
-//! buffers) and SHA-256 of the uncompressed bytes (the diff_ids) and of the blobs (their
+//! buffers) and SHA-256 of the uncompressed bytes (the `diff_id`s) and of the blobs (their
 //! digests). Best of three, one core each. `benches/macro/index-numpy` divides the sum by the
 //! core count to get the shortest indexing time this machine allows.
 //!
