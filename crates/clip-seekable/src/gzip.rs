@@ -119,11 +119,16 @@ impl<R: BufRead> GzipIndexer<R> {
     /// One inflate call; queues boundaries and output.
     fn step(&mut self) -> io::Result<()> {
         let truncated = |at| io::Error::from(Error::Truncated { compressed: at });
-        if self.at_end()? {
-            return Err(truncated(self.compressed));
-        }
-        let input = self.src.fill_buf()?;
-        let s = self.inflater.inflate(input, self.rec.space(), true);
+        // Inflate inside the match: a second `fill_buf` after a successful one could be
+        // interrupted again, and retrying the whole step on that could go on forever.
+        let s = loop {
+            match self.src.fill_buf() {
+                Ok([]) => return Err(truncated(self.compressed)),
+                Ok(input) => break self.inflater.inflate(input, self.rec.space(), true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
         self.src.consume(s.consumed);
         self.compressed += s.consumed as u64;
         self.rec.commit(s.produced);

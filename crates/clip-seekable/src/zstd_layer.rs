@@ -58,7 +58,13 @@ impl<R: Read> ZstdIndexer<R> {
 
     fn step(&mut self) -> io::Result<()> {
         if self.in_pos == self.in_len && !self.eof {
-            let n = self.src.read(&mut self.inbuf)?;
+            let n = loop {
+                match self.src.read(&mut self.inbuf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            };
             self.in_pos = 0;
             self.in_len = n;
             self.eof = n == 0;

@@ -459,3 +459,64 @@ fn checkpoints_do_not_depend_on_how_the_input_arrives() {
         assert_eq!(index_driven(&blob, seed, &requests), want, "seed {seed}");
     }
 }
+
+/// A source that fails every other call with `Interrupted` (a signal arriving mid-read), as
+/// `Read` and `BufRead` allow.
+struct Interrupting<'a> {
+    data: &'a [u8],
+    calls: u32,
+}
+
+impl Interrupting<'_> {
+    fn interrupt(&mut self) -> std::io::Result<()> {
+        self.calls += 1;
+        if self.calls % 2 == 1 {
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
+        Ok(())
+    }
+}
+
+impl Read for Interrupting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.interrupt()?;
+        let n = buf.len().min(self.data.len()).min(10_000);
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+impl BufRead for Interrupting<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.interrupt()?;
+        Ok(&self.data[..self.data.len().min(10_000)])
+    }
+    fn consume(&mut self, n: usize) {
+        self.data = &self.data[n..];
+    }
+}
+
+#[test]
+fn interrupted_reads_are_retried_by_every_indexer() {
+    use clip_seekable::ZstdIndexer;
+    let data = mixed_data(9, 600_000);
+    let want = <[u8; 32]>::from(Sha256::digest(&data));
+    let src = |blob| Interrupting {
+        data: blob,
+        calls: 0,
+    };
+    let gz = gzip_members(&data, 2, 6);
+    let mut ix = GzipIndexer::new(src(&gz), 1 << 16).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let gz_index = ix.finish().unwrap();
+    assert_eq!(gz_index.diff_id, want);
+    assert_eq!(gz_index.checkpoints, index(&gz, 1 << 16).checkpoints);
+    let zst = zstd::bulk::compress(&data, 3).unwrap();
+    let mut ix = ZstdIndexer::new(src(&zst), 1 << 16).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    assert_eq!(ix.finish().unwrap().diff_id, want);
+    let mut ix = PlainIndexer::new(src(&data), 1 << 16);
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    assert_eq!(ix.finish().unwrap().diff_id, want);
+}
