@@ -781,7 +781,8 @@ fn write_image(out: &Path, image: &ImageTree) -> Result<IndexSummary> {
 /// One layer's outcome: its index and whether a stored one was reused.
 type LayerSlot = std::sync::Mutex<Option<Result<(IndexedLayer, bool)>>>;
 
-/// Indexes every layer (in parallel, one thread per core) and merges them in order.
+/// Indexes every layer (in parallel, one thread per core, largest first) and merges them in
+/// order.
 fn merge_all(
     manifest: &oci::Manifest,
     config: &oci::Config,
@@ -801,6 +802,10 @@ fn merge_all(
     let workers = std::thread::available_parallelism()
         .map_or(2, std::num::NonZero::get)
         .min(manifest.layers.len().max(1));
+    // Largest blobs first: the longest single-threaded job starts at once, and the small ones
+    // fill the cores at the end instead of a large one running alone.
+    let mut order: Vec<usize> = (0..manifest.layers.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(manifest.layers[i].size));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<LayerSlot> = manifest
         .layers
@@ -811,8 +816,8 @@ fn merge_all(
         for _ in 0..workers {
             s.spawn(|| {
                 loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let Some(d) = manifest.layers.get(i) else {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some((i, d)) = order.get(n).map(|&i| (i, &manifest.layers[i])) else {
                         break;
                     };
                     let r = reusing(store, i, d, &config.rootfs.diff_ids[i], span, || {
