@@ -7,7 +7,7 @@ use std::process::Command;
 use clip_core::container::{Overlay, resolve_user, runtime_spec, write_bundle};
 use clip_core::fs::{MountOptions, mount_archive};
 use clip_core::{CreateFromOciImageOptions, create_from_oci_image};
-use clip_testkit::image::RuntimeConfig;
+use clip_testkit::image::{RuntimeConfig, SparseFormat};
 use clip_testkit::{Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry};
 
 fn busybox_image() -> Image {
@@ -25,10 +25,15 @@ fn busybox_image() -> Image {
         Entry::dir("tmp").mode(0o1777),
         Entry::dir("home/app").owner(1000, 1000),
     ]);
-    let top = Layer::new(vec![Entry::file(
-        "etc/greeting",
-        "hello from a lazy image\n",
-    )]);
+    let top = Layer::new(vec![
+        Entry::file("etc/greeting", "hello from a lazy image\n"),
+        Entry::sparse(
+            "data/sparse",
+            8 << 20,
+            vec![(1 << 20, vec![7; 64 << 10]), (6 << 20, vec![9; 777])],
+            SparseFormat::Pax10,
+        ),
+    ]);
     let mut img = Image::new(vec![base, top]);
     img.config = RuntimeConfig {
         env: vec!["GREETING_FILE=/etc/greeting".into()],
@@ -110,8 +115,30 @@ fn runc_runs_the_images_command_on_an_overlay_of_the_lazy_mount() {
         b"written\n"
     );
     assert!(!lower.join("home/app/out").exists());
+    check_sparse(&overlay.merged().join("data/sparse"));
     // The image's bytes came lazily from the registry.
     assert!(mount.stats().spans_fetched > 0);
     overlay.unmount().unwrap();
     mount.unmount().unwrap();
+}
+
+/// A sparse file keeps its holes through the overlay: `SEEK_DATA`/`SEEK_HOLE` pass through to
+/// the lazy mount, and the bytes read back are the file's logical content.
+fn check_sparse(path: &std::path::Path) {
+    let f = std::fs::File::open(path).unwrap();
+    let seek = |to| rustix::fs::seek(&f, to);
+    assert_eq!(seek(rustix::fs::SeekFrom::Data(0)), Ok(1 << 20));
+    assert_eq!(
+        seek(rustix::fs::SeekFrom::Hole(1 << 20)),
+        Ok((1 << 20) + (64 << 10))
+    );
+    assert_eq!(seek(rustix::fs::SeekFrom::Data(2 << 20)), Ok(6 << 20));
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(
+        bytes,
+        clip_testkit::image::Kind::sparse_content(
+            8 << 20,
+            &[(1 << 20, vec![7; 64 << 10]), (6 << 20, vec![9; 777])]
+        )
+    );
 }
