@@ -60,15 +60,13 @@ pub fn walk_tar<R: Read>(reader: R, layer: u32) -> Result<Vec<clip_format::merge
     tarwalk::walk(tarwalk::Forward::new(reader), layer, None, u64::MAX).map(|(entries, _)| entries)
 }
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use clip_format::merge::{LayerEntry, Merger};
 use clip_format::{LayerInfo, MediaKind, Meta, Source, write_v2};
-use clip_seekable::{GzipIndexer, LayerIndex, PlainIndexer};
+use clip_seekable::{GzipIndexer, HashThread, InputFeed, LayerIndex, PlainIndexer};
 use sha2::{Digest, Sha256};
 
 pub use oci::Platform;
@@ -318,9 +316,6 @@ fn resolve(layout: &Path, opts: &IndexOptions) -> Result<oci::Descriptor> {
         })
 }
 
-/// The blob digest and byte count, once the hashing thread has seen all input.
-type BlobHash = Rc<RefCell<Option<std::thread::JoinHandle<(String, u64)>>>>;
-
 /// A layer blob's bytes in the pieces its source delivers them, passed on without copying.
 trait Chunks {
     /// The next piece; `None` at the end.
@@ -345,57 +340,36 @@ impl Chunks for FileChunks {
     }
 }
 
-/// A [`BufRead`] over a blob's chunks that hands each chunk, shared rather than copied, to a
-/// helper thread computing the blob digest and byte count; the totals stay readable after the
-/// reader has been handed to, and consumed by, the tar walker.
+/// A [`BufRead`] over a blob's chunks that hands each chunk, shared rather than copied, to the
+/// indexer's helper thread, which computes the blob digest and byte count
+/// ([`clip_seekable::LayerIndex::input`]) beside its hashing of the output.
 struct Hashing<C> {
     src: C,
     cur: bytes::Bytes,
     ended: bool,
-    tx: Option<std::sync::mpsc::SyncSender<bytes::Bytes>>,
+    feed: InputFeed,
 }
 
 impl<C> Hashing<C> {
-    fn new(src: C) -> (Self, BlobHash) {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(64);
-        let handle = std::thread::spawn(move || {
-            let mut h = Sha256::new();
-            let mut n = 0u64;
-            for chunk in rx {
-                h.update(&chunk);
-                n += chunk.len() as u64;
-            }
-            (format!("sha256:{}", hex::encode(h.finalize())), n)
-        });
-        (
-            Self {
-                src,
-                cur: bytes::Bytes::new(),
-                ended: false,
-                tx: Some(tx),
-            },
-            Rc::new(RefCell::new(Some(handle))),
-        )
-    }
-}
-
-impl<C> Drop for Hashing<C> {
-    fn drop(&mut self) {
-        self.tx = None; // ends the hashing thread's input
+    fn new(src: C, feed: InputFeed) -> Self {
+        Self {
+            src,
+            cur: bytes::Bytes::new(),
+            ended: false,
+            feed,
+        }
     }
 }
 
 impl<C: Chunks> BufRead for Hashing<C> {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.cur.is_empty() && !self.ended {
-            match self.src.next_chunk()? {
-                Some(c) => {
-                    if let Some(tx) = &self.tx {
-                        let _ = tx.send(c.clone());
-                    }
-                    self.cur = c;
-                }
-                None => self.ended = true,
+            if let Some(c) = self.src.next_chunk()? {
+                self.feed.feed(c.clone());
+                self.cur = c;
+            } else {
+                self.ended = true;
+                self.feed.flush();
             }
         }
         Ok(&self.cur)
@@ -471,7 +445,8 @@ fn index_layer<C: Chunks>(
             }
         }
     };
-    let (mut src, blob_hash) = Hashing::new(src);
+    let mut thread = HashThread::start();
+    let mut src = Hashing::new(src, thread.input());
     let mut magic = [0u8; 4];
     let head = {
         let buf = src.fill_buf().map_err(io)?;
@@ -515,30 +490,27 @@ fn index_layer<C: Chunks>(
     };
     let (entries, index) = match media {
         MediaKind::Gzip => {
-            let ix = GzipIndexer::new(src, span).map_err(layer_err)?;
-            let requests = ix.requests();
-            let (entries, ix) = tarwalk::walk(ix, layer, Some(&requests), large)
-                .map_err(|e| seekable_cause(e, i, &d.digest))?;
-            (entries, ix.finish().map_err(layer_err)?)
+            let ix = GzipIndexer::with_hash_thread(src, span, thread).map_err(layer_err)?;
+            walk_gzip(ix, i, &d.digest, span)?
         }
         MediaKind::Tar => {
-            let ix = PlainIndexer::new(src, span);
+            let ix = PlainIndexer::with_hash_thread(src, span, thread);
             let (entries, ix) = tarwalk::walk(ix, layer, None, large)
                 .map_err(|e| seekable_cause(e, i, &d.digest))?;
             (entries, ix.finish().map_err(layer_err)?)
         }
         MediaKind::Zstd => {
-            let ix = clip_seekable::ZstdIndexer::new(src, span).map_err(layer_err)?;
+            let ix = clip_seekable::ZstdIndexer::with_hash_thread(src, span, thread)
+                .map_err(layer_err)?;
             let (entries, ix) = tarwalk::walk(ix, layer, None, large)
                 .map_err(|e| seekable_cause(e, i, &d.digest))?;
             (entries, ix.finish().map_err(layer_err)?)
         }
     };
-    // The indexers (and with them the hashing reader) are gone: the hash thread has all input.
-    let (blob_digest, read) = blob_hash
-        .borrow_mut()
-        .take()
-        .and_then(|h| h.join().ok())
+    // The indexer read its input to the end, so the helper thread saw every byte.
+    let (blob_digest, read) = index
+        .input
+        .map(|d| (format!("sha256:{}", hex::encode(d.sha256)), d.len))
         .ok_or_else(|| Error::Image(format!("layer {i}: hashing failed")))?;
     if blob_digest != d.digest || read != d.size {
         return Err(Error::Digest {
@@ -566,6 +538,40 @@ fn index_layer<C: Chunks>(
 }
 
 /// A tar error that was really a decompression error is reported as such.
+/// Walks a gzip layer's tar stream through its indexer, asking for a checkpoint at the start of
+/// every large file (over half a span), and finishes the index.
+fn walk_gzip<R: BufRead>(
+    ix: GzipIndexer<R>,
+    i: usize,
+    digest: &str,
+    span: u64,
+) -> Result<(Vec<LayerEntry>, LayerIndex)> {
+    let layer = u32::try_from(i).map_err(|_| Error::Image("too many layers".into()))?;
+    let requests = ix.requests();
+    let (entries, ix) = tarwalk::walk(ix, layer, Some(&requests), span / 2)
+        .map_err(|e| seekable_cause(e, i, digest))?;
+    let index = ix.finish().map_err(|source| Error::Layer {
+        layer: i,
+        digest: digest.into(),
+        source,
+    })?;
+    Ok((entries, index))
+}
+
+/// Indexes one gzip layer from its compressed bytes: inflation, the tar walk, checkpoints (every
+/// `span` bytes and at large files) with their span checks, and the `diff_id`. This is the
+/// per-layer work of [`index_layout`] and [`index_image`], without the blob digest, the
+/// comparison with the image config, the merge and the archive (the unit the micro benchmark
+/// compares with plain inflate).
+pub fn index_gzip_layer<R: BufRead>(blob: R, span: u64) -> Result<(Vec<LayerEntry>, LayerIndex)> {
+    let ix = GzipIndexer::new(blob, span).map_err(|source| Error::Layer {
+        layer: 0,
+        digest: String::new(),
+        source,
+    })?;
+    walk_gzip(ix, 0, "", span)
+}
+
 fn seekable_cause(e: Error, layer: usize, digest: &str) -> Error {
     match e {
         Error::Tar { reason, .. } if reason.contains("compressed data") => Error::Layer {

@@ -355,6 +355,7 @@ pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
             diff_id,
             members,
             span,
+            input: None,
         },
     })
 }

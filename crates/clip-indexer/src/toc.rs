@@ -429,6 +429,7 @@ pub(crate) fn index_from_toc(
             diff_id: clip_format::sha256_bytes(diff_id).ok_or_else(|| bad("bad diff_id"))?,
             members,
             span,
+            input: None,
         },
         fetched: FOOTER + member.len() as u64,
     })
@@ -496,6 +497,7 @@ pub(crate) fn index_from_zstd_chunked(
             diff_id: clip_format::sha256_bytes(diff_id).ok_or_else(|| bad("bad diff_id"))?,
             members,
             span,
+            input: None,
         },
         fetched: length,
     })

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use clip_format::{Checkpoint, CheckpointKind};
 use libz_rs_sys::{Z_BUF_ERROR, Z_OK, Z_STREAM_END};
 
-use crate::span::{Produce, Recorder, expand_window};
+use crate::span::{HashThread, Produce, Recorder, expand_window};
 use crate::zlib::{GZIP, Inflater, RAW};
 use crate::{Error, LayerIndex, zlib_error};
 
@@ -63,7 +63,12 @@ impl<R: BufRead> GzipIndexer<R> {
     /// An indexer over the compressed stream `src` with checkpoints about every `span` bytes of
     /// output.
     pub fn new(src: R, span: u64) -> Result<Self, Error> {
-        let mut rec = Recorder::new(span);
+        Self::with_hash_thread(src, span, HashThread::start())
+    }
+
+    /// [`Self::new`] with a helper thread the caller started (and may feed the input to).
+    pub fn with_hash_thread(src: R, span: u64, thread: HashThread) -> Result<Self, Error> {
+        let mut rec = Recorder::new(span, thread);
         rec.add(CheckpointKind::GzipMember, 0, 0, 0, false);
         let mut inflater = Inflater::new(GZIP).map_err(|c| zlib_error(c, 0))?;
         inflater.skip_check().map_err(|c| zlib_error(c, 0))?;
@@ -244,14 +249,15 @@ impl<R: BufRead> GzipIndexer<R> {
         crate::span::drain(&mut self)?;
         let (compressed, members, span) = (self.compressed, self.members, self.rec.span);
         let uncompressed = self.rec.end();
-        let (checkpoints, diff) = self.rec.finish()?;
+        let done = self.rec.finish()?;
         Ok(LayerIndex {
-            checkpoints,
+            checkpoints: done.checkpoints,
             compressed_size: compressed,
             uncompressed_size: uncompressed,
-            diff_id: diff,
+            diff_id: done.diff_id,
             members,
             span,
+            input: done.input,
         })
     }
 }

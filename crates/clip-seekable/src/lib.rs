@@ -60,6 +60,7 @@ pub mod zstd_layer;
 pub use chain::{LayerEnd, span_key, verify_span};
 pub use gzip::{CheckpointRequests, GzipIndexer};
 pub use plain::PlainIndexer;
+pub use span::{HashThread, InputDigest, InputFeed};
 pub use zstd_layer::ZstdIndexer;
 
 use clip_format::Checkpoint;
@@ -194,6 +195,8 @@ pub struct LayerIndex {
     pub members: u32,
     /// The nominal span.
     pub span: u64,
+    /// The compressed input's digest, when it was fed to the indexer's [`HashThread`].
+    pub input: Option<InputDigest>,
 }
 
 impl LayerIndex {

@@ -4,7 +4,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 use clip_format::CheckpointKind;
 
-use crate::span::{Produce, Recorder};
+use crate::span::{HashThread, Produce, Recorder};
 use crate::{Error, LayerIndex};
 
 /// Streams an uncompressed layer, recording a plain checkpoint (and span digest) every span.
@@ -16,7 +16,12 @@ pub struct PlainIndexer<R> {
 impl<R: Read> PlainIndexer<R> {
     /// An indexer over `src` with spans of `span` bytes.
     pub fn new(src: R, span: u64) -> Self {
-        let mut rec = Recorder::new(span);
+        Self::with_hash_thread(src, span, HashThread::start())
+    }
+
+    /// [`Self::new`] with a helper thread the caller started (and may feed the input to).
+    pub fn with_hash_thread(src: R, span: u64, thread: HashThread) -> Self {
+        let mut rec = Recorder::new(span, thread);
         rec.add(CheckpointKind::Plain, 0, 0, 0, false);
         Self { src, rec }
     }
@@ -26,14 +31,15 @@ impl<R: Read> PlainIndexer<R> {
         crate::span::drain(&mut self)?;
         let size = self.rec.end();
         let span = self.rec.span;
-        let (checkpoints, diff) = self.rec.finish()?;
+        let done = self.rec.finish()?;
         Ok(LayerIndex {
-            checkpoints,
+            checkpoints: done.checkpoints,
             compressed_size: size,
             uncompressed_size: size,
-            diff_id: diff,
+            diff_id: done.diff_id,
             members: 0,
             span,
+            input: done.input,
         })
     }
 }

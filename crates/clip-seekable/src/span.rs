@@ -4,10 +4,18 @@
 //! [`Recorder::commit`]); its consumer (the tar walker) copies out of that chunk or skips over
 //! it. A full chunk is frozen and shared, without copying, with the helper thread that hashes
 //! it and with the short history kept for checkpoint windows.
+//!
+//! One helper thread per layer ([`HashThread`]) does all the hashing that can leave the decoding
+//! thread: the output's SHA-256 with its span chaining values, the checkpoint windows'
+//! compression and, when the caller feeds it ([`InputFeed`]), the SHA-256 of the compressed
+//! input (the blob digest). Two busy threads per layer, not three: on a two-core machine the
+//! decoding thread keeps a core to itself.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write as _};
 use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
 
 use clip_format::{Checkpoint, CheckpointKind};
 
@@ -158,14 +166,98 @@ enum Msg {
     Cut(u64),
     /// The raw window of checkpoint `.0`, to be compressed for storage.
     Window(usize, Vec<u8>),
+    /// The next compressed input bytes, for the input digest.
+    Input(bytes::Bytes),
+    /// Nothing more: finish (a fed input's sender may still be alive).
+    End,
 }
 
-/// Per checkpoint its chaining value and head, the whole stream's digest, and the compressed
-/// windows.
+/// Per checkpoint its chaining value and head, the whole stream's digest, the compressed
+/// windows, and the input's digest and length.
 struct Hashed {
     chain: Vec<([u8; 32], Vec<u8>)>,
     whole: [u8; 32],
     windows: Vec<(usize, Vec<u8>)>,
+    input: ([u8; 32], u64),
+}
+
+/// The SHA-256 and length of the compressed input an [`InputFeed`] passed to the hashing thread
+/// (the blob digest a caller compares with the descriptor's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputDigest {
+    /// SHA-256 of the bytes fed.
+    pub sha256: [u8; 32],
+    /// How many bytes were fed.
+    pub len: u64,
+}
+
+/// An indexer's helper thread, started before the indexer so that the reader feeding it can
+/// send the compressed bytes it hands out ([`HashThread::input`]); pass it to the indexer's
+/// `with_hash_thread` constructor. The indexer reports the input's digest in
+/// [`crate::LayerIndex::input`].
+pub struct HashThread {
+    hasher: Hasher,
+    pool: Pool,
+    fed: bool,
+}
+
+impl HashThread {
+    /// Starts the thread.
+    #[must_use]
+    pub fn start() -> Self {
+        let pool = Pool::default();
+        Self {
+            hasher: Hasher::start(pool.clone()),
+            pool,
+            fed: false,
+        }
+    }
+
+    /// A feed for the compressed input. Every byte the indexer will read must be fed, in order,
+    /// before the indexer finishes ([`InputFeed::flush`] at the end of the input).
+    pub fn input(&mut self) -> InputFeed {
+        self.fed = true;
+        InputFeed {
+            tx: self.hasher.tx.clone(),
+            batch: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+/// Passes compressed input to a [`HashThread`] for its digest, shared rather than copied, in
+/// batches of about a megabyte (one wake-up each).
+pub struct InputFeed {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<Msg>>>,
+    batch: Vec<Msg>,
+    bytes: usize,
+}
+
+impl InputFeed {
+    /// Queues the next input bytes.
+    pub fn feed(&mut self, b: bytes::Bytes) {
+        self.bytes += b.len();
+        self.batch.push(Msg::Input(b));
+        if self.bytes >= BATCH * CHUNK {
+            self.flush();
+        }
+    }
+
+    /// Sends what is queued.
+    pub fn flush(&mut self) {
+        self.bytes = 0;
+        if let Some(tx) = &self.tx
+            && !self.batch.is_empty()
+        {
+            let _ = tx.send(std::mem::take(&mut self.batch));
+        }
+    }
+}
+
+impl Drop for InputFeed {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// Hashes the output on its own thread, so inflation and hashing overlap: one SHA-256 over the
@@ -189,6 +281,7 @@ impl Hasher {
                 let mut chain = Chain::new();
                 let mut cuts = vec![(crate::chain::initial(), Vec::new())];
                 let mut windows = Vec::new();
+                let mut input = (Sha256::new(), 0u64);
                 let mut queue: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
                 // Stream position of the first queued byte not yet hashed is chain.total().
                 let mut queued_from = 0u64;
@@ -212,7 +305,7 @@ impl Hasher {
                         }
                     }
                 };
-                for msg in rx.into_iter().flatten() {
+                'recv: for msg in rx.into_iter().flatten() {
                     match msg {
                         Msg::Data(d) => queue.push_back(d),
                         // Only to a block boundary: a later cut may stand in the same block.
@@ -234,6 +327,11 @@ impl Hasher {
                             cuts.push((value, head));
                         }
                         Msg::Window(i, raw) => windows.push((i, compress_window(&raw))),
+                        Msg::Input(b) => {
+                            input.0.update(&b);
+                            input.1 += b.len() as u64;
+                        }
+                        Msg::End => break 'recv,
                     }
                 }
                 advance(&mut queue, &mut queued_from, &mut chain, u64::MAX);
@@ -241,6 +339,7 @@ impl Hasher {
                     chain: cuts,
                     whole: chain.finalize(),
                     windows,
+                    input: (input.0.finalize().into(), input.1),
                 }
             })
             .ok();
@@ -273,6 +372,7 @@ impl Hasher {
     }
 
     fn finish(mut self) -> Option<Hashed> {
+        self.batch.push(Msg::End);
         self.flush();
         self.tx = None;
         self.thread.take().and_then(|t| t.join().ok())
@@ -281,6 +381,9 @@ impl Hasher {
 
 impl Drop for Hasher {
     fn drop(&mut self) {
+        // Ends the thread even while an input feed's sender lives on.
+        self.batch = vec![Msg::End];
+        self.flush();
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -299,18 +402,20 @@ pub(crate) struct Recorder {
     safe_upto: u64,
     /// Span ends not yet sent to the hashing thread (their bytes are still in the current chunk).
     cuts: VecDeque<u64>,
+    /// Whether the input is fed to the hashing thread.
+    fed: bool,
 }
 
 impl Recorder {
-    pub(crate) fn new(span: u64) -> Self {
-        let pool = Pool::default();
+    pub(crate) fn new(span: u64, thread: HashThread) -> Self {
         Self {
             span: span.max(1),
-            out: Output::new(pool.clone()),
+            out: Output::new(thread.pool),
             checkpoints: Vec::new(),
-            hasher: Hasher::start(pool),
+            hasher: thread.hasher,
             safe_upto: 0,
             cuts: VecDeque::new(),
+            fed: thread.fed,
         }
     }
 
@@ -443,12 +548,14 @@ impl Recorder {
         });
     }
 
-    /// Closes the last span; returns the checkpoints and the sha256 of the whole output.
-    pub(crate) fn finish(mut self) -> Result<(Vec<Checkpoint>, [u8; 32]), Error> {
+    /// Closes the last span; returns the checkpoints, the sha256 of the whole output and, if it
+    /// was fed, the input's digest.
+    pub(crate) fn finish(mut self) -> Result<Finished, Error> {
         self.ship();
         let Self {
             mut checkpoints,
             hasher,
+            fed,
             ..
         } = self;
         let hashed = hasher
@@ -468,8 +575,22 @@ impl Recorder {
                 cp.window = w;
             }
         }
-        Ok((checkpoints, hashed.whole))
+        Ok(Finished {
+            checkpoints,
+            diff_id: hashed.whole,
+            input: fed.then_some(InputDigest {
+                sha256: hashed.input.0,
+                len: hashed.input.1,
+            }),
+        })
     }
+}
+
+/// What a [`Recorder`] ends with.
+pub(crate) struct Finished {
+    pub(crate) checkpoints: Vec<Checkpoint>,
+    pub(crate) diff_id: [u8; 32],
+    pub(crate) input: Option<InputDigest>,
 }
 
 /// A decoder that writes into a [`Recorder`]; [`read`] and [`seek`] serve its consumer.

@@ -7,7 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use clip_format::{Checkpoint, CheckpointKind};
 use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
-use crate::span::{Produce, Recorder};
+use crate::span::{HashThread, Produce, Recorder};
 use crate::{Error, LayerIndex};
 
 const IN_CHUNK: usize = 256 << 10;
@@ -39,7 +39,12 @@ pub struct ZstdIndexer<R> {
 impl<R: Read> ZstdIndexer<R> {
     /// An indexer over the compressed stream `src`.
     pub fn new(src: R, span: u64) -> Result<Self, Error> {
-        let mut rec = Recorder::new(span);
+        Self::with_hash_thread(src, span, HashThread::start())
+    }
+
+    /// [`Self::new`] with a helper thread the caller started (and may feed the input to).
+    pub fn with_hash_thread(src: R, span: u64, thread: HashThread) -> Result<Self, Error> {
+        let mut rec = Recorder::new(span, thread);
         rec.add(CheckpointKind::ZstdFrame, 0, 0, 0, false);
         Ok(Self {
             src,
@@ -109,7 +114,8 @@ impl<R: Read> ZstdIndexer<R> {
         crate::span::drain(&mut self)?;
         let (compressed, frames, span) = (self.compressed, self.frames, self.rec.span);
         let uncompressed = self.rec.end();
-        let (mut checkpoints, diff) = self.rec.finish()?;
+        let done = self.rec.finish()?;
+        let mut checkpoints = done.checkpoints;
         // A checkpoint recorded at the very end (after the last frame) starts nothing.
         if checkpoints.len() > 1
             && checkpoints
@@ -122,9 +128,10 @@ impl<R: Read> ZstdIndexer<R> {
             checkpoints,
             compressed_size: compressed,
             uncompressed_size: uncompressed,
-            diff_id: diff,
+            diff_id: done.diff_id,
             members: frames,
             span,
+            input: done.input,
         })
     }
 }

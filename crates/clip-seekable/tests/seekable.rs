@@ -520,3 +520,60 @@ fn interrupted_reads_are_retried_by_every_indexer() {
     std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
     assert_eq!(ix.finish().unwrap().diff_id, want);
 }
+
+#[test]
+fn the_helper_thread_digests_the_input_it_is_fed() {
+    let data = mixed_data(41, 3 << 20);
+    let blob = gzip_members(&data, 2, 6);
+    let zst = zstd::encode_all(data.as_slice(), 3).unwrap();
+    let digest = |b: &[u8]| <[u8; 32]>::from(Sha256::digest(b));
+    // Fed in uneven pieces, as network buffers arrive; the feed outlives the indexer's end.
+    let feed_all = |thread: &mut clip_seekable::HashThread, b: &[u8]| {
+        let mut feed = thread.input();
+        for piece in b.chunks(77_777) {
+            feed.feed(bytes::Bytes::copy_from_slice(piece));
+        }
+        feed.flush();
+        feed
+    };
+
+    let mut thread = clip_seekable::HashThread::start();
+    let _feed = feed_all(&mut thread, &blob);
+    let mut ix = GzipIndexer::with_hash_thread(blob.as_slice(), 1 << 20, thread).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let got = ix.finish().unwrap();
+    let want = clip_seekable::InputDigest {
+        sha256: digest(&blob),
+        len: blob.len() as u64,
+    };
+    assert_eq!(got.input, Some(want));
+    assert_eq!(got.diff_id, digest(&data));
+
+    let mut thread = clip_seekable::HashThread::start();
+    let _feed = feed_all(&mut thread, &zst);
+    let mut ix =
+        clip_seekable::ZstdIndexer::with_hash_thread(zst.as_slice(), 1 << 20, thread).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let got = ix.finish().unwrap();
+    assert_eq!(got.input.map(|d| d.sha256), Some(digest(&zst)));
+
+    let mut thread = clip_seekable::HashThread::start();
+    let _feed = feed_all(&mut thread, &data[..1000]);
+    let mut ix = PlainIndexer::with_hash_thread(data.as_slice(), 1 << 20, thread);
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let got = ix.finish().unwrap();
+    // Only what was fed is digested: a reader that misses bytes shows as a wrong digest.
+    assert_eq!(
+        got.input,
+        Some(clip_seekable::InputDigest {
+            sha256: digest(&data[..1000]),
+            len: 1000
+        })
+    );
+
+    // Without a feed there is no input digest; a dropped indexer ends its thread.
+    assert_eq!(index(&blob, 1 << 20).input, None);
+    let mut thread = clip_seekable::HashThread::start();
+    let _feed = thread.input();
+    drop(GzipIndexer::with_hash_thread(blob.as_slice(), 1 << 20, thread).unwrap());
+}
