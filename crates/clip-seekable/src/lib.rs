@@ -25,6 +25,10 @@
 //! passes through there (module `chain`), so indexing hashes the stream once, not once for the
 //! `diff_id` and again for the spans.
 //!
+//! That hashing runs on one helper thread per layer ([`HashThread`]), beside the decoding
+//! thread; a caller that reads the blob can feed it the compressed bytes too ([`InputFeed`]) and
+//! gets the blob digest in [`LayerIndex::input`], without a third thread.
+//!
 //! CPU work only: no async, no network. The zlib calls live in one private module that owns the
 //! `z_stream` and is the crate's only `unsafe`.
 //!
