@@ -954,6 +954,13 @@ fn reusing(
     match store.put(&key, &bytes) {
         Ok(created) => {
             tracing::debug!(key, created, store = %store.describe(), "layer index stored");
+            // Indexes in an older encoding are never read again by this version. Stores that
+            // others share (S3) keep them for workers not yet upgraded (`discard`'s default).
+            if created {
+                for old in reuse::superseded_keys(&d.digest, span) {
+                    store.discard(&old);
+                }
+            }
         }
         Err(e) => {
             tracing::warn!(key, store = %store.describe(), error = %e, "could not store a layer index");

@@ -33,8 +33,18 @@ const MAX_WINDOW: usize = 1 << 17;
 /// The store key of the index of layer blob `digest` indexed with spans of `span` bytes.
 #[must_use]
 pub fn layer_key(digest: &str, span: u64) -> String {
+    versioned_key(digest, span, LAYER_INDEX_VERSION)
+}
+
+fn versioned_key(digest: &str, span: u64, version: u32) -> String {
     let d = digest.replace(':', "-");
-    format!("{d}.s{span}.v{LAYER_INDEX_VERSION}.cliplayer")
+    format!("{d}.s{span}.v{version}.cliplayer")
+}
+
+/// The keys earlier encodings used for the same layer and span: superseded once the current
+/// one is stored.
+pub(crate) fn superseded_keys(digest: &str, span: u64) -> impl Iterator<Item = String> {
+    (1..LAYER_INDEX_VERSION).map(move |v| versioned_key(digest, span, v))
 }
 
 /// Why stored layer-index bytes were rejected.

@@ -776,6 +776,22 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
         layer_store: Some(store.clone()),
         ..IndexOptions::default()
     };
+    // Indexes in an older encoding: the ones of layers indexed now are superseded and removed
+    // from this local store; another span's and another layer's stay.
+    let layers_dir = dir.path().join("layers");
+    std::fs::create_dir_all(&layers_dir).unwrap();
+    let old = |digest: &str, span: u64| {
+        layers_dir.join(format!("{}.s{span}.v1.cliplayer", digest.replace(':', "-")))
+    };
+    let first = a.manifests[0].layers[0].blob.digest.clone();
+    let unrelated = format!("sha256:{}", "ab".repeat(32));
+    for p in [
+        old(&first, 1 << 20),
+        old(&first, 4 << 20),
+        old(&unrelated, 1 << 20),
+    ] {
+        std::fs::write(p, b"old encoding").unwrap();
+    }
     let sa = clip_indexer::index_image_with(
         &pa.reference,
         &dir.path().join("a.clip"),
@@ -784,6 +800,13 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
         None,
     )
     .unwrap();
+    assert!(!old(&first, 1 << 20).exists());
+    assert!(old(&first, 4 << 20).exists() && old(&unrelated, 1 << 20).exists());
+    assert!(
+        layers_dir
+            .join(clip_indexer::layer_key(&first, 1 << 20))
+            .exists()
+    );
     assert_eq!(
         (
             sa.reused_layers,
