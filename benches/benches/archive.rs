@@ -56,8 +56,8 @@ fn tree() -> (Tree, Vec<Vec<u8>>) {
         }
     }
     let layer = LayerInfo {
-        digest: format!("sha256:{}", "1".repeat(64)),
-        diff_id: format!("sha256:{}", "2".repeat(64)),
+        digest: clip_format::Digest::sha256(b"blob"),
+        diff_id: clip_format::Digest::sha256(b"tar"),
         media: MediaKind::Gzip,
         single_frame: false,
         toc_indexed: false,
@@ -78,8 +78,10 @@ fn archive(c: &mut Criterion) {
     let layer = LAYER.with(|l| l.borrow().clone()).expect("layer");
     let meta = Meta {
         source: Some(Source {
-            manifest_digest: format!("sha256:{}", "3".repeat(64)),
-            ..Source::default()
+            manifest_digest: clip_format::Digest::sha256(b"manifest"),
+            registry: "127.0.0.1:5000".into(),
+            repository: "bench".into(),
+            reference: "127.0.0.1:5000/bench:latest".into(),
         }),
         ..Meta::default()
     };

@@ -14,7 +14,7 @@
 use std::hint::black_box;
 use std::io::Read;
 
-use clip_indexer::{IndexOptions, index_layout};
+use clip_indexer::{IndexOptions, Input, index};
 use clip_testkit::image::{Compression, Entry, Image, Layer, random_bytes, text_bytes};
 use clip_testkit::{ImageBuilder, ManifestFormat};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -108,7 +108,10 @@ fn bench(c: &mut Criterion) {
         ..IndexOptions::default()
     };
     g.bench_function("full_index_from_layout", |b| {
-        b.iter(|| black_box(index_layout(&layout, &out, &opts).expect("index").entries));
+        b.iter(|| {
+            let input = Input::Layout { dir: &layout };
+            black_box(index(input, &out, &opts, None).expect("index").entries)
+        });
     });
     g.finish();
 }

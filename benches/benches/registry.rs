@@ -24,10 +24,7 @@ fn bench(c: &mut Criterion) {
         .expect("runtime");
     let client = Client::new(ClientConfig::default()).expect("client");
     let data = Bytes::from(random_bytes(42, BLOB));
-    let digest = format!(
-        "sha256:{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data))
-    );
+    let digest = clip_format::Digest::sha256(&data);
     let r = Reference::parse(&format!("{}/bench/blob:x", registry.host())).expect("ref");
     rt.block_on(client.push_blob(&r, &digest, data))
         .expect("push");

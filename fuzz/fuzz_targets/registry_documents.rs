@@ -1,5 +1,5 @@
-//! Untrusted registry input: image references, manifests, indexes, image configs and docker
-//! credential configs are parsed into typed values or errors, never a panic.
+//! Untrusted registry input: image references, digests, platforms, manifests, indexes and image
+//! configs are parsed into typed values or errors, never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,11 +11,21 @@ fuzz_target!(|data: &[u8]| {
             let again = clip_registry::Reference::parse(&r.to_string()).expect("a normalised reference parses");
             assert_eq!(again, r);
         }
-        let _ = clip_registry::Platform::parse(s);
+        let _ = clip_registry::oci::parse_platform(s);
+        let _ = clip_format::Digest::parse(s);
     }
-    let _ = serde_json::from_slice::<clip_registry::oci::Manifest>(data);
-    let _ = serde_json::from_slice::<clip_registry::oci::Index>(data);
+    if let Ok(m) = serde_json::from_slice::<clip_registry::oci::Manifest>(data) {
+        for d in m.layers() {
+            let _ = clip_registry::oci::digest(d);
+        }
+    }
+    if let Ok(i) = serde_json::from_slice::<clip_registry::oci::Index>(data) {
+        for d in i.manifests() {
+            let _ = clip_registry::oci::digest(d);
+        }
+    }
     if let Ok(c) = serde_json::from_slice::<clip_registry::oci::Config>(data) {
-        let _ = c.to_image_config();
+        let _ = clip_registry::oci::image_config(&c);
+        let _ = clip_registry::oci::diff_ids(&c);
     }
 });

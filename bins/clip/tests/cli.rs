@@ -186,10 +186,10 @@ fn index_straight_from_a_registry() {
     assert_eq!(v["manifest_digest"], pushed.digest);
     assert_eq!(v["image"], pushed.reference);
     let o = clip(&["index", &pushed.reference, "-o", out.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!(
-        "unauthorized pulling team/app from {}",
-        reg.host()
-    )));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains(&format!("unauthorized for team/app on {}", reg.host()))
+    );
     drop(reg);
     let o = clip(&[
         "index",

@@ -11,11 +11,14 @@
 //! - **pull lazy**: fetch an archive, detect v1/v2, mount it once per image, and give each container
 //!   an overlay on top of the read-only mount.
 //!
-//! Available today: [`create_from_oci_image`] (the seed's `CreateFromOCIImage`: index an image
-//! straight from its registry into a v2 archive) and the capability crates re-exported as
-//! [`crate::format`], [`registry`], [`indexer`], [`extract`] and [`fs`] (the seed's `MountArchive`
-//! is [`fs::mount_archive`]). The image service (pull, build,
-//! PullLazy) arrives with its issue.
+//! The flows are [`service::ImageService`]'s methods (one file each under `service/`), over an
+//! [`service::ArchiveStore`] (a local directory or an S3 prefix) and one registry client and
+//! runtime per service. Containers on a mount are [`container`]'s overlays and OCI bundles.
+//!
+//! For embedding without the service: [`create_from_oci_image`] (the seed's
+//! `CreateFromOCIImage`: index an image straight from its registry into a v2 archive), and the
+//! capability crates re-exported as [`crate::format`], [`registry`], [`indexer`], [`archive`],
+//! [`extract`], [`fs`] and [`policy`] (the seed's `MountArchive` is [`fs::mount_archive`]).
 //!
 //! Start from `examples/embed_index_and_read.rs` (run by the test suite): index an image
 //! straight from its registry, mount it lazily, read one file.
@@ -33,10 +36,12 @@
 pub mod container;
 pub mod service;
 
+pub use clip_archive as archive;
 pub use clip_extract as extract;
 pub use clip_format as format;
 pub use clip_fs as fs;
 pub use clip_indexer as indexer;
+pub use clip_objstore as objstore;
 pub use clip_policy as policy;
 pub use clip_registry as registry;
 
@@ -93,15 +98,11 @@ pub fn create_from_oci_image(
     opts: &CreateFromOciImageOptions,
 ) -> Result<indexer::IndexSummary, Error> {
     let reference = registry::Reference::parse(&opts.image_ref)?;
-    let docker_config = registry::dockerconfig::default_path()
-        .map(|p| registry::dockerconfig::DockerConfig::load(&p))
-        .transpose()?
-        .map(std::sync::Arc::new);
     let mut cfg = registry::ClientConfig {
         insecure: opts.insecure_registries.clone(),
-        docker_config,
         ..Default::default()
-    };
+    }
+    .with_docker_config()?;
     if let Some((username, password)) = &opts.auth_config {
         cfg.credentials.push((
             reference.registry.clone(),
@@ -113,19 +114,25 @@ pub fn create_from_oci_image(
     }
     let platform = match &opts.platform {
         Some(p) => Some(
-            indexer::Platform::parse(p)
+            registry::oci::parse_platform(p)
                 .ok_or_else(|| Error::Option(format!("platform {p:?} is not os/arch[/variant]")))?,
         ),
         None => None,
     };
-    let client = registry::Client::new(cfg)?;
-    let span = opts.checkpoint_mib.unwrap_or(4).max(1) << 20;
-    Ok(indexer::index_image(
-        &opts.image_ref,
+    let client = registry::BlockingClient::new(cfg)?;
+    let index_opts = indexer::IndexOptions {
+        platform,
+        checkpoint_bytes: opts.checkpoint_mib.unwrap_or(4).max(1) << 20,
+        ..indexer::IndexOptions::default()
+    };
+    let input = indexer::Input::Registry {
+        reference: &opts.image_ref,
+        client: &client,
+    };
+    Ok(indexer::index(
+        input,
         &opts.output_path,
-        &client,
-        platform.as_ref(),
-        span,
+        &index_opts,
         opts.progress.as_deref(),
     )?)
 }

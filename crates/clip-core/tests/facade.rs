@@ -49,7 +49,7 @@ fn create_from_oci_image_indexes_a_private_image_with_progress() {
     let a = Archive::open(&opts.output_path).unwrap();
     assert_eq!(a.kind(), ArchiveKind::V2Oci);
     assert_eq!(
-        a.meta().source.as_ref().unwrap().manifest_digest,
+        a.meta().source.as_ref().unwrap().manifest_digest.as_str(),
         pushed.digest
     );
     assert_eq!(a.len(), summary.entries);

@@ -130,7 +130,10 @@ fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
         with_creds(config(dir.path(), 2), &reg, "secret"),
     );
     let (r2, logs) = with_logs(|| v2.pull_and_archive(&image).unwrap());
-    assert_eq!((r2.version, r2.fallback_reason.as_deref()), (2, None));
+    assert_eq!(
+        (r2.version.number(), r2.fallback_reason.as_deref()),
+        (2, None)
+    );
     assert!(
         logs.contains("Creating index-only archive directly from registry"),
         "{logs}"
@@ -147,7 +150,10 @@ fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
         with_creds(config(dir1.path(), 1), &reg, "secret"),
     );
     let (r1, logs) = with_logs(|| v1.pull_and_archive(&image).unwrap());
-    assert_eq!((r1.version, r1.fallback_reason.as_deref()), (1, None));
+    assert_eq!(
+        (r1.version.number(), r1.fallback_reason.as_deref()),
+        (1, None)
+    );
     assert!(logs.contains("Creating legacy archive (Clip v1)"), "{logs}");
     assert_eq!(r1.image_id, r2.image_id, "ids are stable across versions");
     assert!(r1.bytes > 3 << 20);
@@ -184,12 +190,12 @@ fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
 
     // The same pull again does no work; a damaged archive in the store is replaced.
     let (again, logs) = with_logs(|| v2.pull_and_archive(&image).unwrap());
-    assert!(again.reused && again.version == 2, "{again:?}");
+    assert!(again.reused && again.version.number() == 2, "{again:?}");
     assert!(logs.contains("archive already in the store"), "{logs}");
     let stored = std::path::PathBuf::from(&again.archive);
     std::fs::write(&stored, b"not an archive").unwrap();
     let (fixed, logs) = with_logs(|| v2.pull_and_archive(&image).unwrap());
-    assert!(!fixed.reused && fixed.version == 2, "{fixed:?}");
+    assert!(!fixed.reused && fixed.version.number() == 2, "{fixed:?}");
     assert!(logs.contains("stored archive is unreadable"), "{logs}");
     clip_core::format::Archive::open(&stored).unwrap();
 
@@ -200,7 +206,10 @@ fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
         ..with_creds(config(dir4.path(), 2), &reg, "secret")
     };
     let (r0, logs) = with_logs(|| service(dir4.path(), cfg).pull_and_archive(&image).unwrap());
-    assert_eq!((r0.version, r0.fallback_reason.as_deref()), (1, None));
+    assert_eq!(
+        (r0.version.number(), r0.fallback_reason.as_deref()),
+        (1, None)
+    );
     assert!(logs.contains("outside the v2 rollout"), "{logs}");
 
     // Wrong credentials: a clear error with the docker login hint.
@@ -249,7 +258,7 @@ fn build_v2_with_the_registry_up_then_run_it_in_a_container() {
     let svc = service(dir.path(), cfg);
     let (r, logs) = with_logs(|| svc.build_and_archive(&dockerfile, &ctx, &[]).unwrap());
     assert_eq!(
-        (r.version, r.fallback_reason.as_deref()),
+        (r.version.number(), r.fallback_reason.as_deref()),
         (2, None),
         "{logs}"
     );
@@ -313,7 +322,7 @@ fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
     };
     let svc = service(dir.path(), cfg);
     let (r, logs) = with_logs(|| svc.build_and_archive(&dockerfile, &ctx, &[]).unwrap());
-    assert_eq!(r.version, 1);
+    assert_eq!(r.version.number(), 1);
     let reason = r.fallback_reason.clone().unwrap();
     assert!(
         reason.contains("no registry configured") && reason.contains("refused"),
@@ -322,7 +331,7 @@ fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
     assert!(logs.contains("falling back to v1"), "{logs}");
     assert!(logs.contains("Creating legacy archive (Clip v1)"), "{logs}");
     let m = svc.pull_lazy(&r.image_id).unwrap();
-    assert_eq!(m.version, 1);
+    assert_eq!(m.version.number(), 1);
     assert!(m.mountpoint.join("data").is_dir());
 
     // A registry that refuses the push (wrong credentials): still a v1 archive, reason logged.
@@ -341,7 +350,7 @@ fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
         svc.build_and_archive(&dockerfile, &ctx, &[("V".into(), "2".into())])
             .unwrap()
     });
-    assert_eq!(r.version, 1, "{logs}");
+    assert_eq!(r.version.number(), 1, "{logs}");
     assert!(logs.contains("failed to push to registry"), "{logs}");
     assert!(
         r.fallback_reason
@@ -354,7 +363,7 @@ fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
     let r = svc
         .build_and_archive(&dockerfile, &ctx, &[("V".into(), "3".into())])
         .unwrap();
-    assert_eq!((r.version, r.fallback_reason), (1, None));
+    assert_eq!((r.version.number(), r.fallback_reason), (1, None));
 }
 
 #[test]
@@ -382,7 +391,7 @@ fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
         };
         let svc = service(dir.path(), cfg);
         let r = svc.pull_and_archive(&image).unwrap();
-        assert_eq!(r.version, version);
+        assert_eq!(r.version.number(), version);
         assert_eq!(
             r.archive,
             format!("s3://images/v{version}/{}.clip", r.image_id)
@@ -404,7 +413,7 @@ fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
         // Pulling again finds the archive in the store and does nothing else.
         let again = svc.pull_and_archive(&image).unwrap();
         assert!(
-            again.reused && again.version == version && again.archive == r.archive,
+            again.reused && again.version.number() == version && again.archive == r.archive,
             "{again:?}"
         );
         let (m, logs) = with_logs(|| svc.pull_lazy(&r.image_id).unwrap());

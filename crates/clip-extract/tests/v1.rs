@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use clip_extract::{Error, ExtractOptions, archive_image, archive_layout, extract};
+use clip_archive::{archive_image, archive_layout};
+use clip_extract::{Error, ExtractOptions, extract};
 use clip_testkit::image::{EdgeCaseOptions, edge_cases};
 use clip_testkit::{
     CompareOptions, Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry, Tree,
@@ -18,6 +19,16 @@ fn edge(compression: [Compression; 3]) -> ImageBuilder {
         devices: clip_testkit::is_root(),
         ..EdgeCaseOptions::default()
     }))
+}
+
+/// Indexes `reference` from its registry into a v2 archive at `out` (1 MiB spans).
+fn index_v2(reference: &str, out: &Path, client: &clip_registry::BlockingClient) {
+    let opts = clip_indexer::IndexOptions {
+        checkpoint_bytes: 1 << 20,
+        ..clip_indexer::IndexOptions::default()
+    };
+    let input = clip_indexer::Input::Registry { reference, client };
+    clip_indexer::index(input, out, &opts, None).unwrap();
 }
 
 fn assert_same(expected: &Tree, root: &Path) {
@@ -78,7 +89,8 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
         .unwrap()
         .push(&registry, "test/zstd", "t")
         .unwrap();
-    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
+    let client =
+        clip_registry::BlockingClient::new(clip_registry::ClientConfig::default()).unwrap();
     let out = dir.path().join("registry.clip");
     archive_image(
         &format!("{}/test/zstd:t", registry.host()),
@@ -99,15 +111,7 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
 
     // A v2 archive extracts by streaming each layer once from the registry.
     let v2 = dir.path().join("v2.clip");
-    clip_indexer::index_image(
-        &format!("{}/test/zstd:t", registry.host()),
-        &v2,
-        &client,
-        None,
-        1 << 20,
-        None,
-    )
-    .unwrap();
+    index_v2(&format!("{}/test/zstd:t", registry.host()), &v2, &client);
     let root = dir.path().join("from-v2");
     let s = extract(&v2, &root, &ExtractOptions::default()).unwrap();
     assert!(s.bytes > 6 << 20, "{s:?}");
@@ -145,15 +149,7 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
             .push(&registry, &format!("test/{name}"), "t")
             .unwrap();
         let toc = dir.path().join(format!("{name}.clip"));
-        clip_indexer::index_image(
-            &format!("{}/test/{name}:t", registry.host()),
-            &toc,
-            &client,
-            None,
-            1 << 20,
-            None,
-        )
-        .unwrap();
+        index_v2(&format!("{}/test/{name}:t", registry.host()), &toc, &client);
         assert!(
             clip_format::Archive::open(&toc)
                 .unwrap()
@@ -187,7 +183,7 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
 
     // Directory → v1 → extract round-trips the unpacked tree.
     let out = dir.path().join("dir.clip");
-    clip_extract::archive_rootfs(&root, &out, &clip_format::Meta::default()).unwrap();
+    clip_archive::archive_rootfs(&root, &out, &clip_format::Meta::default()).unwrap();
     let again = dir.path().join("again");
     extract(&out, &again, &ExtractOptions::default()).unwrap();
     assert_same(&expected, &again);

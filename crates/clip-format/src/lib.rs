@@ -33,8 +33,10 @@
 //! let mut tree = Tree::default();
 //! tree.insert(b"etc/hostname", NodeKind::File { size: 5, span: Some(LayerSpan::new(0, 512)) },
 //!             Metadata { mode: 0o644, ..Metadata::default() })?;
-//! let meta = Meta { source: Some(Source { manifest_digest: format!("sha256:{}", "0".repeat(64)), ..Source::default() }), ..Meta::default() };
-//! let layer = clip_format::LayerInfo { digest: "sha256:…".into(), diff_id: "sha256:…".into(),
+//! let manifest_digest = clip_format::Digest::sha256(b"{}");
+//! let meta = Meta { source: Some(Source { manifest_digest, registry: "127.0.0.1:5000".into(),
+//!     repository: "app".into(), reference: "127.0.0.1:5000/app:v1".into() }), ..Meta::default() };
+//! let layer = clip_format::LayerInfo { digest: clip_format::Digest::sha256(b"blob"), diff_id: clip_format::Digest::sha256(b"tar"),
 //!     media: clip_format::MediaKind::Tar, single_frame: false, toc_indexed: false, compressed_size: 2048, uncompressed_size: 2048, span_size: 0 };
 //! let path = dir.path().join("img.clip");
 //! write_v2(&path, &tree, &meta, &[layer], &[vec![]])?;
@@ -46,6 +48,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod digest;
+mod entry;
 mod error;
 pub mod layout;
 pub mod merge;
@@ -53,15 +57,18 @@ mod meta;
 mod read;
 pub mod sparse;
 pub mod tree;
+mod validate;
 mod write;
 
+pub use digest::{Digest, DigestMismatch, DigestParseError};
+pub use entry::Entry;
 pub use error::{Error, Result};
 pub use layout::{FORMAT_VERSION, MAGIC, SectionId};
 pub use meta::{
     Checkpoint, CheckpointKind, ImageConfig, LayerInfo, MediaKind, Meta, Remote, Source,
     sha256_bytes,
 };
-pub use read::{Archive, DataLocation, Entry, EntryKind, SectionInfo};
+pub use read::{Archive, DataLocation, EntryKind, SectionInfo};
 pub use sparse::{SparseMap, SparseReader};
 pub use tree::{LayerSpan, Metadata, NodeKind, Tree};
 pub use write::{V1Writer, WriteSummary, publish_bytes, write_v1_remote, write_v2};
@@ -93,6 +100,16 @@ impl ArchiveKind {
             _ => None,
         }
     }
+}
+
+/// The kind of archive whose first bytes are `head` (at least 11 of them), without opening or
+/// validating it — enough to list a store; `None` if it is not a `.clip` archive.
+#[must_use]
+pub fn peek_kind(head: &[u8]) -> Option<ArchiveKind> {
+    if head.len() < 11 || head[..8] != MAGIC {
+        return None;
+    }
+    ArchiveKind::from_code(head[10])
 }
 
 impl std::fmt::Display for ArchiveKind {

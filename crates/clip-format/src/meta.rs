@@ -34,16 +34,18 @@ pub struct ImageConfig {
 }
 
 /// Where a v2 archive's image lives: pinned by manifest digest, never only a tag.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     /// Registry host (and port), e.g. `docker.io` or `127.0.0.1:5000`.
+    #[serde(default)]
     pub registry: String,
     /// Repository, e.g. `library/ubuntu`.
+    #[serde(default)]
     pub repository: String,
-    /// `sha256:…` of the platform manifest the archive was built from.
-    pub manifest_digest: String,
+    /// The platform manifest the archive was built from.
+    pub manifest_digest: crate::Digest,
     /// The reference the user gave (informational: tags move).
+    #[serde(default)]
     pub reference: String,
 }
 
@@ -113,19 +115,16 @@ impl MediaKind {
 /// The 32 bytes of a `sha256:<hex>` digest; `None` for another algorithm or a malformed digest.
 #[must_use]
 pub fn sha256_bytes(digest: &str) -> Option<[u8; 32]> {
-    hex::decode(digest.strip_prefix("sha256:")?)
-        .ok()?
-        .try_into()
-        .ok()
+    crate::Digest::parse(digest).ok()?.sha256_bytes()
 }
 
 /// One layer of a v2 archive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LayerInfo {
-    /// Blob digest (`sha256:…`).
-    pub digest: String,
+    /// Blob digest.
+    pub digest: crate::Digest,
     /// Digest of the uncompressed tar.
-    pub diff_id: String,
+    pub diff_id: crate::Digest,
     /// Compression.
     pub media: MediaKind,
     /// A single zstd frame: no seek points, readers materialise the layer once.

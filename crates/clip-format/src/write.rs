@@ -397,7 +397,7 @@ pub fn write_v2(
         .source
         .as_ref()
         .ok_or_else(|| Error::InvalidMeta("a v2 archive needs a source".into()))?;
-    if !source.manifest_digest.starts_with("sha256:") {
+    if source.manifest_digest.algorithm() != "sha256" {
         return Err(Error::InvalidMeta(
             "the source must be pinned by a sha256 manifest digest".into(),
         ));
@@ -473,8 +473,18 @@ pub fn write_v2(
                 l.digest
             )));
         }
-        layer_bytes.extend_from_slice(&index.strings.add(l.digest.as_bytes())?.to_le_bytes());
-        layer_bytes.extend_from_slice(&index.strings.add(l.diff_id.as_bytes())?.to_le_bytes());
+        layer_bytes.extend_from_slice(
+            &index
+                .strings
+                .add(l.digest.as_str().as_bytes())?
+                .to_le_bytes(),
+        );
+        layer_bytes.extend_from_slice(
+            &index
+                .strings
+                .add(l.diff_id.as_str().as_bytes())?
+                .to_le_bytes(),
+        );
         layer_bytes.push(l.media.code());
         layer_bytes.push(
             u8::from(l.single_frame) | (u8::from(l.toc_indexed) << 1) | (u8::from(chained) << 2),

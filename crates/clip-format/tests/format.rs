@@ -12,9 +12,9 @@ use std::path::Path;
 
 use clip_format::layout::{HEADER_FIXED, SECTION_ROW};
 use clip_format::{
-    Archive, ArchiveKind, Checkpoint, CheckpointKind, DataLocation, EntryKind, Error, ImageConfig,
-    LayerInfo, LayerSpan, MediaKind, Meta, Metadata, NodeKind, SectionId, Source, Tree, V1Writer,
-    write_v1_remote, write_v2,
+    Archive, ArchiveKind, Checkpoint, CheckpointKind, DataLocation, Digest, EntryKind, Error,
+    ImageConfig, LayerInfo, LayerSpan, MediaKind, Meta, Metadata, NodeKind, SectionId, Source,
+    Tree, V1Writer, write_v1_remote, write_v2,
 };
 use proptest::prelude::*;
 
@@ -31,7 +31,7 @@ fn meta_v2() -> Meta {
         source: Some(Source {
             registry: "127.0.0.1:5000".into(),
             repository: "test/img".into(),
-            manifest_digest: format!("sha256:{}", "ab".repeat(32)),
+            manifest_digest: Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap(),
             reference: "127.0.0.1:5000/test/img:v1".into(),
         }),
         remote: None,
@@ -41,8 +41,8 @@ fn meta_v2() -> Meta {
 
 fn layer(size: u64) -> LayerInfo {
     LayerInfo {
-        digest: format!("sha256:{}", "cd".repeat(32)),
-        diff_id: format!("sha256:{}", "ef".repeat(32)),
+        digest: Digest::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap(),
+        diff_id: Digest::parse(&format!("sha256:{}", "ef".repeat(32))).unwrap(),
         media: MediaKind::Gzip,
         single_frame: false,
         toc_indexed: false,
@@ -524,10 +524,14 @@ fn writers_reject_invalid_trees() {
         "a v2 file needs a layer location"
     );
     let t = sample_tree(true);
+    // A tag cannot even be put where the digest goes (`Digest` is parsed); a digest other than
+    // sha256 is refused by the writer.
     let unpinned = Meta {
         source: Some(Source {
-            manifest_digest: "latest".into(),
-            ..Source::default()
+            manifest_digest: Digest::parse(&format!("sha512:{}", "ab".repeat(64))).unwrap(),
+            registry: String::new(),
+            repository: String::new(),
+            reference: String::new(),
         }),
         ..Meta::default()
     };

@@ -21,7 +21,7 @@ use crate::cache::{SpanCache, SpanFile};
 /// One layer's random-access index.
 #[derive(Debug)]
 pub(crate) struct Layer {
-    pub(crate) digest: String,
+    pub(crate) digest: clip_format::Digest,
     pub(crate) media: MediaKind,
     pub(crate) compressed_size: u64,
     pub(crate) uncompressed_size: u64,

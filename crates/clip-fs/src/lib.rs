@@ -71,10 +71,13 @@ pub enum Error {
     #[error("layer {layer}: span at uncompressed offset {offset} failed verification")]
     Verify {
         /// Layer digest.
-        layer: String,
+        layer: clip_format::Digest,
         /// Span offset.
         offset: u64,
     },
+    /// Fetched bytes do not match their digest.
+    #[error(transparent)]
+    Digest(#[from] clip_format::DigestMismatch),
     /// Bad options or an archive this build cannot serve.
     #[error("{0}")]
     Config(String),
@@ -103,8 +106,10 @@ pub struct MountOptions {
     pub cache_dir: PathBuf,
     /// Cache size bound in bytes (default 10 GiB).
     pub cache_bytes: u64,
-    /// Registry client settings (credentials, insecure hosts, CA, retries).
-    pub registry: clip_registry::ClientConfig,
+    /// The registry client (credentials, insecure hosts, CA, retries) and the runtime the mount
+    /// answers network reads on; share one with the caller's other work. Default: a new one with
+    /// the default settings and docker's credentials.
+    pub registry: Option<clip_registry::BlockingClient>,
     /// Read the image from this registry host instead of the one recorded (a mirror).
     pub registry_override: Option<String>,
     /// Spans fetched ahead of a sequential reader (0 = off).
@@ -118,7 +123,7 @@ pub struct MountOptions {
     /// Let other users (container processes) use the mount (`allow_other`).
     pub allow_other: bool,
     /// Object-store settings, for v1-remote archives.
-    pub remote: clip_extract::remote::RemoteOptions,
+    pub remote: clip_objstore::RemoteOptions,
     /// v2: after mounting, fetch every layer's spans in the background at most this many
     /// compressed bytes per second (`None`: off, the default).
     pub background_fetch: Option<u64>,
@@ -131,14 +136,14 @@ impl Default for MountOptions {
             mountpoint: PathBuf::new(),
             cache_dir: default_cache_dir(),
             cache_bytes: 10 << 30,
-            registry: clip_registry::ClientConfig::default(),
+            registry: None,
             registry_override: None,
             readahead_spans: 2,
             prefetch: None,
             record_profile: None,
             threads: 4,
             allow_other: true,
-            remote: clip_extract::remote::RemoteOptions::default(),
+            remote: clip_objstore::RemoteOptions::default(),
             background_fetch: None,
         }
     }
@@ -182,7 +187,8 @@ pub struct MountHandle {
     v1_remote: Option<Arc<remote::RemoteFiles>>,
     recording: Option<Recording>,
     prefetch: Option<tokio::task::JoinHandle<()>>,
-    runtime: Option<tokio::runtime::Runtime>,
+    background: Option<tokio::task::JoinHandle<()>>,
+    net: clip_registry::BlockingClient,
     served: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -239,8 +245,8 @@ impl MountHandle {
 
     /// Waits until the prefetch of the mount's profile (if any) has finished.
     pub fn wait_prefetch(&mut self) {
-        if let (Some(p), Some(rt)) = (self.prefetch.take(), self.runtime.as_ref()) {
-            let _ = rt.block_on(p);
+        if let Some(p) = self.prefetch.take() {
+            let _ = self.net.block_on(p);
         }
     }
 
@@ -263,7 +269,7 @@ impl MountHandle {
             .meta()
             .source
             .as_ref()
-            .map(|s| s.manifest_digest.clone())
+            .map(|s| s.manifest_digest.to_string())
             .unwrap_or_default();
         Some(recorder.profile(&image, |ino| {
             let e = inodes.entry(archive, ino)?;
@@ -295,8 +301,12 @@ impl MountHandle {
             tracing::info!(path = %path.display(), touches = p.touches.len(), "recorded prefetch profile");
         }
         self.recording = None;
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        // The runtime is shared: stop this mount's own tasks.
+        for task in [self.prefetch.take(), self.background.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
         result
     }
@@ -365,19 +375,19 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
     let started = std::time::Instant::now();
     clean_stale_mount(&options.mountpoint);
     let archive = Arc::new(Archive::open(&options.archive)?);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("clip-fs")
-        .enable_all()
-        .build()?;
+    let net = match &options.registry {
+        Some(n) => n.clone(),
+        None => clip_registry::BlockingClient::new(
+            clip_registry::ClientConfig::default().with_docker_config()?,
+        )?,
+    };
     let (data, v2, v1_remote) = match archive.kind() {
         ArchiveKind::V1Local => (fs::Data::V1Local, None, None),
         ArchiveKind::V2Oci => {
             let cache = Arc::new(SpanCache::open(&options.cache_dir, options.cache_bytes)?);
-            let client = clip_registry::Client::new(options.registry.clone())?;
             let src = Arc::new(layers::V2Source::new(
                 &archive,
-                client,
+                net.client().clone(),
                 cache,
                 options.registry_override.as_deref(),
             )?);
@@ -389,7 +399,7 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
                     Error::Config("v1-remote archive without a data object".into())
                 })?;
             let cache = Arc::new(SpanCache::open(&options.cache_dir, options.cache_bytes)?);
-            let object = clip_extract::remote::RemoteObject::open(&remote.url, &options.remote)
+            let object = clip_objstore::RemoteObject::open(&remote.url, &options.remote)
                 .map_err(|e| Error::Config(e.to_string()))?;
             let files = Arc::new(remote::RemoteFiles::new(object, remote.data_offset, cache));
             (fs::Data::V1Remote(Arc::clone(&files)), None, Some(files))
@@ -404,7 +414,7 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         Arc::clone(&archive),
         Arc::clone(&inodes),
         data,
-        runtime.handle().clone(),
+        net.handle().clone(),
         recorder.clone(),
         options.readahead_spans,
     );
@@ -438,12 +448,16 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         "mounted"
     );
     let prefetch = match (&options.prefetch, &v2) {
-        (Some(p), Some(src)) => Some(prefetch(&runtime, &archive, src, p)),
+        (Some(p), Some(src)) => Some(prefetch(net.handle(), &archive, src, p)),
         _ => None,
     };
-    if let (Some(rate), Some(src)) = (options.background_fetch, &v2) {
-        runtime.spawn(background_fetch(Arc::clone(src), rate.max(1)));
-    }
+    let background = match (options.background_fetch, &v2) {
+        (Some(rate), Some(src)) => Some(
+            net.handle()
+                .spawn(background_fetch(Arc::clone(src), rate.max(1))),
+        ),
+        _ => None,
+    };
     Ok(MountHandle {
         session: Some(session),
         mountpoint: options.mountpoint.clone(),
@@ -458,7 +472,8 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
                 inodes,
             }),
         prefetch,
-        runtime: Some(runtime),
+        background,
+        net,
         served,
     })
 }
@@ -492,7 +507,7 @@ async fn background_fetch(src: Arc<layers::V2Source>, rate: u64) {
 /// Maps a profile to spans (in first-touch order, no duplicates) and fetches them, several
 /// requests in flight, adjacent spans of a layer coalesced into one request.
 fn prefetch(
-    runtime: &tokio::runtime::Runtime,
+    runtime: &tokio::runtime::Handle,
     archive: &Archive,
     src: &Arc<layers::V2Source>,
     profile: &Profile,

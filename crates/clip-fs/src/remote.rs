@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use clip_extract::remote::RemoteObject;
+use clip_objstore::RemoteObject;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
@@ -104,12 +104,13 @@ impl RemoteFiles {
             .map_err(|e| Error::Fetch(e.to_string()))?;
         self.fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        if <[u8; 32]>::from(Sha256::digest(&bytes)) != *sha256 {
+        let found = clip_format::Digest::from_sha256(Sha256::digest(&bytes).into());
+        if let Err(e) = clip_format::Digest::from_sha256(*sha256).check(
+            format!("file at data offset {offset} of {}", self.object.url()),
+            found,
+        ) {
             self.verify_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::Verify {
-                layer: self.object.url().to_owned(),
-                offset,
-            });
+            return Err(e.into());
         }
         Ok(self.cache.insert(sha256, &bytes)?)
     }

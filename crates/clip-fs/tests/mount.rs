@@ -54,8 +54,16 @@ fn indexed(registry: Registry, image: &ImageBuilder, span: u64, cfg: ClientConfi
         .unwrap();
     let reference = format!("{}/test/app:t", registry.host());
     let archive = dir.path().join("app.clip");
-    let client = clip_registry::Client::new(cfg).unwrap();
-    clip_indexer::index_image(&reference, &archive, &client, None, span, None).unwrap();
+    let client = clip_registry::BlockingClient::new(cfg).unwrap();
+    let opts = clip_indexer::IndexOptions {
+        checkpoint_bytes: span,
+        ..clip_indexer::IndexOptions::default()
+    };
+    let input = clip_indexer::Input::Registry {
+        reference: &reference,
+        client: &client,
+    };
+    clip_indexer::index(input, &archive, &opts, None).unwrap();
     Fixture {
         dir,
         registry,
@@ -225,7 +233,7 @@ fn v1_local_mount_equals_umoci() {
         oracle::oracle_unpack(&registry, "test/app:t", &dir.path().join("oracle"), None).unwrap();
     let expected = Tree::scan(&rootfs).unwrap();
     let archive = dir.path().join("v1.clip");
-    clip_extract::archive_rootfs(&rootfs, &archive, &clip_format::Meta::default()).unwrap();
+    clip_archive::archive_rootfs(&rootfs, &archive, &clip_format::Meta::default()).unwrap();
     let mp = dir.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     let m = mount_archive(MountOptions {
@@ -332,7 +340,7 @@ fn registry_outage_fails_only_the_reads_then_recovers() {
     let m = f.mount(
         "mnt",
         MountOptions {
-            registry: fast,
+            registry: Some(clip_registry::BlockingClient::new(fast).unwrap()),
             readahead_spans: 0,
             ..MountOptions::default()
         },
@@ -468,7 +476,7 @@ fn five_second_tokens_are_refreshed_during_a_long_run() {
     let m = f.mount(
         "mnt",
         MountOptions {
-            registry: cfg,
+            registry: Some(clip_registry::BlockingClient::new(cfg).unwrap()),
             readahead_spans: 0,
             ..MountOptions::default()
         },
@@ -648,8 +656,8 @@ fn a_v1_remote_archive_in_s3_mounts_with_verified_files() {
         oracle::oracle_unpack(&registry, "test/app:t", &dir.path().join("oracle"), None).unwrap();
     let expected = Tree::scan(&rootfs).unwrap();
     let local = dir.path().join("v1.clip");
-    clip_extract::archive_rootfs(&rootfs, &local, &clip_format::Meta::default()).unwrap();
-    let remote = clip_extract::remote::RemoteOptions {
+    clip_archive::archive_rootfs(&rootfs, &local, &clip_format::Meta::default()).unwrap();
+    let remote = clip_objstore::RemoteOptions {
         endpoint: Some(s3.endpoint()),
         region: Some(s3.region().to_owned()),
         access_key_id: Some(s3.access_key().to_owned()),
@@ -657,7 +665,16 @@ fn a_v1_remote_archive_in_s3_mounts_with_verified_files() {
         path_style: true,
     };
     let meta = dir.path().join("v1-remote.clip");
-    clip_extract::remote::upload_v1(&local, "s3://images/app.clip", &meta, &remote, None).unwrap();
+    let net = clip_registry::BlockingClient::new(ClientConfig::default()).unwrap();
+    clip_archive::upload_v1(
+        net.handle(),
+        &local,
+        "s3://images/app.clip",
+        &meta,
+        &remote,
+        None,
+    )
+    .unwrap();
     let mp = dir.path().join("mnt");
     std::fs::create_dir(&mp).unwrap();
     let m = mount_archive(MountOptions {

@@ -15,6 +15,7 @@
 //! span, size and `diff_id` as the layer being indexed; anything else is ignored and the layer is
 //! indexed again.
 
+use clip_format::Digest;
 use std::io::Write as _;
 use std::path::PathBuf;
 
@@ -32,18 +33,21 @@ const MAX_WINDOW: usize = 1 << 17;
 
 /// The store key of the index of layer blob `digest` indexed with spans of `span` bytes.
 #[must_use]
-pub fn layer_key(digest: &str, span: u64) -> String {
+pub fn layer_key(digest: &Digest, span: u64) -> String {
     versioned_key(digest, span, LAYER_INDEX_VERSION)
 }
 
-fn versioned_key(digest: &str, span: u64, version: u32) -> String {
-    let d = digest.replace(':', "-");
-    format!("{d}.s{span}.v{version}.cliplayer")
+fn versioned_key(digest: &Digest, span: u64, version: u32) -> String {
+    format!(
+        "{}-{}.s{span}.v{version}.cliplayer",
+        digest.algorithm(),
+        digest.hex()
+    )
 }
 
 /// The keys earlier encodings used for the same layer and span: superseded once the current
 /// one is stored.
-pub(crate) fn superseded_keys(digest: &str, span: u64) -> impl Iterator<Item = String> {
+pub(crate) fn superseded_keys(digest: &Digest, span: u64) -> impl Iterator<Item = String> {
     (1..LAYER_INDEX_VERSION).map(move |v| versioned_key(digest, span, v))
 }
 
@@ -56,7 +60,7 @@ pub struct DecodeError(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredLayer {
     /// The layer blob digest it was built from.
-    pub digest: String,
+    pub digest: Digest,
     /// Compression of the blob.
     pub media: MediaKind,
     /// Indexed from an eStargz table of contents (virtual offsets).
@@ -81,7 +85,7 @@ pub fn encode(layer: &StoredLayer) -> Vec<u8> {
 
 /// [`encode`] from borrowed parts.
 pub(crate) fn encode_parts(
-    digest: &str,
+    digest: &Digest,
     media: MediaKind,
     toc_indexed: bool,
     entries: &[LayerEntry],
@@ -90,7 +94,7 @@ pub(crate) fn encode_parts(
     let mut w = Vec::with_capacity(1 << 16);
     w.extend_from_slice(MAGIC);
     put_u32(&mut w, LAYER_INDEX_VERSION);
-    put_bytes(&mut w, digest.as_bytes());
+    put_bytes(&mut w, digest.as_str().as_bytes());
     w.push(media.code());
     w.push(u8::from(toc_indexed));
     put_u64(&mut w, ix.compressed_size);
@@ -202,8 +206,10 @@ pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
     if version != LAYER_INDEX_VERSION {
         return Err(DecodeError(format!("unsupported version {version}")));
     }
-    let digest =
-        String::from_utf8(r.bytes(MAX_NAME)?.to_vec()).map_err(|_| bad("digest is not UTF-8"))?;
+    let digest = std::str::from_utf8(r.bytes(MAX_NAME)?)
+        .ok()
+        .and_then(|d| Digest::parse(d).ok())
+        .ok_or_else(|| bad("the layer digest is not a digest"))?;
     let media = MediaKind::from_code(r.u8()?).ok_or_else(|| bad("unknown media kind"))?;
     let toc_indexed = match r.u8()? {
         0 => false,

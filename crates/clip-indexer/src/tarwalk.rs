@@ -50,17 +50,30 @@ pub(crate) fn walk<R: Read + Seek>(
     large: u64,
 ) -> Result<(Vec<LayerEntry>, R), Error> {
     let bad = |reason: String| Error::Tar { layer, reason };
+    // A read error that is really the decompressor's (corrupt or truncated compressed data) is
+    // reported as such, typed; anything else the tar reader says is a tar error.
+    let from_io = |e: std::io::Error| {
+        if e.get_ref()
+            .is_some_and(<dyn std::error::Error + Send + Sync>::is::<clip_seekable::Error>)
+        {
+            Error::Layer {
+                layer: layer as usize,
+                digest: None,
+                source: clip_seekable::Error::from_io(e),
+            }
+        } else {
+            bad(e.to_string())
+        }
+    };
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
     // Where the last entry's data ends: the stream may end there (see below), not before.
     let mut data_end = 0u64;
     {
         // Seeking passes over file data without copying it out of the indexer.
-        let entries = archive
-            .entries_with_seek()
-            .map_err(|e| bad(e.to_string()))?;
+        let entries = archive.entries_with_seek().map_err(from_io)?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| bad(e.to_string()))?;
+            let mut entry = entry.map_err(from_io)?;
             let path = entry.path_bytes().into_owned();
             let shown = || String::from_utf8_lossy(&path).into_owned();
             let link = entry.link_name_bytes().map(std::borrow::Cow::into_owned);

@@ -41,7 +41,9 @@ use clip_format::{Checkpoint, CheckpointKind, LayerSpan, Metadata, NodeKind};
 use clip_seekable::LayerIndex;
 use sha2::{Digest as _, Sha256};
 
-use crate::{Error, oci};
+use clip_format::Digest;
+
+use crate::{Error, LayerDesc};
 
 /// The layer annotation naming the eStargz TOC digest.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -61,7 +63,7 @@ pub enum TocKind {
 
 /// The kind of TOC a layer's descriptor announces, if any.
 #[must_use]
-pub fn layer_toc(d: &oci::Descriptor) -> Option<TocKind> {
+pub fn layer_toc(d: &LayerDesc) -> Option<TocKind> {
     if toc_digest(d).is_some() {
         Some(TocKind::EStargz)
     } else if d.media_type.contains("zstd")
@@ -80,7 +82,7 @@ const MAX_TOC: u64 = 64 << 20;
 
 /// The TOC digest of an eStargz gzip layer, if its descriptor names one.
 #[must_use]
-pub fn toc_digest(d: &oci::Descriptor) -> Option<&str> {
+pub fn toc_digest(d: &LayerDesc) -> Option<&str> {
     d.annotations
         .get(TOC_DIGEST_ANNOTATION)
         .map(String::as_str)
@@ -343,9 +345,8 @@ fn zstd_entries(
 pub(crate) fn index_from_toc(
     fetch: &dyn Fn(Range<u64>) -> Result<Vec<u8>, Error>,
     layer: u32,
-    d: &oci::Descriptor,
+    d: &LayerDesc,
     toc_digest: &str,
-    diff_id: &str,
     span: u64,
 ) -> Result<TocLayer, Error> {
     let bad = |what: &str| Error::Image(format!("eStargz layer {}: {what}", d.digest));
@@ -382,14 +383,9 @@ pub(crate) fn index_from_toc(
     toc_entry
         .read_to_end(&mut json)
         .map_err(|e| bad(&e.to_string()))?;
-    let found = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
-    if found != toc_digest {
-        return Err(Error::Digest {
-            what: format!("eStargz TOC of layer {}", d.digest),
-            expected: toc_digest.to_owned(),
-            found,
-        });
-    }
+    Digest::parse(toc_digest)
+        .map_err(|e| bad(&format!("TOC digest annotation: {e}")))?
+        .verify(format!("eStargz TOC of layer {}", d.digest), &json)?;
     let field = |r: std::io::Result<u64>| r.map_err(|e| bad(&format!("TOC header: {e}")));
     let toc_meta = Metadata {
         mode: u32::try_from(field(toc_hdr.mode().map(u64::from))? & 0o7777).unwrap_or(0),
@@ -400,7 +396,7 @@ pub(crate) fn index_from_toc(
         xattrs: Vec::new(),
     };
     let (mut entries, mut checkpoints, virt) =
-        toc_entries(&json, layer, toc_at, &d.digest, TocKind::EStargz)?;
+        toc_entries(&json, layer, toc_at, d.digest.as_str(), TocKind::EStargz)?;
     // The TOC file: the whole TOC member is its span.
     entries.push(LayerEntry {
         path: TOC_NAME.to_vec(),
@@ -426,7 +422,10 @@ pub(crate) fn index_from_toc(
             checkpoints,
             compressed_size: d.size,
             uncompressed_size: virt + plain.len() as u64,
-            diff_id: clip_format::sha256_bytes(diff_id).ok_or_else(|| bad("bad diff_id"))?,
+            diff_id: d
+                .diff_id
+                .sha256_bytes()
+                .ok_or_else(|| bad("the diff_id is not a sha256"))?,
             members,
             span,
             input: None,
@@ -440,8 +439,7 @@ pub(crate) fn index_from_toc(
 pub(crate) fn index_from_zstd_chunked(
     fetch: &dyn Fn(Range<u64>) -> Result<Vec<u8>, Error>,
     layer: u32,
-    d: &oci::Descriptor,
-    diff_id: &str,
+    d: &LayerDesc,
     span: u64,
 ) -> Result<TocLayer, Error> {
     let bad = |what: &str| Error::Image(format!("zstd:chunked layer {}: {what}", d.digest));
@@ -474,19 +472,22 @@ pub(crate) fn index_from_zstd_chunked(
         return Err(bad("manifest position out of range"));
     }
     let compressed = fetch(offset..offset + length)?;
-    let found = format!("sha256:{}", hex::encode(Sha256::digest(&compressed)));
-    if &found != checksum {
-        return Err(Error::Digest {
-            what: format!("zstd:chunked manifest of layer {}", d.digest),
-            expected: checksum.clone(),
-            found,
-        });
-    }
+    Digest::parse(checksum)
+        .map_err(|e| bad(&format!("manifest checksum annotation: {e}")))?
+        .verify(
+            format!("zstd:chunked manifest of layer {}", d.digest),
+            &compressed,
+        )?;
     let cap = usize::try_from(plain_len).map_err(|_| bad("manifest too large"))?;
     let json =
         zstd::bulk::decompress(&compressed, cap).map_err(|e| bad(&format!("manifest: {e}")))?;
-    let (entries, checkpoints, virt) =
-        toc_entries(&json, layer, offset, &d.digest, TocKind::ZstdChunked)?;
+    let (entries, checkpoints, virt) = toc_entries(
+        &json,
+        layer,
+        offset,
+        d.digest.as_str(),
+        TocKind::ZstdChunked,
+    )?;
     let members = u32::try_from(checkpoints.len()).unwrap_or(u32::MAX);
     Ok(TocLayer {
         entries,
@@ -494,7 +495,10 @@ pub(crate) fn index_from_zstd_chunked(
             checkpoints,
             compressed_size: d.size,
             uncompressed_size: virt,
-            diff_id: clip_format::sha256_bytes(diff_id).ok_or_else(|| bad("bad diff_id"))?,
+            diff_id: d
+                .diff_id
+                .sha256_bytes()
+                .ok_or_else(|| bad("the diff_id is not a sha256"))?,
             members,
             span,
             input: None,
@@ -634,10 +638,11 @@ mod tests {
 mod toc_tests {
     #![allow(clippy::unwrap_used)]
     use super::{TOC_DIGEST_ANNOTATION, index_from_toc};
-    use crate::{Error, oci};
+    use crate::{Error, LayerDesc};
+    use clip_format::Digest;
     use clip_testkit::image::{Entry, Layer, write_tar};
 
-    fn sample() -> (clip_testkit::estargz::EStargz, oci::Descriptor, String) {
+    fn sample() -> (clip_testkit::estargz::EStargz, LayerDesc) {
         let tar = write_tar(&Layer::new(vec![
             Entry::dir("a"),
             Entry::file("a/big", clip_testkit::image::text_bytes(1, 300_000)),
@@ -646,26 +651,26 @@ mod toc_tests {
         ]))
         .unwrap();
         let e = clip_testkit::estargz::build(&tar, 100_000).unwrap();
-        let mut d = oci::Descriptor {
+        let mut d = LayerDesc {
+            index: 0,
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-            digest: clip_testkit::image::sha256_digest(&e.blob),
+            digest: Digest::sha256(&e.blob),
             size: e.blob.len() as u64,
-            platform: None,
             annotations: std::collections::BTreeMap::new(),
+            diff_id: Digest::sha256(&e.tar),
         };
         d.annotations
             .insert(TOC_DIGEST_ANNOTATION.into(), e.toc_digest.clone());
-        let diff_id = clip_testkit::image::sha256_digest(&e.tar);
-        (e, d, diff_id)
+        (e, d)
     }
 
     #[test]
     fn chunks_become_verified_spans_and_damage_is_refused() {
-        let (e, d, diff_id) = sample();
+        let (e, d) = sample();
         let fetch = |r: std::ops::Range<u64>| -> Result<Vec<u8>, Error> {
             Ok(e.blob[r.start as usize..r.end as usize].to_vec())
         };
-        let t = index_from_toc(&fetch, 0, &d, &e.toc_digest, &diff_id, 4 << 20).unwrap();
+        let t = index_from_toc(&fetch, 0, &d, &e.toc_digest, 4 << 20).unwrap();
         // 3 chunks of a/big, then the TOC member.
         assert_eq!(t.index.checkpoints.len(), 4);
         assert_eq!(t.entries.len(), 5, "4 entries and stargz.index.json");
@@ -680,25 +685,18 @@ mod toc_tests {
             t.index.verify_span(k, &span).unwrap();
         }
         // A TOC that is not the annotated one, a missing footer, a short blob.
-        let err = index_from_toc(
-            &fetch,
-            0,
-            &d,
-            &format!("sha256:{}", "0".repeat(64)),
-            &diff_id,
-            1,
-        )
-        .err()
-        .unwrap();
-        assert!(matches!(err, Error::Digest { .. }), "{err}");
+        let err = index_from_toc(&fetch, 0, &d, &format!("sha256:{}", "0".repeat(64)), 1)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::Digest(_)), "{err}");
         let cut = |r: std::ops::Range<u64>| -> Result<Vec<u8>, Error> {
             Ok(e.blob[r.start as usize..(r.end as usize).min(e.blob.len() - 1)].to_vec())
         };
-        assert!(index_from_toc(&cut, 0, &d, &e.toc_digest, &diff_id, 1).is_err());
-        let small = oci::Descriptor {
+        assert!(index_from_toc(&cut, 0, &d, &e.toc_digest, 1).is_err());
+        let small = LayerDesc {
             size: 40,
             ..d.clone()
         };
-        assert!(index_from_toc(&fetch, 0, &small, &e.toc_digest, &diff_id, 1).is_err());
+        assert!(index_from_toc(&fetch, 0, &small, &e.toc_digest, 1).is_err());
     }
 }

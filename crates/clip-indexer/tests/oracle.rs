@@ -6,12 +6,52 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use clip_format::Digest;
 use clip_format::{Archive, DataLocation, EntryKind, MediaKind};
-use clip_indexer::{Error, IndexOptions, Platform, index_layout};
+use clip_indexer::{Error, IndexOptions, IndexSummary, Input, ProgressFn, index};
+use clip_registry::BlockingClient;
 use clip_testkit::image::{Compression, EdgeCaseOptions, Entry, Image, Layer, edge_cases};
 use clip_testkit::tree::{Node, NodeKind};
 use clip_testkit::{CompareOptions, ImageBuilder, ManifestFormat, Tree, oracle};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
+
+/// Indexes the OCI layout at `layout` into a v2 archive at `out`.
+fn index_layout(
+    layout: &Path,
+    out: &Path,
+    opts: &IndexOptions,
+) -> clip_indexer::Result<IndexSummary> {
+    index(Input::Layout { dir: layout }, out, opts, None)
+}
+
+/// Indexes `reference` from its registry into a v2 archive at `out`.
+fn index_image_with(
+    reference: &str,
+    out: &Path,
+    client: &BlockingClient,
+    opts: &IndexOptions,
+    progress: Option<&ProgressFn<'_>>,
+) -> clip_indexer::Result<IndexSummary> {
+    index(Input::Registry { reference, client }, out, opts, progress)
+}
+
+/// The same with 1 MiB spans and no layer store.
+fn index_image(
+    reference: &str,
+    out: &Path,
+    client: &BlockingClient,
+    progress: Option<&ProgressFn<'_>>,
+) -> clip_indexer::Result<IndexSummary> {
+    let opts = IndexOptions {
+        checkpoint_bytes: 1 << 20,
+        ..IndexOptions::default()
+    };
+    index_image_with(reference, out, client, &opts, progress)
+}
+
+fn client() -> BlockingClient {
+    BlockingClient::new(clip_registry::ClientConfig::default()).unwrap()
+}
 
 /// Reads archive file contents the way the lazy reader does: a whole span is decoded once from
 /// its checkpoint, verified against its digest and cached; files are sliced out of cached spans.
@@ -24,14 +64,10 @@ struct SpanReader {
 impl SpanReader {
     fn read(&mut self, a: &Archive, layout: &Path, layer: u32, offset: u64, len: u64) -> Vec<u8> {
         let info = a.layers()[layer as usize].clone();
-        let blob = self.blobs.entry(layer).or_insert_with(|| {
-            std::fs::read(
-                layout
-                    .join("blobs/sha256")
-                    .join(info.digest.trim_start_matches("sha256:")),
-            )
-            .unwrap()
-        });
+        let blob = self
+            .blobs
+            .entry(layer)
+            .or_insert_with(|| std::fs::read(layout.join(info.digest.blob_path())).unwrap());
         if info.media == MediaKind::Tar {
             return blob[offset as usize..(offset + len) as usize].to_vec();
         }
@@ -146,7 +182,7 @@ fn check(image: &ImageBuilder, span: u64, platform: Option<&str>) {
     let out = dir.path().join("img.clip");
     let opts = IndexOptions {
         tag: Some("t".into()),
-        platform: platform.map(|p| Platform::parse(p).unwrap()),
+        platform: platform.map(|p| clip_registry::oci::parse_platform(p).unwrap()),
         checkpoint_bytes: span,
         registry: "127.0.0.1:5000".into(),
         repository: "test/edge".into(),
@@ -569,18 +605,10 @@ fn indexing_straight_from_a_registry_matches_umoci() {
     let pushed = built.push(&registry, "test/direct", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("direct.clip");
-    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
+    let client = client();
     let events = std::sync::Mutex::new(Vec::new());
     let record = |p: &clip_indexer::Progress| events.lock().unwrap().push(p.clone());
-    let summary = clip_indexer::index_image(
-        &pushed.reference,
-        &out,
-        &client,
-        None,
-        1 << 20,
-        Some(&record),
-    )
-    .unwrap();
+    let summary = index_image(&pushed.reference, &out, &client, Some(&record)).unwrap();
     let events = events.into_inner().unwrap();
     assert!(
         matches!(
@@ -619,15 +647,8 @@ fn indexing_straight_from_a_registry_matches_umoci() {
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
     // And an unreachable registry is a clear error, with nothing published.
     drop(registry);
-    let err = clip_indexer::index_image(
-        &pushed.reference,
-        &dir.path().join("x.clip"),
-        &client,
-        None,
-        1 << 20,
-        None,
-    )
-    .unwrap_err();
+    let err =
+        index_image(&pushed.reference, &dir.path().join("x.clip"), &client, None).unwrap_err();
     assert!(err.to_string().contains("is not reachable"), "{err}");
     assert!(!dir.path().join("x.clip").exists());
 }
@@ -721,7 +742,7 @@ impl clip_indexer::LayerIndexStore for Counting {
 }
 
 /// GET requests for blob `digest` in the registry's access log.
-fn blob_gets(registry: &clip_testkit::Registry, digest: &str) -> usize {
+fn blob_gets(registry: &clip_testkit::Registry, digest: impl std::fmt::Display) -> usize {
     registry
         .log()
         .lines()
@@ -765,7 +786,7 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     let pa = a.push(&registry, "test/base", "v1").unwrap();
     let pb = b.push(&registry, "test/derived", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
+    let client = client();
     let store = std::sync::Arc::new(Counting {
         inner: clip_indexer::DirLayerStore::new(dir.path().join("layers")),
         hits: 0.into(),
@@ -780,11 +801,15 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     // from this local store; another span's and another layer's stay.
     let layers_dir = dir.path().join("layers");
     std::fs::create_dir_all(&layers_dir).unwrap();
-    let old = |digest: &str, span: u64| {
-        layers_dir.join(format!("{}.s{span}.v1.cliplayer", digest.replace(':', "-")))
+    let old = |digest: &Digest, span: u64| {
+        layers_dir.join(format!(
+            "{}-{}.s{span}.v1.cliplayer",
+            digest.algorithm(),
+            digest.hex()
+        ))
     };
-    let first = a.manifests[0].layers[0].blob.digest.clone();
-    let unrelated = format!("sha256:{}", "ab".repeat(32));
+    let first = Digest::parse(&a.manifests[0].layers[0].blob.digest).unwrap();
+    let unrelated = Digest::sha256(b"unrelated");
     for p in [
         old(&first, 1 << 20),
         old(&first, 4 << 20),
@@ -792,7 +817,7 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     ] {
         std::fs::write(p, b"old encoding").unwrap();
     }
-    let sa = clip_indexer::index_image_with(
+    let sa = index_image_with(
         &pa.reference,
         &dir.path().join("a.clip"),
         &client,
@@ -816,7 +841,7 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     );
 
     // The derived image: only its top layer is fetched.
-    let lower: Vec<String> = Archive::open(&dir.path().join("a.clip"))
+    let lower: Vec<Digest> = Archive::open(&dir.path().join("a.clip"))
         .unwrap()
         .layers()
         .iter()
@@ -826,9 +851,7 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     let events = std::sync::Mutex::new(Vec::new());
     let record = |p: &clip_indexer::Progress| events.lock().unwrap().push(p.clone());
     let reused = dir.path().join("b-reused.clip");
-    let sb =
-        clip_indexer::index_image_with(&pb.reference, &reused, &client, &with_store, Some(&record))
-            .unwrap();
+    let sb = index_image_with(&pb.reference, &reused, &client, &with_store, Some(&record)).unwrap();
     assert_eq!(sb.reused_layers, 3);
     assert_eq!(store.hits.load(std::sync::atomic::Ordering::SeqCst), 3);
     let after: Vec<usize> = lower.iter().map(|d| blob_gets(&registry, d)).collect();
@@ -845,7 +868,7 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
 
     // Byte for byte the archive indexing every layer writes, and what umoci unpacks.
     let fresh = dir.path().join("b-fresh.clip");
-    clip_indexer::index_image(&pb.reference, &fresh, &client, None, 1 << 20, None).unwrap();
+    index_image(&pb.reference, &fresh, &client, None).unwrap();
     assert!(std::fs::read(&reused).unwrap() == std::fs::read(&fresh).unwrap());
     let layout = dir.path().join("layout");
     b.write_oci_layout(&layout, "v1").unwrap();
@@ -875,14 +898,12 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     std::fs::write(layers_dir.join(&keys[0]), damaged).unwrap();
     std::fs::copy(layers_dir.join(&keys[2]), layers_dir.join(&keys[1])).unwrap();
     let again = dir.path().join("b-again.clip");
-    let sc =
-        clip_indexer::index_image_with(&pb.reference, &again, &client, &with_store, None).unwrap();
+    let sc = index_image_with(&pb.reference, &again, &client, &with_store, None).unwrap();
     // Layer 2 and the top layer (stored by the run before) are reused.
     assert_eq!(sc.reused_layers, 2);
     assert!(std::fs::read(&again).unwrap() == std::fs::read(&fresh).unwrap());
     // The bad ones were replaced: now every layer is reused.
-    let sd =
-        clip_indexer::index_image_with(&pb.reference, &again, &client, &with_store, None).unwrap();
+    let sd = index_image_with(&pb.reference, &again, &client, &with_store, None).unwrap();
     assert_eq!(sd.reused_layers, 4);
     assert!(std::fs::read(&again).unwrap() == std::fs::read(&fresh).unwrap());
 }
@@ -961,9 +982,8 @@ fn estargz_layers_are_indexed_from_their_toc_and_match_umoci() {
     let pushed = built.push(&registry, "test/estargz", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("e.clip");
-    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
-    let summary =
-        clip_indexer::index_image(&pushed.reference, &out, &client, None, 1 << 20, None).unwrap();
+    let client = client();
+    let summary = index_image(&pushed.reference, &out, &client, None).unwrap();
     let a = Archive::open(&out).unwrap();
     let layer_bytes: u64 = a.layers().iter().map(|l| l.compressed_size).sum();
     assert_eq!(summary.toc_layers, 3, "{summary:?}");
@@ -1026,9 +1046,8 @@ fn zstd_chunked_layers_are_indexed_from_their_manifest_and_match_umoci() {
     twin.push(&registry, "test/twin", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("z.clip");
-    let client = clip_registry::Client::new(clip_registry::ClientConfig::default()).unwrap();
-    let summary =
-        clip_indexer::index_image(&pushed.reference, &out, &client, None, 1 << 20, None).unwrap();
+    let client = client();
+    let summary = index_image(&pushed.reference, &out, &client, None).unwrap();
     let a = Archive::open(&out).unwrap();
     assert_eq!(summary.toc_layers, 3, "{summary:?}");
     assert!(

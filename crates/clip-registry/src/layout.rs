@@ -4,33 +4,31 @@
 use std::io::Write as _;
 use std::path::Path;
 
+use clip_format::Digest;
 use sha2::{Digest as _, Sha256};
 
 use crate::client::{Client, ResolvedImage};
-use crate::{Error, Platform, Reference};
+use crate::{Error, Reference, oci};
 
 /// Largest config blob accepted.
 const MAX_CONFIG: usize = 4 << 20;
 
-fn io_err(what: &str, path: &Path, e: &std::io::Error) -> Error {
-    Error::Config(format!("{what} {}: {e}", path.display()))
+fn io_err(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
+    let path = path.to_owned();
+    move |source| Error::Io {
+        context,
+        path,
+        source,
+    }
 }
 
 /// Writes `bytes` as blob `digest` of the layout (temp file, then rename).
-fn put_blob(dir: &Path, digest: &str, bytes: &[u8]) -> Result<(), Error> {
-    let path = blob_path(dir, digest)?;
+fn put_blob(dir: &Path, digest: &Digest, bytes: &[u8]) -> Result<(), Error> {
+    let path = dir.join(digest.blob_path());
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| io_err("writing", &path, &e))
-}
-
-fn blob_path(dir: &Path, digest: &str) -> Result<std::path::PathBuf, Error> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| Error::Config(format!("unsupported digest {digest:?}")))?;
-    Ok(dir.join("blobs/sha256").join(hex))
+        .map_err(io_err("writing", &path))
 }
 
 impl Client {
@@ -41,25 +39,28 @@ impl Client {
     pub async fn pull_layout(
         &self,
         r: &Reference,
-        platform: Option<&Platform>,
+        platform: Option<&oci::Platform>,
         dir: &Path,
         tag: &str,
     ) -> Result<ResolvedImage, Error> {
         let image = self.resolve(r, platform).await?;
-        let (manifest_bytes, media, digest) = self.manifest(r, &image.manifest_digest).await?;
-        std::fs::create_dir_all(dir.join("blobs/sha256"))
-            .map_err(|e| io_err("creating", dir, &e))?;
+        let (manifest_bytes, media, digest) =
+            self.manifest(r, image.manifest_digest.as_str()).await?;
+        std::fs::create_dir_all(dir.join("blobs/sha256")).map_err(io_err("creating", dir))?;
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-            .map_err(|e| io_err("writing", dir, &e))?;
+            .map_err(io_err("writing", dir))?;
+        let config_digest = oci::digest(image.manifest.config())?;
         let config = self
-            .blob_bytes(&image.reference, &image.manifest.config.digest, MAX_CONFIG)
+            .blob_bytes(&image.reference, &config_digest, MAX_CONFIG)
             .await?;
-        put_blob(dir, &image.manifest.config.digest, &config)?;
-        let pulls = image
-            .manifest
-            .layers
+        put_blob(dir, &config_digest, &config)?;
+        let mut layers = Vec::new();
+        for l in image.manifest.layers() {
+            layers.push((oci::digest(l)?, l.size()));
+        }
+        let pulls = layers
             .iter()
-            .map(|l| self.pull_blob(&image.reference, &l.digest, l.size, dir));
+            .map(|(d, size)| self.pull_blob(&image.reference, d, *size, dir));
         for r in futures_util::future::join_all(pulls).await {
             r?;
         }
@@ -68,7 +69,11 @@ impl Client {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
             "manifests": [{
-                "mediaType": if media.is_empty() { image.manifest.media_type.clone() } else { media },
+                "mediaType": if media.is_empty() {
+                    image.manifest.media_type().as_ref().map(ToString::to_string).unwrap_or_default()
+                } else {
+                    media
+                },
                 "digest": digest,
                 "size": manifest_bytes.len(),
                 "annotations": {"org.opencontainers.image.ref.name": tag},
@@ -78,25 +83,25 @@ impl Client {
         let tmp = dir.join("index.json.partial");
         std::fs::write(&tmp, index.to_string())
             .and_then(|()| std::fs::rename(&tmp, &index_path))
-            .map_err(|e| io_err("writing", &index_path, &e))?;
+            .map_err(io_err("writing", &index_path))?;
         Ok(image)
     }
 
     async fn pull_blob(
         &self,
         r: &Reference,
-        digest: &str,
+        digest: &Digest,
         size: u64,
         dir: &Path,
     ) -> Result<(), Error> {
-        let path = blob_path(dir, digest)?;
+        let path = dir.join(digest.blob_path());
         if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
             return Ok(());
         }
         let tmp = path.with_extension(format!("partial.{}", std::process::id()));
         let mut file = std::io::BufWriter::with_capacity(
             1 << 20,
-            std::fs::File::create(&tmp).map_err(|e| io_err("creating", &tmp, &e))?,
+            std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?,
         );
         let mut hasher = Sha256::new();
         let mut write_error = None;
@@ -116,18 +121,20 @@ impl Client {
         let result = (|| {
             let n = got?;
             if let Some(e) = write_error {
-                return Err(io_err("writing", &tmp, &e));
+                return Err(io_err("writing", &tmp)(e));
             }
-            file.flush().map_err(|e| io_err("writing", &tmp, &e))?;
-            let found = format!("sha256:{}", hex::encode(hasher.finalize()));
-            if found != digest || n != size {
-                return Err(Error::Digest {
-                    what: format!("layer blob ({n} of {size} bytes)"),
-                    expected: digest.into(),
-                    found,
+            file.flush().map_err(io_err("writing", &tmp))?;
+            digest.check(
+                format!("layer blob ({n} of {size} bytes)"),
+                Digest::of_hasher(hasher),
+            )?;
+            if n != size {
+                return Err(Error::Protocol {
+                    url: format!("{r} blob {digest}"),
+                    reason: format!("{n} bytes where the manifest says {size}"),
                 });
             }
-            std::fs::rename(&tmp, &path).map_err(|e| io_err("publishing", &path, &e))
+            std::fs::rename(&tmp, &path).map_err(io_err("publishing", &path))
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);

@@ -38,35 +38,33 @@
 //! use clip_registry::{Client, ClientConfig, Reference};
 //! let client = Client::new(ClientConfig::default())?;
 //! let image = client.resolve(&Reference::parse("127.0.0.1:5000/app:latest")?, None).await?;
-//! let first = &image.manifest.layers[0];
-//! let head = client.read_range(&image.reference, &first.digest, 0..512).await?;
-//! assert_eq!(head.len(), 512.min(first.size as usize));
+//! let first = &image.manifest.layers()[0];
+//! let digest = clip_registry::oci::digest(first)?;
+//! let head = client.read_range(&image.reference, &digest, 0..512).await?;
+//! assert_eq!(head.len(), 512.min(first.size() as usize));
 //! # Ok(()) }
 //! ```
 
+mod auth;
+mod blocking;
 mod client;
 pub mod dockerconfig;
 mod layout;
 pub mod oci;
+mod pull;
 mod push;
 mod reference;
+mod transport;
 
+pub use blocking::BlockingClient;
 pub use client::{
-    ACCEPT_MANIFESTS, BlobReader, Client, ClientConfig, Credentials, MAX_DOCUMENT, ResolvedImage,
-    RetryPolicy, is_loopback,
+    ACCEPT_MANIFESTS, Client, ClientConfig, Credentials, MAX_DOCUMENT, ResolvedImage, RetryPolicy,
+    is_loopback,
 };
 pub use oci::Platform;
+pub use pull::BlobReader;
 pub use push::CHUNK;
 pub use reference::{DOCKER_HUB, Reference};
-
-/// The small runtime (two worker threads, I/O and timers) that blocking entry points — indexing,
-/// archiving, extracting, the image service — build to drive a [`Client`].
-pub fn blocking_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-}
 
 /// What went wrong talking to a registry.
 #[derive(Debug, thiserror::Error)]
@@ -88,9 +86,9 @@ pub enum Error {
         /// Transport error.
         reason: String,
     },
-    /// Credentials are missing or wrong.
+    /// Credentials are missing or wrong. The one place the `docker login` hint is written.
     #[error(
-        "unauthorized pulling {repository} from {host}: run `docker login {host}` or configure credentials"
+        "unauthorized for {repository} on {host}: run `docker login {host}` or configure credentials for it (imageService.registries, --creds)"
     )]
     Unauthorized {
         /// Host.
@@ -109,14 +107,21 @@ pub enum Error {
         host: String,
     },
     /// Bytes do not match their digest.
-    #[error("{what} does not match its digest: expected {expected}, found {found}")]
-    Digest {
-        /// Which bytes.
-        what: String,
-        /// Expected digest.
-        expected: String,
-        /// Actual digest.
-        found: String,
+    #[error(transparent)]
+    Digest(#[from] clip_format::DigestMismatch),
+    /// A document names something clip cannot use (a digest algorithm, a media type).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A local file (an OCI layout being read or written) failed.
+    #[error("{context} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// The registry answered something the protocol does not allow.
     #[error("unexpected answer from {url}: {reason}")]

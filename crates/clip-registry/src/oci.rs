@@ -1,177 +1,158 @@
-//! The few OCI image-spec documents the indexer reads (untrusted JSON, parsed with size limits).
+//! OCI image-spec documents, as `oci-spec` models them, and the few things clip asks of them.
+//!
+//! Manifests, indexes (Docker manifest lists too), image configs, descriptors, platforms and
+//! media types are `oci-spec`'s types, parsed from untrusted JSON under size limits by the
+//! client. This module adds what clip needs on top: turning a descriptor's digest into a
+//! verifiable [`Digest`], choosing a platform, and reading an image config into the archive's
+//! [`clip_format::ImageConfig`].
 
-use std::collections::BTreeMap;
+pub use oci_spec::image::{
+    Arch, Descriptor, ImageConfiguration as Config, ImageIndex as Index, ImageManifest as Manifest,
+    MediaType, Os, Platform,
+};
 
-use serde::Deserialize;
+use clip_format::Digest;
 
-/// A content descriptor.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    /// Media type.
-    #[serde(default)]
-    pub media_type: String,
-    /// `sha256:…`.
-    pub digest: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Platform (in indexes).
-    #[serde(default)]
-    pub platform: Option<Platform>,
-    /// Annotations.
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
+use crate::Error;
+
+/// Media type of a Docker manifest list (OCI calls it an image index).
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Whether `media` names an image index or a Docker manifest list.
+#[must_use]
+pub fn is_index(media: &MediaType) -> bool {
+    matches!(media, MediaType::ImageIndex) || media.to_string() == DOCKER_MANIFEST_LIST
 }
 
-/// A platform.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-pub struct Platform {
-    /// e.g. `linux`.
-    #[serde(default)]
-    pub os: String,
-    /// e.g. `amd64`.
-    #[serde(default)]
-    pub architecture: String,
-    /// e.g. `v8`.
-    #[serde(default)]
-    pub variant: Option<String>,
+/// The descriptor's digest as one clip can verify (sha256 or sha512); any other algorithm is
+/// an error naming it.
+pub fn digest(d: &Descriptor) -> Result<Digest, Error> {
+    Digest::parse(d.digest().as_ref()).map_err(|e| Error::Unsupported(format!("descriptor: {e}")))
 }
 
-impl Platform {
-    /// Parses `os/arch[/variant]`.
-    #[must_use]
-    pub fn parse(s: &str) -> Option<Self> {
-        let mut p = s.split('/');
-        let os = p.next().filter(|x| !x.is_empty())?.to_owned();
-        let architecture = p.next().filter(|x| !x.is_empty())?.to_owned();
-        let variant = p.next().map(str::to_owned);
-        p.next().is_none().then_some(Self {
-            os,
-            architecture,
-            variant,
-        })
+/// A descriptor's annotation.
+#[must_use]
+pub fn annotation<'a>(d: &'a Descriptor, key: &str) -> Option<&'a str> {
+    d.annotations().as_ref()?.get(key).map(String::as_str)
+}
+
+/// Parses `os/arch[/variant]` (`linux/arm64/v8`).
+#[must_use]
+pub fn parse_platform(s: &str) -> Option<Platform> {
+    let mut p = s.split('/');
+    let os = p.next().filter(|x| !x.is_empty())?;
+    let arch = p.next().filter(|x| !x.is_empty())?;
+    let variant = p.next().filter(|x| !x.is_empty());
+    if p.next().is_some() {
+        return None;
     }
-
-    /// The platform of this machine, in OCI names.
-    #[must_use]
-    pub fn host() -> Self {
-        let architecture = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            "x86" => "386",
-            other => other,
-        };
-        Self {
-            os: "linux".into(),
-            architecture: architecture.into(),
-            variant: None,
-        }
+    let mut b = oci_spec::image::PlatformBuilder::default()
+        .os(Os::from(os))
+        .architecture(Arch::from(arch));
+    if let Some(v) = variant {
+        b = b.variant(v);
     }
-
-    /// Whether `self` (what a descriptor offers) satisfies `want`.
-    #[must_use]
-    pub fn matches(&self, want: &Self) -> bool {
-        self.os == want.os
-            && self.architecture == want.architecture
-            && (want.variant.is_none() || self.variant == want.variant)
-    }
+    b.build().ok()
 }
 
-/// An image index or a Docker manifest list.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Index {
-    /// Its manifests.
-    pub manifests: Vec<Descriptor>,
+/// The platform of this machine, in OCI names.
+#[must_use]
+pub fn host_platform() -> Platform {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    let mut p = Platform::default();
+    p.set_os(Os::Linux);
+    p.set_architecture(Arch::from(arch));
+    p
 }
 
-/// An image manifest (OCI or Docker v2 schema 2).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    /// Media type, when given.
-    #[serde(default)]
-    pub media_type: String,
-    /// The config blob.
-    pub config: Descriptor,
-    /// Layer blobs, bottom first.
-    pub layers: Vec<Descriptor>,
+/// Whether `offered` (what an index entry says) satisfies `want` (os and architecture equal; the
+/// variant too when `want` names one).
+#[must_use]
+pub fn platform_matches(offered: &Platform, want: &Platform) -> bool {
+    offered.os() == want.os()
+        && offered.architecture() == want.architecture()
+        && (want.variant().is_none() || offered.variant() == want.variant())
 }
 
-/// The parts of an image config the indexer uses.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct Config {
-    /// Platform os.
-    #[serde(default)]
-    pub os: String,
-    /// Platform architecture.
-    #[serde(default)]
-    pub architecture: String,
-    /// Platform variant.
-    #[serde(default)]
-    pub variant: Option<String>,
-    /// The runtime config.
-    #[serde(default)]
-    pub config: Option<RunConfig>,
-    /// The layers' uncompressed digests.
-    pub rootfs: RootFs,
-}
-
-/// `rootfs` of an image config.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct RootFs {
-    /// Uncompressed layer digests, bottom first.
-    pub diff_ids: Vec<String>,
-}
-
-/// `config` of an image config.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-#[allow(missing_docs)]
-pub struct RunConfig {
-    #[serde(default)]
-    pub env: Option<Vec<String>>,
-    #[serde(default)]
-    pub entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    pub cmd: Option<Vec<String>>,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    #[serde(default)]
-    pub labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    pub exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default)]
-    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
-    #[serde(default)]
-    pub stop_signal: Option<String>,
-}
-
-impl Config {
-    /// The archive's image config.
-    #[must_use]
-    pub fn to_image_config(&self) -> clip_format::ImageConfig {
-        let c = self.config.clone().unwrap_or_default();
-        clip_format::ImageConfig {
-            os: self.os.clone(),
-            architecture: self.architecture.clone(),
-            variant: self.variant.clone(),
-            env: c.env.unwrap_or_default(),
-            entrypoint: c.entrypoint.unwrap_or_default(),
-            cmd: c.cmd.unwrap_or_default(),
-            user: c.user.unwrap_or_default(),
-            working_dir: c.working_dir.unwrap_or_default(),
-            labels: c.labels.unwrap_or_default(),
-            exposed_ports: c.exposed_ports.unwrap_or_default().into_keys().collect(),
-            volumes: c.volumes.unwrap_or_default().into_keys().collect(),
-            stop_signal: c.stop_signal.unwrap_or_default(),
-        }
+/// `os/arch[/variant]`, for messages.
+#[must_use]
+pub fn platform_name(p: &Platform) -> String {
+    match p.variant() {
+        Some(v) => format!("{}/{}/{v}", p.os(), p.architecture()),
+        None => format!("{}/{}", p.os(), p.architecture()),
     }
 }
 
-/// Media types of image indexes and manifest lists.
-pub const INDEX_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
+/// The runtime configuration an archive keeps, from an image config.
+#[must_use]
+pub fn image_config(c: &Config) -> clip_format::ImageConfig {
+    let run = c.config().clone().unwrap_or_default();
+    let labels = run
+        .labels()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    clip_format::ImageConfig {
+        os: c.os().to_string(),
+        architecture: c.architecture().to_string(),
+        variant: c.variant().clone(),
+        env: run.env().clone().unwrap_or_default(),
+        entrypoint: run.entrypoint().clone().unwrap_or_default(),
+        cmd: run.cmd().clone().unwrap_or_default(),
+        user: run.user().clone().unwrap_or_default(),
+        working_dir: run.working_dir().clone().unwrap_or_default(),
+        labels,
+        exposed_ports: run.exposed_ports().clone().unwrap_or_default(),
+        volumes: run.volumes().clone().unwrap_or_default(),
+        stop_signal: run.stop_signal().clone().unwrap_or_default(),
+    }
+}
+
+/// The image config's `diff_ids`, each a digest clip can verify.
+pub fn diff_ids(c: &Config) -> Result<Vec<Digest>, Error> {
+    c.rootfs()
+        .diff_ids()
+        .iter()
+        .map(|d| Digest::parse(d).map_err(|e| Error::Unsupported(format!("diff_id: {e}"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn platforms_parse_and_match() {
+        let arm = parse_platform("linux/arm64/v8").unwrap();
+        assert_eq!(platform_name(&arm), "linux/arm64/v8");
+        assert!(parse_platform("linux").is_none() && parse_platform("a/b/c/d").is_none());
+        let any_arm = parse_platform("linux/arm64").unwrap();
+        assert!(platform_matches(&arm, &any_arm));
+        assert!(!platform_matches(&any_arm, &arm));
+        assert_eq!(host_platform().os(), &Os::Linux);
+    }
+
+    #[test]
+    fn docker_and_oci_documents_parse() {
+        let config = br#"{"architecture":"amd64","os":"linux","config":{"Env":null,"Cmd":["sh"],
+            "ExposedPorts":{"80/tcp":{}},"Labels":{"a":"b"}},"rootfs":{"type":"layers","diff_ids":
+            ["sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"]},
+            "container_config":{"Hostname":"x"},"docker_version":"20"}"#;
+        let c: Config = serde_json::from_slice(config).unwrap();
+        let ic = image_config(&c);
+        assert_eq!(ic.cmd, ["sh"]);
+        assert_eq!(ic.exposed_ports, ["80/tcp"]);
+        assert_eq!(diff_ids(&c).unwrap().len(), 1);
+        let list =
+            format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST_LIST}","manifests":[]}}"#);
+        let i: Index = serde_json::from_str(&list).unwrap();
+        assert!(is_index(i.media_type().as_ref().unwrap()));
+    }
+}

@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use bytes::Bytes;
+use clip_format::Digest;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
-use sha2::{Digest, Sha256};
 
 use crate::{Client, Error, Reference, oci};
 
@@ -61,7 +61,7 @@ impl Client {
     }
 
     /// Whether the repository already has blob `digest`.
-    pub async fn blob_exists(&self, r: &Reference, digest: &str) -> Result<bool, Error> {
+    pub async fn blob_exists(&self, r: &Reference, digest: &Digest) -> Result<bool, Error> {
         let path = format!("/v2/{}/blobs/{digest}", r.repository);
         let resp = self.push_call(r, Method::HEAD, &path, &[], None).await?;
         Ok(resp.status().is_success())
@@ -69,7 +69,12 @@ impl Client {
 
     /// Asks the registry to mount blob `digest` from repository `from` (same registry) instead of
     /// uploading it; returns whether it did.
-    pub async fn mount_blob(&self, r: &Reference, digest: &str, from: &str) -> Result<bool, Error> {
+    pub async fn mount_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        from: &str,
+    ) -> Result<bool, Error> {
         let path = format!(
             "/v2/{}/blobs/uploads/?mount={digest}&from={from}",
             r.repository
@@ -80,7 +85,12 @@ impl Client {
 
     /// Uploads a blob (skipped when present): one PUT up to [`CHUNK`] bytes, else PATCH chunks
     /// then a closing PUT. The digest is checked before anything is sent.
-    pub async fn push_blob(&self, r: &Reference, digest: &str, bytes: Bytes) -> Result<(), Error> {
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        bytes: Bytes,
+    ) -> Result<(), Error> {
         self.push_blob_chunked(r, digest, bytes, CHUNK).await
     }
 
@@ -88,18 +98,11 @@ impl Client {
     pub async fn push_blob_chunked(
         &self,
         r: &Reference,
-        digest: &str,
+        digest: &Digest,
         bytes: Bytes,
         chunk: usize,
     ) -> Result<(), Error> {
-        let found = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-        if found != digest {
-            return Err(Error::Digest {
-                what: "blob to push".into(),
-                expected: digest.into(),
-                found,
-            });
-        }
+        digest.verify("blob to push", &bytes)?;
         if self.blob_exists(r, digest).await? {
             return Ok(());
         }
@@ -172,8 +175,8 @@ impl Client {
         reference: &str,
         media_type: &str,
         bytes: Bytes,
-    ) -> Result<String, Error> {
-        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    ) -> Result<Digest, Error> {
+        let digest = Digest::sha256(&bytes);
         let path = format!("/v2/{}/manifests/{reference}", r.repository);
         let resp = self
             .push_call(
@@ -217,62 +220,71 @@ impl Client {
         layout: &Path,
         tag: &str,
         r: &Reference,
-    ) -> Result<String, Error> {
+    ) -> Result<Digest, Error> {
         let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| Error::Config(format!("reading {}: {e}", p.display())))
+            std::fs::read(p).map_err(|source| Error::Io {
+                context: "reading",
+                path: p.to_owned(),
+                source,
+            })
         };
-        let blob = |digest: &str| -> Result<Bytes, Error> {
-            let hex = digest
-                .strip_prefix("sha256:")
-                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                .ok_or_else(|| Error::Config(format!("unsupported digest {digest}")))?;
-            Ok(read(&layout.join("blobs/sha256").join(hex))?.into())
+        let bad = |what: String| Error::Protocol {
+            url: layout.display().to_string(),
+            reason: what,
+        };
+        let blob = |digest: &Digest| -> Result<Bytes, Error> {
+            Ok(read(&layout.join(digest.blob_path()))?.into())
         };
         let index: oci::Index = serde_json::from_slice(&read(&layout.join("index.json"))?)
-            .map_err(|e| Error::Config(format!("{}: index.json: {e}", layout.display())))?;
+            .map_err(|e| bad(format!("index.json: {e}")))?;
         let top = index
-            .manifests
+            .manifests()
             .iter()
-            .find(|d| {
-                d.annotations
-                    .get("org.opencontainers.image.ref.name")
-                    .map(String::as_str)
-                    == Some(tag)
-            })
-            .ok_or_else(|| Error::Config(format!("tag {tag:?} not found in {}", layout.display())))?
+            .find(|d| oci::annotation(d, "org.opencontainers.image.ref.name") == Some(tag))
+            .ok_or_else(|| bad(format!("tag {tag:?} not found")))?
             .clone();
+        let top_digest = oci::digest(&top)?;
         let target_tag = r.tag.clone().unwrap_or_else(|| "latest".into());
-        let manifests = if oci::INDEX_TYPES.contains(&top.media_type.as_str()) {
-            let nested: oci::Index = serde_json::from_slice(&blob(&top.digest)?)
-                .map_err(|e| Error::Config(format!("image index: {e}")))?;
-            nested.manifests
+        let manifests = if oci::is_index(top.media_type()) {
+            let nested: oci::Index = serde_json::from_slice(&blob(&top_digest)?)
+                .map_err(|e| bad(format!("image index: {e}")))?;
+            nested.manifests().clone()
         } else {
             vec![top.clone()]
         };
+        let mut first = None;
         for m in &manifests {
-            let bytes = blob(&m.digest)?;
-            let manifest: oci::Manifest = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Config(format!("manifest: {e}")))?;
+            let m_digest = oci::digest(m)?;
+            first.get_or_insert_with(|| m_digest.clone());
+            let bytes = blob(&m_digest)?;
+            let manifest: oci::Manifest =
+                serde_json::from_slice(&bytes).map_err(|e| bad(format!("manifest: {e}")))?;
             for d in manifest
-                .layers
+                .layers()
                 .iter()
-                .chain(std::iter::once(&manifest.config))
+                .chain(std::iter::once(manifest.config()))
             {
-                self.push_blob(r, &d.digest, blob(&d.digest)?).await?;
+                let d = oci::digest(d)?;
+                self.push_blob(r, &d, blob(&d)?).await?;
             }
-            let reference = if manifests.len() > 1 || m.digest != top.digest {
-                m.digest.clone()
+            let reference = if manifests.len() > 1 || m_digest != top_digest {
+                m_digest.to_string()
             } else {
                 target_tag.clone()
             };
-            self.push_manifest(r, &reference, &m.media_type, bytes)
+            self.push_manifest(r, &reference, m.media_type().as_ref(), bytes)
                 .await?;
         }
-        if top.digest != manifests[0].digest || manifests.len() > 1 {
-            self.push_manifest(r, &target_tag, &top.media_type, blob(&top.digest)?)
-                .await?;
+        if first.as_ref() != Some(&top_digest) || manifests.len() > 1 {
+            self.push_manifest(
+                r,
+                &target_tag,
+                top.media_type().as_ref(),
+                blob(&top_digest)?,
+            )
+            .await?;
         }
-        Ok(top.digest)
+        Ok(top_digest)
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clip_registry::{Client, ClientConfig, Credentials, Error, Reference, RetryPolicy};
 use clip_testkit::{FakeRegistry, FakeRequest, FakeResponse};
-use sha2::{Digest, Sha256};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -38,9 +37,9 @@ fn client() -> Client {
     .unwrap()
 }
 
-fn blob() -> (Vec<u8>, String) {
+fn blob() -> (Vec<u8>, clip_format::Digest) {
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    let digest = clip_format::Digest::sha256(&data);
     (data, digest)
 }
 

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use clip_registry::{Client, ClientConfig, Credentials, Error, Platform, Reference, RetryPolicy};
+use clip_registry::{Client, ClientConfig, Credentials, Error, Reference, RetryPolicy};
 use clip_testkit::image::{Entry, Image, Layer, random_bytes};
 use clip_testkit::{Auth, ImageBuilder, ManifestFormat, Registry, RegistryOptions};
 
@@ -53,6 +53,11 @@ fn client_for(reg: &Registry, creds: Option<(&str, &str)>) -> Client {
     .unwrap()
 }
 
+/// A testkit digest string as a typed digest.
+fn dg(s: &str) -> clip_format::Digest {
+    clip_format::Digest::parse(s).unwrap()
+}
+
 #[test]
 fn resolves_and_reads_exact_ranges_anonymously() {
     let rt = rt();
@@ -62,10 +67,10 @@ fn resolves_and_reads_exact_ranges_anonymously() {
     let c = client_for(&reg, None);
     let r = Reference::parse(&format!("{}/tk/app:v1", reg.host())).unwrap();
     let img = rt.block_on(c.resolve(&r, None)).unwrap();
-    assert_eq!(img.manifest_digest, built.digest());
+    assert_eq!(img.manifest_digest.as_str(), built.digest());
     assert_eq!(img.reference.digest.as_deref(), Some(built.digest()));
     assert_eq!(
-        img.config.rootfs.diff_ids[0],
+        img.config.rootfs().diff_ids()[0],
         built.manifests[0].layers[0].diff_id
     );
     let blob = &built.manifests[0].layers[0].blob;
@@ -76,12 +81,12 @@ fn resolves_and_reads_exact_ranges_anonymously() {
         (blob.bytes.len() as u64 - 10, blob.bytes.len() as u64),
     ] {
         let got = rt
-            .block_on(c.read_range(&img.reference, &blob.digest, a..b))
+            .block_on(c.read_range(&img.reference, &dg(&blob.digest), a..b))
             .unwrap();
         assert_eq!(&got[..], &blob.bytes[a as usize..b as usize], "{a}..{b}");
     }
     let err = rt
-        .block_on(c.read_range(&img.reference, &blob.digest, 10_000_000..10_000_010))
+        .block_on(c.read_range(&img.reference, &dg(&blob.digest), 10_000_000..10_000_010))
         .unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err}");
     let err = rt
@@ -109,7 +114,7 @@ fn concurrent_first_contacts_all_find_plain_http() {
     for _ in 0..5 {
         let c = client_for(&reg, None);
         let reads = (0..32u64).map(|i| {
-            let (c, r, d) = (c.clone(), r.clone(), blob.digest.clone());
+            let (c, r, d) = (c.clone(), r.clone(), dg(&blob.digest));
             async move { c.read_range(&r, &d, i * 100..i * 100 + 50).await }
         });
         let results = rt.block_on(futures_util::future::join_all(reads));
@@ -147,7 +152,7 @@ fn basic_auth_good_wrong_and_missing_credentials() {
         assert_eq!(
             err.to_string(),
             format!(
-                "unauthorized pulling tk/private from {0}: run `docker login {0}` or configure credentials",
+                "unauthorized for tk/private on {0}: run `docker login {0}` or configure credentials for it (imageService.registries, --creds)",
                 reg.host()
             )
         );
@@ -178,7 +183,7 @@ fn short_lived_tokens_never_fail_a_long_series_of_reads() {
     while start.elapsed() < Duration::from_secs(8) {
         let a = (reads * 7919) % (blob.bytes.len() - 4096);
         let got = rt
-            .block_on(c.read_range(&img.reference, &blob.digest, a as u64..a as u64 + 4096))
+            .block_on(c.read_range(&img.reference, &dg(&blob.digest), a as u64..a as u64 + 4096))
             .unwrap();
         assert_eq!(&got[..], &blob.bytes[a..a + 4096]);
         reads += 1;
@@ -212,7 +217,7 @@ fn tls_registries_are_trusted_through_the_configured_ca_only() {
     let img = rt
         .block_on(client_for(&reg, None).resolve(&r, None))
         .unwrap();
-    assert_eq!(img.manifest_digest, built.digest());
+    assert_eq!(img.manifest_digest.as_str(), built.digest());
     // Without it: the certificate error is reported, never ignored.
     let c = Client::new(ClientConfig {
         retry: RetryPolicy {
@@ -275,13 +280,25 @@ fn picks_the_platform_from_an_index() {
     let c = client_for(&reg, None);
     let r = Reference::parse(&format!("{}/tk/multi:v1", reg.host())).unwrap();
     let img = rt
-        .block_on(c.resolve(&r, Some(&Platform::parse("linux/arm64/v8").unwrap())))
+        .block_on(c.resolve(
+            &r,
+            Some(&clip_registry::oci::parse_platform("linux/arm64/v8").unwrap()),
+        ))
         .unwrap();
-    assert_eq!(img.manifest_digest, built.manifests[1].manifest.digest);
+    assert_eq!(
+        img.manifest_digest.as_str(),
+        built.manifests[1].manifest.digest
+    );
     let img = rt.block_on(c.resolve(&r, None)).unwrap();
-    assert_eq!(img.manifest_digest, built.manifests[0].manifest.digest);
+    assert_eq!(
+        img.manifest_digest.as_str(),
+        built.manifests[0].manifest.digest
+    );
     let err = rt
-        .block_on(c.resolve(&r, Some(&Platform::parse("linux/s390x").unwrap())))
+        .block_on(c.resolve(
+            &r,
+            Some(&clip_registry::oci::parse_platform("linux/s390x").unwrap()),
+        ))
         .unwrap_err();
     assert!(err.to_string().contains("platform linux/s390x"), "{err}");
 }
@@ -368,7 +385,11 @@ fn reads_ride_out_a_registry_restart() {
         while start.elapsed() < Duration::from_secs(4) {
             let a = (n * 4099) % (blob.bytes.len() - 1000);
             let got = rt
-                .block_on(c.read_range(&img.reference, &blob.digest, a as u64..a as u64 + 1000))
+                .block_on(c.read_range(
+                    &img.reference,
+                    &dg(&blob.digest),
+                    a as u64..a as u64 + 1000,
+                ))
                 .unwrap();
             assert_eq!(&got[..], &blob.bytes[a..a + 1000]);
             n += 1;

@@ -138,13 +138,12 @@ pub struct LayerEnd {
 }
 
 impl LayerEnd {
-    /// From a layer's uncompressed size and `diff_id` (`sha256:<hex>`); `None` if the digest is
-    /// not a sha256.
+    /// From a layer's uncompressed size and `diff_id`; `None` if the digest is not a sha256.
     #[must_use]
-    pub fn new(size: u64, diff_id: &str) -> Option<Self> {
+    pub fn new(size: u64, diff_id: &clip_format::Digest) -> Option<Self> {
         Some(Self {
             size,
-            diff_id: clip_format::sha256_bytes(diff_id)?,
+            diff_id: diff_id.sha256_bytes()?,
         })
     }
 }
@@ -276,7 +275,7 @@ mod tests {
 
     #[test]
     fn layer_ends_take_sha256_digests_only() {
-        let d = format!("sha256:{}", "ab".repeat(32));
+        let d = clip_format::Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap();
         assert_eq!(
             LayerEnd::new(7, &d),
             Some(LayerEnd {
@@ -284,14 +283,8 @@ mod tests {
                 diff_id: [0xab; 32]
             })
         );
-        for bad in [
-            "sha512:ab",
-            "sha256:ab",
-            "ab",
-            &format!("sha256:{}", "+f".repeat(32)),
-        ] {
-            assert_eq!(LayerEnd::new(7, bad), None, "{bad}");
-        }
+        let sha512 = clip_format::Digest::parse(&format!("sha512:{}", "ab".repeat(64))).unwrap();
+        assert_eq!(LayerEnd::new(7, &sha512), None);
     }
 
     #[test]

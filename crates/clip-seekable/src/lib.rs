@@ -29,6 +29,10 @@
 //! thread; a caller that reads the blob can feed it the compressed bytes too ([`InputFeed`]) and
 //! gets the blob digest in [`LayerIndex::input`], without a third thread.
 //!
+//! Whole layers read front to back (the v1 path, extraction) go through [`stream`]: a decoder
+//! for each media type and a copier that hands out file byte ranges in one pass while checking
+//! the `diff_id`.
+//!
 //! CPU work only: no async, no network. The zlib calls live in one private module that owns the
 //! `z_stream` and is the crate's only `unsafe`.
 //!
@@ -58,6 +62,7 @@ mod chain;
 pub mod gzip;
 mod plain;
 mod span;
+pub mod stream;
 mod zlib;
 pub mod zstd_layer;
 
@@ -110,6 +115,13 @@ pub enum Error {
     /// Reading the compressed source failed.
     #[error("reading the layer: {0}")]
     Io(#[source] std::io::Error),
+    /// A sequential pass found the stream shorter than, or out of step with, the file offsets
+    /// it was asked to copy (the archive or the layer is not the one it claims to be).
+    #[error("uncompressed stream: {0}")]
+    Stream(String),
+    /// The uncompressed stream does not match its `diff_id`.
+    #[error(transparent)]
+    Digest(#[from] clip_format::DigestMismatch),
 }
 
 impl Error {

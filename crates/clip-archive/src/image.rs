@@ -5,10 +5,10 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use clip_format::{ArchiveKind, Meta, NodeKind, SparseMap, SparseReader, V1Writer};
+use clip_format::{ArchiveKind, Digest, Meta, NodeKind, SparseMap, SparseReader, V1Writer};
 use clip_indexer::{IndexOptions, layout_blob, layout_image};
+use clip_seekable::stream::{CopyJob, copy_out, decoder};
 
-use crate::layers::{Job, copy_out, decoder};
 use crate::{Error, Result};
 
 /// A file to copy: its tree node and, if it is sparse, its extent map.
@@ -18,7 +18,7 @@ type Target = (usize, Option<Arc<SparseMap>>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageArchiveSummary {
     /// The platform manifest's digest.
-    pub manifest_digest: String,
+    pub manifest_digest: Option<Digest>,
     /// Layers read.
     pub layers: usize,
     /// Entries in the archive.
@@ -55,9 +55,8 @@ pub fn archive_layout(
         .meta
         .source
         .as_ref()
-        .map(|s| s.manifest_digest.clone())
-        .unwrap_or_default();
-    let mut per_layer: Vec<Vec<Job<Target>>> = vec![Vec::new(); image.layers.len()];
+        .map(|s| s.manifest_digest.clone());
+    let mut per_layer: Vec<Vec<CopyJob<Target>>> = vec![Vec::new(); image.layers.len()];
     for id in image.tree.breadth_first() {
         if let Some(NodeKind::File {
             size,
@@ -67,11 +66,13 @@ pub fn archive_layout(
         {
             per_layer
                 .get_mut(span.layer as usize)
-                .ok_or_else(|| Error::Layer {
-                    layer: span.layer.to_string(),
-                    reason: "file names a layer the image does not have".into(),
+                .ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "a file names layer {}, which the image does not have",
+                        span.layer
+                    ))
                 })?
-                .push(Job {
+                .push(CopyJob {
                     offset: span.offset,
                     size: span.stored_len(*size),
                     target: (id, span.sparse.clone()),
@@ -81,16 +82,16 @@ pub fn archive_layout(
     let mut writer = V1Writer::create(out)?;
     let mut data_bytes = 0u64;
     for (info, jobs) in image.layers.iter().zip(per_layer.iter_mut()) {
-        let path = layout_blob(layout, &info.digest)?;
+        let path = layout_blob(layout, &info.digest);
         let blob = std::fs::File::open(&path).map_err(|source| Error::Io {
             context: "opening",
             path: path.clone(),
             source,
         })?;
         let stream = decoder(info.media, std::io::BufReader::with_capacity(1 << 20, blob))?;
-        copy_out(
+        copy_out::<_, Error>(
             &info.digest,
-            &info.diff_id,
+            Some(&info.diff_id),
             stream,
             jobs,
             |(id, sparse), r, _| {
@@ -108,7 +109,7 @@ pub fn archive_layout(
         image: image.meta.image.clone(),
         source: None,
         remote: None,
-        created_by: format!("clip-extract {}", env!("CARGO_PKG_VERSION")),
+        created_by: format!("clip-archive {}", env!("CARGO_PKG_VERSION")),
     };
     let summary = writer.finish(&image.tree, &meta)?;
     Ok(ImageArchiveSummary {
@@ -126,7 +127,7 @@ pub fn archive_layout(
 /// layout removed.
 pub fn archive_image(
     reference: &str,
-    client: &clip_registry::Client,
+    registry: &clip_registry::BlockingClient,
     platform: Option<&clip_indexer::Platform>,
     out: &Path,
 ) -> Result<ImageArchiveSummary> {
@@ -143,11 +144,10 @@ pub fn archive_image(
             path: parent.to_owned(),
             source,
         })?;
-    let runtime = clip_registry::blocking_runtime().map_err(|source| Error::Io {
-        context: "starting the network runtime for",
-        path: out.to_owned(),
-        source,
-    })?;
-    runtime.block_on(client.pull_layout(&r, platform, staging.path(), "image"))?;
+    registry.block_on(
+        registry
+            .client()
+            .pull_layout(&r, platform, staging.path(), "image"),
+    )?;
     archive_layout(staging.path(), Some("image"), platform.cloned(), out)
 }

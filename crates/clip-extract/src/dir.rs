@@ -14,19 +14,34 @@ use std::io::Write as _;
 use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use clip_format::{Archive, ArchiveKind, DataLocation, Entry, EntryKind};
+use clip_format::{Archive, ArchiveKind, DataLocation, Digest, Entry, EntryKind};
+use clip_registry::BlockingClient;
+use clip_seekable::stream::{CopyJob, copy_out, decoder};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
-use crate::layers::{Job, copy_out, decoder};
 use crate::{Error, Result};
+
+type Job<T> = CopyJob<T>;
 
 /// How to extract.
 #[derive(Debug, Clone, Default)]
 pub struct ExtractOptions {
-    /// Registry client settings, for v2 archives.
-    pub registry: clip_registry::ClientConfig,
+    /// The registry client for v2 archives, and the runtime for all network reads (default: a
+    /// client with the default settings and docker's credentials, made when first needed).
+    pub registry: Option<BlockingClient>,
     /// Object-store settings, for v1-remote archives.
-    pub remote: crate::remote::RemoteOptions,
+    pub remote: clip_objstore::RemoteOptions,
+}
+
+impl ExtractOptions {
+    fn client(&self) -> Result<BlockingClient> {
+        match &self.registry {
+            Some(c) => Ok(c.clone()),
+            None => Ok(BlockingClient::new(
+                clip_registry::ClientConfig::default().with_docker_config()?,
+            )?),
+        }
+    }
 }
 
 /// What an extraction wrote.
@@ -413,15 +428,15 @@ fn fill_from_object(
         .remote
         .clone()
         .ok_or_else(|| Error::Unsupported("v1-remote archive without a data object".into()))?;
-    let object = crate::remote::RemoteObject::open(&remote.url, &opts.remote)?;
-    let rt = crate::runtime()?;
-    let data = crate::remote::RangeReader::new(
+    let object = clip_objstore::RemoteObject::open(&remote.url, &opts.remote)?;
+    let net = opts.client()?;
+    let data = clip_objstore::RangeReader::new(
         &object,
-        &rt,
+        net.handle(),
         remote.data_offset..remote.data_offset + remote.data_length,
     );
     let mut written = 0u64;
-    copy_out(&remote.url, "", data, jobs, |i, r, _| {
+    copy_out::<_, Error>(&remote.url, None, data, jobs, |i, r, _| {
         let Some(e) = archive.entry(*i) else {
             return Ok(());
         };
@@ -444,13 +459,10 @@ fn fill_from_object(
             written += n as u64;
         }
         f.flush().map_err(io_at("writing", &path))?;
-        if <[u8; 32]>::from(h.finalize()) != sha256 {
-            return Err(Error::Digest {
-                what: format!("{} from {}", String::from_utf8_lossy(&path), remote.url),
-                expected: hex::encode(sha256),
-                found: "different content".into(),
-            });
-        }
+        Digest::from_sha256(sha256).check(
+            format!("{} from {}", String::from_utf8_lossy(&path), remote.url),
+            Digest::of_hasher(h),
+        )?;
         Ok(())
     })?;
     Ok(written)
@@ -467,17 +479,17 @@ fn fill_by_spans(
     info: &clip_format::LayerInfo,
     jobs: &mut [Job<u32>],
     root: BorrowedFd<'_>,
-    client: &clip_registry::Client,
-    runtime: &tokio::runtime::Runtime,
+    net: &BlockingClient,
     reference: &clip_registry::Reference,
 ) -> Result<u64> {
     let cps = a.checkpoints(layer);
-    let layer_err = |reason: String| Error::Layer {
+    let layer_err = |source: clip_seekable::Error| Error::Layer {
         layer: info.digest.clone(),
-        reason,
+        source,
     };
+    let short = |reason: String| layer_err(clip_seekable::Error::Stream(reason));
     let layer_end = clip_seekable::LayerEnd::new(info.uncompressed_size, &info.diff_id)
-        .ok_or_else(|| layer_err(format!("diff_id {} is not a sha256", info.diff_id)))?;
+        .ok_or_else(|| short(format!("diff_id {} is not a sha256", info.diff_id)))?;
     let span_end = |k: usize| {
         cps.get(k + 1)
             .map_or(info.uncompressed_size, |c| c.uncompressed_offset)
@@ -490,10 +502,7 @@ fn fill_by_spans(
         let end = job.offset + job.size;
         let first = cps.partition_point(|c| c.uncompressed_offset <= job.offset);
         let Some(first) = first.checked_sub(1) else {
-            return Err(layer_err(format!(
-                "no checkpoint before offset {}",
-                job.offset
-            )));
+            return Err(short(format!("no checkpoint before offset {}", job.offset)));
         };
         let mut last = first;
         while span_end(last) < end && last + 1 < cps.len() {
@@ -503,19 +512,18 @@ fn fill_by_spans(
         let to = cps
             .get(last + 1)
             .map_or(info.compressed_size, |c| c.compressed_offset);
-        let bytes = runtime.block_on(client.read_range(reference, &info.digest, from..to))?;
+        let bytes = net.block_on(net.client().read_range(reference, &info.digest, from..to))?;
         for (k, cp) in cps.iter().enumerate().take(last + 1).skip(first) {
             let len = usize::try_from(span_end(k) - cp.uncompressed_offset)
-                .map_err(|_| layer_err("span too large".into()))?;
-            let span = clip_seekable::decode_span(info.media, cp, &bytes, from, len)
-                .map_err(|e| layer_err(e.to_string()))?;
-            clip_seekable::verify_span(&cps, k, &layer_end, &span)
-                .map_err(|e| layer_err(e.to_string()))?;
+                .map_err(|_| short("span too large".into()))?;
+            let span =
+                clip_seekable::decode_span(info.media, cp, &bytes, from, len).map_err(layer_err)?;
+            clip_seekable::verify_span(&cps, k, &layer_end, &span).map_err(layer_err)?;
             let lo = job.offset.max(cp.uncompressed_offset) - cp.uncompressed_offset;
             let hi = end.min(span_end(k)) - cp.uncompressed_offset;
             let part = span
                 .get(usize::try_from(lo).unwrap_or(usize::MAX)..usize::try_from(hi).unwrap_or(0))
-                .ok_or_else(|| layer_err(format!("span at {} is short", cp.uncompressed_offset)))?;
+                .ok_or_else(|| short(format!("span at {} is short", cp.uncompressed_offset)))?;
             f.write_all(part).map_err(io_at("writing", &path))?;
             written += part.len() as u64;
         }
@@ -541,28 +549,35 @@ fn fill_from_registry(
         "{}/{}@{}",
         source.registry, source.repository, source.manifest_digest
     ))?;
-    let client = clip_registry::Client::new(opts.registry.clone())?;
-    let runtime = crate::runtime()?;
+    let net = opts.client()?;
     let mut written = 0u64;
     for (layer, (info, jobs)) in (0u32..).zip(layers.iter().zip(jobs.iter_mut())) {
         if jobs.is_empty() {
             continue;
         }
         if info.toc_indexed {
-            written += fill_by_spans(a, layer, info, jobs, root, &client, &runtime, &reference)?;
+            written += fill_by_spans(a, layer, info, jobs, root, &net, &reference)?;
             continue;
         }
-        let blob = client.blob_reader(runtime.handle(), &reference, &info.digest);
+        let blob = net
+            .client()
+            .blob_reader(net.handle(), &reference, &info.digest);
         let stream = decoder(info.media, std::io::BufReader::with_capacity(1 << 20, blob))?;
-        copy_out(&info.digest, &info.diff_id, stream, jobs, |i, r, _| {
-            let path = a.entry(*i).map(|e| e.path()).unwrap_or_default();
-            let mut f = file_writer(a, *i, root, &path)?;
-            let n = std::io::copy(r, &mut f)
-                .and_then(|n| f.flush().map(|()| n))
-                .map_err(io_at("writing", &path))?;
-            written += n;
-            Ok(())
-        })?;
+        copy_out::<_, Error>(
+            &info.digest,
+            Some(&info.diff_id),
+            stream,
+            jobs,
+            |i, r, _| {
+                let path = a.entry(*i).map(|e| e.path()).unwrap_or_default();
+                let mut f = file_writer(a, *i, root, &path)?;
+                let n = std::io::copy(r, &mut f)
+                    .and_then(|n| f.flush().map(|()| n))
+                    .map_err(io_at("writing", &path))?;
+                written += n;
+                Ok(())
+            },
+        )?;
     }
     Ok(written)
 }

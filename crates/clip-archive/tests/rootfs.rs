@@ -30,7 +30,7 @@ fn a_rootfs_archive_holds_exactly_what_umoci_unpacked() {
 
     let out = dir.path().join("rootfs.clip");
     let summary =
-        clip_extract::archive_rootfs(&rootfs, &out, &clip_format::Meta::default()).unwrap();
+        clip_archive::archive_rootfs(&rootfs, &out, &clip_format::Meta::default()).unwrap();
     let a = Archive::open(&out).unwrap();
     assert_eq!(summary.entries, a.len());
 

@@ -13,11 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::env::args().nth(1).ok_or("usage: index_size ROOTFS")?;
     let dir = tempfile::tempdir()?;
     let v1 = dir.path().join("v1.clip");
-    let s1 = clip_extract::archive_rootfs(root.as_ref(), &v1, &Meta::default())?;
+    let s1 = clip_archive::archive_rootfs(root.as_ref(), &v1, &Meta::default())?;
     let a = Archive::open(&v1)?;
     let data = a.section_info(SectionId::DATA).map_or(0, |s| s.length);
 
-    let mut tree = clip_extract::tree_of_dir(root.as_ref())?;
+    let mut tree = clip_archive::tree_of_dir(root.as_ref())?;
     let mut offset = 0u64;
     for id in tree.breadth_first() {
         if let Some(NodeKind::File { size, span }) = tree.node_mut(id).map(|n| &mut n.kind) {
@@ -27,8 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let layer = LayerInfo {
-        digest: format!("sha256:{}", "0".repeat(64)),
-        diff_id: format!("sha256:{}", "0".repeat(64)),
+        digest: clip_format::Digest::sha256(b"layer"),
+        diff_id: clip_format::Digest::sha256(b"tar"),
         media: MediaKind::Gzip,
         single_frame: false,
         toc_indexed: false,
@@ -38,8 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let meta = Meta {
         source: Some(Source {
-            manifest_digest: format!("sha256:{}", "0".repeat(64)),
-            ..Source::default()
+            manifest_digest: clip_format::Digest::sha256(b"manifest"),
+            registry: "127.0.0.1:5000".into(),
+            repository: "rootfs".into(),
+            reference: "127.0.0.1:5000/rootfs:latest".into(),
         }),
         ..Meta::default()
     };

@@ -1,0 +1,45 @@
+//! One module per subcommand; each takes its parsed arguments and writes its answer to `out`.
+
+pub(crate) mod archive;
+pub(crate) mod cat;
+pub(crate) mod extract;
+pub(crate) mod index;
+pub(crate) mod inspect;
+pub(crate) mod ls;
+pub(crate) mod mount;
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use clip_core::format::Archive;
+
+/// Opens an archive, naming it in the error.
+pub(crate) fn open(file: &Path) -> anyhow::Result<Archive> {
+    Archive::open(file).with_context(|| format!("opening {}", file.display()))
+}
+
+/// Checks, before any work, that a file can be created where `output` goes: its directory
+/// exists and is writable (a mistyped path fails now, not after minutes of downloading).
+pub(crate) fn check_output(output: &Path) -> anyhow::Result<()> {
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if output.is_dir() {
+        anyhow::bail!(
+            "{} is a directory; name the file to write",
+            output.display()
+        );
+    }
+    tempfile::Builder::new()
+        .prefix(".clip-check-")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "cannot write {}: {} is not a writable directory",
+                output.display(),
+                dir.display()
+            )
+        })?;
+    Ok(())
+}

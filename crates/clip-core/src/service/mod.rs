@@ -1,0 +1,214 @@
+//! The image service: the seed's worker flows over the capability crates.
+//!
+//! One file per flow:
+//!
+//! - [`ImageService::pull_and_archive`] (`pull`): v2 indexes straight from the source registry;
+//!   v1 copies, extracts and archives. A v2 failure falls back to v1 with its reason.
+//! - [`ImageService::build_and_archive`] (`build`): `buildah bud`, then (v2, build registry
+//!   reachable) push to the build registry and index from it; otherwise, or on any v2 failure,
+//!   push to an OCI layout and archive it as v1. Builds never fail because of v2.
+//! - [`ImageService::pull_lazy`] (`lazy`): fetch `<id>.clip` from the archive store, detect
+//!   v1/v2, mount it once per image.
+//! - [`ImageService::run`] (`run`): a container of its own (overlay + OCI bundle + runc) on the
+//!   shared mount.
+//!
+//! Around them: the [`ArchiveStore`] the flows publish to (`store`), the typed errors and the
+//! [`FallbackReason`] (`error`), and the steps every flow shares (`flow`: looking in the store
+//! before doing work, publishing, metrics, phase timing). Archives are stored as `<id>.clip`;
+//! ids are stable: the hash of the platform manifest digest and repository for pulls, of the
+//! Dockerfile, the context's content and the build args for builds. Log lines follow the seed's
+//! wording.
+//!
+//! A service owns one registry client and one runtime ([`registry::BlockingClient`]) for its
+//! lifetime: every flow, every mount and the S3 store share its token cache, connection pool and
+//! threads. Workers sharing a store coordinate through it: a flow whose `<id>.clip` (of the
+//! planned version) is in the store answers with it and does no work; archives and per-layer
+//! indexes are published create-only, so concurrent workers produce one archive and the others
+//! reuse it.
+
+mod build;
+mod error;
+mod flow;
+mod lazy;
+mod pull;
+mod run;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use clip_policy::Config;
+use sha2::{Digest as _, Sha256};
+
+pub use error::{FallbackReason, ServiceError};
+pub use lazy::MountedImage;
+pub use run::RunOutput;
+pub use store::{ArchiveStore, ArchiveVersion, StoredArchive};
+
+use crate::{indexer, registry};
+
+/// What a pull or build produced.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ArchiveResult {
+    /// Stable image id.
+    pub image_id: String,
+    /// Archive version made (or found).
+    pub version: ArchiveVersion,
+    /// The archive in the store (a path, or an `s3://` URL).
+    pub archive: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Why v2 was not used, when it was asked for.
+    pub fallback_reason: Option<String>,
+    /// Wall time of the flow.
+    pub seconds: f64,
+    /// The archive was already in the store (published earlier, or by another worker that got
+    /// there first): nothing new was published.
+    pub reused: bool,
+    /// Layers whose stored index was reused instead of fetching the layer (v2).
+    pub reused_layers: usize,
+}
+
+/// Options beyond the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceOptions {
+    /// buildah storage (`--root`; `--runroot` beside it); default: buildah's own.
+    pub buildah_root: Option<PathBuf>,
+}
+
+/// The image service of one worker.
+pub struct ImageService {
+    cfg: Config,
+    opts: ServiceOptions,
+    net: registry::BlockingClient,
+    store: Arc<dyn ArchiveStore>,
+    layer_store: Arc<dyn indexer::LayerIndexStore>,
+    mounts: Mutex<HashMap<String, Arc<MountedImage>>>,
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for ImageService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageService")
+            .field("cfg", &self.cfg)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Registry client settings from the configuration: per-registry credentials and insecure
+/// hosts, then docker's `config.json`.
+pub fn client_config(cfg: &Config) -> Result<registry::ClientConfig, ServiceError> {
+    let mut client_cfg = registry::ClientConfig::default().with_docker_config()?;
+    for (host, e) in &cfg.registries {
+        let host = if host == "docker" { "docker.io" } else { host };
+        if e.insecure {
+            client_cfg.insecure.push(host.to_owned());
+        }
+        if let (Some(u), Some(p)) = (&e.username, &e.password) {
+            client_cfg.credentials.push((
+                host.to_owned(),
+                registry::Credentials::Basic {
+                    username: u.clone(),
+                    password: p.clone(),
+                },
+            ));
+        }
+    }
+    Ok(client_cfg)
+}
+
+impl ImageService {
+    /// A service for `cfg`: one registry client (credentials from the config, then docker's
+    /// `config.json`) and one runtime for all its flows and mounts.
+    pub fn new(cfg: Config, opts: ServiceOptions) -> Result<Self, ServiceError> {
+        for d in [&cfg.cache_dir, &cfg.mount_base] {
+            std::fs::create_dir_all(d).map_err(error::io("creating", d))?;
+        }
+        let net = registry::BlockingClient::new(client_config(&cfg)?)?;
+        let store = store::open(&cfg, net.handle())?;
+        // Layer indexes: this worker's cache first, then the store every worker shares.
+        let mut tiers: Vec<Box<dyn indexer::LayerIndexStore>> = vec![Box::new(
+            indexer::DirLayerStore::new(cfg.cache_dir.join("layers")),
+        )];
+        tiers.extend(store.shared_layer_indexes());
+        let svc = Self {
+            cfg,
+            opts,
+            net,
+            store,
+            layer_store: Arc::new(indexer::Tiered(tiers)),
+            mounts: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        };
+        svc.clean_dead_mounts();
+        Ok(svc)
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The archive store.
+    #[must_use]
+    pub fn store(&self) -> &dyn ArchiveStore {
+        &*self.store
+    }
+
+    /// The registry client (and runtime) every flow of this service shares.
+    #[must_use]
+    pub fn registry(&self) -> &registry::BlockingClient {
+        &self.net
+    }
+
+    /// The archives in the store.
+    pub fn images(&self) -> Result<Vec<StoredArchive>, ServiceError> {
+        self.store.list()
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(id.to_owned()).or_default())
+    }
+
+    fn index_options(&self) -> indexer::IndexOptions {
+        indexer::IndexOptions {
+            checkpoint_bytes: self.cfg.checkpoint_mib << 20,
+            layer_store: Some(Arc::clone(&self.layer_store)),
+            ..indexer::IndexOptions::default()
+        }
+    }
+
+    /// A fresh path in the store's staging directory for image `id`'s new archive.
+    fn staged_path(&self, id: &str) -> PathBuf {
+        self.store.staging().join(format!(
+            "{id}.{}.clip",
+            short_hash(&[
+                std::process::id().to_string().as_bytes(),
+                format!("{:?}", std::time::SystemTime::now()).as_bytes(),
+            ])
+        ))
+    }
+}
+
+impl Drop for ImageService {
+    fn drop(&mut self) {
+        self.unmount_all();
+    }
+}
+
+/// The first 8 bytes of a sha256 over length-prefixed parts, in hex: stable ids and nonces.
+pub(crate) fn short_hash(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex::encode(&h.finalize()[..8])
+}

@@ -1,0 +1,70 @@
+//! PullAndArchiveImage: v2 indexes straight from the source registry; v1 copies the image into
+//! an OCI layout, extracts and archives it. Any v2 failure falls back to v1.
+
+use std::time::Instant;
+
+use clip_policy::PullPlan;
+
+use super::error::{FallbackReason, ServiceError};
+use super::store::ArchiveVersion;
+use super::{ArchiveResult, ImageService, short_hash};
+use crate::{archive, indexer, registry};
+
+impl ImageService {
+    /// Pulls `image_ref` and stores its archive (v2 or v1 per the configuration).
+    pub fn pull_and_archive(&self, image_ref: &str) -> Result<ArchiveResult, ServiceError> {
+        let start = Instant::now();
+        let reference = registry::Reference::parse(image_ref)?;
+        let resolved = self
+            .net
+            .block_on(self.net.client().resolve(&reference, None))?;
+        let id = short_hash(&[
+            reference.registry.as_bytes(),
+            reference.repository.as_bytes(),
+            resolved.manifest_digest.as_str().as_bytes(),
+        ]);
+        let plan = clip_policy::pull_plan(&self.cfg, &id);
+        let planned = match plan {
+            PullPlan::IndexFromRegistry => ArchiveVersion::V2,
+            PullPlan::CopyAndArchive => ArchiveVersion::V1,
+        };
+        let flow = match self.begin("pull", &id, planned, start)? {
+            Ok(flow) => flow,
+            Err(stored) => return Ok(stored),
+        };
+        let out = self.staged_path(&id);
+        if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, &id) {
+            tracing::info!(image = image_ref, image_id = %id, percent = self.cfg.clip_v2_rollout_percent, "outside the v2 rollout: this image uses v1");
+        }
+        let mut fallback = None;
+        if plan == PullPlan::IndexFromRegistry {
+            tracing::info!(
+                image = image_ref,
+                "Creating index-only archive directly from registry"
+            );
+            let input = indexer::Input::Registry {
+                reference: image_ref,
+                client: &self.net,
+            };
+            match indexer::index(input, &out, &self.index_options(), None) {
+                Ok(s) => {
+                    tracing::info!(
+                        image = image_ref,
+                        bytes = s.archive_bytes,
+                        reused_layers = s.reused_layers,
+                        "v2 archive created directly from registry"
+                    );
+                    return self.finish(flow, &id, ArchiveVersion::V2, &out, None, s.reused_layers);
+                }
+                Err(e) => {
+                    let reason = FallbackReason::IndexFailed(e);
+                    reason.log(image_ref);
+                    fallback = Some(reason);
+                }
+            }
+        }
+        tracing::info!(image = image_ref, "Creating legacy archive (Clip v1)");
+        archive::archive_image(image_ref, &self.net, None, &out)?;
+        self.finish(flow, &id, ArchiveVersion::V1, &out, fallback.as_ref(), 0)
+    }
+}

@@ -1,0 +1,130 @@
+//! Input from a registry: the image is resolved (platform manifest and config), and every layer
+//! blob is streamed once — nothing is stored on disk — unless its stored index is reused or it
+//! can be indexed from its table of contents with a few range requests.
+
+use std::path::Path;
+
+use clip_format::{MediaKind, Source};
+use clip_registry::BlockingClient;
+
+use crate::image::{ImageTree, merge_all};
+use crate::layer::{IndexedLayer, index_layer};
+use crate::{Error, IndexOptions, Progress, ProgressFn, Result, toc};
+
+/// The merged image `reference` names, indexed straight from its registry.
+pub(crate) fn registry_image(
+    reference: &str,
+    net: &BlockingClient,
+    opts: &IndexOptions,
+    progress: Option<&ProgressFn<'_>>,
+) -> Result<ImageTree> {
+    let r = clip_registry::Reference::parse(reference)?;
+    let client = net.client();
+    let image = net.block_on(client.resolve(&r, opts.platform.as_ref()))?;
+    let source = Source {
+        registry: r.registry.clone(),
+        repository: r.repository.clone(),
+        manifest_digest: image.manifest_digest.clone(),
+        reference: r.to_string(),
+    };
+    let span = opts.checkpoint_bytes.max(64 << 10);
+    let handle = net.handle();
+    let pinned = image.reference.clone();
+    if let Some(p) = progress {
+        p(&Progress::Resolved {
+            manifest_digest: image.manifest_digest.clone(),
+            layers: image.manifest.layers().len(),
+            bytes: image
+                .manifest
+                .layers()
+                .iter()
+                .map(crate::oci::Descriptor::size)
+                .sum(),
+        });
+    }
+    merge_all(
+        &image.manifest,
+        &image.config,
+        source,
+        span,
+        opts.layer_store.as_deref(),
+        progress,
+        |d| {
+            if let Some(kind) = toc::layer_toc(d) {
+                let fetch = |r: std::ops::Range<u64>| -> Result<Vec<u8>> {
+                    Ok(handle
+                        .block_on(client.read_range(&pinned, &d.digest, r))?
+                        .to_vec())
+                };
+                let layer =
+                    u32::try_from(d.index).map_err(|_| Error::Image("too many layers".into()))?;
+                let (attempt, media) = match kind {
+                    toc::TocKind::EStargz => (
+                        toc::index_from_toc(
+                            &fetch,
+                            layer,
+                            d,
+                            toc::toc_digest(d).unwrap_or_default(),
+                            span,
+                        ),
+                        MediaKind::Gzip,
+                    ),
+                    toc::TocKind::ZstdChunked => (
+                        toc::index_from_zstd_chunked(&fetch, layer, d, span),
+                        MediaKind::Zstd,
+                    ),
+                };
+                match attempt {
+                    Ok(t) => {
+                        return Ok(IndexedLayer {
+                            entries: t.entries,
+                            index: t.index,
+                            media,
+                            toc: true,
+                            fetched: t.fetched,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(layer = d.index, digest = %d.digest, error = %e, "table of contents not usable; streaming the layer");
+                    }
+                }
+            }
+            let reader = client.blob_reader(handle, &pinned, &d.digest);
+            index_layer(reader, d, span)
+        },
+    )
+}
+
+/// Where the image to index comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// An image in a registry, reached through `client` (whose token cache and connections the
+    /// caller shares with its other work).
+    Registry {
+        /// The reference, e.g. `registry.example.com/team/app:v1`.
+        reference: &'a str,
+        /// The client.
+        client: &'a BlockingClient,
+    },
+    /// An OCI image layout directory; `IndexOptions::tag`, `registry`, `repository` and
+    /// `reference` say which image and where it will be read from later.
+    Layout {
+        /// The layout directory.
+        dir: &'a Path,
+    },
+}
+
+/// Indexes an image into a v2 archive at `out` (published atomically): the one entry point for
+/// every source. `progress` is called once the image is resolved and after each layer.
+pub fn index(
+    input: Input<'_>,
+    out: &Path,
+    opts: &IndexOptions,
+    progress: Option<&ProgressFn<'_>>,
+) -> Result<crate::IndexSummary> {
+    let image = match input {
+        Input::Registry { reference, client } => registry_image(reference, client, opts, progress)?,
+        Input::Layout { dir } => crate::layout_image(dir, opts)?,
+    };
+    crate::image::write_image(out, &image)
+}

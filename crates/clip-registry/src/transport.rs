@@ -1,0 +1,325 @@
+//! The transport: one request with authentication, hand-followed redirects (credentials stay
+//! with the registry; blob redirect targets are reused for a minute), per-host request slots,
+//! HTTPS first (plain HTTP only for loopback and insecure hosts that do not speak TLS), and
+//! retries with exponential backoff and jitter on connection errors, 5xx and 429.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use reqwest::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+
+use crate::Error;
+use crate::client::{Client, MAX_DOCUMENT, RetryPolicy, is_loopback};
+
+impl Client {
+    /// Follows one redirect by hand: to another host without credentials (object storage), to
+    /// the same host with them; a blob GET's target is remembered for a minute.
+    pub(crate) async fn follow(
+        &self,
+        resp: reqwest::Response,
+        url: &str,
+        method: &Method,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+        scope: &str,
+    ) -> Result<reqwest::Response, Error> {
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::Protocol {
+                url: url.to_owned(),
+                reason: format!("{} without Location", resp.status()),
+            })?;
+        let from = reqwest::Url::parse(url).map_err(|e| Error::Protocol {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let target = from.join(location).map_err(|e| Error::Protocol {
+            url: url.to_owned(),
+            reason: format!("bad Location {location:?}: {e}"),
+        })?;
+        let same_origin = target.host_str() == from.host_str()
+            && target.port_or_known_default() == from.port_or_known_default();
+        let mut req = self.http.request(method.clone(), target.clone());
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        if same_origin {
+            let host = from
+                .host_str()
+                .map(|h| {
+                    from.port()
+                        .map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))
+                })
+                .unwrap_or_default();
+            if let Some(a) = self.cached_auth(&host, scope) {
+                req = req.header(AUTHORIZATION, a);
+            }
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| Error::transport(target.as_str(), &e))?;
+        if !same_origin
+            && *method == Method::GET
+            && url.contains("/blobs/")
+            && out.status().is_success()
+            && let Ok(mut st) = self.state.lock()
+        {
+            st.redirects.insert(
+                url.to_owned(),
+                (target.to_string(), Instant::now() + Duration::from_mins(1)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Waits for a request slot on `host` (held until the returned permit drops).
+    pub(crate) async fn slot(&self, host: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = {
+            let mut st = self.state.lock().ok()?;
+            let n = self.cfg.max_per_host.unwrap_or(8).max(1);
+            Arc::clone(
+                st.limits
+                    .entry(host.to_owned())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(n))),
+            )
+        };
+        sem.acquire_owned().await.ok()
+    }
+
+    /// Loopback and insecure hosts may fall back to plain HTTP (as docker does); they try HTTPS
+    /// first, and the outcome is remembered per host. Certificate errors are never ignored.
+    pub(crate) fn may_use_http(&self, host: &str) -> bool {
+        is_loopback(host) || self.cfg.insecure.iter().any(|h| h == host)
+    }
+
+    pub(crate) fn base_url(&self, host: &str) -> String {
+        let https = !self.may_use_http(host)
+            || self
+                .state
+                .lock()
+                .ok()
+                .and_then(|st| st.https.get(host).copied())
+                .unwrap_or(true);
+        format!("{}://{host}", if https { "https" } else { "http" })
+    }
+
+    /// Sends a request with authentication, one re-authentication on 401/403, and retries with
+    /// backoff on connection errors, 5xx and 429.
+    pub(crate) async fn send(
+        &self,
+        host: &str,
+        repository: &str,
+        method: Method,
+        path: &str,
+        headers: &[(reqwest::header::HeaderName, String)],
+    ) -> Result<reqwest::Response, Error> {
+        self.send_with(host, repository, "pull", method, path, headers, None)
+            .await
+    }
+
+    /// [`Self::send`] with the scope's actions (`pull` or `pull,push`) and an optional body.
+    /// `path` may also be an absolute URL on `host` (an upload `Location`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send_with(
+        &self,
+        host: &str,
+        repository: &str,
+        actions: &str,
+        method: Method,
+        path: &str,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+    ) -> Result<reqwest::Response, Error> {
+        self.load_docker_credentials(host).await?;
+        let mut url = if path.starts_with("http://") || path.starts_with("https://") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base_url(host))
+        };
+        let scope = format!("repository:{repository}:{actions}");
+        // A blob the registry redirected recently: go straight to the target (no credentials);
+        // if the target no longer answers (expired signed URL), ask the registry again.
+        if method == Method::GET {
+            let cached = self.state.lock().ok().and_then(|st| {
+                st.redirects
+                    .get(&url)
+                    .filter(|(_, until)| Instant::now() < *until)
+                    .map(|(t, _)| t.clone())
+            });
+            if let Some(target) = cached {
+                let mut req = self.http.get(&target);
+                for (k, v) in headers {
+                    req = req.header(k, v);
+                }
+                if let Ok(resp) = req.send().await
+                    && resp.status().is_success()
+                {
+                    return Ok(resp);
+                }
+                if let Ok(mut st) = self.state.lock() {
+                    st.redirects.remove(&url);
+                }
+            }
+        }
+        let mut https_error: Option<Error> = None;
+        let policy = &self.cfg.retry;
+        let start = Instant::now();
+        let mut reauthed = false;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut req = self.http.request(method.clone(), &url);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
+            if let Some(a) = self.cached_auth(host, &scope) {
+                req = req.header(AUTHORIZATION, a);
+            }
+            let span = tracing::debug_span!("registry_request", %url, attempt);
+            let _enter = span.enter();
+            let retry_after = match req.send().await {
+                Ok(resp) if resp.status().is_redirection() => {
+                    return self
+                        .follow(resp, &url, &method, headers, body.clone(), &scope)
+                        .await;
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    if (status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN)
+                        && !reauthed
+                    {
+                        reauthed = true;
+                        if let Some(ch) = resp
+                            .headers()
+                            .get(WWW_AUTHENTICATE)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                        {
+                            self.authenticate(host, &scope, &ch).await?;
+                            continue;
+                        }
+                        // 403 without a challenge: our token may be stale; forget it and retry once.
+                        if let Ok(mut st) = self.state.lock() {
+                            st.tokens.remove(&(host.to_owned(), scope.clone()));
+                        }
+                        continue;
+                    }
+                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                        return Err(Error::Unauthorized {
+                            host: host.into(),
+                            repository: repository.into(),
+                        });
+                    }
+                    if url.starts_with("https://")
+                        && let Ok(mut st) = self.state.lock()
+                    {
+                        st.https.entry(host.to_owned()).or_insert(true);
+                    }
+                    // Plain HTTP to a TLS port: the HTTPS failure is the real story.
+                    if status == StatusCode::BAD_REQUEST
+                        && url.starts_with("http://")
+                        && let Some(e) = https_error.take()
+                    {
+                        return Err(e);
+                    }
+                    if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                        let after = resp
+                            .headers()
+                            .get(RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .map(Duration::from_secs);
+                        if attempt >= policy.attempts || start.elapsed() >= policy.deadline {
+                            return Err(Error::Protocol {
+                                url,
+                                reason: format!("{status} after {attempt} attempts"),
+                            });
+                        }
+                        after
+                    } else {
+                        return Ok(resp);
+                    }
+                }
+                Err(e) => {
+                    // Not known to speak HTTPS: either unknown, or a concurrent first request
+                    // already found plain HTTP while this one was probing HTTPS.
+                    let not_https = self
+                        .state
+                        .lock()
+                        .ok()
+                        .is_some_and(|st| st.https.get(host) != Some(&true));
+                    if url.starts_with("https://") && self.may_use_http(host) && not_https {
+                        // First contact with a loopback/insecure host: HTTPS failed, try HTTP.
+                        https_error = Some(Error::transport(&url, &e));
+                        if let Ok(mut st) = self.state.lock() {
+                            st.https.insert(host.to_owned(), false);
+                        }
+                        url = format!("http://{host}{path}");
+                        attempt -= 1;
+                        continue;
+                    }
+                    if attempt >= policy.attempts || start.elapsed() >= policy.deadline {
+                        // The current attempt's error (a TLS port answering HTTP is handled above).
+                        return Err(Error::transport(&url, &e));
+                    }
+                    None
+                }
+            };
+            tokio::time::sleep(retry_after.unwrap_or_else(|| backoff(policy, attempt))).await;
+        }
+    }
+
+    pub(crate) async fn read_document(resp: reqwest::Response, url: &str) -> Result<Bytes, Error> {
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_DOCUMENT as u64)
+        {
+            return Err(Error::Protocol {
+                url: url.into(),
+                reason: format!("document larger than {MAX_DOCUMENT} bytes"),
+            });
+        }
+        let mut out = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::transport(url, &e))?;
+            if out.len() + chunk.len() > MAX_DOCUMENT {
+                return Err(Error::Protocol {
+                    url: url.into(),
+                    reason: format!("document larger than {MAX_DOCUMENT} bytes"),
+                });
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out.into())
+    }
+}
+
+/// Exponential backoff with full jitter.
+pub(crate) fn backoff(p: &RetryPolicy, attempt: u32) -> Duration {
+    let exp = p
+        .base
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(p.max_delay);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    let frac = (x % 1000) as u32;
+    (exp / 2) + exp / 2 * frac / 1000
+}
