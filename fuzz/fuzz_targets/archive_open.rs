@@ -33,6 +33,6 @@ fn walk(bytes: Vec<u8>) {
 fuzz_target!(|data: &[u8]| {
     walk(data.to_vec());
     let mut resealed = data.to_vec();
-    clip_format::layout::reseal(&mut resealed);
+    clip_format::spec::reseal(&mut resealed);
     walk(resealed);
 });

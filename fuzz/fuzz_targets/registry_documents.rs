@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = clip_registry::oci::digest(d);
         }
     }
-    if let Ok(c) = serde_json::from_slice::<clip_registry::oci::Config>(data) {
+    if let Ok(c) = serde_json::from_slice::<clip_registry::oci::ImageConfiguration>(data) {
         let _ = clip_registry::oci::image_config(&c);
         let _ = clip_registry::oci::diff_ids(&c);
     }

@@ -49,16 +49,14 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 }
 
 fn sample(reg: &Registry) -> String {
-    ImageBuilder::new(ManifestFormat::Oci)
+    let built = ImageBuilder::new(ManifestFormat::Oci)
         .image(Image::new(vec![Layer::new(vec![Entry::file(
             "etc/hello",
             "hello from the worker\n",
         )])]))
         .build()
-        .unwrap()
-        .push(reg, "team/hello", "v1")
-        .unwrap()
-        .reference
+        .unwrap();
+    reg.push(&built, "team/hello", "v1").unwrap().reference
 }
 
 #[test]
@@ -311,11 +309,15 @@ fn a_fleet_of_workers_shares_one_archive_store() {
             clip_testkit::image::random_bytes(5, 2 << 20),
         ),
     ]);
-    let image = ImageBuilder::new(ManifestFormat::Oci)
-        .image(Image::new(vec![base.clone()]))
-        .build()
-        .unwrap()
-        .push(&reg, "team/fleet", "v1")
+    let image = reg
+        .push(
+            &ImageBuilder::new(ManifestFormat::Oci)
+                .image(Image::new(vec![base.clone()]))
+                .build()
+                .unwrap(),
+            "team/fleet",
+            "v1",
+        )
         .unwrap()
         .reference;
     let dir = tempfile::tempdir().unwrap();
@@ -452,10 +454,8 @@ fn a_fleet_of_workers_shares_one_archive_store() {
             Layer::new(vec![Entry::file("app/run.sh", "echo app\n")]),
         ]))
         .build()
-        .unwrap()
-        .push(&reg, "team/derived", "v1")
-        .unwrap()
-        .reference;
+        .unwrap();
+    let derived = reg.push(&derived, "team/derived", "v1").unwrap().reference;
     let fresh = s3_config(&dir.path().join("fresh"), &v2_prefix, 2, &s3);
     let v = json(&worker(&fresh).args(["pull", &derived]).output().unwrap());
     assert_eq!(

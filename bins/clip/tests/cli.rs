@@ -164,11 +164,15 @@ fn index_straight_from_a_registry() {
         devices: false,
         ..EdgeCaseOptions::default()
     });
-    let pushed = clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
-        .image(img)
-        .build()
-        .unwrap()
-        .push(&reg, "team/app", "v2")
+    let pushed = reg
+        .push(
+            &clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+                .image(img)
+                .build()
+                .unwrap(),
+            "team/app",
+            "v2",
+        )
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("app.clip");
@@ -344,11 +348,15 @@ fn archive_an_image_and_extract_v1_and_v2() {
         ]),
         clip_testkit::Layer::new(vec![clip_testkit::Entry::whiteout("usr/bin/tool")]),
     ]);
-    let pushed = clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
-        .image(img)
-        .build()
-        .unwrap()
-        .push(&reg, "team/app", "v1")
+    let pushed = reg
+        .push(
+            &clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+                .image(img)
+                .build()
+                .unwrap(),
+            "team/app",
+            "v1",
+        )
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let v1 = dir.path().join("v1.clip");

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use clip_format::{Archive, EntryKind};
 use clip_testkit::image::{EdgeCaseOptions, edge_cases};
-use clip_testkit::tree::NodeKind;
+use clip_testkit::snapshot::ItemKind;
 use clip_testkit::{ImageBuilder, ManifestFormat, oracle};
 
 #[test]
@@ -22,8 +22,6 @@ fn a_rootfs_archive_holds_exactly_what_umoci_unpacked() {
     });
     ImageBuilder::new(ManifestFormat::Oci)
         .image(img)
-        .build()
-        .unwrap()
         .write_oci_layout(&layout, "t")
         .unwrap();
     let rootfs = oracle::umoci_unpack(&layout, "t", &dir.path().join("bundle")).unwrap();
@@ -34,7 +32,7 @@ fn a_rootfs_archive_holds_exactly_what_umoci_unpacked() {
     let a = Archive::open(&out).unwrap();
     assert_eq!(summary.entries, a.len());
 
-    let tree = clip_testkit::Tree::scan(&rootfs).unwrap();
+    let tree = clip_testkit::Snapshot::scan(&rootfs).unwrap();
     assert_eq!(a.len(), tree.nodes.len());
     for (path, node) in &tree.nodes {
         let e = a
@@ -53,22 +51,22 @@ fn a_rootfs_archive_holds_exactly_what_umoci_unpacked() {
             .collect();
         assert_eq!(xattrs, node.xattrs, "{path:?}");
         match &node.kind {
-            NodeKind::File { size, .. } => {
+            ItemKind::File { size, .. } => {
                 assert_eq!(e.size(), *size);
                 let data = a.file_data(&e, true).unwrap();
                 assert_eq!(data, std::fs::read(rootfs.join(path)).unwrap().as_slice());
                 assert_eq!(u64::from(e.nlink()), node.nlink, "{path:?}");
             }
-            NodeKind::Dir => assert_eq!(e.kind(), EntryKind::Dir),
-            NodeKind::Symlink(t) => assert_eq!(e.symlink_target().unwrap(), t.as_bytes()),
-            NodeKind::Fifo => assert_eq!(e.kind(), EntryKind::Fifo),
-            NodeKind::CharDevice(r) | NodeKind::BlockDevice(r) => {
+            ItemKind::Dir => assert_eq!(e.kind(), EntryKind::Dir),
+            ItemKind::Symlink(t) => assert_eq!(e.symlink_target().unwrap(), t.as_bytes()),
+            ItemKind::Fifo => assert_eq!(e.kind(), EntryKind::Fifo),
+            ItemKind::CharDevice(r) | ItemKind::BlockDevice(r) => {
                 assert_eq!(
                     e.rdev().unwrap(),
                     (rustix::fs::major(*r), rustix::fs::minor(*r))
                 );
             }
-            NodeKind::Socket => assert_eq!(e.kind(), EntryKind::Socket),
+            ItemKind::Socket => assert_eq!(e.kind(), EntryKind::Socket),
         }
     }
     for group in tree.hardlink_groups() {

@@ -54,11 +54,15 @@ fn runc_runs_the_images_command_on_an_overlay_of_the_lazy_mount() {
     }
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start_anonymous().unwrap();
-    ImageBuilder::new(ManifestFormat::Oci)
-        .image(busybox_image())
-        .build()
-        .unwrap()
-        .push(&registry, "test/busybox", "t")
+    registry
+        .push(
+            &ImageBuilder::new(ManifestFormat::Oci)
+                .image(busybox_image())
+                .build()
+                .unwrap(),
+            "test/busybox",
+            "t",
+        )
         .unwrap();
     let archive = dir.path().join("busybox.clip");
     create_from_oci_image(&CreateFromOciImageOptions {

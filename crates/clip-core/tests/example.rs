@@ -14,15 +14,14 @@ fn the_embedding_example_indexes_mounts_and_reads_one_file() {
     }
     let reg = Registry::start_anonymous().unwrap();
     let big = clip_testkit::image::random_bytes(5, 12 << 20);
-    let image = ImageBuilder::new(ManifestFormat::Oci)
+    let built = ImageBuilder::new(ManifestFormat::Oci)
         .image(Image::new(vec![Layer::new(vec![
             Entry::file("srv/big.bin", big),
             Entry::file("etc/os-release", "ID=example\n"),
         ])]))
         .build()
-        .unwrap()
-        .push(&reg, "demo/app", "v1")
         .unwrap();
+    let image = reg.push(&built, "demo/app", "v1").unwrap();
     let work = tempfile::tempdir().unwrap();
     let (bytes, fetched) = example::run(&image.reference, "/etc/os-release", work.path()).unwrap();
     assert_eq!(bytes, b"ID=example\n");

@@ -24,11 +24,15 @@ fn create_from_oci_image_indexes_a_private_image_with_progress() {
         devices: false,
         ..EdgeCaseOptions::default()
     });
-    let pushed = ImageBuilder::new(ManifestFormat::Docker)
-        .image(img)
-        .build()
-        .unwrap()
-        .push(&reg, "team/svc", "2024")
+    let pushed = reg
+        .push(
+            &ImageBuilder::new(ManifestFormat::Docker)
+                .image(img)
+                .build()
+                .unwrap(),
+            "team/svc",
+            "2024",
+        )
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Mutex::new(0usize));

@@ -107,13 +107,11 @@ fn push_sample(reg: &Registry) -> String {
         ]),
         Layer::new(vec![Entry::file("etc/motd", "hello\n")]),
     ]);
-    ImageBuilder::new(ManifestFormat::Oci)
+    let built = ImageBuilder::new(ManifestFormat::Oci)
         .image(img)
         .build()
-        .unwrap()
-        .push(reg, "team/sample", "v1")
-        .unwrap()
-        .reference
+        .unwrap();
+    reg.push(&built, "team/sample", "v1").unwrap().reference
 }
 
 #[test]

@@ -7,16 +7,15 @@ use clip_archive::{Error, archive_layout, upload_v1};
 use clip_extract::{ExtractOptions, extract};
 use clip_objstore::{RemoteObject, RemoteOptions};
 use clip_testkit::image::{EdgeCaseOptions, edge_cases};
-use clip_testkit::{CompareOptions, ImageBuilder, ManifestFormat, S3, Tree};
+use clip_testkit::{CompareOptions, ImageBuilder, ManifestFormat, S3, Snapshot};
 
 fn options(s3: &S3) -> RemoteOptions {
-    RemoteOptions {
-        endpoint: Some(s3.endpoint()),
-        region: Some(s3.region().to_owned()),
-        access_key_id: Some(s3.access_key().to_owned()),
-        secret_access_key: Some(s3.secret_key().to_owned()),
-        path_style: true,
-    }
+    RemoteOptions::s3_compatible(
+        &s3.endpoint(),
+        s3.region(),
+        s3.access_key(),
+        s3.secret_key(),
+    )
 }
 
 #[test]
@@ -39,7 +38,7 @@ fn upload_extract_and_range_reads_through_s3_and_a_local_store() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let expected_root = dir.path().join("expected");
     extract(&local, &expected_root, &ExtractOptions::default()).unwrap();
-    let expected = Tree::scan(&expected_root).unwrap();
+    let expected = Snapshot::scan(&expected_root).unwrap();
 
     let local_store = dir.path().join("store");
     std::fs::create_dir(&local_store).unwrap();
@@ -82,7 +81,7 @@ fn upload_extract_and_range_reads_through_s3_and_a_local_store() {
             },
         )
         .unwrap();
-        let diffs = expected.compare(&Tree::scan(&root).unwrap(), &CompareOptions::default());
+        let diffs = expected.compare(&Snapshot::scan(&root).unwrap(), &CompareOptions::default());
         assert!(diffs.is_empty(), "{}", diffs.join("\n"));
         std::fs::remove_file(&meta).unwrap();
     }

@@ -9,17 +9,9 @@ use clip_archive::{archive_image, archive_layout};
 use clip_extract::{Error, ExtractOptions, extract};
 use clip_testkit::image::{EdgeCaseOptions, edge_cases};
 use clip_testkit::{
-    CompareOptions, Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry, Tree,
-    oracle,
+    CompareOptions, Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry,
+    Snapshot, assert_same, oracle,
 };
-
-fn edge(compression: [Compression; 3]) -> ImageBuilder {
-    ImageBuilder::new(ManifestFormat::Oci).image(edge_cases(&EdgeCaseOptions {
-        compression,
-        devices: clip_testkit::is_root(),
-        ..EdgeCaseOptions::default()
-    }))
-}
 
 /// Indexes `reference` from its registry into a v2 archive at `out` (1 MiB spans).
 fn index_v2(reference: &str, out: &Path, client: &clip_registry::BlockingClient) {
@@ -31,26 +23,13 @@ fn index_v2(reference: &str, out: &Path, client: &clip_registry::BlockingClient)
     clip_indexer::index(input, out, &opts, None).unwrap();
 }
 
-fn assert_same(expected: &Tree, root: &Path) {
-    let actual = Tree::scan(root).unwrap();
-    let diffs = expected.compare(&actual, &CompareOptions::default());
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
-}
-
 /// umoci's view of `image` (of `twin`, same content with layers umoci reads, when given).
-fn oracle_tree(registry: &Registry, dir: &Path, image: &ImageBuilder) -> Tree {
-    image
-        .build()
-        .unwrap()
-        .push(registry, "test/oracle", "t")
+fn oracle_tree(registry: &Registry, dir: &Path, image: &ImageBuilder) -> Snapshot {
+    registry
+        .push(&image.build().unwrap(), "test/oracle", "t")
         .unwrap();
     let root = oracle::oracle_unpack(registry, "test/oracle:t", &dir.join("oracle"), None).unwrap();
-    Tree::scan(&root).unwrap()
+    Snapshot::scan(&root).unwrap()
 }
 
 #[test]
@@ -58,7 +37,7 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
     oracle::require_oracle_tools().unwrap();
     let registry = Registry::start_anonymous().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let gzip = edge([
+    let gzip = clip_testkit::image::edge_builder([
         Compression::Gzip,
         Compression::GzipMultiMember(3),
         Compression::None,
@@ -80,14 +59,13 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
     assert_same(&expected, &root);
 
     // From the registry, zstd layers included (their umoci twin is the gzip image).
-    let zstd = edge([
+    let zstd = clip_testkit::image::edge_builder([
         Compression::ZstdMultiFrame(3),
         Compression::Zstd,
         Compression::Gzip,
     ]);
-    zstd.build()
-        .unwrap()
-        .push(&registry, "test/zstd", "t")
+    registry
+        .push(&zstd.build().unwrap(), "test/zstd", "t")
         .unwrap();
     let client =
         clip_registry::BlockingClient::new(clip_registry::ClientConfig::default()).unwrap();
@@ -142,11 +120,15 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
             devices: clip_testkit::is_root(),
             ..EdgeCaseOptions::default()
         });
-        ImageBuilder::new(ManifestFormat::Oci)
-            .image(image)
-            .build()
-            .unwrap()
-            .push(&registry, &format!("test/{name}"), "t")
+        registry
+            .push(
+                &ImageBuilder::new(ManifestFormat::Oci)
+                    .image(image)
+                    .build()
+                    .unwrap(),
+                &format!("test/{name}"),
+                "t",
+            )
             .unwrap();
         let toc = dir.path().join(format!("{name}.clip"));
         index_v2(&format!("{}/test/{name}:t", registry.host()), &toc, &client);
@@ -160,7 +142,7 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
         let toc_root = dir.path().join(format!("from-{name}"));
         extract(&toc, &toc_root, &ExtractOptions::default()).unwrap();
         let want = if name == "estargz" {
-            Tree::scan(
+            Snapshot::scan(
                 &clip_testkit::oracle::oracle_unpack(
                     &registry,
                     "test/estargz:t",
@@ -173,7 +155,10 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
         } else {
             expected.clone()
         };
-        let diffs = want.compare(&Tree::scan(&toc_root).unwrap(), &CompareOptions::default());
+        let diffs = want.compare(
+            &Snapshot::scan(&toc_root).unwrap(),
+            &CompareOptions::default(),
+        );
         assert!(
             diffs.len() == 1 && diffs[0].contains("data/ns-time"),
             "{name}: {}",
@@ -297,24 +282,17 @@ fn a_debian_image_to_v1_and_back_equals_umoci() {
         return;
     }
     oracle::require_oracle_tools().unwrap();
-    let rootfs = clip_testkit::debian::minbase_rootfs().unwrap();
-    let tar = clip_testkit::debian::gnu_tar(&rootfs).unwrap();
-    let image = ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![
-        Layer::from_tar(tar),
-        Layer::new(vec![
-            Entry::whiteout("etc/motd"),
-            Entry::file("etc/hostname", "clip-test\n"),
-        ]),
-    ]));
+    let top = vec![
+        Entry::whiteout("etc/motd"),
+        Entry::file("etc/hostname", "clip-test\n"),
+    ];
+    let image = ImageBuilder::new(ManifestFormat::Oci)
+        .image(clip_testkit::debian::layered_image(Compression::Gzip, top).unwrap());
     let registry = Registry::start_anonymous().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let expected = oracle_tree(&registry, dir.path(), &image);
     let layout = dir.path().join("layout");
-    image
-        .build()
-        .unwrap()
-        .write_oci_layout(&layout, "t")
-        .unwrap();
+    image.write_oci_layout(&layout, "t").unwrap();
     let out = dir.path().join("debian.clip");
     archive_layout(&layout, Some("t"), None, &out).unwrap();
     let root = dir.path().join("rootfs");

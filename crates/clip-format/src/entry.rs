@@ -2,9 +2,9 @@
 //! view over them.
 
 use crate::ArchiveKind;
-use crate::layout::{ATTR_SIZE, DIGEST_SIZE, SectionId, XATTR_SIZE, i64_at, u32_at, u64_at};
 use crate::read::{Archive, DataLocation, EntryKind};
 use crate::sparse::SparseMap;
+use crate::spec::{ATTR_SIZE, DIGEST_SIZE, SectionId, XATTR_SIZE, i64_at, u32_at, u64_at};
 
 /// A raw entry record.
 #[derive(Clone, Copy)]

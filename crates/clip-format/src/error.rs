@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use crate::layout::SectionId;
+use crate::spec::SectionId;
 
 /// Why an archive could not be read or written.
 ///

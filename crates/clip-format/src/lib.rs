@@ -51,27 +51,29 @@
 mod digest;
 mod entry;
 mod error;
-pub mod layout;
 pub mod merge;
 mod meta;
 mod read;
 pub mod sparse;
+pub mod spec;
 pub mod tree;
 mod validate;
 mod write;
+mod write_v1;
 
 pub use digest::{Digest, DigestMismatch, DigestParseError};
 pub use entry::Entry;
 pub use error::{Error, Result};
-pub use layout::{FORMAT_VERSION, MAGIC, SectionId};
 pub use meta::{
     Checkpoint, CheckpointKind, ImageConfig, LayerInfo, MediaKind, Meta, Remote, Source,
     sha256_bytes,
 };
 pub use read::{Archive, DataLocation, EntryKind, SectionInfo};
 pub use sparse::{SparseMap, SparseReader};
+pub use spec::{FORMAT_VERSION, MAGIC, SectionId};
 pub use tree::{LayerSpan, Metadata, NodeKind, Tree};
-pub use write::{V1Writer, WriteSummary, publish_bytes, write_v1_remote, write_v2};
+pub use write::{WriteSummary, publish_bytes, write_v2};
+pub use write_v1::{V1Writer, write_v1_remote};
 
 /// The three kinds of archive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -6,13 +6,13 @@ use std::path::Path;
 use crate::ArchiveKind;
 pub(crate) use crate::entry::{Entry, Raw};
 use crate::error::{Error, Result, section_err};
-use crate::layout::{
+use crate::meta::{Checkpoint, CheckpointKind, LayerInfo, MediaKind, Meta};
+use crate::sparse::SparseMap;
+use crate::spec::{
     CHECKPOINT_SIZE, ENTRY_SIZE, FORMAT_VERSION, HEADER_FIXED, LAYER_SIZE, MAGIC, MAX_SECTIONS,
     MAX_STRING, SECTION_ROW, SECTION_UNCHECKED, SPARSE_SIZE, SectionId, checksum, mode, u16_at,
     u32_at, u64_at, varint_at,
 };
-use crate::meta::{Checkpoint, CheckpointKind, LayerInfo, MediaKind, Meta};
-use crate::sparse::SparseMap;
 
 pub(crate) enum Backing {
     Mmap(memmap2::Mmap),

@@ -80,7 +80,7 @@ impl NodeKind {
     /// The `st_mode` type bits of this kind (hard links report their target's later).
     #[must_use]
     pub fn type_bits(&self) -> u32 {
-        use crate::layout::mode::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK};
+        use crate::spec::mode::{S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK};
         match self {
             Self::Dir => S_IFDIR,
             Self::File { .. } | Self::HardLink(_) => S_IFREG,

@@ -3,12 +3,12 @@
 
 use crate::ArchiveKind;
 use crate::error::{Error, Result, entry_err, section_err};
-use crate::layout::{
+use crate::meta::{CheckpointKind, MediaKind, Meta};
+use crate::read::{Archive, EntryKind};
+use crate::spec::{
     ATTR_SIZE, CHECKPOINT_SIZE, DIGEST_SIZE, LAYER_SIZE, MAX_META, SectionId, XATTR_SIZE, mode,
     u32_at, u64_at,
 };
-use crate::meta::{CheckpointKind, MediaKind, Meta};
-use crate::read::{Archive, EntryKind};
 
 impl Archive {
     pub(crate) fn validate(&mut self) -> Result<()> {

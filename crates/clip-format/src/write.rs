@@ -1,23 +1,21 @@
-//! Writers: v1 local (file data streamed in), v1 remote (index + pointer), v2 OCI (index only).
+//! Writers: the shared index and file assembly, and v2 OCI (index only); the v1 writers are in
+//! `write_v1`.
 //!
 //! Every writer publishes atomically: it writes a temp file beside the destination, fsyncs it,
 //! renames it into place and fsyncs the directory, so readers never see a partial archive.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::Path;
 
 use crate::ArchiveKind;
 use crate::error::{Error, Result};
-use crate::layout::{
-    FORMAT_VERSION, HEADER_FIXED, MAGIC, MAX_STRING, SECTION_ROW, SECTION_UNCHECKED, SectionId,
-    checksum, put_varint,
-};
 use crate::meta::{Checkpoint, LayerInfo, Meta};
 use crate::read::Archive;
+use crate::spec::{
+    FORMAT_VERSION, HEADER_FIXED, MAGIC, MAX_STRING, SECTION_ROW, SectionId, checksum, put_varint,
+};
 use crate::tree::{NodeKind, Tree};
 
 /// Deduplicating string table.
@@ -49,7 +47,7 @@ impl Strings {
 
 /// Where a file's data is, as the writer records it.
 #[derive(Clone, Copy)]
-enum FileLoc {
+pub(crate) enum FileLoc {
     V1 {
         digest_index: u32,
         offset: u64,
@@ -62,7 +60,7 @@ enum FileLoc {
     },
 }
 
-struct Index {
+pub(crate) struct Index {
     strings: Strings,
     entries: Vec<u8>,
     attrs: Vec<u8>,
@@ -71,7 +69,7 @@ struct Index {
 
 impl Index {
     /// The sections every archive kind carries: strings, entries, attrs, xattrs.
-    fn into_sections(self) -> Vec<Section> {
+    pub(crate) fn into_sections(self) -> Vec<Section> {
         vec![
             Section {
                 id: SectionId::STRINGS,
@@ -94,7 +92,7 @@ impl Index {
 }
 
 /// Follows hard links to the file node they name.
-fn resolve_links(tree: &Tree) -> Result<HashMap<usize, usize>> {
+pub(crate) fn resolve_links(tree: &Tree) -> Result<HashMap<usize, usize>> {
     let mut canon = HashMap::new();
     for id in tree.breadth_first() {
         let Some(node) = tree.node(id) else { continue };
@@ -129,7 +127,7 @@ fn resolve_links(tree: &Tree) -> Result<HashMap<usize, usize>> {
     Ok(canon)
 }
 
-fn build_index(
+pub(crate) fn build_index(
     tree: &Tree,
     canon: &HashMap<usize, usize>,
     loc: &mut dyn FnMut(usize) -> Result<FileLoc>,
@@ -154,7 +152,7 @@ fn build_index(
     let mut inode: HashMap<usize, u32> = HashMap::new();
     let mut strings = Strings::default();
     strings.add(b"")?;
-    let mut entries = Vec::with_capacity(order.len() * crate::layout::ENTRY_SIZE);
+    let mut entries = Vec::with_capacity(order.len() * crate::spec::ENTRY_SIZE);
     let mut attrs = Vec::new();
     let mut attr_ids: HashMap<(u32, u32, u32, u32, i64, u32), u32> = HashMap::new();
     let mut xattrs = Vec::new();
@@ -260,23 +258,23 @@ fn build_index(
     })
 }
 
-fn meta_json(meta: &Meta) -> Result<Vec<u8>> {
+pub(crate) fn meta_json(meta: &Meta) -> Result<Vec<u8>> {
     serde_json::to_vec(meta).map_err(|e| Error::InvalidMeta(e.to_string()))
 }
 
-struct Section {
-    id: SectionId,
-    bytes: Vec<u8>,
+pub(crate) struct Section {
+    pub(crate) id: SectionId,
+    pub(crate) bytes: Vec<u8>,
 }
 
-fn header_len(sections: usize) -> usize {
+pub(crate) fn header_len(sections: usize) -> usize {
     (HEADER_FIXED + SECTION_ROW * sections + 8).next_multiple_of(8)
 }
 
 /// A section table row: id, flags, offset, length, checksum.
 type Row = (SectionId, u32, u64, u64, u64);
 
-fn header(kind: ArchiveKind, rows: &[Row], total: u64) -> Vec<u8> {
+pub(crate) fn header(kind: ArchiveKind, rows: &[Row], total: u64) -> Vec<u8> {
     let mut h = Vec::with_capacity(header_len(rows.len()));
     h.extend_from_slice(&MAGIC);
     h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -300,7 +298,7 @@ fn header(kind: ArchiveKind, rows: &[Row], total: u64) -> Vec<u8> {
 }
 
 /// Serialises an archive whose sections are all in memory.
-fn assemble(kind: ArchiveKind, sections: &[Section]) -> Vec<u8> {
+pub(crate) fn assemble(kind: ArchiveKind, sections: &[Section]) -> Vec<u8> {
     let mut off = header_len(sections.len()) as u64;
     let mut rows = Vec::new();
     for s in sections {
@@ -323,7 +321,7 @@ pub fn publish_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     persist(tmp, path)
 }
 
-fn io(context: &'static str, path: &Path, source: std::io::Error) -> Error {
+pub(crate) fn io(context: &'static str, path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         context,
         path: path.to_owned(),
@@ -331,7 +329,7 @@ fn io(context: &'static str, path: &Path, source: std::io::Error) -> Error {
     }
 }
 
-fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -342,7 +340,7 @@ fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
         .map_err(|e| io("creating a temp file in", dir, e))
 }
 
-fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+pub(crate) fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
     tmp.as_file()
         .sync_all()
         .map_err(|e| io("syncing", tmp.path(), e))?;
@@ -374,7 +372,7 @@ pub struct WriteSummary {
 /// Appends `map` to the SPARSE section bytes (a head record `(extent count, 0)`, then the
 /// extents); returns the entry's `b` for it: 1 + the head record's index.
 fn append_sparse_map(bytes: &mut Vec<u8>, map: &crate::sparse::SparseMap) -> Result<u32> {
-    let record = u32::try_from(bytes.len() / crate::layout::SPARSE_SIZE + 1)
+    let record = u32::try_from(bytes.len() / crate::spec::SPARSE_SIZE + 1)
         .map_err(|_| Error::InvalidTree("too many sparse extents".into()))?;
     bytes.extend_from_slice(&(map.extents().len() as u64).to_le_bytes());
     bytes.extend_from_slice(&0u64.to_le_bytes());
@@ -555,205 +553,5 @@ pub fn write_v2(
         entries: archive.len(),
         bytes: total,
         index_bytes: total - window_len,
-    })
-}
-
-/// Streams a v1 local (data-carrying) archive: file data first, index last.
-///
-/// Call [`V1Writer::add_file`] for every regular file with data (in any order), then
-/// [`V1Writer::finish`] with the tree. Memory stays bounded: data goes straight to disk.
-pub struct V1Writer {
-    path: PathBuf,
-    tmp: tempfile::NamedTempFile,
-    out: BufWriter<File>,
-    data_start: u64,
-    cursor: u64,
-    located: HashMap<usize, (u64, u64, [u8; 32])>,
-}
-
-/// Sections of a v1 local archive.
-const V1_LOCAL_SECTIONS: usize = 7;
-
-impl V1Writer {
-    /// Starts writing the archive that will be published at `path`.
-    pub fn create(path: &Path) -> Result<Self> {
-        let tmp = temp_beside(path)?;
-        let file = tmp.reopen().map_err(|e| io("opening", tmp.path(), e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let data_start = header_len(V1_LOCAL_SECTIONS) as u64;
-        out.write_all(&vec![0u8; header_len(V1_LOCAL_SECTIONS)])
-            .map_err(|e| io("writing", tmp.path(), e))?;
-        Ok(Self {
-            path: path.to_owned(),
-            tmp,
-            out,
-            data_start,
-            cursor: 0,
-            located: HashMap::new(),
-        })
-    }
-
-    /// Appends the content of tree node `node`; returns its length and sha256.
-    pub fn add_file(&mut self, node: usize, mut reader: impl Read) -> Result<(u64, [u8; 32])> {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        let start = self.cursor;
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .map_err(|e| io("reading file data for", &self.path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            self.out
-                .write_all(&buf[..n])
-                .map_err(|e| io("writing", self.tmp.path(), e))?;
-            self.cursor += n as u64;
-        }
-        let digest: [u8; 32] = hasher.finalize().into();
-        let len = self.cursor - start;
-        self.located.insert(node, (start, len, digest));
-        Ok((len, digest))
-    }
-
-    /// Writes the index, the header, and publishes the archive.
-    pub fn finish(mut self, tree: &Tree, meta: &Meta) -> Result<WriteSummary> {
-        let canon = resolve_links(tree)?;
-        let mut digests: Vec<u8> = Vec::new();
-        let mut digest_index: HashMap<usize, u32> = HashMap::new();
-        let empty: [u8; 32] = Sha256::digest(b"").into();
-        let located = &self.located;
-        let index = build_index(tree, &canon, &mut |id| {
-            let size = match tree.node(id).map(|n| &n.kind) {
-                Some(NodeKind::File { size, .. }) => *size,
-                _ => 0,
-            };
-            let (offset, len, digest) = match located.get(&id) {
-                Some(l) => *l,
-                None if size == 0 => (0, 0, empty),
-                None => {
-                    return Err(Error::InvalidTree(format!(
-                        "no data was written for {}",
-                        String::from_utf8_lossy(&tree.path_of(id))
-                    )));
-                }
-            };
-            if len != size {
-                return Err(Error::InvalidTree(format!(
-                    "{} is {size} bytes in the tree but {len} bytes of data were written",
-                    String::from_utf8_lossy(&tree.path_of(id))
-                )));
-            }
-            let next = u32::try_from(digest_index.len())
-                .map_err(|_| Error::InvalidTree("too many files".into()))?;
-            let di = *digest_index.entry(id).or_insert_with(|| {
-                digests.extend_from_slice(&digest);
-                next
-            });
-            Ok(FileLoc::V1 {
-                digest_index: di,
-                offset,
-            })
-        })?;
-        let data_len = self.cursor;
-        let mut sections = index.into_sections();
-        sections.extend([
-            Section {
-                id: SectionId::DIGESTS,
-                bytes: digests,
-            },
-            Section {
-                id: SectionId::META,
-                bytes: meta_json(meta)?,
-            },
-        ]);
-        let w = |e| io("writing", self.tmp.path(), e);
-        let mut off = (self.data_start + data_len).next_multiple_of(8);
-        let pad = off - (self.data_start + data_len);
-        self.out
-            .write_all(&vec![0u8; usize::try_from(pad).unwrap_or(0)])
-            .map_err(w)?;
-        let mut rows = vec![(
-            SectionId::DATA,
-            SECTION_UNCHECKED,
-            self.data_start,
-            data_len,
-            0,
-        )];
-        for s in &sections {
-            rows.push((s.id, 0, off, s.bytes.len() as u64, checksum(&s.bytes)));
-            self.out.write_all(&s.bytes).map_err(w)?;
-            let end = off + s.bytes.len() as u64;
-            let next = end.next_multiple_of(8);
-            self.out
-                .write_all(&vec![0u8; usize::try_from(next - end).unwrap_or(0)])
-                .map_err(w)?;
-            off = next;
-        }
-        let index_bytes = off - data_len;
-        let hdr = header(ArchiveKind::V1Local, &rows, off);
-        self.out.seek(SeekFrom::Start(0)).map_err(w)?;
-        self.out.write_all(&hdr).map_err(w)?;
-        self.out.flush().map_err(w)?;
-        drop(self.out);
-        // Validate before publishing.
-        let archive = Archive::open(self.tmp.path())?;
-        let entries = archive.len();
-        drop(archive);
-        persist(self.tmp, &self.path)?;
-        Ok(WriteSummary {
-            kind: ArchiveKind::V1Local,
-            entries,
-            bytes: off,
-            index_bytes,
-        })
-    }
-}
-
-/// Writes the small v1-remote archive for `local` (a v1 local archive) whose bytes were uploaded
-/// to `url`: the same index, no data, and a pointer to the data region inside the object.
-pub fn write_v1_remote(local: &Archive, url: &str, path: &Path) -> Result<WriteSummary> {
-    if local.kind() != ArchiveKind::V1Local {
-        return Err(Error::WrongKind {
-            operation: "making a v1-remote archive",
-            needed: "v1-local",
-            found: local.kind(),
-        });
-    }
-    let data = local
-        .section_info(SectionId::DATA)
-        .ok_or_else(|| Error::InvalidTree("no data section".into()))?;
-    let mut meta = local.meta().clone();
-    meta.remote = Some(crate::meta::Remote {
-        url: url.to_owned(),
-        size: local.as_bytes().len() as u64,
-        data_offset: data.offset,
-        data_length: data.length,
-    });
-    let copy = |id| Section {
-        id,
-        bytes: local.section(id).to_vec(),
-    };
-    let sections = [
-        copy(SectionId::STRINGS),
-        copy(SectionId::ENTRIES),
-        copy(SectionId::ATTRS),
-        copy(SectionId::XATTRS),
-        copy(SectionId::DIGESTS),
-        Section {
-            id: SectionId::META,
-            bytes: meta_json(&meta)?,
-        },
-    ];
-    let bytes = assemble(ArchiveKind::V1Remote, &sections);
-    let archive = Archive::from_bytes(bytes)?;
-    publish_bytes(path, archive.as_bytes())?;
-    let total = archive.as_bytes().len() as u64;
-    Ok(WriteSummary {
-        kind: ArchiveKind::V1Remote,
-        entries: archive.len(),
-        bytes: total,
-        index_bytes: total,
     })
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use clip_format::layout::{HEADER_FIXED, SECTION_ROW};
+use clip_format::spec::{HEADER_FIXED, SECTION_ROW};
 use clip_format::{
     Archive, ArchiveKind, Checkpoint, CheckpointKind, DataLocation, Digest, EntryKind, Error,
     ImageConfig, LayerInfo, LayerSpan, MediaKind, Meta, Metadata, NodeKind, SectionId, Source,
@@ -407,7 +407,7 @@ fn sparse_maps_round_trip_and_damaged_maps_are_rejected() {
     for (what, damage) in damages {
         let mut bad = good.clone();
         damage(&mut bad);
-        clip_format::layout::reseal(&mut bad);
+        clip_format::spec::reseal(&mut bad);
         let err = Archive::from_bytes(bad).unwrap_err();
         assert!(err.to_string().contains("sparse map"), "{what}: {err}");
     }
@@ -686,7 +686,7 @@ fn flipped_bytes_are_detected() {
 fn rewrite_header(mut b: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     f(&mut b);
     let total = b[24..32].to_vec();
-    clip_format::layout::reseal(&mut b);
+    clip_format::spec::reseal(&mut b);
     b[24..32].copy_from_slice(&total); // keep a lying total length as the test set it
     let n = u32::from_le_bytes(b[16..20].try_into().unwrap()) as usize;
     let end = HEADER_FIXED + SECTION_ROW * n;
@@ -709,7 +709,7 @@ fn resealed_structural_damage_is_still_rejected() {
                 let mut bad = g.clone();
                 let at = (entries.offset + 40 + field) as usize; // entry 1
                 bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
-                clip_format::layout::reseal(&mut bad);
+                clip_format::spec::reseal(&mut bad);
                 if open_and_walk(bad).is_err() {
                     rejected += 1;
                 }

@@ -43,6 +43,7 @@ pub mod cache;
 mod fs;
 mod layers;
 pub mod profile;
+mod reads;
 mod remote;
 
 use std::path::{Path, PathBuf};

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use clip_fs::{MountHandle, MountOptions, mount_archive};
 use clip_registry::{ClientConfig, RetryPolicy};
-use clip_testkit::image::{EdgeCaseOptions, edge_cases, random_bytes};
+use clip_testkit::image::random_bytes;
 use clip_testkit::{
     Auth, CompareOptions, Compression, Entry, FakeRegistry, FakeResponse, Image, ImageBuilder,
-    Layer, ManifestFormat, Registry, RegistryOptions, Tree, oracle,
+    Layer, ManifestFormat, Registry, RegistryOptions, Snapshot, assert_same, oracle,
 };
 
 fn can_mount() -> bool {
@@ -47,10 +47,8 @@ struct Fixture {
 /// Pushes `image` to `registry` and indexes it from there into a v2 archive.
 fn indexed(registry: Registry, image: &ImageBuilder, span: u64, cfg: ClientConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    image
-        .build()
-        .unwrap()
-        .push(&registry, "test/app", "t")
+    registry
+        .push(&image.build().unwrap(), "test/app", "t")
         .unwrap();
     let reference = format!("{}/test/app:t", registry.host());
     let archive = dir.path().join("app.clip");
@@ -92,11 +90,10 @@ impl Fixture {
 
     /// `umoci unpack` of the image, or of `twin` (the same content with layers umoci can read:
     /// its version predates zstd).
-    fn oracle(&self, twin: Option<&ImageBuilder>) -> Tree {
+    fn oracle(&self, twin: Option<&ImageBuilder>) -> Snapshot {
         let name = if let Some(t) = twin {
-            t.build()
-                .unwrap()
-                .push(&self.registry, "test/twin", "t")
+            self.registry
+                .push(&t.build().unwrap(), "test/twin", "t")
                 .unwrap();
             "test/twin:t"
         } else {
@@ -105,27 +102,8 @@ impl Fixture {
         let want =
             oracle::oracle_unpack(&self.registry, name, &self.dir.path().join("oracle"), None)
                 .unwrap();
-        Tree::scan(&want).unwrap()
+        Snapshot::scan(&want).unwrap()
     }
-}
-
-fn assert_same(expected: &Tree, root: &Path) {
-    let actual = Tree::scan(root).unwrap();
-    let diffs = expected.compare(&actual, &CompareOptions::default());
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
-}
-
-fn edge(compression: [Compression; 3]) -> ImageBuilder {
-    ImageBuilder::new(ManifestFormat::Oci).image(edge_cases(&EdgeCaseOptions {
-        compression,
-        devices: true,
-        ..EdgeCaseOptions::default()
-    }))
 }
 
 /// Holes of the edge-case image's sparse files, seen through a mount (files closed on return).
@@ -185,14 +163,20 @@ fn v2_mounts_equal_umoci_for_every_layer_compression() {
     ] {
         let f = indexed(
             Registry::start_anonymous().unwrap(),
-            &edge(compression),
+            &clip_testkit::image::edge_builder(compression),
             span,
             ClientConfig::default(),
         );
         let twin = compression
             .iter()
             .any(|c| matches!(c, Compression::Zstd | Compression::ZstdMultiFrame(_)))
-            .then(|| edge([Compression::Gzip, Compression::Gzip, Compression::Gzip]));
+            .then(|| {
+                clip_testkit::image::edge_builder([
+                    Compression::Gzip,
+                    Compression::Gzip,
+                    Compression::Gzip,
+                ])
+            });
         let expected = f.oracle(twin.as_ref());
         let m = f.mount("mnt", MountOptions::default());
         assert_same(&expected, m.mountpoint());
@@ -224,14 +208,22 @@ fn v1_local_mount_equals_umoci() {
     }
     let registry = Registry::start_anonymous().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    edge([Compression::Gzip, Compression::Gzip, Compression::None])
-        .build()
-        .unwrap()
-        .push(&registry, "test/app", "t")
+    registry
+        .push(
+            &clip_testkit::image::edge_builder([
+                Compression::Gzip,
+                Compression::Gzip,
+                Compression::None,
+            ])
+            .build()
+            .unwrap(),
+            "test/app",
+            "t",
+        )
         .unwrap();
     let rootfs =
         oracle::oracle_unpack(&registry, "test/app:t", &dir.path().join("oracle"), None).unwrap();
-    let expected = Tree::scan(&rootfs).unwrap();
+    let expected = Snapshot::scan(&rootfs).unwrap();
     let archive = dir.path().join("v1.clip");
     clip_archive::archive_rootfs(&rootfs, &archive, &clip_format::Meta::default()).unwrap();
     let mp = dir.path().join("mnt");
@@ -616,14 +608,12 @@ fn a_debian_image_mounted_lazily_equals_umoci() {
     if !can_mount() {
         return;
     }
-    let rootfs = clip_testkit::debian::minbase_rootfs().unwrap();
-    let tar = clip_testkit::debian::gnu_tar(&rootfs).unwrap();
-    let top = Layer::new(vec![
+    let top = vec![
         Entry::whiteout("etc/motd"),
         Entry::file("etc/hostname", "clip-test\n"),
-    ]);
-    let image =
-        ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![Layer::from_tar(tar), top]));
+    ];
+    let image = ImageBuilder::new(ManifestFormat::Oci)
+        .image(clip_testkit::debian::layered_image(Compression::Gzip, top).unwrap());
     let f = indexed(
         Registry::start_anonymous().unwrap(),
         &image,
@@ -646,24 +636,25 @@ fn a_v1_remote_archive_in_s3_mounts_with_verified_files() {
     s3.create_bucket("images").unwrap();
     let registry = Registry::start_anonymous().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let image = edge([Compression::Gzip, Compression::Gzip, Compression::None]);
-    image
-        .build()
-        .unwrap()
-        .push(&registry, "test/app", "t")
+    let image = clip_testkit::image::edge_builder([
+        Compression::Gzip,
+        Compression::Gzip,
+        Compression::None,
+    ]);
+    registry
+        .push(&image.build().unwrap(), "test/app", "t")
         .unwrap();
     let rootfs =
         oracle::oracle_unpack(&registry, "test/app:t", &dir.path().join("oracle"), None).unwrap();
-    let expected = Tree::scan(&rootfs).unwrap();
+    let expected = Snapshot::scan(&rootfs).unwrap();
     let local = dir.path().join("v1.clip");
     clip_archive::archive_rootfs(&rootfs, &local, &clip_format::Meta::default()).unwrap();
-    let remote = clip_objstore::RemoteOptions {
-        endpoint: Some(s3.endpoint()),
-        region: Some(s3.region().to_owned()),
-        access_key_id: Some(s3.access_key().to_owned()),
-        secret_access_key: Some(s3.secret_key().to_owned()),
-        path_style: true,
-    };
+    let remote = clip_objstore::RemoteOptions::s3_compatible(
+        &s3.endpoint(),
+        s3.region(),
+        s3.access_key(),
+        s3.secret_key(),
+    );
     let meta = dir.path().join("v1-remote.clip");
     let net = clip_registry::BlockingClient::new(ClientConfig::default()).unwrap();
     clip_archive::upload_v1(
@@ -755,7 +746,7 @@ fn toc_indexed_images_mount_like_umoci() {
     ] {
         let f = indexed(
             Registry::start_anonymous().unwrap(),
-            &edge(compression),
+            &clip_testkit::image::edge_builder(compression),
             1 << 20,
             ClientConfig::default(),
         );
@@ -766,12 +757,17 @@ fn toc_indexed_images_mount_like_umoci() {
                 .iter()
                 .all(|l| l.toc_indexed)
         );
-        let twin = (compression[0] == Compression::ZstdChunked)
-            .then(|| edge([Compression::Gzip, Compression::Gzip, Compression::Gzip]));
+        let twin = (compression[0] == Compression::ZstdChunked).then(|| {
+            clip_testkit::image::edge_builder([
+                Compression::Gzip,
+                Compression::Gzip,
+                Compression::Gzip,
+            ])
+        });
         let expected = f.oracle(twin.as_ref());
         let m = f.mount("mnt", MountOptions::default());
         let diffs = expected.compare(
-            &Tree::scan(m.mountpoint()).unwrap(),
+            &Snapshot::scan(m.mountpoint()).unwrap(),
             &CompareOptions::default(),
         );
         assert!(

@@ -34,7 +34,10 @@ pub struct LayerDesc {
 impl LayerDesc {
     /// The layers of `manifest` with their `diff_id`s from `config`, checked: one `diff_id` per
     /// layer, every digest one clip can verify.
-    pub fn of_image(manifest: &oci::Manifest, config: &oci::Config) -> Result<Vec<Self>> {
+    pub fn of_image(
+        manifest: &oci::Manifest,
+        config: &oci::ImageConfiguration,
+    ) -> Result<Vec<Self>> {
         let diff_ids = oci::diff_ids(config)?;
         if diff_ids.len() != manifest.layers().len() {
             return Err(Error::Image(format!(
@@ -123,7 +126,7 @@ type LayerSlot = std::sync::Mutex<Option<Result<(IndexedLayer, bool)>>>;
 /// order.
 pub(crate) fn merge_all(
     manifest: &oci::Manifest,
-    config: &oci::Config,
+    config: &oci::ImageConfiguration,
     source: Source,
     span: u64,
     store: Option<&dyn LayerIndexStore>,

@@ -72,14 +72,7 @@ fn resolve(layout: &Path, opts: &IndexOptions) -> Result<oci::Descriptor> {
     }
     let want = opts.platform.clone().unwrap_or_else(oci::host_platform);
     let nested: oci::Index = parse("image index", &read_doc(layout, top)?)?;
-    nested
-        .manifests()
-        .iter()
-        .find(|d| {
-            d.platform()
-                .as_ref()
-                .is_some_and(|p| oci::platform_matches(p, &want))
-        })
+    oci::select_platform(&nested, &want)
         .cloned()
         .ok_or_else(|| {
             Error::Image(format!(
@@ -100,7 +93,8 @@ pub fn layout_image(layout: &Path, opts: &IndexOptions) -> Result<ImageTree> {
         ));
     }
     let manifest: oci::Manifest = parse("manifest", &read_doc(layout, &desc)?)?;
-    let config: oci::Config = parse("image config", &read_doc(layout, manifest.config())?)?;
+    let config: oci::ImageConfiguration =
+        parse("image config", &read_doc(layout, manifest.config())?)?;
     let source = Source {
         registry: opts.registry.clone(),
         repository: opts.repository.clone(),

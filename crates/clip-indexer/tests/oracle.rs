@@ -10,9 +10,9 @@ use clip_format::Digest;
 use clip_format::{Archive, DataLocation, EntryKind, MediaKind};
 use clip_indexer::{Error, IndexOptions, IndexSummary, Input, ProgressFn, index};
 use clip_registry::BlockingClient;
-use clip_testkit::image::{Compression, EdgeCaseOptions, Entry, Image, Layer, edge_cases};
-use clip_testkit::tree::{Node, NodeKind};
-use clip_testkit::{CompareOptions, ImageBuilder, ManifestFormat, Tree, oracle};
+use clip_testkit::image::{Compression, Entry, Image, Layer};
+use clip_testkit::snapshot::{Item, ItemKind};
+use clip_testkit::{CompareOptions, ImageBuilder, ManifestFormat, Snapshot, oracle};
 use sha2::{Digest as _, Sha256};
 
 /// Indexes the OCI layout at `layout` into a v2 archive at `out`.
@@ -102,13 +102,13 @@ impl SpanReader {
 }
 
 /// The archive's view as a testkit tree (contents hashed after reading them back).
-fn archive_tree(a: &Archive, layout: &Path) -> Tree {
-    let mut t = Tree::default();
+fn archive_tree(a: &Archive, layout: &Path) -> Snapshot {
+    let mut t = Snapshot::default();
     let mut reader = SpanReader::default();
     for i in 0..a.len() as u32 {
         let e = a.entry(i).unwrap();
         let kind = match e.kind() {
-            EntryKind::Dir => NodeKind::Dir,
+            EntryKind::Dir => ItemKind::Dir,
             EntryKind::File => {
                 let bytes = match e.data().unwrap() {
                     DataLocation::V2 {
@@ -132,23 +132,23 @@ fn archive_tree(a: &Archive, layout: &Path) -> Tree {
                     }
                     _ => Vec::new(),
                 };
-                NodeKind::File {
+                ItemKind::File {
                     size: e.size(),
                     sha256: hex::encode(Sha256::digest(&bytes)),
                 }
             }
             EntryKind::Symlink => {
-                NodeKind::Symlink(String::from_utf8_lossy(e.symlink_target().unwrap()).into_owned())
+                ItemKind::Symlink(String::from_utf8_lossy(e.symlink_target().unwrap()).into_owned())
             }
-            EntryKind::Fifo => NodeKind::Fifo,
-            EntryKind::Socket => NodeKind::Socket,
+            EntryKind::Fifo => ItemKind::Fifo,
+            EntryKind::Socket => ItemKind::Socket,
             EntryKind::CharDevice | EntryKind::BlockDevice => {
                 let (ma, mi) = e.rdev().unwrap();
                 let rdev = rustix::fs::makedev(ma, mi);
                 if e.kind() == EntryKind::CharDevice {
-                    NodeKind::CharDevice(rdev)
+                    ItemKind::CharDevice(rdev)
                 } else {
-                    NodeKind::BlockDevice(rdev)
+                    ItemKind::BlockDevice(rdev)
                 }
             }
         };
@@ -158,7 +158,7 @@ fn archive_tree(a: &Archive, layout: &Path) -> Tree {
             .collect();
         t.nodes.insert(
             String::from_utf8_lossy(&e.path()).into_owned(),
-            Node {
+            Item {
                 kind,
                 mode: e.mode(),
                 uid: e.uid(),
@@ -205,7 +205,7 @@ fn check(image: &ImageBuilder, span: u64, platform: Option<&str>) {
     // The oracle: the same image pushed to a real registry, copied out by skopeo (which picks
     // the platform and converts Docker manifests) and unpacked by umoci.
     let registry = clip_testkit::Registry::start_anonymous().unwrap();
-    built.push(&registry, "test/edge", "t").unwrap();
+    registry.push(&built, "test/edge", "t").unwrap();
     let want = oracle::oracle_unpack(
         &registry,
         "test/edge:t",
@@ -213,28 +213,13 @@ fn check(image: &ImageBuilder, span: u64, platform: Option<&str>) {
         platform,
     )
     .unwrap();
-    let expected = Tree::scan(&want).unwrap();
-    let actual = archive_tree(&a, &layout);
-    let diffs = expected.compare(&actual, &CompareOptions::default());
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
-}
-
-fn edge(compression: [Compression; 3]) -> Image {
-    edge_cases(&EdgeCaseOptions {
-        compression,
-        devices: clip_testkit::is_root(),
-        ..EdgeCaseOptions::default()
-    })
+    let expected = Snapshot::scan(&want).unwrap();
+    clip_testkit::snapshot::assert_same_snapshots(&expected, &archive_tree(&a, &layout));
 }
 
 #[test]
 fn edge_cases_gzip_multimember_and_plain_layers_match_umoci() {
-    let img = edge([
+    let img = clip_testkit::image::edge_image([
         Compression::Gzip,
         Compression::GzipMultiMember(3),
         Compression::None,
@@ -248,7 +233,7 @@ fn edge_cases_gzip_multimember_and_plain_layers_match_umoci() {
 
 #[test]
 fn docker_manifests_and_many_members_match_umoci() {
-    let img = edge([
+    let img = clip_testkit::image::edge_image([
         Compression::GzipMultiMember(9),
         Compression::None,
         Compression::Gzip,
@@ -267,7 +252,8 @@ fn platform_is_chosen_from_an_index() {
         "arm64",
         Some("v8"),
     );
-    let img = edge([Compression::Gzip, Compression::Gzip, Compression::Gzip]);
+    let img =
+        clip_testkit::image::edge_image([Compression::Gzip, Compression::Gzip, Compression::Gzip]);
     let builder = ImageBuilder::new(ManifestFormat::Oci)
         .image(img.clone())
         .image(other.clone());
@@ -280,8 +266,6 @@ fn layout_of(img: Image) -> (tempfile::TempDir, std::path::PathBuf) {
     let layout = dir.path().join("layout");
     ImageBuilder::new(ManifestFormat::Oci)
         .image(img)
-        .build()
-        .unwrap()
         .write_oci_layout(&layout, "t")
         .unwrap();
     (dir, layout)
@@ -566,22 +550,20 @@ fn a_real_debian_rootfs_packed_by_gnu_tar_matches_umoci() {
         eprintln!("skipping: debootstrap needs root");
         return;
     }
-    let rootfs = clip_testkit::debian::minbase_rootfs().unwrap();
-    let tar = clip_testkit::debian::gnu_tar(&rootfs).unwrap();
     // Two layers: the distribution, and a small change on top with a whiteout.
-    let top = Layer::new(vec![
-        Entry::whiteout("etc/motd"),
-        Entry::file("etc/hostname", "clip-test\n"),
-        Entry::file(
-            "usr/local/bin/tool",
-            clip_testkit::image::random_bytes(9, 3 << 20),
-        )
-        .mode(0o755),
-    ]);
-    let img = Image::new(vec![
-        Layer::from_tar(tar).compression(Compression::GzipMultiMember(4)),
-        top,
-    ]);
+    let img = clip_testkit::debian::layered_image(
+        Compression::GzipMultiMember(4),
+        vec![
+            Entry::whiteout("etc/motd"),
+            Entry::file("etc/hostname", "clip-test\n"),
+            Entry::file(
+                "usr/local/bin/tool",
+                clip_testkit::image::random_bytes(9, 3 << 20),
+            )
+            .mode(0o755),
+        ],
+    )
+    .unwrap();
     check(
         &ImageBuilder::new(ManifestFormat::Oci).image(img),
         4 << 20,
@@ -592,7 +574,7 @@ fn a_real_debian_rootfs_packed_by_gnu_tar_matches_umoci() {
 #[test]
 fn indexing_straight_from_a_registry_matches_umoci() {
     oracle::require_oracle_tools().unwrap();
-    let img = edge([
+    let img = clip_testkit::image::edge_image([
         Compression::Gzip,
         Compression::GzipMultiMember(3),
         Compression::None,
@@ -602,7 +584,7 @@ fn indexing_straight_from_a_registry_matches_umoci() {
         .build()
         .unwrap();
     let registry = clip_testkit::Registry::start_anonymous().unwrap();
-    let pushed = built.push(&registry, "test/direct", "v1").unwrap();
+    let pushed = registry.push(&built, "test/direct", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("direct.clip");
     let client = client();
@@ -641,7 +623,7 @@ fn indexing_straight_from_a_registry_matches_umoci() {
         None,
     )
     .unwrap();
-    let diffs = Tree::scan(&want)
+    let diffs = Snapshot::scan(&want)
         .unwrap()
         .compare(&archive_tree(&a, &layout), &CompareOptions::default());
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
@@ -656,12 +638,13 @@ fn indexing_straight_from_a_registry_matches_umoci() {
 #[test]
 fn zstd_layers_index_to_the_same_tree_as_their_gzip_twin() {
     // umoci cannot read zstd: the oracle is the same image with gzip layers.
-    let zstd = edge([
+    let zstd = clip_testkit::image::edge_image([
         Compression::ZstdMultiFrame(7),
         Compression::Zstd,
         Compression::ZstdMultiFrame(2),
     ]);
-    let gzip = edge([Compression::Gzip, Compression::Gzip, Compression::Gzip]);
+    let gzip =
+        clip_testkit::image::edge_image([Compression::Gzip, Compression::Gzip, Compression::Gzip]);
     let dir = tempfile::tempdir().unwrap();
     let mut trees = Vec::new();
     for (name, img) in [("z", zstd), ("g", gzip)] {
@@ -763,7 +746,7 @@ fn assert_only_subsecond_mtime(diffs: &[String]) {
 #[test]
 fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     oracle::require_oracle_tools().unwrap();
-    let base = edge([
+    let base = clip_testkit::image::edge_image([
         Compression::Gzip,
         Compression::GzipMultiMember(3),
         Compression::None,
@@ -783,8 +766,8 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
         .image(derived)
         .build()
         .unwrap();
-    let pa = a.push(&registry, "test/base", "v1").unwrap();
-    let pb = b.push(&registry, "test/derived", "v1").unwrap();
+    let pa = registry.push(&a, "test/base", "v1").unwrap();
+    let pb = registry.push(&b, "test/derived", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let client = client();
     let store = std::sync::Arc::new(Counting {
@@ -879,7 +862,7 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
         None,
     )
     .unwrap();
-    let diffs = Tree::scan(&want).unwrap().compare(
+    let diffs = Snapshot::scan(&want).unwrap().compare(
         &archive_tree(&Archive::open(&reused).unwrap(), &layout),
         &CompareOptions::default(),
     );
@@ -910,7 +893,7 @@ fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
 
 #[test]
 fn stored_layer_indexes_round_trip_and_reject_damage() {
-    let (tmp, layout) = layout_of(edge([
+    let (tmp, layout) = layout_of(clip_testkit::image::edge_image([
         Compression::Gzip,
         Compression::Zstd,
         Compression::None,
@@ -969,7 +952,7 @@ fn stored_layer_indexes_round_trip_and_reject_damage() {
 #[test]
 fn estargz_layers_are_indexed_from_their_toc_and_match_umoci() {
     oracle::require_oracle_tools().unwrap();
-    let img = edge([
+    let img = clip_testkit::image::edge_image([
         Compression::EStargz(64 << 10),
         Compression::EStargz(1 << 20),
         Compression::EStargz(4 << 10),
@@ -979,7 +962,7 @@ fn estargz_layers_are_indexed_from_their_toc_and_match_umoci() {
         .build()
         .unwrap();
     let registry = clip_testkit::Registry::start_anonymous().unwrap();
-    let pushed = built.push(&registry, "test/estargz", "v1").unwrap();
+    let pushed = registry.push(&built, "test/estargz", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("e.clip");
     let client = client();
@@ -1011,7 +994,7 @@ fn estargz_layers_are_indexed_from_their_toc_and_match_umoci() {
         None,
     )
     .unwrap();
-    let diffs = Tree::scan(&want)
+    let diffs = Snapshot::scan(&want)
         .unwrap()
         .compare(&archive_tree(&a, &layout), &CompareOptions::default());
     assert_only_subsecond_mtime(&diffs);
@@ -1026,7 +1009,7 @@ fn estargz_layers_are_indexed_from_their_toc_and_match_umoci() {
 fn zstd_chunked_layers_are_indexed_from_their_manifest_and_match_umoci() {
     oracle::require_oracle_tools().unwrap();
     let chunked = ImageBuilder::new(ManifestFormat::Oci)
-        .image(edge([
+        .image(clip_testkit::image::edge_image([
             Compression::ZstdChunked,
             Compression::ZstdChunked,
             Compression::ZstdChunked,
@@ -1034,7 +1017,7 @@ fn zstd_chunked_layers_are_indexed_from_their_manifest_and_match_umoci() {
         .build()
         .unwrap();
     let twin = ImageBuilder::new(ManifestFormat::Oci)
-        .image(edge([
+        .image(clip_testkit::image::edge_image([
             Compression::Gzip,
             Compression::Gzip,
             Compression::Gzip,
@@ -1042,8 +1025,8 @@ fn zstd_chunked_layers_are_indexed_from_their_manifest_and_match_umoci() {
         .build()
         .unwrap();
     let registry = clip_testkit::Registry::start_anonymous().unwrap();
-    let pushed = chunked.push(&registry, "test/chunked", "v1").unwrap();
-    twin.push(&registry, "test/twin", "v1").unwrap();
+    let pushed = registry.push(&chunked, "test/chunked", "v1").unwrap();
+    registry.push(&twin, "test/twin", "v1").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("z.clip");
     let client = client();
@@ -1069,7 +1052,7 @@ fn zstd_chunked_layers_are_indexed_from_their_manifest_and_match_umoci() {
     chunked.write_oci_layout(&layout, "v1").unwrap();
     let want =
         oracle::oracle_unpack(&registry, "test/twin:v1", &dir.path().join("oracle"), None).unwrap();
-    let diffs = Tree::scan(&want)
+    let diffs = Snapshot::scan(&want)
         .unwrap()
         .compare(&archive_tree(&a, &layout), &CompareOptions::default());
     assert_only_subsecond_mtime(&diffs);

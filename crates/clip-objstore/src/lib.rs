@@ -55,6 +55,21 @@ pub struct RemoteOptions {
     pub path_style: bool,
 }
 
+impl RemoteOptions {
+    /// Settings for an S3-compatible server at `endpoint` (path-style requests) with these
+    /// credentials.
+    #[must_use]
+    pub fn s3_compatible(endpoint: &str, region: &str, access_key: &str, secret: &str) -> Self {
+        Self {
+            endpoint: Some(endpoint.to_owned()),
+            region: Some(region.to_owned()),
+            access_key_id: Some(access_key.to_owned()),
+            secret_access_key: Some(secret.to_owned()),
+            path_style: true,
+        }
+    }
+}
+
 impl std::fmt::Debug for RemoteOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteOptions")

@@ -5,13 +5,12 @@ use clip_objstore::{RemoteObject, RemoteOptions};
 use clip_testkit::S3;
 
 fn options(s3: &S3) -> RemoteOptions {
-    RemoteOptions {
-        endpoint: Some(s3.endpoint()),
-        region: Some(s3.region().to_owned()),
-        access_key_id: Some(s3.access_key().to_owned()),
-        secret_access_key: Some(s3.secret_key().to_owned()),
-        path_style: true,
-    }
+    RemoteOptions::s3_compatible(
+        &s3.endpoint(),
+        s3.region(),
+        s3.access_key(),
+        s3.secret_key(),
+    )
 }
 
 /// Create-only writes, the coordination point of workers sharing a store: the first writer

@@ -147,7 +147,7 @@ pub struct ResolvedImage {
     /// The platform manifest.
     pub manifest: oci::Manifest,
     /// The image config document.
-    pub config: oci::Config,
+    pub config: oci::ImageConfiguration,
 }
 
 /// Whether `host` (`name[:port]`, `[v6]:port`) is this machine: `localhost` or a loopback address.

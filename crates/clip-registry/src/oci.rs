@@ -7,7 +7,7 @@
 //! [`clip_format::ImageConfig`].
 
 pub use oci_spec::image::{
-    Arch, Descriptor, ImageConfiguration as Config, ImageIndex as Index, ImageManifest as Manifest,
+    Arch, Descriptor, ImageConfiguration, ImageIndex as Index, ImageManifest as Manifest,
     MediaType, Os, Platform,
 };
 
@@ -79,6 +79,17 @@ pub fn platform_matches(offered: &Platform, want: &Platform) -> bool {
         && (want.variant().is_none() || offered.variant() == want.variant())
 }
 
+/// The entry of `index` for platform `want` (the first that matches; attestation manifests,
+/// whose platform is `unknown/unknown`, never do).
+#[must_use]
+pub fn select_platform<'a>(index: &'a Index, want: &Platform) -> Option<&'a Descriptor> {
+    index.manifests().iter().find(|d| {
+        d.platform()
+            .as_ref()
+            .is_some_and(|p| platform_matches(p, want))
+    })
+}
+
 /// `os/arch[/variant]`, for messages.
 #[must_use]
 pub fn platform_name(p: &Platform) -> String {
@@ -90,7 +101,7 @@ pub fn platform_name(p: &Platform) -> String {
 
 /// The runtime configuration an archive keeps, from an image config.
 #[must_use]
-pub fn image_config(c: &Config) -> clip_format::ImageConfig {
+pub fn image_config(c: &ImageConfiguration) -> clip_format::ImageConfig {
     let run = c.config().clone().unwrap_or_default();
     let labels = run
         .labels()
@@ -115,7 +126,7 @@ pub fn image_config(c: &Config) -> clip_format::ImageConfig {
 }
 
 /// The image config's `diff_ids`, each a digest clip can verify.
-pub fn diff_ids(c: &Config) -> Result<Vec<Digest>, Error> {
+pub fn diff_ids(c: &ImageConfiguration) -> Result<Vec<Digest>, Error> {
     c.rootfs()
         .diff_ids()
         .iter()
@@ -145,7 +156,7 @@ mod tests {
             "ExposedPorts":{"80/tcp":{}},"Labels":{"a":"b"}},"rootfs":{"type":"layers","diff_ids":
             ["sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"]},
             "container_config":{"Hostname":"x"},"docker_version":"20"}"#;
-        let c: Config = serde_json::from_slice(config).unwrap();
+        let c: ImageConfiguration = serde_json::from_slice(config).unwrap();
         let ic = image_config(&c);
         assert_eq!(ic.cmd, ["sh"]);
         assert_eq!(ic.exposed_ports, ["80/tcp"]);

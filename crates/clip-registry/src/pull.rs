@@ -97,19 +97,11 @@ impl Client {
                     reason: format!("image index: {e}"),
                 })?;
             let want = platform.cloned().unwrap_or_else(oci::host_platform);
-            let chosen = index
-                .manifests()
-                .iter()
-                .find(|d| {
-                    d.platform()
-                        .as_ref()
-                        .is_some_and(|p| oci::platform_matches(p, &want))
-                })
-                .ok_or_else(|| Error::NotFound {
-                    what: format!("a manifest for platform {}", oci::platform_name(&want)),
-                    repository: r.repository.clone(),
-                    host: r.registry.clone(),
-                })?;
+            let chosen = oci::select_platform(&index, &want).ok_or_else(|| Error::NotFound {
+                what: format!("a manifest for platform {}", oci::platform_name(&want)),
+                repository: r.repository.clone(),
+                host: r.registry.clone(),
+            })?;
             let (b, _, d) = self.manifest(r, oci::digest(chosen)?.as_str()).await?;
             (b, d)
         } else {
@@ -123,7 +115,7 @@ impl Client {
         let config_bytes = self
             .blob_bytes(r, &oci::digest(manifest.config())?, MAX_DOCUMENT)
             .await?;
-        let config: oci::Config =
+        let config: oci::ImageConfiguration =
             serde_json::from_slice(&config_bytes).map_err(|e| Error::Protocol {
                 url: r.to_string(),
                 reason: format!("image config: {e}"),
@@ -160,14 +152,12 @@ impl Client {
         Ok(resp)
     }
 
-    /// A whole (small) blob, verified against its digest.
-    pub async fn blob_bytes(
+    /// The response to a GET of the whole blob, and its URL; anything but success is an error.
+    async fn whole_blob(
         &self,
         r: &Reference,
         digest: &Digest,
-        limit: usize,
-    ) -> Result<Bytes, Error> {
-        let _slot = self.slot(r.api_host()).await;
+    ) -> Result<(reqwest::Response, String), Error> {
         let resp = self.blob_response(r, digest, None).await?;
         let url = resp.url().to_string();
         if !resp.status().is_success() {
@@ -176,6 +166,18 @@ impl Client {
                 reason: format!("blob request answered {}", resp.status()),
             });
         }
+        Ok((resp, url))
+    }
+
+    /// A whole (small) blob, verified against its digest.
+    pub async fn blob_bytes(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        limit: usize,
+    ) -> Result<Bytes, Error> {
+        let _slot = self.slot(r.api_host()).await;
+        let (resp, url) = self.whole_blob(r, digest).await?;
         let mut out = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(c) = stream.next().await {
@@ -199,14 +201,7 @@ impl Client {
         digest: &Digest,
         mut sink: impl FnMut(Bytes) -> bool,
     ) -> Result<u64, Error> {
-        let resp = self.blob_response(r, digest, None).await?;
-        let url = resp.url().to_string();
-        if !resp.status().is_success() {
-            return Err(Error::Protocol {
-                url,
-                reason: format!("blob request answered {}", resp.status()),
-            });
-        }
+        let (resp, url) = self.whole_blob(r, digest).await?;
         let mut n = 0u64;
         let mut stream = resp.bytes_stream();
         while let Some(c) = stream.next().await {

@@ -9,14 +9,6 @@ use std::time::Duration;
 use clip_registry::{Client, ClientConfig, Credentials, Error, Reference, RetryPolicy};
 use clip_testkit::{FakeRegistry, FakeRequest, FakeResponse};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn client() -> Client {
     Client::new(ClientConfig {
         credentials: vec![(
@@ -55,7 +47,7 @@ fn a_200_instead_of_206_still_yields_exactly_the_range() {
     let d = data.clone();
     let fake = FakeRegistry::start(move |_| FakeResponse::new(200, d.clone())).unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
-    let got = rt()
+    let got = clip_testkit::runtime()
         .block_on(client().read_range(&r, &digest, 5000..9000))
         .unwrap();
     assert_eq!(&got[..], &data[5000..9000]);
@@ -75,7 +67,7 @@ fn a_bogus_content_range_or_a_short_body_is_an_error_not_wrong_bytes() {
     })
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
-    let err = rt()
+    let err = clip_testkit::runtime()
         .block_on(client().read_range(&r, &digest, 0..100))
         .unwrap_err();
     assert!(matches!(err, Error::Protocol { .. }), "{err}");
@@ -90,7 +82,7 @@ fn a_bogus_content_range_or_a_short_body_is_an_error_not_wrong_bytes() {
     })
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
-    let err = rt()
+    let err = clip_testkit::runtime()
         .block_on(client().read_range(&r, &digest, 0..10_000))
         .unwrap_err();
     assert!(
@@ -114,7 +106,7 @@ fn wrong_digests_and_huge_documents_are_refused() {
     })
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let err = rt
         .block_on(client().blob_bytes(&r, &digest, 1 << 20))
         .unwrap_err();
@@ -140,7 +132,7 @@ fn server_errors_and_429_are_retried_then_succeed() {
     })
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
-    let got = rt()
+    let got = clip_testkit::runtime()
         .block_on(client().read_range(&r, &digest, 10..20))
         .unwrap();
     assert_eq!(&got[..], &data[10..20]);
@@ -148,7 +140,7 @@ fn server_errors_and_429_are_retried_then_succeed() {
     // A registry that never recovers: a clear error after the attempts.
     let fake = FakeRegistry::start(|_| FakeResponse::new(500, "down")).unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
-    let err = rt()
+    let err = clip_testkit::runtime()
         .block_on(client().read_range(&r, &digest, 10..20))
         .unwrap_err();
     assert!(
@@ -181,7 +173,7 @@ fn redirects_to_object_storage_do_not_carry_credentials() {
     })
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", front.host())).unwrap();
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let c = client();
     let got = rt.block_on(c.read_range(&r, &digest, 100..200)).unwrap();
     assert_eq!(&got[..], &data[100..200]);
@@ -234,7 +226,9 @@ fn slow_responses_time_out_with_a_clear_error() {
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
     let start = std::time::Instant::now();
-    let err = rt().block_on(c.read_range(&r, &digest, 0..10)).unwrap_err();
+    let err = clip_testkit::runtime()
+        .block_on(c.read_range(&r, &digest, 0..10))
+        .unwrap_err();
     assert!(matches!(err, Error::Unreachable { .. }), "{err}");
     assert!(err.to_string().contains("timed out"), "{err}");
     assert!(
@@ -265,7 +259,7 @@ fn requests_to_one_host_are_limited() {
     })
     .unwrap();
     let r = Reference::parse(&format!("{}/x/y:t", fake.host())).unwrap();
-    rt().block_on(async {
+    clip_testkit::runtime().block_on(async {
         let reads = (0..12u64).map(|i| {
             let (c, r, digest) = (c.clone(), r.clone(), digest.clone());
             tokio::spawn(async move { c.read_range(&r, &digest, i * 100..i * 100 + 50).await })

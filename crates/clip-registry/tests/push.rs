@@ -8,14 +8,6 @@ use clip_registry::{Client, ClientConfig, Credentials, Error, Reference};
 use clip_testkit::image::{EdgeCaseOptions, Entry, Image, Layer, edge_cases, random_bytes};
 use clip_testkit::{Auth, ImageBuilder, ManifestFormat, Registry, RegistryOptions, oracle};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn registry() -> Registry {
     Registry::start(RegistryOptions {
         auth: Auth::Token {
@@ -45,7 +37,7 @@ fn client(reg: &Registry) -> Client {
 #[test]
 fn a_pushed_layout_reads_back_identically_with_skopeo() {
     let reg = registry();
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let img = edge_cases(&EdgeCaseOptions {
         large_file: 1 << 20,
         small_files: 20,
@@ -104,7 +96,7 @@ fn a_pushed_layout_reads_back_identically_with_skopeo() {
 #[test]
 fn chunked_uploads_mounts_and_refusals() {
     let reg = registry();
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let c = client(&reg);
     let data = Bytes::from(random_bytes(5, 1_000_000));
     let digest = clip_format::Digest::sha256(&data);

@@ -16,14 +16,6 @@ fn image() -> ImageBuilder {
     ImageBuilder::new(ManifestFormat::Oci).image(img)
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn client_for(reg: &Registry, creds: Option<(&str, &str)>) -> Client {
     let credentials = creds
         .map(|(u, p)| {
@@ -60,10 +52,10 @@ fn dg(s: &str) -> clip_format::Digest {
 
 #[test]
 fn resolves_and_reads_exact_ranges_anonymously() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start_anonymous().unwrap();
     let built = image().build().unwrap();
-    built.push(&reg, "tk/app", "v1").unwrap();
+    reg.push(&built, "tk/app", "v1").unwrap();
     let c = client_for(&reg, None);
     let r = Reference::parse(&format!("{}/tk/app:v1", reg.host())).unwrap();
     let img = rt.block_on(c.resolve(&r, None)).unwrap();
@@ -105,10 +97,10 @@ fn resolves_and_reads_exact_ranges_anonymously() {
 /// back from its HTTPS probe, even when another request learned "plain HTTP" first.
 #[test]
 fn concurrent_first_contacts_all_find_plain_http() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start_anonymous().unwrap();
     let built = image().build().unwrap();
-    built.push(&reg, "tk/app", "v1").unwrap();
+    reg.push(&built, "tk/app", "v1").unwrap();
     let blob = built.manifests[0].layers[0].blob.clone();
     let r = Reference::parse(&format!("{}/tk/app@{}", reg.host(), built.digest())).unwrap();
     for _ in 0..5 {
@@ -126,7 +118,7 @@ fn concurrent_first_contacts_all_find_plain_http() {
 
 #[test]
 fn basic_auth_good_wrong_and_missing_credentials() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start(RegistryOptions {
         auth: Auth::Basic {
             username: "alice".into(),
@@ -135,10 +127,7 @@ fn basic_auth_good_wrong_and_missing_credentials() {
         tls: false,
     })
     .unwrap();
-    image()
-        .build()
-        .unwrap()
-        .push(&reg, "tk/private", "v1")
+    reg.push(&image().build().unwrap(), "tk/private", "v1")
         .unwrap();
     let r = Reference::parse(&format!("{}/tk/private:v1", reg.host())).unwrap();
     rt.block_on(client_for(&reg, Some(("alice", "pw"))).resolve(&r, None))
@@ -161,7 +150,7 @@ fn basic_auth_good_wrong_and_missing_credentials() {
 
 #[test]
 fn short_lived_tokens_never_fail_a_long_series_of_reads() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start(RegistryOptions {
         auth: Auth::Token {
             users: vec![("bob".into(), "pw".into())],
@@ -172,7 +161,7 @@ fn short_lived_tokens_never_fail_a_long_series_of_reads() {
     })
     .unwrap();
     let built = image().build().unwrap();
-    built.push(&reg, "tk/tok", "v1").unwrap();
+    reg.push(&built, "tk/tok", "v1").unwrap();
     let issued_before = reg.token_stats().unwrap().get_tokens.load(Ordering::SeqCst);
     let c = client_for(&reg, Some(("bob", "pw")));
     let r = Reference::parse(&format!("{}/tk/tok:v1", reg.host())).unwrap();
@@ -204,14 +193,14 @@ fn short_lived_tokens_never_fail_a_long_series_of_reads() {
 
 #[test]
 fn tls_registries_are_trusted_through_the_configured_ca_only() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start(RegistryOptions {
         auth: Auth::Anonymous,
         tls: true,
     })
     .unwrap();
     let built = image().build().unwrap();
-    built.push(&reg, "tk/tls", "v1").unwrap();
+    reg.push(&built, "tk/tls", "v1").unwrap();
     let r = Reference::parse(&format!("{}/tk/tls:v1", reg.host())).unwrap();
     // With the CA: HTTPS works, even on loopback.
     let img = rt
@@ -237,12 +226,9 @@ fn tls_registries_are_trusted_through_the_configured_ca_only() {
 
 #[test]
 fn an_unreachable_registry_is_named_after_retries() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let mut reg = Registry::start_anonymous().unwrap();
-    image()
-        .build()
-        .unwrap()
-        .push(&reg, "tk/down", "v1")
+    reg.push(&image().build().unwrap(), "tk/down", "v1")
         .unwrap();
     let c = client_for(&reg, None);
     let r = Reference::parse(&format!("{}/tk/down:v1", reg.host())).unwrap();
@@ -263,7 +249,7 @@ fn an_unreachable_registry_is_named_after_retries() {
 
 #[test]
 fn picks_the_platform_from_an_index() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start_anonymous().unwrap();
     let amd = Image::new(vec![Layer::new(vec![Entry::file("arch", "amd64\n")])]);
     let arm = Image::new(vec![Layer::new(vec![Entry::file("arch", "arm64\n")])]).platform(
@@ -276,7 +262,7 @@ fn picks_the_platform_from_an_index() {
         .image(arm)
         .build()
         .unwrap();
-    built.push(&reg, "tk/multi", "v1").unwrap();
+    reg.push(&built, "tk/multi", "v1").unwrap();
     let c = client_for(&reg, None);
     let r = Reference::parse(&format!("{}/tk/multi:v1", reg.host())).unwrap();
     let img = rt
@@ -306,7 +292,7 @@ fn picks_the_platform_from_an_index() {
 #[test]
 fn credentials_come_from_docker_config_auths_and_helpers() {
     use std::os::unix::fs::PermissionsExt;
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start(RegistryOptions {
         auth: Auth::Basic {
             username: "carol".into(),
@@ -315,7 +301,7 @@ fn credentials_come_from_docker_config_auths_and_helpers() {
         tls: false,
     })
     .unwrap();
-    image().build().unwrap().push(&reg, "tk/dc", "v1").unwrap();
+    reg.push(&image().build().unwrap(), "tk/dc", "v1").unwrap();
     let r = Reference::parse(&format!("{}/tk/dc:v1", reg.host())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let with = |cfg_json: String| {
@@ -364,7 +350,7 @@ fn credentials_come_from_docker_config_auths_and_helpers() {
 fn reads_ride_out_a_registry_restart() {
     let mut reg = Registry::start_anonymous().unwrap();
     let built = image().build().unwrap();
-    built.push(&reg, "tk/restart", "v1").unwrap();
+    reg.push(&built, "tk/restart", "v1").unwrap();
     let blob = built.manifests[0].layers[0].blob.clone();
     let r = Reference::parse(&format!("{}/tk/restart:v1", reg.host())).unwrap();
     let c = Client::new(ClientConfig {
@@ -378,7 +364,7 @@ fn reads_ride_out_a_registry_restart() {
     })
     .unwrap();
     let reader = std::thread::spawn(move || {
-        let rt = rt();
+        let rt = clip_testkit::runtime();
         let img = rt.block_on(c.resolve(&r, None)).unwrap();
         let start = Instant::now();
         let mut n = 0usize;
@@ -410,7 +396,7 @@ fn reads_ride_out_a_registry_restart() {
 
 #[test]
 fn docker_identity_tokens_use_the_oauth2_refresh_grant() {
-    let rt = rt();
+    let rt = clip_testkit::runtime();
     let reg = Registry::start(RegistryOptions {
         auth: Auth::Token {
             users: vec![("dan".into(), "pw".into())],
@@ -420,10 +406,7 @@ fn docker_identity_tokens_use_the_oauth2_refresh_grant() {
         tls: false,
     })
     .unwrap();
-    image()
-        .build()
-        .unwrap()
-        .push(&reg, "tk/oauth", "v1")
+    reg.push(&image().build().unwrap(), "tk/oauth", "v1")
         .unwrap();
     // Obtain a refresh token with the password grant, as `docker login` does.
     let realm = rt.block_on(async {

@@ -226,6 +226,19 @@ pub fn rootfs_with(packages: &[&str]) -> Result<PathBuf> {
     result.map(|()| done)
 }
 
+/// A two-layer Debian image: the minbase tree as GNU tar packs it (layer 1, compressed as
+/// `compression`), and `top` on it (layer 2) — the realistic image of the oracle tests.
+pub fn layered_image(
+    compression: crate::Compression,
+    top: Vec<crate::Entry>,
+) -> Result<crate::Image> {
+    let tar = gnu_tar(&minbase_rootfs()?)?;
+    Ok(crate::Image::new(vec![
+        crate::Layer::from_tar(tar).compression(compression),
+        crate::Layer::new(top),
+    ]))
+}
+
 /// The tar stream GNU tar writes for `dir` (POSIX/PAX format with xattrs and numeric owners, as
 /// image builders produce), sorted by name so it is reproducible.
 pub fn gnu_tar(dir: &std::path::Path) -> Result<Vec<u8>> {

@@ -119,7 +119,7 @@ impl HttpClient {
         let mut req = self
             .client
             .request(method, &url)
-            .header(reqwest::header::ACCEPT, crate::image::ACCEPT_MANIFESTS);
+            .header(reqwest::header::ACCEPT, crate::media::ACCEPT_MANIFESTS);
         if let Some(a) = auth {
             req = req.header(AUTHORIZATION, a);
         }
@@ -314,7 +314,7 @@ impl HttpClient {
             &Method::GET,
             &format!("/v2/{repo}/manifests/{reference}"),
             None,
-            Some(crate::image::ACCEPT_MANIFESTS),
+            Some(crate::media::ACCEPT_MANIFESTS),
         )
     }
 }

@@ -14,7 +14,7 @@
 //!   entry kind, every merge rule; see [`image::edge_cases`]) pushed to a [`Registry`] or written
 //!   as an OCI layout.
 //! - [`Buildah`] — real `buildah bud` / `buildah push`.
-//! - The oracle: [`oracle::oracle_unpack`] (`skopeo copy` + `umoci unpack`) and [`Tree::compare`],
+//! - The oracle: [`oracle::oracle_unpack`] (`skopeo copy` + `umoci unpack`) and [`Snapshot::compare`],
 //!   which reports every difference between two trees.
 //!
 //! A service's log goes to a file in its temp directory and is printed when a test panics.
@@ -23,7 +23,7 @@
 //! use clip_testkit::{Registry, ImageBuilder, ManifestFormat, image::{edge_cases, EdgeCaseOptions}};
 //! let registry = Registry::start_anonymous()?;
 //! let image = ImageBuilder::new(ManifestFormat::Oci).image(edge_cases(&EdgeCaseOptions::default())).build()?;
-//! let pushed = image.push(&registry, "test/edge", "v1")?;
+//! let pushed = registry.push(&image, "test/edge", "v1")?;
 //! println!("{} is {}", pushed.reference, pushed.digest);
 //! # Ok::<(), clip_testkit::Error>(())
 //! ```
@@ -35,13 +35,14 @@ pub mod estargz;
 pub mod fake;
 pub mod http;
 pub mod image;
+pub mod media;
 pub mod oracle;
 pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod s3;
+pub mod snapshot;
 pub mod token;
-pub mod tree;
 pub mod zstd_chunked;
 
 pub use buildah::Buildah;
@@ -50,10 +51,25 @@ pub use fake::{FakeRegistry, FakeRequest, FakeResponse};
 pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, SparseFormat};
 pub use registry::{Auth, Registry, RegistryOptions};
 pub use s3::S3;
-pub use tree::{CompareOptions, Tree};
+pub use snapshot::{CompareOptions, Snapshot, assert_same};
 
 /// Whether the tests run as root (needed for devices, owners and FUSE).
 #[must_use]
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
+}
+
+/// A multi-threaded tokio runtime (two workers, I/O and timers) for tests that drive async
+/// clients.
+///
+/// # Panics
+/// When the runtime cannot be built (a test setup failure).
+#[must_use]
+pub fn runtime() -> tokio::runtime::Runtime {
+    #[allow(clippy::expect_used)]
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
 }

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 
 use crate::error::{Error, IoContext, Result};
 use crate::http::HttpClient;
+use crate::image::{BuiltImage, PushedImage};
 use crate::pki::TestCa;
 use crate::process::{Service, free_port, port_open, which};
 use crate::token::{TokenServer, TokenSettings, TokenStats};
@@ -70,6 +71,33 @@ pub struct Registry {
 const SERVICE_NAME: &str = "clip-testkit-registry";
 
 impl Registry {
+    /// Pushes `image` (blobs, manifests and the index) to `repo` and tags its top-level
+    /// document `tag`.
+    pub fn push(&self, image: &BuiltImage, repo: &str, tag: &str) -> Result<PushedImage> {
+        let client = self.client()?;
+        for m in &image.manifests {
+            for l in &m.layers {
+                client.push_blob(repo, &l.blob.digest, &l.blob.bytes)?;
+            }
+            client.push_blob(repo, &m.config.digest, &m.config.bytes)?;
+            let reference = if image.index.is_some() {
+                m.manifest.digest.as_str()
+            } else {
+                tag
+            };
+            client.push_manifest(repo, reference, &m.manifest.media_type, &m.manifest.bytes)?;
+        }
+        if let Some(index) = &image.index {
+            client.push_manifest(repo, tag, &index.media_type, &index.bytes)?;
+        }
+        let host = self.host();
+        Ok(PushedImage {
+            reference: format!("{host}/{repo}:{tag}"),
+            pinned: format!("{host}/{repo}@{}", image.digest()),
+            digest: image.digest().to_owned(),
+        })
+    }
+
     /// Starts an anonymous plain-HTTP registry.
     pub fn start_anonymous() -> Result<Self> {
         Self::start(RegistryOptions::default())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clip_testkit::image::{Compression, EdgeCaseOptions, Entry, Image, Layer, edge_cases};
 use clip_testkit::{
     Auth, Buildah, CompareOptions, ImageBuilder, ManifestFormat, Registry, RegistryOptions, S3,
-    Tree, oracle,
+    Snapshot, oracle,
 };
 use reqwest::Method;
 
@@ -43,7 +43,7 @@ fn anonymous_registry_serves_what_was_pushed() {
         .image(small_image())
         .build()
         .unwrap();
-    let pushed = built.push(&reg, "tk/small", "v1").unwrap();
+    let pushed = reg.push(&built, "tk/small", "v1").unwrap();
     assert_eq!(pushed.reference, format!("{}/tk/small:v1", reg.host()));
 
     let client = reg.client().unwrap();
@@ -94,7 +94,7 @@ fn basic_auth_registry_rejects_anonymous_and_wrong_passwords() {
         .image(small_image())
         .build()
         .unwrap();
-    built.push(&reg, "tk/private", "v1").unwrap();
+    reg.push(&built, "tk/private", "v1").unwrap();
     assert_eq!(
         client
             .anonymous()
@@ -123,7 +123,7 @@ fn token_registry_tokens_grant_scoped_access_and_expire() {
         .image(small_image())
         .build()
         .unwrap();
-    built.push(&reg, "tk/tokened", "v1").unwrap();
+    reg.push(&built, "tk/tokened", "v1").unwrap();
     assert!(
         reg.token_stats()
             .unwrap()
@@ -262,7 +262,7 @@ fn tls_registry_is_trusted_only_through_the_testkit_ca() {
         .image(small_image())
         .build()
         .unwrap();
-    built.push(&reg, "tk/tls", "v1").unwrap();
+    reg.push(&built, "tk/tls", "v1").unwrap();
     let work = tempfile::tempdir().unwrap();
     let rootfs = oracle::oracle_unpack(&reg, "tk/tls:v1", work.path(), None).unwrap();
     assert_eq!(
@@ -278,7 +278,7 @@ fn registry_can_be_stopped_and_restarted_with_its_storage() {
         .image(small_image())
         .build()
         .unwrap();
-    built.push(&reg, "tk/outage", "v1").unwrap();
+    reg.push(&built, "tk/outage", "v1").unwrap();
     reg.stop();
     let client = reg.client().unwrap();
     assert!(
@@ -350,12 +350,15 @@ fn s3_server_enforces_signatures_and_serves_ranges() {
 fn oracle_sees_a_whiteout_delete_a_lower_file() {
     oracle::require_oracle_tools().unwrap();
     let reg = Registry::start_anonymous().unwrap();
-    ImageBuilder::new(ManifestFormat::Oci)
-        .image(small_image())
-        .build()
-        .unwrap()
-        .push(&reg, "tk/wh", "v1")
-        .unwrap();
+    reg.push(
+        &ImageBuilder::new(ManifestFormat::Oci)
+            .image(small_image())
+            .build()
+            .unwrap(),
+        "tk/wh",
+        "v1",
+    )
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let rootfs = oracle::oracle_unpack(&reg, "tk/wh:v1", work.path(), None).unwrap();
     assert!(rootfs.join("etc/hello").exists());
@@ -372,12 +375,15 @@ fn oracle_applies_every_edge_case_as_the_oci_spec_says() {
     oracle::require_oracle_tools().unwrap();
     let reg = Registry::start_anonymous().unwrap();
     let img = edge_cases(&edge_options());
-    ImageBuilder::new(ManifestFormat::Oci)
-        .image(img)
-        .build()
-        .unwrap()
-        .push(&reg, "tk/edge", "v1")
-        .unwrap();
+    reg.push(
+        &ImageBuilder::new(ManifestFormat::Oci)
+            .image(img)
+            .build()
+            .unwrap(),
+        "tk/edge",
+        "v1",
+    )
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let r = oracle::oracle_unpack(&reg, "tk/edge:v1", work.path(), None).unwrap();
     let read = |p: &str| std::fs::read_to_string(r.join(p)).unwrap();
@@ -430,7 +436,7 @@ fn oracle_applies_every_edge_case_as_the_oci_spec_says() {
                 .is_some()
         );
     }
-    let tree = Tree::scan(&r).unwrap();
+    let tree = Snapshot::scan(&r).unwrap();
     assert!(tree.hardlink_groups().contains(&vec![
         "data/hl-a".to_owned(),
         "data/hl-b".into(),
@@ -443,19 +449,22 @@ fn oracle_is_deterministic_and_compare_reports_each_difference() {
     oracle::require_oracle_tools().unwrap();
     let reg = Registry::start_anonymous().unwrap();
     let img = edge_cases(&edge_options());
-    ImageBuilder::new(ManifestFormat::Docker)
-        .image(img)
-        .build()
-        .unwrap()
-        .push(&reg, "tk/det", "v1")
-        .unwrap();
+    reg.push(
+        &ImageBuilder::new(ManifestFormat::Docker)
+            .image(img)
+            .build()
+            .unwrap(),
+        "tk/det",
+        "v1",
+    )
+    .unwrap();
     let (w1, w2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a =
-        Tree::scan(&oracle::oracle_unpack(&reg, "tk/det:v1", w1.path(), None).unwrap()).unwrap();
+    let a = Snapshot::scan(&oracle::oracle_unpack(&reg, "tk/det:v1", w1.path(), None).unwrap())
+        .unwrap();
     let r2 = oracle::oracle_unpack(&reg, "tk/det:v1", w2.path(), None).unwrap();
     let opts = CompareOptions::default();
     assert_eq!(
-        a.compare(&Tree::scan(&r2).unwrap(), &opts),
+        a.compare(&Snapshot::scan(&r2).unwrap(), &opts),
         Vec::<String>::new()
     );
 
@@ -469,7 +478,7 @@ fn oracle_is_deterministic_and_compare_reports_each_difference() {
     std::fs::remove_file(r2.join("data/hl-c")).unwrap();
     std::fs::write(r2.join("data/extra"), "x").unwrap();
     xattr::set(r2.join("data/xattrs"), "user.comment", b"other").unwrap();
-    let diffs = a.compare(&Tree::scan(&r2).unwrap(), &opts);
+    let diffs = a.compare(&Snapshot::scan(&r2).unwrap(), &opts);
     let has = |s: &str| diffs.iter().any(|d| d.contains(s));
     assert!(has("\"etc/os-release\": expected file of"), "{diffs:#?}");
     assert!(
@@ -501,7 +510,7 @@ fn multi_platform_indexes_and_every_compression_are_accepted() {
         .image(plain)
         .build()
         .unwrap();
-    built.push(&reg, "tk/multi", "v1").unwrap();
+    reg.push(&built, "tk/multi", "v1").unwrap();
     let client = reg.client().unwrap();
     let idx = client.get_manifest("tk/multi", "v1").unwrap();
     assert_eq!(
@@ -526,7 +535,7 @@ fn multi_platform_indexes_and_every_compression_are_accepted() {
         .force_index()
         .build()
         .unwrap();
-    built.push(&reg, "tk/dockerlist", "v1").unwrap();
+    reg.push(&built, "tk/dockerlist", "v1").unwrap();
     let idx = client.get_manifest("tk/dockerlist", "v1").unwrap();
     assert_eq!(
         idx.content_type.as_deref(),

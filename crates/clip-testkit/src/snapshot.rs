@@ -18,7 +18,7 @@ use crate::error::{IoContext, Result};
 
 /// The type of a tree node and its type-specific payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeKind {
+pub enum ItemKind {
     /// Regular file: size and sha256.
     File {
         /// Size in bytes.
@@ -42,9 +42,9 @@ pub enum NodeKind {
 
 /// One path's metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
+pub struct Item {
     /// Type and payload.
-    pub kind: NodeKind,
+    pub kind: ItemKind,
     /// `st_mode & 0o7777`.
     pub mode: u32,
     /// Owner.
@@ -63,9 +63,9 @@ pub struct Node {
 
 /// A snapshot of a directory tree, keyed by path relative to its root (`""` is the root itself).
 #[derive(Debug, Clone, Default)]
-pub struct Tree {
+pub struct Snapshot {
     /// Every node.
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: BTreeMap<String, Item>,
 }
 
 /// What to compare besides paths, types, content, modes and owners (always compared).
@@ -101,7 +101,7 @@ impl Default for CompareOptions {
     }
 }
 
-impl Tree {
+impl Snapshot {
     /// Walks `root` without following symlinks, reading every file's content.
     pub fn scan(root: &Path) -> Result<Self> {
         let mut tree = Self::default();
@@ -114,7 +114,7 @@ impl Tree {
     pub fn hardlink_groups(&self) -> BTreeSet<Vec<String>> {
         let mut by_ino: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         for (p, n) in &self.nodes {
-            if n.kind != NodeKind::Dir && n.nlink > 1 {
+            if n.kind != ItemKind::Dir && n.nlink > 1 {
                 by_ino.entry(n.ino).or_default().push(p.clone());
             }
         }
@@ -123,7 +123,7 @@ impl Tree {
 
     /// Every difference between `self` (expected) and `actual`, one line each.
     #[must_use]
-    pub fn compare(&self, actual: &Tree, o: &CompareOptions) -> Vec<String> {
+    pub fn compare(&self, actual: &Snapshot, o: &CompareOptions) -> Vec<String> {
         let ignored = |p: &str| {
             o.ignore
                 .iter()
@@ -158,7 +158,7 @@ impl Tree {
                     e.uid, e.gid, a.uid, a.gid
                 ));
             }
-            let is_dir = e.kind == NodeKind::Dir;
+            let is_dir = e.kind == ItemKind::Dir;
             if e.mtime != a.mtime && ((is_dir && o.dir_mtimes) || (!is_dir && o.mtimes)) {
                 diffs.push(format!(
                     "{p:?}: mtime expected {}.{:09}, found {}.{:09}",
@@ -210,28 +210,28 @@ impl Tree {
     }
 }
 
-fn describe(n: &Node) -> String {
+fn describe(n: &Item) -> String {
     match &n.kind {
-        NodeKind::File { size, sha256 } => {
+        ItemKind::File { size, sha256 } => {
             format!("file of {size} bytes, sha256 {}", &sha256[..12])
         }
-        NodeKind::Dir => "directory".into(),
-        NodeKind::Symlink(t) => format!("symlink to {t:?}"),
-        NodeKind::Fifo => "fifo".into(),
-        NodeKind::CharDevice(r) => format!("char device {r:#x}"),
-        NodeKind::BlockDevice(r) => format!("block device {r:#x}"),
-        NodeKind::Socket => "socket".into(),
+        ItemKind::Dir => "directory".into(),
+        ItemKind::Symlink(t) => format!("symlink to {t:?}"),
+        ItemKind::Fifo => "fifo".into(),
+        ItemKind::CharDevice(r) => format!("char device {r:#x}"),
+        ItemKind::BlockDevice(r) => format!("block device {r:#x}"),
+        ItemKind::Socket => "socket".into(),
     }
 }
 
-fn scan_into(root: &Path, path: &Path, tree: &mut Tree) -> Result<()> {
+fn scan_into(root: &Path, path: &Path, tree: &mut Snapshot) -> Result<()> {
     let md = std::fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
     let ft = md.file_type();
     let kind = if ft.is_dir() {
-        NodeKind::Dir
+        ItemKind::Dir
     } else if ft.is_symlink() {
         let t = std::fs::read_link(path).ctx(|| format!("readlink {}", path.display()))?;
-        NodeKind::Symlink(String::from_utf8_lossy(t.as_os_str().as_bytes()).into_owned())
+        ItemKind::Symlink(String::from_utf8_lossy(t.as_os_str().as_bytes()).into_owned())
     } else if ft.is_file() {
         let mut f = File::open(path).ctx(|| format!("open {}", path.display()))?;
         let mut h = Sha256::new();
@@ -245,18 +245,18 @@ fn scan_into(root: &Path, path: &Path, tree: &mut Tree) -> Result<()> {
             }
             h.update(&buf[..n]);
         }
-        NodeKind::File {
+        ItemKind::File {
             size: md.len(),
             sha256: hex::encode(h.finalize()),
         }
     } else if ft.is_fifo() {
-        NodeKind::Fifo
+        ItemKind::Fifo
     } else if ft.is_char_device() {
-        NodeKind::CharDevice(md.rdev())
+        ItemKind::CharDevice(md.rdev())
     } else if ft.is_block_device() {
-        NodeKind::BlockDevice(md.rdev())
+        ItemKind::BlockDevice(md.rdev())
     } else {
-        NodeKind::Socket
+        ItemKind::Socket
     };
     let mut xattrs = BTreeMap::new();
     if let Ok(names) = xattr::list(path) {
@@ -270,7 +270,7 @@ fn scan_into(root: &Path, path: &Path, tree: &mut Tree) -> Result<()> {
     let rel = String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned();
     tree.nodes.insert(
         rel,
-        Node {
+        Item {
             kind: kind.clone(),
             mode: md.mode() & 0o7777,
             uid: md.uid(),
@@ -281,7 +281,7 @@ fn scan_into(root: &Path, path: &Path, tree: &mut Tree) -> Result<()> {
             nlink: md.nlink(),
         },
     );
-    if kind == NodeKind::Dir {
+    if kind == ItemKind::Dir {
         let mut children: Vec<_> = std::fs::read_dir(path)
             .ctx(|| format!("readdir {}", path.display()))?
             .map(|e| e.map(|e| e.path()))
@@ -293,4 +293,30 @@ fn scan_into(root: &Path, path: &Path, tree: &mut Tree) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Asserts that the directory at `root` looks exactly like `expected` (default comparison),
+/// listing every difference when it does not.
+///
+/// # Panics
+/// When the trees differ or `root` cannot be scanned: it is a test assertion.
+pub fn assert_same(expected: &Snapshot, root: &Path) {
+    #[allow(clippy::unwrap_used)]
+    let actual = Snapshot::scan(root).unwrap();
+    assert_same_snapshots(expected, &actual);
+}
+
+/// Asserts that two snapshots are the same (default comparison), listing every difference when
+/// they are not.
+///
+/// # Panics
+/// When they differ: it is a test assertion.
+pub fn assert_same_snapshots(expected: &Snapshot, actual: &Snapshot) {
+    let diffs = expected.compare(actual, &CompareOptions::default());
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }

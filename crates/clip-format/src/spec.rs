@@ -1,4 +1,6 @@
-//! Byte layout constants and little-endian helpers. `docs/format.md` is the normative description.
+//! The byte-level specification in code: magic, versions, record sizes, section ids, limits and
+//! the little-endian helpers. `docs/format.md` is the normative description. ("Layout" in clip
+//! means an OCI image layout directory; this module is the archive's encoding.)
 
 use std::fmt;
 
