@@ -126,6 +126,13 @@ pub(crate) struct MountArgs {
     /// Read the image from this registry host instead of the recorded one (a mirror).
     #[arg(long, value_name = "HOST")]
     pub(crate) registry_mirror: Option<String>,
+    /// Honour setuid/setgid bits on this mount (off by default: a setuid-root program of an
+    /// image would run as root for any user who can reach the mount point).
+    #[arg(long)]
+    pub(crate) suid: bool,
+    /// Honour device nodes on this mount (off by default).
+    #[arg(long)]
+    pub(crate) dev: bool,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
     #[command(flatten)]

@@ -330,6 +330,79 @@ fn a_dead_mount_is_cleaned_at_the_next_mount() {
     assert!(clip(&["umount", m]).status.success());
 }
 
+/// The background server's log lives in the cache directory (private) and is opened without
+/// following symlinks: a symlink planted at the log's path, or a logs directory that is a
+/// symlink, fails the mount and leaves the target untouched.
+#[test]
+fn the_mount_log_never_follows_a_planted_symlink() {
+    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("f"), b"x").unwrap();
+    let archive = dir.path().join("a.clip");
+    let a = archive.to_str().unwrap();
+    assert!(
+        clip(&["archive", "--rootfs", root.to_str().unwrap(), "-o", a])
+            .status
+            .success()
+    );
+    let mp = dir.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let m = mp.to_str().unwrap();
+    let victim = dir.path().join("shadow");
+    std::fs::write(&victim, b"precious\n").unwrap();
+    let cache = dir.path().join("cache");
+    let c = cache.to_str().unwrap();
+
+    // A symlink at the log's own path.
+    let logs = cache.join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let name = format!(
+        "{}.log",
+        std::fs::canonicalize(&mp)
+            .unwrap()
+            .to_string_lossy()
+            .trim_matches('/')
+            .replace('/', "_")
+    );
+    std::os::unix::fs::symlink(&victim, logs.join(&name)).unwrap();
+    let o = clip(&["mount", a, m, "--cache-dir", c]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("symbolic link"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious\n");
+    assert!(!mp.join("f").exists());
+
+    // The logs directory itself a symlink to somewhere else.
+    std::fs::remove_dir_all(&logs).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &logs).unwrap();
+    let o = clip(&["mount", a, m, "--cache-dir", c]);
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+    // With the planted links gone, the mount works and its log and cache are private.
+    std::fs::remove_file(&logs).unwrap();
+    let o = clip(&["mount", a, m, "--cache-dir", c]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(mp.join("f")).unwrap(), b"x");
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&cache), 0o700);
+    assert_eq!(mode(&logs), 0o700);
+    assert_eq!(mode(&logs.join(&name)), 0o600);
+    assert!(clip(&["umount", m]).status.success());
+}
+
 /// `clip archive IMAGE` (v1 from a private registry) and `clip extract` of it and of a v2 index.
 #[test]
 fn archive_an_image_and_extract_v1_and_v2() {

@@ -6,7 +6,10 @@
 //! share one mount (and one cache) of an image. The runtime spec follows what `runc spec`
 //! generates (namespaces, default mounts, masked paths, the three default capabilities) with the
 //! image's entrypoint, command, environment, working directory and user filled in, the way
-//! docker and containerd derive them.
+//! docker and containerd derive them — and, as they do by default, without `noNewPrivileges`, so
+//! an image's setuid programs work inside its containers. They do not work from the host: the
+//! shared mount is `nosuid,nodev` and lives under the root-only mount base; the overlay a
+//! container gets is its own mount, where the image's bits count.
 
 use std::path::{Path, PathBuf};
 
@@ -209,7 +212,7 @@ pub fn runtime_spec(
             "cwd": cwd,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "ambient": caps},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
+            "noNewPrivileges": false
         },
         "root": {"path": rootfs, "readonly": false},
         "hostname": hostname,

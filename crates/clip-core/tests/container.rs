@@ -146,3 +146,110 @@ fn check_sparse(path: &std::path::Path) {
         )
     );
 }
+
+/// A setuid-root program of an image: from the host path of a (default, nosuid) mount it runs
+/// with the caller's ids; with `suid` it would run as root (the probe works); inside a runc
+/// container on an overlay of the nosuid mount it runs as root, as setuid programs do in docker
+/// and containerd containers.
+#[test]
+fn setuid_programs_are_root_only_inside_containers() {
+    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: needs root, /dev/fuse and runc");
+        return;
+    }
+    let ids = clip_testkit::probe::ids_program().unwrap();
+    let mut img = busybox_image();
+    img.layers.push(Layer::new(vec![
+        Entry::file("bin/ids", ids).mode(0o4755).owner(0, 0),
+    ]));
+    img.config = RuntimeConfig {
+        cmd: vec!["/bin/ids".into()],
+        user: "app".into(),
+        ..RuntimeConfig::default()
+    };
+    let registry = Registry::start_anonymous().unwrap();
+    registry
+        .push(
+            &ImageBuilder::new(ManifestFormat::Oci)
+                .image(img)
+                .build()
+                .unwrap(),
+            "test/setuid",
+            "t",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A place the unprivileged user can reach, as a careless operator might choose.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let archive = dir.path().join("setuid.clip");
+    create_from_oci_image(&CreateFromOciImageOptions {
+        image_ref: format!("{}/test/setuid:t", registry.host()),
+        output_path: archive.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let image = clip_core::format::Archive::open(&archive)
+        .unwrap()
+        .meta()
+        .image
+        .clone();
+    let mount_at = |name: &str, suid: bool| {
+        let mp = dir.path().join(name);
+        std::fs::create_dir(&mp).unwrap();
+        std::fs::set_permissions(&mp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        mount_archive(MountOptions {
+            archive: archive.clone(),
+            mountpoint: mp,
+            cache_dir: dir.path().join("cache"),
+            suid,
+            ..MountOptions::default()
+        })
+        .unwrap()
+    };
+
+    let nosuid = mount_at("nosuid", false);
+    let as_nobody = |m: &clip_core::fs::MountHandle| {
+        clip_testkit::probe::run_as_nobody(&m.mountpoint().join("bin/ids"), &[]).unwrap()
+    };
+    assert_eq!(
+        as_nobody(&nosuid),
+        "65534 65534\n",
+        "setuid honoured on the host path"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(nosuid.mountpoint().to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+    let suid = mount_at("suid", true);
+    assert_eq!(
+        as_nobody(&suid),
+        "65534 0\n",
+        "the probe must see a setuid mount"
+    );
+    suid.unmount().unwrap();
+
+    // Inside a container, on an overlay of the nosuid mount: setuid works.
+    let overlay = Overlay::mount(nosuid.mountpoint(), &dir.path().join("c1")).unwrap();
+    let spec = runtime_spec(&image, overlay.merged(), None, "c1").unwrap();
+    let bundle = write_bundle(&dir.path().join("bundle"), &spec).unwrap();
+    let id = format!("clip-setuid-{}", std::process::id());
+    let out = Command::new("runc")
+        .args(["--root", dir.path().join("runc").to_str().unwrap()])
+        .args(["run", "--bundle", bundle.to_str().unwrap(), &id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "runc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1000 0\n");
+    overlay.unmount().unwrap();
+    nosuid.unmount().unwrap();
+}

@@ -173,6 +173,27 @@ fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
     }
     assert!(m2.stats().fetched_bytes > 0);
 
+    // What the worker leaves on the host is root's alone: with the directories around them
+    // open, an unprivileged user still finds no byte of the (private) image in the caches, the
+    // stores or under the mount base, and cannot enter the mounts.
+    for d in [dir.path(), dir1.path()] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let wrong = clip_testkit::probe::private_to_root(
+            &[&d.join("cache"), &d.join("store"), &d.join("mnt")],
+            "ID=sample",
+        );
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+    let entered = clip_testkit::probe::as_nobody(
+        std::path::Path::new("/bin/cat"),
+        &[&m2.mountpoint.join("etc/os-release").to_string_lossy()],
+    )
+    .unwrap();
+    assert!(
+        !entered.status.success(),
+        "uid 65534 read a file of the mount"
+    );
+
     // Many concurrent PullLazy requests for one image share one mount.
     let v2 = Arc::new(v2);
     let handles: Vec<_> = (0..8)

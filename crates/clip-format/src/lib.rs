@@ -53,6 +53,7 @@ mod entry;
 mod error;
 pub mod merge;
 mod meta;
+pub mod private;
 mod read;
 pub mod sparse;
 pub mod spec;
@@ -68,6 +69,7 @@ pub use meta::{
     Checkpoint, CheckpointKind, ImageConfig, LayerInfo, MediaKind, Meta, Remote, Source,
     sha256_bytes,
 };
+pub use private::{PrivateError, private_dir, private_file};
 pub use read::{Archive, DataLocation, EntryKind, SectionInfo};
 pub use sparse::{SparseMap, SparseReader};
 pub use spec::{FORMAT_VERSION, MAGIC, SectionId};

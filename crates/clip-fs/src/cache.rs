@@ -119,8 +119,10 @@ struct OpenFiles {
 impl SpanCache {
     /// Opens (creating) the cache in `dir`, bounded to `max_bytes`.
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir.join("spans"))?;
-        std::fs::create_dir_all(dir.join("tmp"))?;
+        // Spans hold the content of private images: the cache is its owner's alone.
+        for d in [dir.to_owned(), dir.join("spans"), dir.join("tmp")] {
+            clip_format::private_dir(&d).map_err(std::io::Error::other)?;
+        }
         let cache = Self {
             dir: dir.to_owned(),
             max_bytes,
@@ -252,7 +254,11 @@ impl SpanCache {
     pub fn insert(&self, digest: &[u8; 32], bytes: &[u8]) -> std::io::Result<SpanFile> {
         let path = self.path(digest);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)?;
         }
         let tmp = self.dir.join("tmp").join(format!(
             "{}.{}.{}",
@@ -260,11 +266,15 @@ impl SpanCache {
             std::process::id(),
             self.tmp_seq.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?
+        };
         let mut trailer = [0u8; TRAILER as usize];
         trailer[..8].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(bytes).to_le_bytes());
         trailer[8..].copy_from_slice(MAGIC);

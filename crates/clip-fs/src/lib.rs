@@ -123,6 +123,12 @@ pub struct MountOptions {
     pub threads: usize,
     /// Let other users (container processes) use the mount (`allow_other`).
     pub allow_other: bool,
+    /// Honour setuid/setgid bits on the mount itself (`suid`). Off by default: a setuid-root
+    /// program of an image must not run as root from the host path. Containers get their own
+    /// overlay mount on top, where setuid works as usual.
+    pub suid: bool,
+    /// Honour device nodes on the mount itself (`dev`). Off by default, like `suid`.
+    pub dev: bool,
     /// Object-store settings, for v1-remote archives.
     pub remote: clip_objstore::RemoteOptions,
     /// v2: after mounting, fetch every layer's spans in the background at most this many
@@ -144,6 +150,8 @@ impl Default for MountOptions {
             record_profile: None,
             threads: 4,
             allow_other: true,
+            suid: false,
+            dev: false,
             remote: clip_objstore::RemoteOptions::default(),
             background_fetch: None,
         }
@@ -426,8 +434,16 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
         fuser::MountOption::FSName("clip".into()),
         fuser::MountOption::Subtype("clip".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Suid,
-        fuser::MountOption::Dev,
+        if options.suid {
+            fuser::MountOption::Suid
+        } else {
+            fuser::MountOption::NoSuid
+        },
+        if options.dev {
+            fuser::MountOption::Dev
+        } else {
+            fuser::MountOption::NoDev
+        },
         fuser::MountOption::Exec,
     ];
     if options.allow_other {

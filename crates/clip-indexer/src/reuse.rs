@@ -493,7 +493,7 @@ impl LayerIndexStore for DirLayerStore {
                 format!("bad layer index key {key:?}"),
             ));
         }
-        std::fs::create_dir_all(&self.dir)?;
+        clip_format::private_dir(&self.dir).map_err(std::io::Error::other)?;
         let target = self.dir.join(key);
         if target.exists() {
             return Ok(false);

@@ -38,6 +38,7 @@ pub mod image;
 pub mod media;
 pub mod oracle;
 pub mod pki;
+pub mod probe;
 pub mod process;
 pub mod registry;
 pub mod s3;

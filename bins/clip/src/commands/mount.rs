@@ -10,8 +10,12 @@ use crate::cli::MountArgs;
 
 /// `clip mount`: in the background (a server process started with `--foreground`), or here.
 pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(clip_core::fs::default_cache_dir);
     if !args.foreground {
-        return spawn_background(&args.mountpoint);
+        return spawn_background(&args.mountpoint, &cache_dir);
     }
     let archive = super::open(&args.file)?;
     let host = args
@@ -27,9 +31,7 @@ pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
     let options = clip_core::fs::MountOptions {
         archive: args.file,
         mountpoint: args.mountpoint,
-        cache_dir: args
-            .cache_dir
-            .unwrap_or_else(clip_core::fs::default_cache_dir),
+        cache_dir,
         cache_bytes: args.cache_size,
         registry: Some(args.registry.client(&host)?),
         registry_override: args.registry_mirror,
@@ -38,6 +40,8 @@ pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
         record_profile: args.record_profile,
         remote: args.s3.options(),
         background_fetch: args.background_fetch,
+        suid: args.suid,
+        dev: args.dev,
         ..clip_core::fs::MountOptions::default()
     };
     foreground(options)
@@ -95,12 +99,14 @@ fn foreground(options: clip_core::fs::MountOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-runs this command with `--foreground` in a new process group, logging to a file next
-/// to the cache, and returns once the mount answers (or reports why it did not).
-fn spawn_background(mountpoint: &Path) -> anyhow::Result<()> {
+/// Re-runs this command with `--foreground` in a new process group, logging to
+/// `CACHE_DIR/logs/<mount point>.log` (a private directory; the file is opened without following
+/// symlinks), and returns once the mount answers (or reports why it did not).
+fn spawn_background(mountpoint: &Path, cache_dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt as _;
-    let log_dir = std::env::temp_dir().join("clip-mount-logs");
-    std::fs::create_dir_all(&log_dir)?;
+    let log_dir = cache_dir.join("logs");
+    clip_core::format::private_dir(cache_dir)?;
+    clip_core::format::private_dir(&log_dir)?;
     let canon = std::fs::canonicalize(mountpoint)
         .with_context(|| format!("mount point {}", mountpoint.display()))?;
     let log_path = log_dir.join(format!(
@@ -112,7 +118,7 @@ fn spawn_background(mountpoint: &Path) -> anyhow::Result<()> {
     if clip_core::fs::is_mounted(&canon) {
         bail!("{} is already a clip mount point", canon.display());
     }
-    let log = std::fs::File::create(&log_path)?;
+    let log = clip_core::format::private_file(&log_path)?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     args.push("--foreground".into());
     let mut child = std::process::Command::new(std::env::current_exe()?)

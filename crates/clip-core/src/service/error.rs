@@ -54,6 +54,9 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
+    /// A directory clip keeps private state in is not safe to use (another owner, a symlink).
+    #[error(transparent)]
+    Private(#[from] format::PrivateError),
     /// No archive for this image id in the store.
     #[error("no archive for image {0} in the archive store")]
     UnknownImage(String),

@@ -123,8 +123,14 @@ impl ImageService {
     /// A service for `cfg`: one registry client (credentials from the config, then docker's
     /// `config.json`) and one runtime for all its flows and mounts.
     pub fn new(cfg: Config, opts: ServiceOptions) -> Result<Self, ServiceError> {
-        for d in [&cfg.cache_dir, &cfg.mount_base] {
-            std::fs::create_dir_all(d).map_err(error::io("creating", d))?;
+        // Root-only: mounts (setuid programs, private content), caches, archives, logs.
+        for d in [
+            cfg.cache_dir.clone(),
+            cfg.cache_dir.join("layers"),
+            cfg.mount_base.clone(),
+            cfg.mount_base.join("containers"),
+        ] {
+            crate::format::private_dir(&d)?;
         }
         let net = registry::BlockingClient::new(client_config(&cfg)?)?;
         let store = store::open(&cfg, net.handle())?;

@@ -121,7 +121,8 @@ impl LocalStore {
     /// The store in `dir` (created if missing).
     pub fn open(dir: &Path) -> Result<Self, ServiceError> {
         let staging = dir.join(".staging");
-        std::fs::create_dir_all(&staging).map_err(io("creating", &staging))?;
+        format::private_dir(dir)?;
+        format::private_dir(&staging)?;
         Ok(Self {
             dir: dir.to_owned(),
             staging,
@@ -218,7 +219,7 @@ impl S3ArchiveStore {
         let staging = cache_dir.join("outgoing");
         let copies = cache_dir.join("archives");
         for d in [&staging, &copies] {
-            std::fs::create_dir_all(d).map_err(io("creating", d))?;
+            format::private_dir(d)?;
         }
         Ok(Self {
             bucket: s3.bucket.clone(),
