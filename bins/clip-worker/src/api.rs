@@ -1,22 +1,60 @@
 //! The HTTP API: JSON in, JSON out; flows run on blocking threads.
+//!
+//! Every error, whatever produced it (a flow, a bad body, the limits, the credential check), is
+//! answered as `{"error": "…"}` with its status: 400, 401, 403, 404, 408, 413, 429, 502, 500.
 
+use std::collections::BTreeMap;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clip_core::service::{ImageService, ServiceError};
 use serde::Deserialize;
 
-type Svc = Arc<ImageService>;
+use crate::auth::Credentials;
 
-struct ApiError(StatusCode, String);
+/// Limits of the API.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Flows (pull, build, mount, run) running at once; more are answered 429.
+    pub(crate) max_flows: usize,
+    /// Largest uploaded build context.
+    pub(crate) max_context_bytes: u64,
+    /// Longest a request may take before it is answered 408 (its flow keeps running and stores
+    /// its archive; asking again finds it).
+    pub(crate) request_timeout: Duration,
+}
+
+/// Largest JSON request body.
+const MAX_JSON: usize = 1 << 20;
+
+struct App {
+    svc: Arc<ImageService>,
+    flows: Arc<tokio::sync::Semaphore>,
+    limits: Limits,
+}
+
+type Svc = Arc<App>;
+
+/// An error answer: a status and a message, as JSON.
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({"error": self.1}))).into_response()
+        let mut r = (self.0, Json(serde_json::json!({"error": self.1}))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
     }
 }
 
@@ -32,34 +70,81 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> Self {
+        Self(e.status(), e.body_text())
+    }
+}
+
 fn bad_request(what: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, what.to_string())
 }
 
-async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
-    f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
+fn forbidden(what: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::FORBIDDEN, what.to_string())
+}
+
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return serde_json::from_slice(b"{}")
+            .map_err(|e| bad_request(format!("request body: {e}")));
+    }
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("request body: {e}")))
+}
+
+impl App {
+    /// Runs a flow on a blocking thread, if a flow slot is free (429 otherwise).
+    async fn flow<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ImageService) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = Arc::clone(&self.flows).try_acquire_owned().map_err(|_| {
+            ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} flows are running, the most this worker takes at once; try again later",
+                    self.limits.max_flows
+                ),
+            )
+        })?;
+        let svc = Arc::clone(&self.svc);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&svc)
+        })
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(Into::into)
+    }
+
+    /// Reads something quick (listings) on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ImageService) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let svc = Arc::clone(&self.svc);
+        tokio::task::spawn_blocking(move || f(&svc).map_err(ApiError::from))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PullReq {
     image: String,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct BuildReq {
-    context: std::path::PathBuf,
-    dockerfile: Option<std::path::PathBuf>,
+    context: PathBuf,
+    dockerfile: Option<PathBuf>,
     #[serde(default)]
-    build_args: std::collections::BTreeMap<String, String>,
+    build_args: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RunReq {
     #[serde(default)]
     args: Vec<String>,
@@ -71,97 +156,222 @@ fn mount_json(m: &clip_core::service::MountedImage) -> serde_json::Value {
         "fetched_bytes": s.fetched_bytes, "served_bytes": s.served_bytes, "cache_hits": s.cache.hits})
 }
 
-fn router(svc: Svc) -> axum::Router {
+/// A build context named by a host path: only beneath `imageService.buildContextRoot`, resolved
+/// (symlinks included) before the check, and the resolved path is what the build reads.
+fn confined(
+    root: Option<&FsPath>,
+    context: &FsPath,
+    dockerfile: Option<&FsPath>,
+) -> Result<(PathBuf, PathBuf), ApiError> {
+    let Some(root) = root else {
+        return Err(forbidden(
+            "build contexts on the worker's disk are not accepted (imageService.buildContextRoot is not set); upload the context as a tar stream to /v1/build-context",
+        ));
+    };
+    let root = std::fs::canonicalize(root).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("buildContextRoot {}: {e}", root.display()),
+        )
+    })?;
+    let inside = |p: &FsPath, what: &str| -> Result<PathBuf, ApiError> {
+        let resolved = std::fs::canonicalize(p)
+            .map_err(|e| bad_request(format!("{what} {}: {e}", p.display())))?;
+        if resolved.starts_with(&root) {
+            Ok(resolved)
+        } else {
+            Err(forbidden(format!(
+                "{what} {} is not beneath the build context root {} (symlinks are resolved first)",
+                p.display(),
+                root.display()
+            )))
+        }
+    };
+    let ctx = inside(context, "context")?;
+    let df = match dockerfile {
+        Some(d) => inside(d, "dockerfile")?,
+        None => inside(&ctx.join("Dockerfile"), "dockerfile")?,
+    };
+    Ok((ctx, df))
+}
+
+pub(crate) fn router(
+    svc: Arc<ImageService>,
+    limits: Limits,
+    creds: Arc<Credentials>,
+) -> axum::Router {
+    let app = Arc::new(App {
+        svc,
+        flows: Arc::new(tokio::sync::Semaphore::new(limits.max_flows.max(1))),
+        limits,
+    });
+    let context_limit = usize::try_from(limits.max_context_bytes).unwrap_or(usize::MAX);
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/v1/pull",
-            post(|State(s): State<Svc>, Json(r): Json<PullReq>| async move {
-                let out = blocking(move || s.pull_and_archive(&r.image)).await?;
-                Ok::<_, ApiError>(Json(out))
-            }),
+            post(
+                |State(a): State<Svc>, body: Result<Bytes, BytesRejection>| async move {
+                    let r: PullReq = json(&body?)?;
+                    let out = a.flow(move |s| Ok(s.pull_and_archive(&r.image)?)).await?;
+                    Ok::<_, ApiError>(Json(out))
+                },
+            ),
         )
         .route(
             "/v1/build",
-            post(|State(s): State<Svc>, Json(r): Json<BuildReq>| async move {
-                let out = blocking(move || {
-                    let df = r.dockerfile.unwrap_or_else(|| r.context.join("Dockerfile"));
+            post(
+                |State(a): State<Svc>, body: Result<Bytes, BytesRejection>| async move {
+                    let r: BuildReq = json(&body?)?;
+                    let (ctx, df) = confined(
+                        a.svc.config().build_context_root.as_deref(),
+                        &r.context,
+                        r.dockerfile.as_deref(),
+                    )?;
                     let args: Vec<_> = r.build_args.into_iter().collect();
-                    s.build_and_archive(&df, &r.context, &args)
-                })
-                .await?;
-                Ok::<_, ApiError>(Json(out))
-            }),
+                    let out = a
+                        .flow(move |s| Ok(s.build_and_archive(&df, &ctx, &args)?))
+                        .await?;
+                    Ok::<_, ApiError>(Json(out))
+                },
+            ),
+        )
+        .route(
+            "/v1/build-context",
+            post(
+                |State(a): State<Svc>,
+                 Query(q): Query<BTreeMap<String, String>>,
+                 body: Result<Bytes, BytesRejection>| async move {
+                    let body = body?;
+                    let max = a.limits.max_context_bytes;
+                    let out = a
+                        .flow(move |s| {
+                            let dir = tempfile::tempdir().map_err(|e| {
+                                ApiError(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    format!("staging the context: {e}"),
+                                )
+                            })?;
+                            clip_core::extract::untar(
+                                &body[..],
+                                dir.path(),
+                                clip_core::extract::UntarLimits {
+                                    max_bytes: max,
+                                    ..Default::default()
+                                },
+                            )
+                            .map_err(|e| {
+                                bad_request(format!("the uploaded context (a tar stream): {e}"))
+                            })?;
+                            let name = q.get("dockerfile").map_or("Dockerfile", String::as_str);
+                            let (ctx, df) = confined(
+                                Some(dir.path()),
+                                dir.path(),
+                                Some(&dir.path().join(name)),
+                            )?;
+                            let args: Vec<(String, String)> = q
+                                .iter()
+                                .filter_map(|(k, v)| {
+                                    k.strip_prefix("arg.").map(|k| (k.to_owned(), v.clone()))
+                                })
+                                .collect();
+                            Ok(s.build_and_archive(&df, &ctx, &args)?)
+                        })
+                        .await?;
+                    Ok::<_, ApiError>(Json(out))
+                },
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(context_limit)),
         )
         .route(
             "/v1/images/{id}/mount",
-            post(|State(s): State<Svc>, Path(id): Path<String>| async move {
-                let m = blocking(move || s.pull_lazy(&id)).await?;
+            post(|State(a): State<Svc>, Path(id): Path<String>| async move {
+                let m = a.flow(move |s| Ok(s.pull_lazy(&id)?)).await?;
                 Ok::<_, ApiError>(Json(mount_json(&m)))
             })
-            .delete(|State(s): State<Svc>, Path(id): Path<String>| async move {
-                blocking(move || s.unmount(&id)).await?;
+            .delete(|State(a): State<Svc>, Path(id): Path<String>| async move {
+                a.read(move |s| s.unmount(&id)).await?;
                 Ok::<_, ApiError>(StatusCode::NO_CONTENT)
             }),
         )
         .route(
             "/v1/images/{id}/run",
             post(
-                |State(s): State<Svc>, Path(id): Path<String>, body: Option<Json<RunReq>>| async move {
-                    let args = body.map(|Json(r)| r.args).unwrap_or_default();
-                    let out = blocking(move || {
-                        s.run(&id, (!args.is_empty()).then_some(&args[..]))
-                    })
-                    .await?;
+                |State(a): State<Svc>,
+                 Path(id): Path<String>,
+                 body: Result<Bytes, BytesRejection>| async move {
+                    let r: RunReq = json(&body?)?;
+                    let out = a
+                        .flow(move |s| Ok(s.run(&id, (!r.args.is_empty()).then_some(&r.args[..]))?))
+                        .await?;
                     Ok::<_, ApiError>(Json(out))
                 },
             ),
         )
         .route(
             "/v1/images",
-            get(|State(s): State<Svc>| async move {
-                let images = blocking(move || s.images()).await?;
+            get(|State(a): State<Svc>| async move {
+                let images = a.read(ImageService::images).await?;
                 Ok::<_, ApiError>(Json(images))
             }),
         )
         .route(
-            "/v1/build-context",
-            post(|State(s): State<Svc>, axum::extract::Query(q): axum::extract::Query<std::collections::BTreeMap<String, String>>, body: axum::body::Bytes| async move {
-                let out = blocking(move || {
-                    let dir = tempfile::tempdir().map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("staging the context: {e}")))?;
-                    tar::Archive::new(&body[..])
-                        .unpack(dir.path())
-                        .map_err(|e| bad_request(format!("unpacking the uploaded context (a tar stream): {e}")))?;
-                    let df = dir.path().join(q.get("dockerfile").map_or("Dockerfile", String::as_str));
-                    if !df.starts_with(dir.path()) || q.get("dockerfile").is_some_and(|d| d.contains("..")) {
-                        return Err(bad_request("dockerfile must be a path inside the context"));
-                    }
-                    let args: Vec<(String, String)> = q
-                        .iter()
-                        .filter_map(|(k, v)| k.strip_prefix("arg.").map(|k| (k.to_owned(), v.clone())))
-                        .collect();
-                    Ok(s.build_and_archive(&df, dir.path(), &args)?)
-                })
-                .await?;
-                Ok::<_, ApiError>(Json(out))
-            })
-            .layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
-        )
-        .route(
             "/v1/mounts",
-            get(|State(s): State<Svc>| async move {
-                Json(s.mounts().iter().map(|m| mount_json(m)).collect::<Vec<_>>())
+            get(|State(a): State<Svc>| async move {
+                Json(
+                    a.svc
+                        .mounts()
+                        .iter()
+                        .map(|m| mount_json(m))
+                        .collect::<Vec<_>>(),
+                )
             }),
         )
         .route(
             "/metrics",
-            get(|State(s): State<Svc>| async move {
-                let mut text = PROMETHEUS.get().map(metrics_exporter_prometheus::PrometheusHandle::render).unwrap_or_default();
-                text.push_str(&metrics(&s));
+            get(|State(a): State<Svc>| async move {
+                let mut text = PROMETHEUS
+                    .get()
+                    .map(metrics_exporter_prometheus::PrometheusHandle::render)
+                    .unwrap_or_default();
+                text.push_str(&metrics(&a.svc));
                 text
             }),
         )
-        .with_state(svc)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON))
+        .layer(axum::middleware::from_fn_with_state(
+            (creds, limits.request_timeout),
+            guard,
+        ))
+        .with_state(app)
+}
+
+/// Every request: the credential check (read-only endpoints may be public), then a time limit.
+async fn guard(
+    State((creds, timeout)): State<(Arc<Credentials>, Duration)>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let read_only = req.method() == Method::GET || req.method() == Method::HEAD;
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(why) = creds.check(header, read_only) {
+        return ApiError(StatusCode::UNAUTHORIZED, why).into_response();
+    }
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {} s; its flow keeps running and stores its archive — ask again later",
+                timeout.as_secs()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Prometheus text exposition of the mounts' counters.
@@ -192,14 +402,19 @@ fn metrics(s: &ImageService) -> String {
             let _ = writeln!(
                 out,
                 "{name}{{image_id=\"{}\",version=\"{}\"}} {v}",
-                m.image_id, m.version
+                m.image_id,
+                m.version.number()
             );
         }
     }
     out
 }
 
-async fn shutdown_signal() {
+/// The `metrics` facade's recorder, rendered at `/metrics`.
+pub(crate) static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -211,31 +426,6 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
-}
-
-/// The `metrics` facade's recorder, rendered at `/metrics`.
-static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-    std::sync::OnceLock::new();
-
-/// Serves until SIGTERM/SIGINT, then unmounts everything.
-pub(crate) fn serve(svc: &Svc, listen: &str) -> anyhow::Result<()> {
-    if let Ok(h) = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-        let _ = PROMETHEUS.set(h);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        tracing::info!(addr = %listener.local_addr()?, "clip-worker listening");
-        axum::serve(listener, router(Arc::clone(svc)))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
-        Ok::<_, anyhow::Error>(())
-    })?;
-    tracing::info!("shutting down: unmounting all images");
-    svc.unmount_all();
-    Ok(())
 }
 
 /// Blocks until SIGTERM/SIGINT.

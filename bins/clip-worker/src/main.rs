@@ -8,6 +8,8 @@
 #![allow(clippy::print_stdout)]
 
 mod api;
+mod auth;
+mod listen;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,11 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the JSON HTTP API until SIGTERM/SIGINT; unmounts everything on the way out.
-    Serve {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7878")]
-        listen: String,
-    },
+    Serve(ServeArgs),
     /// Pull an image and store its archive (v2 or v1 per the configuration).
     Pull {
         /// The image reference.
@@ -70,6 +68,71 @@ enum Command {
     },
 }
 
+/// How the API is reached and who may use it (docs/security.md).
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// `unix:PATH`, or `tcp:ADDR:PORT` (which needs --token-file or --tls-client-ca, and TLS
+    /// unless the address is a loopback one).
+    #[arg(long, default_value = "unix:/run/clip/worker.sock")]
+    listen: listen::Listen,
+    /// Mode of the unix socket (octal).
+    #[arg(long, default_value = "660", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Group that owns the unix socket (name or gid); its members may use the API.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Bearer tokens, one per line (several for rotation); every request must send one.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) of a tcp: listener.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of a tcp: listener.
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve read-only endpoints (`/healthz`, `/metrics`, `GET /v1/images`, `GET /v1/mounts`)
+    /// without a token.
+    #[arg(long)]
+    public_read: bool,
+    /// Allow a loopback tcp: listener with no authentication at all. Any local process could
+    /// then start containers as root: for throwaway test machines only.
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Flows (pull, build, mount, run) at once; more are answered 429.
+    #[arg(long, default_value_t = 4)]
+    max_flows: usize,
+    /// Largest uploaded build context (bytes; K/M/G suffixes).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    max_context_bytes: u64,
+    /// Longest a request may take, in seconds, before it is answered 408.
+    #[arg(long, default_value_t = 3600)]
+    request_timeout_secs: u64,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode"))
+}
+
+/// `1048576`, `512K`, `64M`, `10G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size"))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -95,7 +158,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let print = |v: serde_json::Value| println!("{v}");
     match cli.command {
-        Command::Serve { listen } => api::serve(&Arc::new(svc), &listen),
+        Command::Serve(args) => serve(&Arc::new(svc), args),
         Command::Pull { image } => {
             let r = svc.pull_and_archive(&image)?;
             print(serde_json::to_value(r)?);
@@ -136,4 +199,68 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(out.status);
         }
     }
+}
+
+/// Serves the API until SIGTERM/SIGINT, then unmounts everything.
+fn serve(svc: &Arc<ImageService>, args: ServeArgs) -> anyhow::Result<()> {
+    let creds = Arc::new(auth::Credentials::load(
+        args.token_file.as_deref(),
+        args.public_read,
+    )?);
+    let tls = listen::Tls {
+        cert: args.tls_cert,
+        key: args.tls_key,
+        client_ca: args.tls_client_ca,
+    };
+    listen::check_policy(
+        &args.listen,
+        &tls,
+        creds.has_tokens(),
+        args.insecure_no_auth,
+    )?;
+    if let Ok(h) = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        let _ = api::PROMETHEUS.set(h);
+    }
+    let limits = api::Limits {
+        max_flows: args.max_flows,
+        max_context_bytes: args.max_context_bytes,
+        request_timeout: std::time::Duration::from_secs(args.request_timeout_secs),
+    };
+    let perms = listen::SocketPerms {
+        mode: args.socket_mode,
+        group: args.socket_group,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let router = api::router(Arc::clone(svc), limits, creds);
+    rt.block_on(async {
+        let bound = listen::bind(&args.listen, &tls, &perms).await?;
+        match bound {
+            listen::Bound::Unix(l, path) => {
+                tracing::info!(socket = %path.display(), mode = format!("{:o}", perms.mode), "clip-worker listening");
+                let served = axum::serve(l, router)
+                    .with_graceful_shutdown(api::shutdown_signal())
+                    .await;
+                let _ = std::fs::remove_file(&path);
+                served?;
+            }
+            listen::Bound::Tcp(l) => {
+                tracing::info!(addr = %l.local_addr()?, "clip-worker listening");
+                axum::serve(l, router)
+                    .with_graceful_shutdown(api::shutdown_signal())
+                    .await?;
+            }
+            listen::Bound::Tls(l) => {
+                tracing::info!(addr = %axum::serve::Listener::local_addr(&l)?, tls = true, "clip-worker listening");
+                axum::serve(l, router)
+                    .with_graceful_shutdown(api::shutdown_signal())
+                    .await?;
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    tracing::info!("shutting down: unmounting all images");
+    svc.unmount_all();
+    Ok(())
 }

@@ -2,10 +2,13 @@
 //! API with graceful shutdown.
 #![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
 
+use std::fmt::Write as _;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use clip_testkit::{Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry};
 
 fn can_run() -> bool {
@@ -91,23 +94,130 @@ fn one_shot_pull_honours_file_then_env() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("CLIP_VERSION"));
 }
 
-fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail-with-body"])
-        .args(args)
-        .output()
-        .unwrap();
+/// A `clip-worker serve` process, killed (and its mounts detached) on drop.
+struct Server {
+    child: std::process::Child,
+    /// `curl` arguments that reach it (`--unix-socket PATH` or nothing).
+    via: Vec<String>,
+    /// Base URL.
+    base: String,
+    /// Where its stderr goes.
+    log: std::path::PathBuf,
+}
+
+impl Server {
+    /// Starts `serve ARGS` and waits until `/healthz` answers (with `auth` if given).
+    fn start(cfg: &Path, args: &[&str], via: &[&str], base: &str, auth: Option<&str>) -> Self {
+        let log = cfg.with_file_name(format!("worker-{}.log", std::process::id()));
+        let child = worker(cfg)
+            .env(
+                "CLIP_LOG",
+                std::env::var("CLIP_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .arg("serve")
+            .args(args)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut server = Self {
+            child,
+            via: via.iter().map(|s| (*s).to_owned()).collect(),
+            base: base.to_owned(),
+            log,
+        };
+        let start = Instant::now();
+        loop {
+            let mut c = server.curl_cmd(&["-sf", "-o", "/dev/null"], "/healthz");
+            if let Some(t) = auth {
+                c.args(["-H", &format!("authorization: Bearer {t}")]);
+            }
+            if c.output().is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("worker exited ({status}): {}", server.stderr());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "worker never answered: {}",
+                server.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn curl_cmd(&self, opts: &[&str], path: &str) -> Command {
+        let mut c = Command::new("curl");
+        c.args(&self.via)
+            .args(opts)
+            .arg(format!("{}{path}", self.base));
+        c
+    }
+
+    /// `curl` of `path` with `opts`: (HTTP status, body).
+    fn call(&self, opts: &[&str], path: &str) -> (u16, String) {
+        let out = self
+            .curl_cmd(&[&["-sS", "-w", "\n%{http_code}"][..], opts].concat(), path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// A successful JSON call.
+    fn ok(&self, opts: &[&str], path: &str) -> serde_json::Value {
+        let (code, body) = self.call(opts, path);
+        assert!((200..300).contains(&code), "{path}: {code} {body}");
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and its exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tar_of(dir: &Path, out: &Path) {
     assert!(
-        out.status.success(),
-        "curl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        Command::new("tar")
+            .arg("-C")
+            .arg(dir)
+            .arg("-cf")
+            .arg(out)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
-fn the_http_api_pulls_mounts_reports_and_shuts_down_cleanly() {
+fn the_api_on_its_unix_socket_pulls_mounts_builds_reports_and_shuts_down_cleanly() {
     if !can_run() {
         return;
     }
@@ -115,54 +225,55 @@ fn the_http_api_pulls_mounts_reports_and_shuts_down_cleanly() {
     let image = sample(&reg);
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), 2);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut server = worker(&cfg)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while Command::new("curl")
-        .args(["-sf", &format!("{base}/healthz")])
+    let sock = dir.path().join("run/worker.sock");
+    let listen = format!("unix:{}", sock.display());
+    let server = Server::start(
+        &cfg,
+        &[
+            "--listen",
+            &listen,
+            "--socket-group",
+            "65534",
+            "--socket-mode",
+            "660",
+        ],
+        &["--unix-socket", sock.to_str().unwrap()],
+        "http://worker",
+        None,
+    );
+    // The socket's mode and group are what was asked; a user outside the group cannot connect.
+    let md = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(md.file_type().is_socket());
+    assert_eq!((md.mode() & 0o777, md.uid(), md.gid()), (0o660, 0, 65534));
+    let other = Command::new("setpriv")
+        .args([
+            "--reuid=1234",
+            "--regid=1234",
+            "--clear-groups",
+            "curl",
+            "-sf",
+            "--unix-socket",
+        ])
+        .arg(&sock)
+        .arg("http://worker/healthz")
         .output()
-        .map_or(true, |o| !o.status.success())
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "worker never answered"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .unwrap();
+    assert!(
+        !other.status.success(),
+        "a user outside the socket's group got in"
+    );
+
     let body = format!("{{\"image\":\"{image}\"}}");
-    let pulled: serde_json::Value = serde_json::from_str(&curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "content-type: application/json",
-        "-d",
-        &body,
-        &format!("{base}/v1/pull"),
-    ]))
-    .unwrap();
+    let pulled = server.ok(&["-X", "POST", "-d", &body], "/v1/pull");
     assert_eq!(pulled["version"], 2);
     let id = pulled["image_id"].as_str().unwrap().to_owned();
-    let mounted: serde_json::Value = serde_json::from_str(&curl(&[
-        "-X",
-        "POST",
-        &format!("{base}/v1/images/{id}/mount"),
-    ]))
-    .unwrap();
+    let mounted = server.ok(&["-X", "POST"], &format!("/v1/images/{id}/mount"));
     let mp = std::path::PathBuf::from(mounted["mountpoint"].as_str().unwrap());
     assert_eq!(
         std::fs::read(mp.join("etc/hello")).unwrap(),
         b"hello from the worker\n"
     );
-    let images = curl(&[&format!("{base}/v1/images")]);
+    let (_, images) = server.call(&[], "/v1/images");
     assert!(images.contains(&id), "{images}");
 
     // A build whose context is uploaded as a tar stream.
@@ -175,47 +286,538 @@ fn the_http_api_pulls_mounts_reports_and_shuts_down_cleanly() {
     )
     .unwrap();
     let tarball = dir.path().join("ctx.tar");
-    assert!(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&ctx)
-            .arg("-cf")
-            .arg(&tarball)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success()
+    tar_of(&ctx, &tarball);
+    let built = server.ok(
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("@{}", tarball.display()),
+        ],
+        "/v1/build-context?dockerfile=Containerfile&arg.V=1",
     );
-    let built: serde_json::Value = serde_json::from_str(&curl(&[
-        "-X",
-        "POST",
-        "--data-binary",
-        &format!("@{}", tarball.display()),
-        &format!("{base}/v1/build-context?dockerfile=Containerfile&arg.V=1"),
-    ]))
-    .unwrap();
     assert!(built["image_id"].is_string(), "{built}");
 
-    let metrics = curl(&[&format!("{base}/metrics")]);
-    assert!(metrics.contains("clip_mounts 1"), "{metrics}");
-    assert!(metrics.contains("clip_archives_total{"), "{metrics}");
-    assert!(metrics.contains("clip_flow_seconds"), "{metrics}");
-    assert!(metrics.contains("clip_phase_seconds"), "{metrics}");
-    assert!(metrics.contains("clip_fetched_bytes_total{"), "{metrics}");
-    let err = Command::new("curl")
-        .args(["-s", "-X", "POST", &format!("{base}/v1/images/nope/mount")])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&err.stdout).contains("no archive for image nope"));
+    let (_, metrics) = server.call(&[], "/metrics");
+    for want in [
+        "clip_mounts 1",
+        "clip_archives_total{",
+        "clip_flow_seconds",
+        "clip_phase_seconds",
+        "clip_fetched_bytes_total{",
+    ] {
+        assert!(metrics.contains(want), "{want}: {metrics}");
+    }
+    let (code, body) = server.call(&["-X", "POST"], "/v1/images/nope/mount");
+    assert_eq!(code, 404);
+    assert!(body.contains("no archive for image nope"), "{body}");
+    let (code, body) = server.call(&["-X", "POST", "-d", "{\"image\": 5}"], "/v1/pull");
+    assert_eq!(code, 400, "{body}");
+    assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
 
-    // SIGTERM: the API stops and the mount goes away.
-    Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
-    let status = server.wait().unwrap();
+    // SIGTERM: the API stops, the mount goes away, the socket is removed.
+    let status = server.stop();
     assert!(status.success(), "{status}");
     assert!(!mp.join("etc/hello").exists());
+    assert!(!sock.exists());
+
+    // A stale socket (the worker was killed) is replaced; a live one is refused.
+    let first = Server::start(
+        &cfg,
+        &["--listen", &listen],
+        &["--unix-socket", sock.to_str().unwrap()],
+        "http://worker",
+        None,
+    );
+    let second = worker(&cfg)
+        .args(["serve", "--listen", &listen])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    // kill -9 with an image mounted: the mount is left dead; a restarted worker detaches it and
+    // serves the image again.
+    let m = first.ok(&["-X", "POST"], &format!("/v1/images/{id}/mount"));
+    let mp = std::path::PathBuf::from(m["mountpoint"].as_str().unwrap());
+    let mut first = first;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(sock.exists(), "a killed worker leaves its socket");
+    let dead = Command::new("stat").arg("-f").arg(&mp).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&dead.stderr).contains("not connected"),
+        "the killed worker's mount is dead"
+    );
+    let again = Server::start(
+        &cfg,
+        &["--listen", &listen],
+        &["--unix-socket", sock.to_str().unwrap()],
+        "http://worker",
+        None,
+    );
+    let alive = Command::new("stat").arg("-f").arg(&mp).output().unwrap();
+    assert!(
+        alive.status.success(),
+        "the dead mount was not cleaned: {}",
+        String::from_utf8_lossy(&alive.stderr)
+    );
+    again.ok(&["-X", "POST"], &format!("/v1/images/{id}/mount"));
+    assert_eq!(
+        std::fs::read(mp.join("etc/hello")).unwrap(),
+        b"hello from the worker\n"
+    );
+    assert!(again.stop().success());
+}
+
+/// Over TCP: tokens (with rotation), mutual TLS, public read-only endpoints, and the listeners
+/// that are refused at start.
+#[test]
+fn tcp_needs_a_credential_and_tls_off_loopback() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), 2);
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "old-token-0123456789\nnew-token-9876543210\n").unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let t = tokens.to_str().unwrap();
+    let server = Server::start(
+        &cfg,
+        &["--listen", &listen, "--token-file", t],
+        &[],
+        &base,
+        Some("new-token-9876543210"),
+    );
+    let (code, body) = server.call(&[], "/v1/images");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("credential is required"), "{body}");
+    let (code, _) = server.call(
+        &["-H", "authorization: Bearer wrong-token-00000000"],
+        "/v1/images",
+    );
+    assert_eq!(code, 401);
+    for tok in ["old-token-0123456789", "new-token-9876543210"] {
+        let (code, _) = server.call(
+            &["-H", &format!("authorization: Bearer {tok}")],
+            "/v1/images",
+        );
+        assert_eq!(code, 200);
+    }
+    let (code, _) = server.call(&["-X", "POST", "-d", "{\"image\":\"x\"}"], "/v1/pull");
+    assert_eq!(code, 401);
+    drop(server);
+
+    // Read-only endpoints opened separately; everything else still needs the token.
+    let server = Server::start(
+        &cfg,
+        &["--listen", &listen, "--token-file", t, "--public-read"],
+        &[],
+        &base,
+        None,
+    );
+    assert_eq!(server.call(&[], "/v1/images").0, 200);
+    assert_eq!(server.call(&[], "/metrics").0, 200);
+    assert_eq!(
+        server
+            .call(&["-X", "POST", "-d", "{\"image\":\"x\"}"], "/v1/pull")
+            .0,
+        401
+    );
+    drop(server);
+
+    // Refused at start: loopback without any credential (unless --insecure-no-auth), any other
+    // address without TLS.
+    let refused = |args: &[&str], why: &str| {
+        let out = worker(&cfg).arg("serve").args(args).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{err}");
+    };
+    refused(&["--listen", &listen], "without authentication");
+    refused(
+        &[
+            "--listen",
+            &format!("tcp:0.0.0.0:{}", free_port()),
+            "--token-file",
+            t,
+        ],
+        "without TLS",
+    );
+    let open = Server::start(
+        &cfg,
+        &["--listen", &listen, "--insecure-no-auth"],
+        &[],
+        &base,
+        None,
+    );
+    assert_eq!(open.call(&[], "/v1/images").0, 200);
+    assert!(open.stderr().contains("WITHOUT authentication"));
+    drop(open);
+
+    // Mutual TLS: no client certificate, no connection; with one, in.
+    let ca = clip_testkit::pki::TestCa::new(dir.path(), "clip-test-ca").unwrap();
+    let server_cert = ca.issue(dir.path(), "127.0.0.1", true).unwrap();
+    let client_cert = ca.issue(dir.path(), "client", false).unwrap();
+    let base = format!("https://127.0.0.1:{port}");
+    let server = Server::start(
+        &cfg,
+        &[
+            "--listen",
+            &listen,
+            "--tls-cert",
+            server_cert.cert_path.to_str().unwrap(),
+            "--tls-key",
+            server_cert.key_path.to_str().unwrap(),
+            "--tls-client-ca",
+            ca.cert_path().to_str().unwrap(),
+        ],
+        &[
+            "--cacert",
+            ca.cert_path().to_str().unwrap(),
+            "--cert",
+            client_cert.cert_path.to_str().unwrap(),
+            "--key",
+            client_cert.key_path.to_str().unwrap(),
+        ],
+        &base,
+        None,
+    );
+    assert_eq!(server.call(&[], "/v1/images").0, 200);
+    let anonymous = Command::new("curl")
+        .args(["-sS", "--cacert", ca.cert_path().to_str().unwrap()])
+        .arg(format!("{base}/v1/images"))
+        .output()
+        .unwrap();
+    assert!(
+        !anonymous.status.success(),
+        "a client without a certificate got in"
+    );
+}
+
+/// Builds read host paths only beneath `imageService.buildContextRoot` (symlinks resolved
+/// first); uploads are bounded; flows are bounded; slow requests end with 408.
+#[test]
+fn builds_are_confined_and_requests_bounded() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("contexts");
+    std::fs::create_dir_all(root.join("app")).unwrap();
+    std::fs::write(
+        root.join("app/Dockerfile"),
+        "FROM scratch\nCOPY Dockerfile /x\n",
+    )
+    .unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
+    std::os::unix::fs::symlink(&secret, root.join("escape")).unwrap();
+    let cfg = write_config(dir.path(), 1);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    writeln!(text, "  buildContextRoot: {}", root.display()).unwrap();
+    std::fs::write(&cfg, text).unwrap();
+    let port = free_port();
+    let server = Server::start(
+        &cfg,
+        &[
+            "--listen",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--insecure-no-auth",
+            "--max-context-bytes",
+            "64K",
+            "--max-flows",
+            "1",
+            "--request-timeout-secs",
+            "1",
+        ],
+        &[],
+        &format!("http://127.0.0.1:{port}"),
+        None,
+    );
+    let build = |ctx: &Path| {
+        server.call(
+            &[
+                "-X",
+                "POST",
+                "-d",
+                &format!("{{\"context\":\"{}\"}}", ctx.display()),
+            ],
+            "/v1/build",
+        )
+    };
+    let (code, body) = build(&secret);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("not beneath the build context root"),
+        "{body}"
+    );
+    let (code, body) = build(&root.join("escape"));
+    assert_eq!(code, 403, "through a symlink: {body}");
+    let (code, body) = build(&root.join("../secret"));
+    assert_eq!(code, 403, "through ..: {body}");
+
+    // An upload over the limit: 413, as JSON.
+    let big = dir.path().join("big");
+    std::fs::create_dir(&big).unwrap();
+    std::fs::write(big.join("Dockerfile"), "FROM scratch\n").unwrap();
+    std::fs::write(
+        big.join("blob"),
+        clip_testkit::image::random_bytes(1, 200 << 10),
+    )
+    .unwrap();
+    let tarball = dir.path().join("big.tar");
+    tar_of(&big, &tarball);
+    let (code, body) = server.call(
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("@{}", tarball.display()),
+        ],
+        "/v1/build-context",
+    );
+    assert_eq!(code, 413, "{body}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string(),
+        "{body}"
+    );
+
+    // A build inside the root is accepted.
+    let (code, body) = build(&root.join("app"));
+    assert_eq!(code, 200, "{body}");
+
+    // A pull from a registry that does not answer retries for longer than the 1 s limit: 408;
+    // while it runs, another flow finds no free slot: 429.
+    let pull = || {
+        server.call(
+            &["-X", "POST", "-d", "{\"image\":\"127.0.0.1:1/x:y\"}"],
+            "/v1/pull",
+        )
+    };
+    let (slow, busy) = std::thread::scope(|s| {
+        let h = s.spawn(pull);
+        std::thread::sleep(Duration::from_millis(300));
+        let busy = pull();
+        (h.join().unwrap(), busy)
+    });
+    assert_eq!(slow.0, 408, "{}", slow.1);
+    assert_eq!(busy.0, 429, "{}", busy.1);
+}
+
+/// A registry password is a secret: after a whole pull, build, mount and run cycle with trace
+/// logging, it (and its base64 forms) appears nowhere — not in the logs, `/metrics`, any JSON
+/// answer, the archives or the caches.
+#[test]
+fn registry_secrets_never_leak() {
+    if !can_run() {
+        return;
+    }
+    let canary = format!(
+        "canary-{}-{}",
+        std::process::id(),
+        clip_testkit::image::text_bytes(7, 12)
+            .iter()
+            .map(|b| char::from(b'a' + b % 26))
+            .collect::<String>()
+    );
+    let reg = Registry::start(clip_testkit::RegistryOptions {
+        auth: clip_testkit::Auth::Basic {
+            username: "ci".into(),
+            password: canary.clone(),
+        },
+        tls: false,
+    })
+    .unwrap();
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(Image::new(vec![Layer::new(vec![
+            Entry::dir("bin"),
+            Entry::file("bin/busybox", busybox).mode(0o755),
+            Entry::file("etc/hello", "hello\n"),
+        ])]))
+        .build()
+        .unwrap();
+    let image = reg.push(&built, "team/bb", "v1").unwrap().reference;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("worker.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "imageService:\n  clipVersion: 2\n  buildRegistry: {host}\n  archiveStore:\n    local: {d}/store\n  cacheDir: {d}/cache\n  mountBase: {d}/mnt\n  registries:\n    \"{host}\": {{username: ci, password: {canary}}}\n",
+            host = reg.host(),
+            d = dir.path().display(),
+        ),
+    )
+    .unwrap();
+    let docker = dir.path().join("docker");
+    std::fs::create_dir(&docker).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("ci:{canary}"));
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            "{{\"auths\": {{\"{}\": {{\"auth\": \"{b64}\"}}}}}}",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("w.sock");
+    let log = cfg.with_file_name("trace.log");
+    let mut child = worker(&cfg)
+        .env("CLIP_LOG", "trace")
+        .env("DOCKER_CONFIG", &docker)
+        .args(["serve", "--listen", &format!("unix:{}", sock.display())])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let call = |opts: &[&str], path: &str| -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail-with-body",
+                "--unix-socket",
+                sock.to_str().unwrap(),
+            ])
+            .args(opts)
+            .arg(format!("http://worker{path}"))
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{path}: {body} {}",
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        body
+    };
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let mut answers = String::new();
+    let pulled = call(
+        &["-X", "POST", "-d", &format!("{{\"image\":\"{image}\"}}")],
+        "/v1/pull",
+    );
+    answers.push_str(&pulled);
+    let id = serde_json::from_str::<serde_json::Value>(&pulled).unwrap()["image_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    answers.push_str(&call(&["-X", "POST"], &format!("/v1/images/{id}/mount")));
+    let ran = call(
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "{\"args\": [\"/bin/busybox\", \"cat\", \"/etc/hello\"]}",
+        ],
+        &format!("/v1/images/{id}/run"),
+    );
+    assert!(ran.contains("hello"), "{ran}");
+    answers.push_str(&ran);
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY Dockerfile /Dockerfile\n",
+    )
+    .unwrap();
+    let tarball = dir.path().join("ctx.tar");
+    tar_of(&ctx, &tarball);
+    let built = call(
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("@{}", tarball.display()),
+        ],
+        "/v1/build-context",
+    );
+    assert!(
+        built.contains("\"version\":2"),
+        "the build pushed with the credentials: {built}"
+    );
+    answers.push_str(&built);
+    answers.push_str(&call(&[], "/v1/images"));
+    answers.push_str(&call(&[], "/v1/mounts"));
+    let metrics = call(&[], "/metrics");
+    // An error answer from the same registry (a missing image).
+    let missing = Command::new("curl")
+        .args([
+            "-sS",
+            "--unix-socket",
+            sock.to_str().unwrap(),
+            "-X",
+            "POST",
+            "-d",
+        ])
+        .arg(format!("{{\"image\":\"{}/team/missing:v1\"}}", reg.host()))
+        .arg("http://worker/v1/pull")
+        .output()
+        .unwrap();
+    let missing = String::from_utf8_lossy(&missing.stdout).into_owned();
+    assert!(missing.contains("error"), "{missing}");
+    answers.push_str(&missing);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+
+    let forms = [
+        canary.clone(),
+        b64.clone(),
+        base64::engine::general_purpose::STANDARD.encode(&canary),
+    ];
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.len() > 10_000,
+        "trace logging was on: {} bytes",
+        logs.len()
+    );
+    for text in [&logs, &metrics, &answers] {
+        for f in &forms {
+            assert!(!text.contains(f.as_str()), "a secret leaked: {f}");
+        }
+    }
+    let mut stack = vec![dir.path().join("store"), dir.path().join("cache")];
+    let mut files = 0;
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        if md.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+        } else if md.is_file() {
+            files += 1;
+            let bytes = std::fs::read(&p).unwrap();
+            for f in &forms {
+                assert!(
+                    !bytes.windows(f.len()).any(|w| w == f.as_bytes()),
+                    "a secret is in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(
+        files > 3,
+        "the cycle wrote archives and cache files ({files})"
+    );
 }
 
 /// Credentials from docker's `config.json` (`DOCKER_CONFIG`), and the hint when there are none.

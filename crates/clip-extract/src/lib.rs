@@ -11,6 +11,9 @@
 //! write outside it, and owners, modes (setuid/setgid/sticky included), xattrs and times are
 //! applied last, directories after their contents.
 //!
+//! [`untar`] applies the same rules to an untrusted tar stream (a build context uploaded to the
+//! worker), accepting only what a build context needs.
+//!
 //! Making archives is `clip-archive`; mounting them is `clip-fs`.
 //!
 //! ```no_run
@@ -20,8 +23,10 @@
 //! ```
 
 mod dir;
+mod untar;
 
 pub use dir::{ExtractOptions, ExtractSummary, extract};
+pub use untar::{UntarLimits, UntarSummary, untar};
 
 use std::path::PathBuf;
 

@@ -52,8 +52,9 @@ pub enum Error {
     Invalid(String),
 }
 
-/// Credentials and transport settings of one registry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// Credentials and transport settings of one registry. Its `Debug` output never shows the
+/// password.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryEntry {
     /// User name.
@@ -64,8 +65,18 @@ pub struct RegistryEntry {
     pub insecure: bool,
 }
 
-/// S3 settings of the archive store.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+impl std::fmt::Debug for RegistryEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryEntry")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
+/// S3 settings of the archive store. Its `Debug` output never shows the secret key.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct S3Store {
     /// Bucket.
@@ -82,6 +93,23 @@ pub struct S3Store {
     pub access_key_id: Option<String>,
     /// Secret access key (default: the AWS environment).
     pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("force_path_style", &self.force_path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// Where `<id>.clip` archives live.
@@ -117,6 +145,9 @@ pub struct Config {
     /// With clipVersion 2: the share of images (by a stable hash of the image id) that use v2;
     /// the rest use v1 (the seed's gradual rollout, 25 → 50 → 75 → 100). Default 100.
     pub clip_v2_rollout_percent: u8,
+    /// Where build contexts named by a host path must live (`POST /v1/build` with `context`);
+    /// `None`: host paths are refused and contexts must be uploaded.
+    pub build_context_root: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -132,6 +163,7 @@ impl Default for Config {
             mount_base: PathBuf::from("/images/mnt"),
             registries: BTreeMap::new(),
             clip_v2_rollout_percent: 100,
+            build_context_root: None,
         }
     }
 }
@@ -157,6 +189,7 @@ struct Section {
     registries: BTreeMap<String, RegistryEntry>,
     #[serde(rename = "clipV2RolloutPercent")]
     clip_v2_rollout_percent: Option<u8>,
+    build_context_root: Option<PathBuf>,
 }
 
 /// `archiveStore:` as written: exactly one of `local` and `s3`.
@@ -202,6 +235,7 @@ impl Config {
             clip_v2_rollout_percent: s
                 .clip_v2_rollout_percent
                 .unwrap_or(d.clip_v2_rollout_percent),
+            build_context_root: s.build_context_root,
         };
         cfg.validate()
     }
@@ -428,6 +462,17 @@ imageService:
         );
         assert!(c.registry("registry.example.com:5000").unwrap().insecure);
         assert!(c.registry("quay.io").is_none());
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let c = Config::from_yaml(
+            "imageService:\n  registries:\n    r: {username: u, password: canary-pw}\n  archiveStore:\n    s3: {bucket: b, secretAccessKey: canary-sk}\n",
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("canary"), "{shown}");
+        assert!(shown.contains("<redacted>"));
     }
 
     #[test]
