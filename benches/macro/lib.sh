@@ -8,7 +8,7 @@ debian_rootfs() {
   if [ ! -e "$dir/etc/debian_version" ]; then
     mkdir -p "$(dirname "$dir")"
     local mirror
-    mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -1)
+    mirror=$(python3 "$(dirname "${BASH_SOURCE[0]}")/apt-mirror.py")
     rm -rf "$dir.tmp"
     debootstrap --variant=minbase ${pkgs:+--include=$pkgs} bookworm "$dir.tmp" "${mirror:-http://deb.debian.org/debian}" >/dev/null
     rm -f "$dir.tmp"/var/cache/apt/archives/*.deb
@@ -89,4 +89,11 @@ build_numpy_layered() {
   bah add "$ctr" "$WORK/split/top.tar" / >/dev/null
   bah commit --quiet --format oci "$ctr" "localhost/$name" >/dev/null
   rm -rf "$WORK/split"
+}
+
+# mount_log MOUNTPOINT CACHE_DIR: the log of a background `clip mount` server (CACHE_DIR/logs/;
+# builds before the private log directory wrote to /tmp/clip-mount-logs/).
+mount_log() {
+  local name; name="$(echo "$1" | sed 's|^/||; s|/|_|g').log"
+  if [ -e "$2/logs/$name" ]; then echo "$2/logs/$name"; else echo "/tmp/clip-mount-logs/$name"; fi
 }

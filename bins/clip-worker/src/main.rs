@@ -21,7 +21,7 @@ use clip_core::service::{ImageService, ServiceOptions};
 
 /// The clip worker: pull, build and lazily mount container images.
 #[derive(Debug, Parser)]
-#[command(name = "clip-worker", version, about)]
+#[command(name = "clip-worker", version = VERSION, about)]
 struct Cli {
     /// Configuration file (YAML with an `imageService:` section).
     #[arg(long, global = true, env = "CLIP_WORKER_CONFIG")]
@@ -133,7 +133,31 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size"))
 }
 
-fn main() -> anyhow::Result<()> {
+/// The version `--version` prints: the program's and the archive format it reads and writes.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (archive format 1, layer index format 2)"
+);
+
+/// Errors are reported as their chain of causes, never as a backtrace (even with
+/// `RUST_BACKTRACE=1`, which stays for panics).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("error: {e}");
+                for cause in e.chain().skip(1) {
+                    eprintln!("  caused by: {cause}");
+                }
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -263,4 +287,17 @@ fn serve(svc: &Arc<ImageService>, args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: unmounting all images");
     svc.unmount_all();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_names_the_formats_this_build_reads() {
+        let want = format!(
+            "(archive format {}, layer index format {})",
+            clip_core::format::FORMAT_VERSION,
+            clip_core::indexer::LAYER_INDEX_VERSION
+        );
+        assert!(super::VERSION.ends_with(&want), "{}", super::VERSION);
+    }
 }

@@ -634,6 +634,7 @@ fn registry_secrets_never_leak() {
             password: canary.clone(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let busybox = std::fs::read("/bin/busybox").unwrap();
@@ -832,6 +833,7 @@ fn private_registries_use_docker_config_json() {
             password: "s3cret".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let image = sample(&reg);

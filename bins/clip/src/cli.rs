@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use clip_core::registry::{BlockingClient, ClientConfig, Credentials, oci};
 
@@ -40,6 +40,16 @@ pub(crate) enum Command {
     /// Extract an archive (v1, or v2 by streaming its layers from the registry) into a
     /// directory; every path is resolved beneath it.
     Extract(ExtractArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (clip.1 and one per subcommand) into DIR.
+    Man {
+        /// Where to write them (e.g. /usr/local/share/man/man1).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +108,8 @@ pub(crate) struct IndexArgs {
     pub(crate) json: bool,
 }
 
+// Independent switches, as mount(8) options are.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Args)]
 pub(crate) struct MountArgs {
     /// The archive.
@@ -110,6 +122,10 @@ pub(crate) struct MountArgs {
     /// Cache size bound: bytes, or with a K/M/G/T suffix.
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub(crate) cache_size: u64,
+    /// Percentage of the cache's filesystem to keep free: the cache shrinks below its size
+    /// when the disk fills from elsewhere.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=90))]
+    pub(crate) cache_min_free: u8,
     /// Fetch the spans of this recorded profile right after mounting.
     #[arg(long, value_name = "PROFILE")]
     pub(crate) prefetch: Option<PathBuf>,
@@ -126,6 +142,10 @@ pub(crate) struct MountArgs {
     /// Read the image from this registry host instead of the recorded one (a mirror).
     #[arg(long, value_name = "HOST")]
     pub(crate) registry_mirror: Option<String>,
+    /// Mount even if a layer's registry (and its mirrors) cannot be read right now; by default
+    /// the mount is refused with the registry's error.
+    #[arg(long)]
+    pub(crate) no_registry_check: bool,
     /// Honour setuid/setgid bits on this mount (off by default: a setuid-root program of an
     /// image would run as root for any user who can reach the mount point).
     #[arg(long)]
@@ -196,9 +216,18 @@ pub(crate) struct RegistryArgs {
     /// Credentials for the image's registry, `USER:PASSWORD`.
     #[arg(long, env = "CLIP_REGISTRY_CREDS", hide_env_values = true)]
     pub(crate) creds: Option<String>,
-    /// A PEM file of CA certificates to trust for HTTPS.
+    /// A PEM file of CA certificates to trust for HTTPS (every registry).
     #[arg(long)]
     pub(crate) ca_file: Option<PathBuf>,
+    /// A certs.d root holding `HOST[:PORT]/*.crt` CAs and `*.cert`/`*.key` client
+    /// certificates per registry; repeatable. Default: /etc/containers/certs.d and
+    /// /etc/docker/certs.d.
+    #[arg(long, value_name = "DIR", env = "CLIP_CERTS_DIR")]
+    pub(crate) certs_dir: Vec<PathBuf>,
+    /// containers-registries.conf naming mirrors per registry (`[[registry]]` with
+    /// `[[registry.mirror]]`). Default: /etc/containers/registries.conf if present.
+    #[arg(long, value_name = "FILE", env = "CLIP_REGISTRIES_CONF")]
+    pub(crate) registries_conf: Option<PathBuf>,
 }
 
 impl RegistryArgs {
@@ -225,6 +254,16 @@ impl RegistryArgs {
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
             );
         }
+        if !self.certs_dir.is_empty() {
+            cfg.certs_dirs = Some(self.certs_dir.clone());
+        }
+        cfg.mirrors = match &self.registries_conf {
+            Some(conf) if !conf.exists() => {
+                bail!("--registries-conf {}: no such file", conf.display())
+            }
+            Some(conf) => clip_core::registry::mirrors::load(conf)?,
+            None => clip_core::registry::mirrors::load_system()?,
+        };
         Ok(cfg)
     }
 

@@ -7,6 +7,9 @@
 
 mod cli;
 mod commands;
+mod progress;
+
+use std::process::ExitCode;
 
 use clap::Parser as _;
 
@@ -18,7 +21,27 @@ const VERSION: &str = concat!(
     " (archive format 1, layer index format 2)"
 );
 
-fn main() -> anyhow::Result<()> {
+/// Errors are reported as their chain of causes, never as a backtrace (even with
+/// `RUST_BACKTRACE=1`, which stays for panics), the way cargo and rustup report them.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn report(e: &anyhow::Error) {
+    eprintln!("error: {e}");
+    for cause in e.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut out = std::io::stdout().lock();
     match cli.command {
@@ -30,6 +53,16 @@ fn main() -> anyhow::Result<()> {
         Command::Umount { mountpoint } => commands::mount::umount(&mountpoint),
         Command::Archive(a) => commands::archive::run(&a, &mut out),
         Command::Extract(a) => commands::extract::run(&a, &mut out),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "clip",
+                &mut out,
+            );
+            Ok(())
+        }
+        Command::Man { dir } => commands::man(&dir),
     }
 }
 

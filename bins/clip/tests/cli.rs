@@ -156,6 +156,7 @@ fn index_straight_from_a_registry() {
             password: "p".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let img = edge_cases(&EdgeCaseOptions {
@@ -412,6 +413,7 @@ fn archive_an_image_and_extract_v1_and_v2() {
             password: "p".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let img = clip_testkit::Image::new(vec![
@@ -535,4 +537,252 @@ fn remote_archives_extract_and_mount() {
         );
         assert!(clip(&["umount", mp.to_str().unwrap()]).status.success());
     }
+}
+
+/// A first hour that goes right: mistakes fail at once with a message and no backtrace, the
+/// version names the formats, completions and man pages come from the same definitions.
+#[test]
+fn user_errors_are_short_and_early() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: if the output were checked after the download, the error
+    // would be about the registry.
+    let o = Command::new(env!("CARGO_BIN_EXE_clip"))
+        .env("RUST_BACKTRACE", "1")
+        .args(["index", "127.0.0.1:1/app:v1", "-o", "/no/such/dir/x.clip"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error: cannot write /no/such/dir/x.clip"),
+        "{err}"
+    );
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    assert!(err.lines().count() <= 3, "{err}");
+    let o = Command::new(env!("CARGO_BIN_EXE_clip"))
+        .env("RUST_BACKTRACE", "1")
+        .args(["inspect", "/no/such.clip"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("error: opening /no/such.clip") && err.contains("caused by"),
+        "{err}"
+    );
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+
+    let v = clip(&["--version"]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("archive format 1"),
+        "{v:?}"
+    );
+    let c = clip(&["completions", "bash"]);
+    assert!(c.status.success() && String::from_utf8_lossy(&c.stdout).contains("complete"));
+    let man = dir.path().join("man");
+    assert!(clip(&["man", man.to_str().unwrap()]).status.success());
+    for page in ["clip.1", "clip-index.1", "clip-mount.1"] {
+        let text = std::fs::read_to_string(man.join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page}");
+    }
+}
+
+fn clip_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clip"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small image: one 2 MiB file and one small one, in one gzip layer.
+fn small_image() -> (clip_testkit::image::BuiltImage, Vec<u8>) {
+    use clip_testkit::image::{Entry, Image, Layer, random_bytes};
+    let big = random_bytes(25, 2 << 20);
+    let img = Image::new(vec![Layer::new(vec![
+        Entry::file("data/big.bin", big.clone()),
+        Entry::file("etc/hello", "hello through TLS\n"),
+    ])]);
+    let built = clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    (built, big)
+}
+
+/// Mounts `archive` at a fresh mount point with a fresh cache and returns the mount point
+/// (or the failed `clip mount`'s output).
+fn mount_fresh(
+    dir: &std::path::Path,
+    name: &str,
+    archive: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> Result<std::path::PathBuf, std::process::Output> {
+    let mp = dir.join(format!("mnt-{name}"));
+    let cache = dir.join(format!("cache-{name}"));
+    std::fs::create_dir(&mp).unwrap();
+    let mut args = vec![
+        "mount",
+        archive.to_str().unwrap(),
+        mp.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = clip_env(&args, env);
+    if o.status.success() { Ok(mp) } else { Err(o) }
+}
+
+/// Registries behind a private CA — one also demanding a client certificate — trusted only
+/// through a certs.d directory (`CLIP_CERTS_DIR`, the overridable root of
+/// /etc/{containers,docker}/certs.d): index, mount and read with no flags. Without that trust,
+/// index and mount fail with the certificate error and nothing is mounted.
+#[test]
+fn a_private_ca_registry_needs_only_its_certs_d_directory() {
+    let fuse = clip_testkit::is_root() && std::path::Path::new("/dev/fuse").exists();
+    for client_certs in [false, true] {
+        let reg = clip_testkit::Registry::start(clip_testkit::RegistryOptions {
+            tls: true,
+            client_certs,
+            ..Default::default()
+        })
+        .unwrap();
+        let (built, big) = small_image();
+        let pushed = reg.push(&built, "team/private", "v1").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs.d");
+        reg.write_certs_d(&certs).unwrap();
+        let env = [("CLIP_CERTS_DIR", certs.as_path())];
+        let archive = dir.path().join("private.clip");
+        let a = archive.to_str().unwrap();
+
+        let o = clip_env(&["index", &pushed.reference, "-o", a], &[]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("UnknownIssuer"), "{}", stderr(&o));
+        let o = clip_env(&["index", &pushed.reference, "-o", a], &env);
+        assert!(o.status.success(), "{}", stderr(&o));
+
+        if !fuse {
+            continue;
+        }
+        let mp = mount_fresh(dir.path(), "trusted", &archive, &[], &env).unwrap();
+        assert_eq!(
+            std::fs::read(mp.join("etc/hello")).unwrap(),
+            b"hello through TLS\n"
+        );
+        assert!(std::fs::read(mp.join("data/big.bin")).unwrap() == big);
+        assert!(clip(&["umount", mp.to_str().unwrap()]).status.success());
+
+        // Without the trust: refused before mounting, with the registry's TLS error.
+        let o = mount_fresh(dir.path(), "untrusted", &archive, &[], &[]).unwrap_err();
+        let err = stderr(&o);
+        assert!(err.contains("not mounting"), "{err}");
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        assert!(!clip_core::fs::is_mounted(
+            &dir.path().join("mnt-untrusted")
+        ));
+        // Asked to, it mounts anyway (and reads fail).
+        let mp = mount_fresh(
+            dir.path(),
+            "forced",
+            &archive,
+            &["--no-registry-check"],
+            &[],
+        )
+        .unwrap();
+        assert!(std::fs::read(mp.join("etc/hello")).is_err());
+        assert!(clip(&["umount", mp.to_str().unwrap()]).status.success());
+    }
+}
+
+/// Mirrors from registries.conf (`CLIP_REGISTRIES_CONF`): a pull-through cache in front of the
+/// image's registry serves the index and the lazy reads; with the mirror down the registry
+/// does; with the registry down the mirror's kept blobs do; with both down, `clip mount`
+/// refuses with a clear error.
+#[test]
+fn lazy_reads_go_through_a_pull_through_mirror() {
+    let mut upstream = clip_testkit::Registry::start_anonymous().unwrap();
+    let (built, big) = small_image();
+    let pushed = upstream.push(&built, "team/mirrored", "v1").unwrap();
+    let mut mirror = clip_testkit::Registry::start(clip_testkit::RegistryOptions {
+        proxy_of: Some(upstream.base_url()),
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{}\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            upstream.host(),
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    let env = [("CLIP_REGISTRIES_CONF", conf.as_path())];
+    let archive = dir.path().join("mirrored.clip");
+    let o = clip_env(
+        &["index", &pushed.reference, "-o", archive.to_str().unwrap()],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let blob_gets = |m: &clip_testkit::Registry| {
+        m.log()
+            .lines()
+            .filter(|l| l.contains("GET /v2/team/mirrored/blobs/"))
+            .count()
+    };
+    assert!(
+        mirror.log().contains("/v2/team/mirrored/manifests/v1"),
+        "the index did not go through the mirror"
+    );
+    let layer = built.manifests[0].layers[0].blob.digest.clone();
+    let start = std::time::Instant::now();
+    while !mirror.has_blob(&layer) {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the mirror never kept the layer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if !(clip_testkit::is_root() && std::path::Path::new("/dev/fuse").exists()) {
+        return;
+    }
+    let read_all = |mp: &std::path::Path| {
+        assert!(std::fs::read(mp.join("data/big.bin")).unwrap() == big);
+        assert!(clip(&["umount", mp.to_str().unwrap()]).status.success());
+    };
+
+    let before = blob_gets(&mirror);
+    read_all(&mount_fresh(dir.path(), "both", &archive, &[], &env).unwrap());
+    let start = std::time::Instant::now();
+    while blob_gets(&mirror) == before {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "no lazy read reached the mirror"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    mirror.stop();
+    read_all(&mount_fresh(dir.path(), "mirror-down", &archive, &[], &env).unwrap());
+
+    mirror.restart().unwrap();
+    upstream.stop();
+    read_all(&mount_fresh(dir.path(), "upstream-down", &archive, &[], &env).unwrap());
+
+    mirror.stop();
+    let o = mount_fresh(dir.path(), "all-down", &archive, &[], &env).unwrap_err();
+    let err = stderr(&o);
+    assert!(err.contains("not mounting"), "{err}");
+    assert!(
+        err.contains(&format!("registry {} is not reachable", upstream.host())),
+        "{err}"
+    );
 }

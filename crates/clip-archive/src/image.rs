@@ -124,12 +124,13 @@ pub fn archive_layout(
 
 /// Archives `reference` from its registry as a v1 archive at `out`: the image is copied into a
 /// temporary OCI layout next to `out` (layers in parallel, each verified), archived, and the
-/// layout removed.
+/// layout removed. `progress` counts the layer bytes downloaded.
 pub fn archive_image(
     reference: &str,
     registry: &clip_registry::BlockingClient,
     platform: Option<&clip_indexer::Platform>,
     out: &Path,
+    progress: Option<&std::sync::atomic::AtomicU64>,
 ) -> Result<ImageArchiveSummary> {
     let r = clip_registry::Reference::parse(reference)?;
     let parent = out
@@ -144,10 +145,12 @@ pub fn archive_image(
             path: parent.to_owned(),
             source,
         })?;
-    registry.block_on(
-        registry
-            .client()
-            .pull_layout(&r, platform, staging.path(), "image"),
-    )?;
+    registry.block_on(registry.client().pull_layout(
+        &r,
+        platform,
+        staging.path(),
+        "image",
+        progress,
+    ))?;
     archive_layout(staging.path(), Some("image"), platform.cloned(), out)
 }

@@ -16,6 +16,7 @@ fn create_from_oci_image_indexes_a_private_image_with_progress() {
             password: "pw".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let img = edge_cases(&EdgeCaseOptions {

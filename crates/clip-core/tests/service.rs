@@ -80,6 +80,7 @@ fn private_registry() -> Registry {
             password: "secret".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap()
 }
@@ -90,7 +91,7 @@ fn with_creds(mut cfg: Config, reg: &Registry, password: &str) -> Config {
         RegistryEntry {
             username: Some("ci".into()),
             password: Some(password.into()),
-            insecure: false,
+            ..RegistryEntry::default()
         },
     );
     cfg
@@ -450,4 +451,64 @@ fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
         );
         assert!(m.stats().fetched_bytes >= 3 << 20);
     }
+}
+
+/// A registry that demands a client certificate, behind a private CA, configured the worker's
+/// way (`registries: HOST: {caFile, clientCert, clientKey}`): v2 pull and PullLazy read through
+/// it. A worker without that configuration refuses to mount the same archive, with the TLS
+/// error, instead of serving a tree whose every read fails.
+#[test]
+fn pull_lazy_from_a_registry_demanding_a_client_certificate() {
+    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions {
+        tls: true,
+        client_certs: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let image = push_sample(&reg);
+    let dir = tempfile::tempdir().unwrap();
+    let no_certs_d = dir.path().join("no-certs.d");
+    let client = reg.client_cert().unwrap();
+    let mut cfg = Config {
+        certs_dirs: Some(vec![no_certs_d.clone()]),
+        ..config(dir.path(), 2)
+    };
+    cfg.registries.insert(
+        reg.host(),
+        RegistryEntry {
+            ca_file: Some(reg.ca().unwrap().cert_path().to_owned()),
+            client_cert: Some(client.cert_path.clone()),
+            client_key: Some(client.key_path.clone()),
+            ..RegistryEntry::default()
+        },
+    );
+    let store = cfg.archive_store.clone();
+    let svc = service(dir.path(), cfg);
+    let pulled = svc.pull_and_archive(&image).unwrap();
+    assert_eq!(
+        (pulled.version.number(), pulled.fallback_reason.as_deref()),
+        (2, None)
+    );
+    let m = svc.pull_lazy(&pulled.image_id).unwrap();
+    assert_eq!(
+        std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap(),
+        clip_testkit::image::random_bytes(3, 3 << 20)
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let bare = service(
+        other.path(),
+        Config {
+            archive_store: store,
+            certs_dirs: Some(vec![no_certs_d]),
+            ..config(other.path(), 2)
+        },
+    );
+    let err = bare.pull_lazy(&pulled.image_id).unwrap_err().to_string();
+    assert!(err.contains("not mounting"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(bare.mounts().is_empty());
 }

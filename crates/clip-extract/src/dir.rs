@@ -31,6 +31,16 @@ pub struct ExtractOptions {
     pub registry: Option<BlockingClient>,
     /// Object-store settings, for v1-remote archives.
     pub remote: clip_objstore::RemoteOptions,
+    /// Counts the file bytes written so far (for a progress display).
+    pub bytes_written: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl ExtractOptions {
+    fn wrote(&self, n: u64) {
+        if let Some(c) = &self.bytes_written {
+            c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl ExtractOptions {
@@ -264,6 +274,7 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
                             .write_all(bytes)
                             .map_err(io_at("writing", &path))?;
                         summary.bytes += bytes.len() as u64;
+                        opts.wrote(bytes.len() as u64);
                     }
                     Some(DataLocation::V2 {
                         layer,
@@ -457,6 +468,7 @@ fn fill_from_object(
             h.update(&buf[..n]);
             f.write_all(&buf[..n]).map_err(io_at("writing", &path))?;
             written += n as u64;
+            opts.wrote(n as u64);
         }
         f.flush().map_err(io_at("writing", &path))?;
         Digest::from_sha256(sha256).check(
@@ -556,7 +568,9 @@ fn fill_from_registry(
             continue;
         }
         if info.toc_indexed {
-            written += fill_by_spans(a, layer, info, jobs, root, &net, &reference)?;
+            let n = fill_by_spans(a, layer, info, jobs, root, &net, &reference)?;
+            opts.wrote(n);
+            written += n;
             continue;
         }
         let blob = net
@@ -575,6 +589,7 @@ fn fill_from_registry(
                     .and_then(|n| f.flush().map(|()| n))
                     .map_err(io_at("writing", &path))?;
                 written += n;
+                opts.wrote(n);
                 Ok(())
             },
         )?;

@@ -70,13 +70,19 @@ fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
     let client =
         clip_registry::BlockingClient::new(clip_registry::ClientConfig::default()).unwrap();
     let out = dir.path().join("registry.clip");
+    let fetched = std::sync::atomic::AtomicU64::new(0);
     archive_image(
         &format!("{}/test/zstd:t", registry.host()),
         &client,
         None,
         &out,
+        Some(&fetched),
     )
     .unwrap();
+    assert!(
+        fetched.into_inner() > 6 << 20,
+        "progress counts the layer bytes"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()

@@ -18,6 +18,18 @@
 //! other processes added counts) and deletes the least recently used files (modification time,
 //! refreshed on use at most once a minute) until the total is under 90% of the cap. A process
 //! holding an evicted span open keeps reading it; the space returns when it closes the file.
+//!
+//! **A full disk never fails a read.** The cache shares its filesystem with images, logs and
+//! containers' writable layers, so the bound it enforces is the smaller of its configured size
+//! and what leaves `min_free_percent` of the filesystem free (checked with `statvfs` at most once
+//! a second as the cache grows): when the disk fills from elsewhere, the cache shrinks. A write
+//! that fails anyway (ENOSPC, EDQUOT, EIO, a read-only filesystem) does not fail the read that
+//! caused it: the span — already verified — is served from memory, the failure is counted and
+//! logged (at most once a minute), least recently used spans are evicted to make room, and the
+//! write is tried once more. A cache that cannot write at all (full with nothing to evict, or a
+//! read-only or unusable directory) keeps working from memory, in a bounded in-memory span
+//! cache, and tries the disk again every few seconds, so it recovers by itself when space
+//! returns.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,6 +50,14 @@ const TOUCH_EVERY: Duration = Duration::from_mins(1);
 const OPEN_FILES: usize = 512;
 /// Temporary files older than this are leftovers of a crashed writer.
 const STALE_TMP: Duration = Duration::from_mins(10);
+/// How often free space is checked as the cache grows.
+const STATVFS_EVERY: Duration = Duration::from_secs(1);
+/// How long a cache that failed to write waits before it tries the disk again.
+const RETRY_DISK: Duration = Duration::from_secs(5);
+/// Most bytes of spans kept in memory while the disk cannot take them.
+const MEMORY_BYTES: u64 = 256 << 20;
+/// Least time between two warnings about the same trouble.
+const WARN_EVERY: Duration = Duration::from_mins(1);
 
 /// Counters of one cache handle (this process's view).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -54,20 +74,49 @@ pub struct CacheStats {
     pub inserted_bytes: u64,
     /// Bytes in the cache directory at the last scan or insert (all processes).
     pub disk_bytes: u64,
+    /// Span writes that failed (full disk, quota, I/O error, read-only filesystem); the spans
+    /// were served from memory.
+    pub write_failures: u64,
+    /// Spans deleted because the filesystem ran short of free space (not because the cache
+    /// reached its configured size).
+    pub pressure_evictions: u64,
+    /// The bound in force: the configured size, or less when the filesystem is short of space.
+    pub effective_bound: u64,
+    /// Free bytes on the cache's filesystem at the last check.
+    pub free_bytes: u64,
+    /// Spans served from memory because the disk could not take them, and their bytes.
+    pub memory_spans: u64,
+    /// Whether the cache is in memory-only mode now.
+    pub memory_only: bool,
 }
 
-/// An open, verified span: its bytes, memory-mapped.
+/// An open, verified span: its bytes, memory-mapped from its file, or held in memory when the
+/// disk could not take them.
 #[derive(Debug)]
 pub struct Span {
-    map: memmap2::Mmap,
-    len: usize,
+    data: SpanData,
+}
+
+#[derive(Debug)]
+enum SpanData {
+    Mapped { map: memmap2::Mmap, len: usize },
+    Memory(Vec<u8>),
 }
 
 impl Span {
     /// The span's uncompressed bytes.
     #[must_use]
     pub fn bytes(&self) -> &[u8] {
-        &self.map[..self.len]
+        match &self.data {
+            SpanData::Mapped { map, len } => &map[..*len],
+            SpanData::Memory(b) => b,
+        }
+    }
+
+    /// Whether the span is backed by its file in the cache (not only by memory).
+    #[must_use]
+    pub fn on_disk(&self) -> bool {
+        matches!(self.data, SpanData::Mapped { .. })
     }
 
     /// Maps `file` and checks its trailer against `len` bytes of content.
@@ -84,7 +133,9 @@ impl Span {
         let (bytes, trailer) = map.split_at(len);
         let ok = trailer[8..] == MAGIC[..]
             && trailer[..8] == xxhash_rust::xxh3::xxh3_64(bytes).to_le_bytes();
-        ok.then_some(Self { map, len })
+        ok.then_some(Self {
+            data: SpanData::Mapped { map, len },
+        })
     }
 }
 
@@ -108,6 +159,61 @@ pub struct SpanCache {
     /// the total, and an insert counted between that scan and that store would be lost,
     /// leaving the directory over its cap with nothing left to trigger another eviction.
     accounting: Mutex<()>,
+    /// Percentage of the filesystem to keep free.
+    min_free_percent: u8,
+    /// The bound in force (≤ `max_bytes`), and the free bytes seen at the last check.
+    effective: AtomicU64,
+    free: AtomicU64,
+    last_statvfs: Mutex<Option<std::time::Instant>>,
+    write_failures: AtomicU64,
+    pressure_evictions: AtomicU64,
+    /// Memory-only mode: since when the disk last refused a write.
+    degraded: Mutex<Option<std::time::Instant>>,
+    /// Spans kept in memory while the disk cannot take them (bounded by `MEMORY_BYTES`).
+    memory: Mutex<MemorySpans>,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+/// The in-memory tier: spans by digest, oldest dropped first past the bound.
+#[derive(Debug, Default)]
+struct MemorySpans {
+    spans: HashMap<[u8; 32], (SpanFile, u64)>,
+    bytes: u64,
+    tick: u64,
+    served: u64,
+}
+
+impl MemorySpans {
+    fn get(&mut self, digest: &[u8; 32]) -> Option<SpanFile> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (f, used) = self.spans.get_mut(digest)?;
+        *used = tick;
+        Some(Arc::clone(f))
+    }
+
+    fn insert(&mut self, digest: [u8; 32], span: SpanFile) {
+        let len = span.bytes().len() as u64;
+        self.tick += 1;
+        self.served += 1;
+        while self.bytes + len > MEMORY_BYTES && !self.spans.is_empty() {
+            let Some(oldest) = self
+                .spans
+                .iter()
+                .min_by_key(|(_, (_, u))| *u)
+                .map(|(d, _)| *d)
+            else {
+                break;
+            };
+            if let Some((f, _)) = self.spans.remove(&oldest) {
+                self.bytes -= f.bytes().len() as u64;
+            }
+        }
+        if let Some((old, _)) = self.spans.insert(digest, (span, self.tick)) {
+            self.bytes -= old.bytes().len() as u64;
+        }
+        self.bytes += len;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -117,11 +223,51 @@ struct OpenFiles {
 }
 
 impl SpanCache {
-    /// Opens (creating) the cache in `dir`, bounded to `max_bytes`.
+    /// Opens (creating) the cache in `dir`, bounded to `max_bytes` and to what leaves 10% of
+    /// its filesystem free.
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
+        Self::open_with(dir, max_bytes, 10)
+    }
+
+    /// Opens (creating) the cache in `dir`, bounded to `max_bytes` and to what leaves
+    /// `min_free_percent` of its filesystem free. A directory that exists but cannot be
+    /// written (read-only, full) is not an error: the cache serves from memory until it can.
+    /// One that is unsafe (a symlink, another owner) is.
+    pub fn open_with(dir: &Path, max_bytes: u64, min_free_percent: u8) -> std::io::Result<Self> {
         // Spans hold the content of private images: the cache is its owner's alone.
+        let mut unwritable = None;
         for d in [dir.to_owned(), dir.join("spans"), dir.join("tmp")] {
-            clip_format::private_dir(&d).map_err(std::io::Error::other)?;
+            match clip_format::private_dir(&d) {
+                Ok(()) => {}
+                Err(e @ clip_format::PrivateError::Unsafe { .. }) => {
+                    return Err(std::io::Error::other(e));
+                }
+                Err(e) => {
+                    unwritable = Some(e);
+                    break;
+                }
+            }
+        }
+        // Existing directories on a read-only filesystem pass the checks above: try a write.
+        if unwritable.is_none() {
+            let probe = dir
+                .join("tmp")
+                .join(format!(".probe-{}", std::process::id()));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+            {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&probe);
+                }
+                Err(e) => {
+                    unwritable = Some(clip_format::PrivateError::Io {
+                        path: probe,
+                        source: e,
+                    });
+                }
+            }
         }
         let cache = Self {
             dir: dir.to_owned(),
@@ -135,8 +281,23 @@ impl SpanCache {
             inserted: AtomicU64::new(0),
             tmp_seq: AtomicU64::new(0),
             accounting: Mutex::new(()),
+            min_free_percent: min_free_percent.min(90),
+            effective: AtomicU64::new(max_bytes),
+            free: AtomicU64::new(0),
+            last_statvfs: Mutex::new(None),
+            write_failures: AtomicU64::new(0),
+            pressure_evictions: AtomicU64::new(0),
+            degraded: Mutex::new(None),
+            memory: Mutex::new(MemorySpans::default()),
+            last_warning: Mutex::new(None),
         };
+        if let Some(e) = unwritable {
+            tracing::warn!(dir = %dir.display(), error = %e, "the span cache cannot be written; serving spans from memory until it can");
+            *lock(&cache.last_warning) = Some(std::time::Instant::now());
+            *lock(&cache.degraded) = Some(std::time::Instant::now());
+        }
         cache.clean_tmp();
+        cache.refresh_bound(true);
         let total = cache.scan().iter().map(|f| f.1).sum();
         cache.total.store(total, Ordering::Relaxed);
         if total > max_bytes {
@@ -167,6 +328,12 @@ impl SpanCache {
             corrupt: self.corrupt.load(Ordering::Relaxed),
             inserted_bytes: self.inserted.load(Ordering::Relaxed),
             disk_bytes: self.total.load(Ordering::Relaxed),
+            write_failures: self.write_failures.load(Ordering::Relaxed),
+            pressure_evictions: self.pressure_evictions.load(Ordering::Relaxed),
+            effective_bound: self.effective.load(Ordering::Relaxed),
+            free_bytes: self.free.load(Ordering::Relaxed),
+            memory_spans: lock(&self.memory).served,
+            memory_only: lock(&self.degraded).is_some(),
         }
     }
 
@@ -184,7 +351,12 @@ impl SpanCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         open.tick += 1;
         let tick = open.tick;
-        let (file, used, touched) = open.files.get_mut(digest)?;
+        let Some((file, used, touched)) = open.files.get_mut(digest) else {
+            drop(open);
+            let f = lock(&self.memory).get(digest)?;
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(f);
+        };
         *used = tick;
         let file = Arc::clone(file);
         if touched.elapsed().unwrap_or_default() > TOUCH_EVERY {
@@ -249,9 +421,46 @@ impl SpanCache {
         file
     }
 
-    /// Stores verified span bytes under their digest and returns the open file. The caller has
-    /// checked `bytes` against `digest`.
-    pub fn insert(&self, digest: &[u8; 32], bytes: &[u8]) -> std::io::Result<SpanFile> {
+    /// Stores verified span bytes under their digest and returns the open span. The caller has
+    /// checked `bytes` against `digest`. Never fails: when the disk cannot take the span, it is
+    /// served from memory (see the module doc).
+    pub fn insert(&self, digest: &[u8; 32], bytes: Vec<u8>) -> SpanFile {
+        let retry_due = lock(&self.degraded).is_none_or(|since| since.elapsed() >= RETRY_DISK);
+        if retry_due {
+            let first = self.write(digest, &bytes).or_else(|e| {
+                self.write_failed(&e);
+                // Make room (least recently used first), then try once more.
+                self.evict_to(
+                    self.total
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(2 * (bytes.len() as u64 + TRAILER)),
+                    true,
+                );
+                self.write(digest, &bytes)
+            });
+            match first {
+                Ok(span) => {
+                    if lock(&self.degraded).take().is_some() {
+                        tracing::info!(dir = %self.dir.display(), "the span cache is writable again");
+                    }
+                    return span;
+                }
+                Err(e) => {
+                    self.write_failed(&e);
+                    *lock(&self.degraded) = Some(std::time::Instant::now());
+                }
+            }
+        }
+        let span = Arc::new(Span {
+            data: SpanData::Memory(bytes),
+        });
+        lock(&self.memory).insert(*digest, Arc::clone(&span));
+        metrics::gauge!("clip_cache_memory_only").set(1.0);
+        span
+    }
+
+    /// Writes a span file (temporary name, then renamed into place) and accounts for it.
+    fn write(&self, digest: &[u8; 32], bytes: &[u8]) -> std::io::Result<SpanFile> {
         let path = self.path(digest);
         if let Some(parent) = path.parent() {
             use std::os::unix::fs::DirBuilderExt as _;
@@ -296,17 +505,72 @@ impl SpanCache {
         let len = bytes.len() as u64 + TRAILER;
         self.inserted.fetch_add(len, Ordering::Relaxed);
         let file = self.remember(*digest, span);
+        self.refresh_bound(false);
         // The file is in place before its size is counted, so an eviction's rescan either
         // already sees it or runs after this addition.
-        let _accounting = self
-            .accounting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _accounting = lock(&self.accounting);
         let total = self.total.fetch_add(len, Ordering::Relaxed) + len;
-        if total > self.max_bytes {
-            self.evict();
+        let bound = self.effective.load(Ordering::Relaxed);
+        if total > bound {
+            self.evict_to(bound / 10 * 9, bound < self.max_bytes);
         }
         Ok(file)
+    }
+
+    /// Counts and (at most once a minute) logs a failed span write.
+    fn write_failed(&self, e: &std::io::Error) {
+        self.write_failures.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("clip_cache_write_failures_total").increment(1);
+        let mut last = lock(&self.last_warning);
+        if last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            *last = Some(std::time::Instant::now());
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write to the span cache; serving verified spans from memory and making room");
+        }
+    }
+
+    /// Re-reads the filesystem's free space (at most once a second unless `now`) and sets the
+    /// bound in force: the configured size, or less when keeping `min_free_percent` free needs
+    /// it.
+    fn refresh_bound(&self, now: bool) {
+        {
+            let mut last = lock(&self.last_statvfs);
+            if !now && last.is_some_and(|t| t.elapsed() < STATVFS_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let Ok(st) = rustix::fs::statvfs(&self.dir) else {
+            return;
+        };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let size = st.f_blocks.saturating_mul(st.f_frsize);
+        let keep = size / 100 * u64::from(self.min_free_percent);
+        let room = self.total.load(Ordering::Relaxed) + free.saturating_sub(keep);
+        let bound = self.max_bytes.min(room);
+        self.free.store(free, Ordering::Relaxed);
+        self.effective.store(bound, Ordering::Relaxed);
+        metrics::gauge!("clip_cache_free_bytes").set(free as f64);
+        metrics::gauge!("clip_cache_effective_bound_bytes").set(bound as f64);
+    }
+
+    /// Checks every span file on disk (its trailer: size, magic, xxh3) and deletes the ones that
+    /// fail; returns (files checked, files deleted). For operators and tests: a cache is never
+    /// trusted without this check on open anyway.
+    pub fn verify_all(&self) -> (usize, usize) {
+        let (mut checked, mut bad) = (0, 0);
+        for (path, size, _) in self.scan() {
+            checked += 1;
+            let ok = size >= TRAILER
+                && File::open(&path)
+                    .ok()
+                    .and_then(|f| Span::map(&f, size - TRAILER))
+                    .is_some();
+            if !ok {
+                bad += 1;
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        (checked, bad)
     }
 
     /// Every span file with its size and modification time.
@@ -336,9 +600,14 @@ impl SpanCache {
 
     /// Deletes least recently used spans until the directory is under 90% of the cap.
     fn evict(&self) {
+        self.evict_to(self.max_bytes / 10 * 9, false);
+    }
+
+    /// Deletes least recently used spans until the directory holds at most `target` bytes;
+    /// `pressure`: because the filesystem is short of space (counted apart).
+    fn evict_to(&self, target: u64, pressure: bool) {
         let mut files = self.scan();
         let mut total: u64 = files.iter().map(|f| f.1).sum();
-        let target = self.max_bytes / 10 * 9;
         files.sort_by_key(|f| f.2);
         for (path, len, _) in files {
             if total <= target {
@@ -347,6 +616,10 @@ impl SpanCache {
             // Someone else may have evicted it first: only count what we removed.
             if std::fs::remove_file(&path).is_ok() {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
+                if pressure {
+                    self.pressure_evictions.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("clip_cache_pressure_evictions_total").increment(1);
+                }
             }
             total -= len;
         }
@@ -371,6 +644,10 @@ impl SpanCache {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -389,7 +666,7 @@ mod tests {
         let a = vec![1u8; 4000];
         let da = digest(&a);
         assert!(cache.get(&da, 4000).is_none());
-        cache.insert(&da, &a).unwrap();
+        cache.insert(&da, a.clone());
 
         // A second handle (another process) verifies and reads it.
         let other = SpanCache::open(dir.path(), 10_000).unwrap();
@@ -405,7 +682,7 @@ mod tests {
         assert!(third.get(&da, 4000).is_none());
         assert_eq!(third.stats().corrupt, 1);
         assert!(!third.path(&da).exists());
-        third.insert(&da, &a).unwrap();
+        third.insert(&da, a.clone());
         std::fs::write(third.path(&da), &on_disk[..100]).unwrap();
         assert!(
             SpanCache::open(dir.path(), 10_000)
@@ -417,7 +694,7 @@ mod tests {
         // Filling past the cap evicts the oldest down to 90%.
         for i in 0..5u8 {
             let b = vec![i + 10; 3000];
-            third.insert(&digest(&b), &b).unwrap();
+            third.insert(&digest(&b), b.clone());
         }
         let on_disk: u64 = third.scan().iter().map(|f| f.1).sum();
         assert!(on_disk <= 10_000, "{on_disk}");

@@ -184,6 +184,28 @@ impl V2Source {
         })
     }
 
+    /// Reads the first byte of every layer blob, all at once, the way lazy reads will (the
+    /// client's trust, credentials, mirrors): the first failure, named by its layer.
+    pub(crate) async fn check_registry(&self) -> Result<(), Error> {
+        let mut seen = std::collections::HashSet::new();
+        let checks = self
+            .layers
+            .iter()
+            .filter(|l| l.compressed_size > 0 && seen.insert(l.digest.clone()))
+            .map(|l| async move {
+                self.client
+                    .read_range(&self.reference, &l.digest, 0..1)
+                    .await
+                    .map_err(|source| Error::RegistryCheck {
+                        layer: l.digest.clone(),
+                        registry: self.reference.registry.clone(),
+                        source: Box::new(source),
+                    })
+            });
+        futures_util::future::try_join_all(checks).await?;
+        Ok(())
+    }
+
     pub(crate) fn cache(&self) -> &SpanCache {
         &self.cache
     }
@@ -361,6 +383,6 @@ impl V2Source {
             });
         }
         self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
-        Ok(self.cache.insert(&l.keys[i], &bytes)?)
+        Ok(self.cache.insert(&l.keys[i], bytes))
     }
 }

@@ -82,6 +82,20 @@ pub enum Error {
     /// Bad options or an archive this build cannot serve.
     #[error("{0}")]
     Config(String),
+    /// A layer's registry (and its mirrors) did not answer for the layer's blob before mounting:
+    /// every read of the tree would fail. `--no-registry-check` mounts anyway.
+    #[error(
+        "not mounting: layer {layer} cannot be read from {registry}: {source} (mount anyway with --no-registry-check)"
+    )]
+    RegistryCheck {
+        /// The layer.
+        layer: clip_format::Digest,
+        /// The registry the archive reads it from.
+        registry: String,
+        /// What the registry answered.
+        #[source]
+        source: Box<clip_registry::Error>,
+    },
     /// Mounting failed.
     #[error("mounting at {path}: {source}")]
     Mount {
@@ -97,6 +111,8 @@ pub enum Error {
 }
 
 /// What to mount and how.
+// Independent switches, as mount(8) options are.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     /// The `.clip` archive.
@@ -107,12 +123,19 @@ pub struct MountOptions {
     pub cache_dir: PathBuf,
     /// Cache size bound in bytes (default 10 GiB).
     pub cache_bytes: u64,
+    /// Percentage of the cache's filesystem to keep free (default 10): the cache shrinks when
+    /// the disk fills from elsewhere.
+    pub cache_min_free_percent: u8,
     /// The registry client (credentials, insecure hosts, CA, retries) and the runtime the mount
     /// answers network reads on; share one with the caller's other work. Default: a new one with
     /// the default settings and docker's credentials.
     pub registry: Option<clip_registry::BlockingClient>,
     /// Read the image from this registry host instead of the one recorded (a mirror).
     pub registry_override: Option<String>,
+    /// Before mounting a v2 archive, read one byte of every layer through the registry client
+    /// (its trust, credentials and mirrors) and refuse to mount if any cannot be read (default
+    /// on): a tree whose every read fails is worse than a clear error.
+    pub registry_check: bool,
     /// Spans fetched ahead of a sequential reader (0 = off).
     pub readahead_spans: usize,
     /// Prefetch the spans of this profile right after mounting.
@@ -143,8 +166,10 @@ impl Default for MountOptions {
             mountpoint: PathBuf::new(),
             cache_dir: default_cache_dir(),
             cache_bytes: 10 << 30,
+            cache_min_free_percent: 10,
             registry: None,
             registry_override: None,
+            registry_check: true,
             readahead_spans: 2,
             prefetch: None,
             record_profile: None,
@@ -393,13 +418,20 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
     let (data, v2, v1_remote) = match archive.kind() {
         ArchiveKind::V1Local => (fs::Data::V1Local, None, None),
         ArchiveKind::V2Oci => {
-            let cache = Arc::new(SpanCache::open(&options.cache_dir, options.cache_bytes)?);
+            let cache = Arc::new(SpanCache::open_with(
+                &options.cache_dir,
+                options.cache_bytes,
+                options.cache_min_free_percent,
+            )?);
             let src = Arc::new(layers::V2Source::new(
                 &archive,
                 net.client().clone(),
                 cache,
                 options.registry_override.as_deref(),
             )?);
+            if options.registry_check {
+                net.block_on(src.check_registry())?;
+            }
             (fs::Data::V2(Arc::clone(&src)), Some(src), None)
         }
         ArchiveKind::V1Remote => {
@@ -407,7 +439,11 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
                 archive.meta().remote.clone().ok_or_else(|| {
                     Error::Config("v1-remote archive without a data object".into())
                 })?;
-            let cache = Arc::new(SpanCache::open(&options.cache_dir, options.cache_bytes)?);
+            let cache = Arc::new(SpanCache::open_with(
+                &options.cache_dir,
+                options.cache_bytes,
+                options.cache_min_free_percent,
+            )?);
             let object = clip_objstore::RemoteObject::open(&remote.url, &options.remote)
                 .map_err(|e| Error::Config(e.to_string()))?;
             let files = Arc::new(remote::RemoteFiles::new(object, remote.data_offset, cache));

@@ -112,6 +112,6 @@ impl RemoteFiles {
             self.verify_failures.fetch_add(1, Ordering::Relaxed);
             return Err(e.into());
         }
-        Ok(self.cache.insert(sha256, &bytes)?)
+        Ok(self.cache.insert(sha256, bytes.to_vec()))
     }
 }

@@ -409,12 +409,14 @@ fn corrupt_bytes_are_refetched_and_never_served() {
         .map(|l| (l.blob.digest.clone(), l.blob.bytes.clone()))
         .collect();
 
-    // One corrupt answer: refetched, then served correctly.
+    // One corrupt answer: refetched, then served correctly. (No pre-mount check: its one-byte
+    // reads would take the corrupt answer.)
     let (fake, _) = corrupting_registry(blobs.clone(), 1);
     let m = f.mount(
         "mnt",
         MountOptions {
             registry_override: Some(fake.host()),
+            registry_check: false,
             ..MountOptions::default()
         },
     );
@@ -451,6 +453,7 @@ fn five_second_tokens_are_refreshed_during_a_long_run() {
             lifetime: Duration::from_secs(5),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let cfg = ClientConfig {
@@ -778,5 +781,243 @@ fn toc_indexed_images_mount_like_umoci() {
         let s = m.stats();
         assert!(s.spans_fetched > 0 && s.verify_failures == 0, "{s:?}");
         m.unmount().unwrap();
+    }
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn new(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {}", at.display());
+        Self(at.to_owned())
+    }
+
+    /// Writes a filler file until the filesystem is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let p = self.0.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.flush();
+        p
+    }
+
+    fn remount_ro(&self) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Reads every file of `mp` into a map (path → bytes), like a program walking the image.
+fn read_all(mp: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![mp.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                n += std::fs::read(e.path()).unwrap().len();
+            }
+        }
+    }
+    n
+}
+
+/// The span cache on a full filesystem: every read is served (the verified spans from memory),
+/// the tree equals the oracle, the mount stays up, no cache file is corrupt, and once space
+/// returns the cache writes again by itself.
+#[test]
+fn a_full_disk_never_fails_a_read() {
+    if !can_mount() {
+        return;
+    }
+    let (image, _) = big_files_image(Compression::Gzip);
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        1 << 20,
+        ClientConfig::default(),
+    );
+    let expected = f.oracle(None);
+    let small = SmallFs::new(&f.dir.path().join("smallfs"), "24m");
+    let cache_dir = small.0.join("cache");
+    // The cache exists (as on a worker that ran before), then the disk fills up from elsewhere.
+    drop(clip_fs::SpanCache::open(&cache_dir, 10 << 30).unwrap());
+    let filler = small.fill();
+    let m = f.mount(
+        "mnt",
+        MountOptions {
+            cache_dir: cache_dir.clone(),
+            cache_bytes: 10 << 30,
+            readahead_spans: 0,
+            ..MountOptions::default()
+        },
+    );
+    assert_same(&expected, m.mountpoint());
+    let st = m.stats();
+    assert!(
+        st.cache.write_failures > 0 && st.cache.memory_spans > 0,
+        "{st:?}"
+    );
+    assert!(st.cache.memory_only, "{st:?}");
+    assert_eq!(st.verify_failures, 0);
+    let cache = clip_fs::SpanCache::open(&cache_dir, 10 << 30).unwrap();
+    assert_eq!(cache.verify_all().1, 0, "a corrupt span file was left");
+    assert!(
+        std::fs::read_dir(cache_dir.join("tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "temporary files were left"
+    );
+
+    // Space returns: after the retry delay the cache writes spans to disk again.
+    std::fs::remove_file(&filler).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let before = cache.verify_all().0;
+    let m2 = f.mount(
+        "mnt2",
+        MountOptions {
+            cache_dir: cache_dir.clone(),
+            readahead_spans: 0,
+            ..MountOptions::default()
+        },
+    );
+    read_all(m2.mountpoint());
+    assert!(
+        cache.verify_all().0 > before,
+        "nothing was written once space returned"
+    );
+    assert!(!m2.stats().cache.memory_only);
+    m2.unmount().unwrap();
+    m.unmount().unwrap();
+}
+
+/// Another process fills the disk while a cold start reads the image: the start succeeds and
+/// reads the right bytes.
+#[test]
+fn a_disk_filling_during_a_cold_start_does_not_fail_it() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        1 << 20,
+        ClientConfig::default(),
+    );
+    let small = SmallFs::new(&f.dir.path().join("smallfs"), "20m");
+    let m = f.mount(
+        "mnt",
+        MountOptions {
+            cache_dir: small.0.join("cache"),
+            readahead_spans: 0,
+            ..MountOptions::default()
+        },
+    );
+    std::thread::scope(|s| {
+        let filler = s.spawn(|| small.fill());
+        for (path, bytes) in &files {
+            assert_eq!(
+                &std::fs::read(m.mountpoint().join(path)).unwrap(),
+                bytes,
+                "{path}"
+            );
+        }
+        filler.join().unwrap();
+    });
+    // Everything read again, now certainly on a full disk.
+    for (path, bytes) in &files {
+        assert_eq!(
+            &std::fs::read(m.mountpoint().join(path)).unwrap(),
+            bytes,
+            "{path}"
+        );
+    }
+    m.unmount().unwrap();
+}
+
+/// A read-only cache directory: the mount works from memory, with one clear warning.
+#[test]
+fn a_read_only_cache_serves_from_memory_with_one_warning() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files_image(Compression::Gzip);
+    let f = indexed(
+        Registry::start_anonymous().unwrap(),
+        &image,
+        1 << 20,
+        ClientConfig::default(),
+    );
+    let small = SmallFs::new(&f.dir.path().join("rofs"), "8m");
+    let cache_dir = small.0.join("cache");
+    drop(clip_fs::SpanCache::open(&cache_dir, 10 << 30).unwrap());
+    small.remount_ro();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let l2 = std::sync::Arc::clone(&logs);
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || Writer(std::sync::Arc::clone(&l2)))
+        .with_ansi(false)
+        .finish();
+    let m = tracing::subscriber::with_default(sub, || {
+        f.mount(
+            "mnt",
+            MountOptions {
+                cache_dir: cache_dir.clone(),
+                readahead_spans: 0,
+                ..MountOptions::default()
+            },
+        )
+    });
+    for (path, bytes) in &files {
+        assert_eq!(
+            &std::fs::read(m.mountpoint().join(path)).unwrap(),
+            bytes,
+            "{path}"
+        );
+    }
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert_eq!(text.matches("cannot be written").count(), 1, "{text}");
+    assert!(m.stats().cache.memory_only);
+    m.unmount().unwrap();
+}
+
+/// A log sink shared with the test.
+struct Writer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -40,28 +40,33 @@ impl Chunks for FileChunks {
 /// A [`BufRead`] over a blob's chunks that hands each chunk, shared rather than copied, to the
 /// indexer's helper thread, which computes the blob digest and byte count
 /// ([`clip_seekable::LayerIndex::input`]) beside its hashing of the output.
-struct Hashing<C> {
+struct Hashing<'p, C> {
     src: C,
     cur: bytes::Bytes,
     ended: bool,
     feed: InputFeed,
+    progress: Option<&'p std::sync::atomic::AtomicU64>,
 }
 
-impl<C> Hashing<C> {
-    fn new(src: C, feed: InputFeed) -> Self {
+impl<'p, C> Hashing<'p, C> {
+    fn new(src: C, feed: InputFeed, progress: Option<&'p std::sync::atomic::AtomicU64>) -> Self {
         Self {
             src,
             cur: bytes::Bytes::new(),
             ended: false,
             feed,
+            progress,
         }
     }
 }
 
-impl<C: Chunks> BufRead for Hashing<C> {
+impl<C: Chunks> BufRead for Hashing<'_, C> {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.cur.is_empty() && !self.ended {
             if let Some(c) = self.src.next_chunk()? {
+                if let Some(p) = self.progress {
+                    p.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.feed.feed(c.clone());
                 self.cur = c;
             } else {
@@ -77,7 +82,7 @@ impl<C: Chunks> BufRead for Hashing<C> {
     }
 }
 
-impl<C: Chunks> Read for Hashing<C> {
+impl<C: Chunks> Read for Hashing<'_, C> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let avail = self.fill_buf()?;
         let n = avail.len().min(buf.len());
@@ -97,7 +102,12 @@ pub(crate) struct IndexedLayer {
     pub(crate) fetched: u64,
 }
 
-pub(crate) fn index_layer<C: Chunks>(src: C, d: &LayerDesc, span: u64) -> Result<IndexedLayer> {
+pub(crate) fn index_layer<C: Chunks>(
+    src: C,
+    d: &LayerDesc,
+    span: u64,
+    progress: Option<&std::sync::atomic::AtomicU64>,
+) -> Result<IndexedLayer> {
     let i = d.index;
     let layer = u32::try_from(i).map_err(|_| Error::Image("too many layers".into()))?;
     // A registry failure surfaces through the reader as an io::Error wrapping the registry error.
@@ -122,7 +132,7 @@ pub(crate) fn index_layer<C: Chunks>(src: C, d: &LayerDesc, span: u64) -> Result
         }
     };
     let mut thread = HashThread::start();
-    let mut src = Hashing::new(src, thread.input());
+    let mut src = Hashing::new(src, thread.input(), progress);
     let mut magic = [0u8; 4];
     let head = {
         let buf = src.fill_buf().map_err(io)?;

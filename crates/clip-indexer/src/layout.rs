@@ -109,7 +109,7 @@ pub fn layout_image(layout: &Path, opts: &IndexOptions) -> Result<ImageTree> {
         span,
         opts.layer_store.as_deref(),
         None,
-        |d| index_layout_layer(layout, d, span),
+        |d| index_layout_layer(layout, d, span, opts.bytes_read.as_deref()),
     )
 }
 
@@ -119,12 +119,17 @@ pub fn layout_blob(layout: &Path, digest: &Digest) -> PathBuf {
     layout.join(digest.blob_path())
 }
 
-fn index_layout_layer(layout: &Path, d: &LayerDesc, span: u64) -> Result<IndexedLayer> {
+fn index_layout_layer(
+    layout: &Path,
+    d: &LayerDesc,
+    span: u64,
+    progress: Option<&std::sync::atomic::AtomicU64>,
+) -> Result<IndexedLayer> {
     let path = layout_blob(layout, &d.digest);
     let file = File::open(&path).map_err(|source| Error::Io {
         context: "opening",
         path: path.clone(),
         source,
     })?;
-    index_layer(FileChunks(file), d, span)
+    index_layer(FileChunks(file), d, span, progress)
 }

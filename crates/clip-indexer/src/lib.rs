@@ -147,6 +147,8 @@ pub struct IndexOptions {
     pub reference: String,
     /// Where per-layer indexes are looked up before a layer is streamed, and stored after.
     pub layer_store: Option<std::sync::Arc<dyn LayerIndexStore>>,
+    /// Counts the compressed bytes read as layers stream in (for a progress display).
+    pub bytes_read: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for IndexOptions {
@@ -159,6 +161,7 @@ impl Default for IndexOptions {
             repository: String::new(),
             reference: String::new(),
             layer_store: None,
+            bytes_read: None,
         }
     }
 }

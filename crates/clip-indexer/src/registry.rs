@@ -90,7 +90,7 @@ pub(crate) fn registry_image(
                 }
             }
             let reader = client.blob_reader(handle, &pinned, &d.digest);
-            index_layer(reader, d, span)
+            index_layer(reader, d, span, opts.bytes_read.as_deref())
         },
     )
 }

@@ -55,14 +55,20 @@ pub enum Error {
 /// Credentials and transport settings of one registry. Its `Debug` output never shows the
 /// password.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegistryEntry {
     /// User name.
     pub username: Option<String>,
     /// Password or token.
     pub password: Option<String>,
-    /// Reach it over plain HTTP.
+    /// Reach it over plain HTTP when it does not speak TLS.
     pub insecure: bool,
+    /// A PEM file of CA certificates trusted for this registry only (beside certs.d).
+    pub ca_file: Option<PathBuf>,
+    /// A PEM client certificate to present to it (mutual TLS); with `clientKey`.
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    pub client_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RegistryEntry {
@@ -71,6 +77,9 @@ impl std::fmt::Debug for RegistryEntry {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("insecure", &self.insecure)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
             .finish()
     }
 }
@@ -138,10 +147,18 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Span cache bound.
     pub cache_size_gib: u64,
+    /// Percentage of the span cache's filesystem to keep free (default 10).
+    pub cache_min_free_percent: u8,
     /// Where images are mounted.
     pub mount_base: PathBuf,
     /// Registries by host (`docker` means Docker Hub).
     pub registries: BTreeMap<String, RegistryEntry>,
+    /// certs.d roots (`HOST[:PORT]/*.crt`, `*.cert` + `*.key`); default
+    /// `/etc/containers/certs.d` and `/etc/docker/certs.d`.
+    pub certs_dirs: Option<Vec<PathBuf>>,
+    /// containers-registries.conf naming mirrors (default `/etc/containers/registries.conf`,
+    /// if present).
+    pub registries_conf: Option<PathBuf>,
     /// With clipVersion 2: the share of images (by a stable hash of the image id) that use v2;
     /// the rest use v1 (the seed's gradual rollout, 25 → 50 → 75 → 100). Default 100.
     pub clip_v2_rollout_percent: u8,
@@ -160,8 +177,11 @@ impl Default for Config {
             archive_store: ArchiveStore::Local(PathBuf::from("/images")),
             cache_dir: PathBuf::from("/images/cache"),
             cache_size_gib: 20,
+            cache_min_free_percent: 10,
             mount_base: PathBuf::from("/images/mnt"),
             registries: BTreeMap::new(),
+            certs_dirs: None,
+            registries_conf: None,
             clip_v2_rollout_percent: 100,
             build_context_root: None,
         }
@@ -185,8 +205,11 @@ struct Section {
     cache_dir: Option<PathBuf>,
     #[serde(rename = "cacheSizeGiB")]
     cache_size_gib: Option<u64>,
+    cache_min_free_percent: Option<u8>,
     mount_base: Option<PathBuf>,
     registries: BTreeMap<String, RegistryEntry>,
+    certs_dirs: Option<Vec<PathBuf>>,
+    registries_conf: Option<PathBuf>,
     #[serde(rename = "clipV2RolloutPercent")]
     clip_v2_rollout_percent: Option<u8>,
     build_context_root: Option<PathBuf>,
@@ -230,8 +253,11 @@ impl Config {
             },
             cache_dir: s.cache_dir.unwrap_or(d.cache_dir),
             cache_size_gib: s.cache_size_gib.unwrap_or(d.cache_size_gib),
+            cache_min_free_percent: s.cache_min_free_percent.unwrap_or(d.cache_min_free_percent),
             mount_base: s.mount_base.unwrap_or(d.mount_base),
             registries: s.registries,
+            certs_dirs: s.certs_dirs,
+            registries_conf: s.registries_conf,
             clip_v2_rollout_percent: s
                 .clip_v2_rollout_percent
                 .unwrap_or(d.clip_v2_rollout_percent),
@@ -292,6 +318,16 @@ impl Config {
             return Err(Error::Invalid(
                 "clipV2RolloutPercent must be 0..=100".into(),
             ));
+        }
+        if self.cache_min_free_percent > 90 {
+            return Err(Error::Invalid("cacheMinFreePercent must be 0..=90".into()));
+        }
+        for (host, e) in &self.registries {
+            if e.client_cert.is_some() != e.client_key.is_some() {
+                return Err(Error::Invalid(format!(
+                    "registries.{host}: clientCert and clientKey go together"
+                )));
+            }
         }
         if self.checkpoint_mib == 0 || self.checkpoint_mib > 1024 {
             return Err(Error::Invalid("checkpointMiB must be 1..=1024".into()));
@@ -434,6 +470,9 @@ imageService:
   registries:
     docker: {username: u, password: p}
     "registry.example.com:5000": {username: a, password: b, insecure: true}
+    "private.example.com": {caFile: /etc/clip/ca.pem, clientCert: /etc/clip/c.pem, clientKey: /etc/clip/c.key}
+  certsDirs: [/etc/clip/certs.d]
+  registriesConf: /etc/clip/registries.conf
 "#;
 
     #[test]
@@ -462,6 +501,17 @@ imageService:
         );
         assert!(c.registry("registry.example.com:5000").unwrap().insecure);
         assert!(c.registry("quay.io").is_none());
+        let p = c.registry("private.example.com").unwrap();
+        assert_eq!(p.ca_file.as_deref(), Some(Path::new("/etc/clip/ca.pem")));
+        assert_eq!(p.client_key.as_deref(), Some(Path::new("/etc/clip/c.key")));
+        assert_eq!(c.certs_dirs, Some(vec![PathBuf::from("/etc/clip/certs.d")]));
+        assert_eq!(
+            c.registries_conf.as_deref(),
+            Some(Path::new("/etc/clip/registries.conf"))
+        );
+        assert!(
+            Config::from_yaml("imageService:\n  registries:\n    r: {clientCert: /c}\n").is_err()
+        );
     }
 
     #[test]

@@ -173,7 +173,7 @@ impl Client {
                     }
                     let mut realm_url = url.clone();
                     realm_url.set_query(None);
-                    self.http
+                    self.http_for(&realm_host(&realm_url))?
                         .post(realm_url)
                         .header(
                             reqwest::header::CONTENT_TYPE,
@@ -181,7 +181,7 @@ impl Client {
                         )
                         .body(form.query().unwrap_or_default().to_owned())
                 }
-                _ => self.http.get(url.clone()),
+                _ => self.http_for(&realm_host(&url))?.get(url.clone()),
             };
             if let Some(b) = self.basic_header(host) {
                 req = req.header(AUTHORIZATION, b);
@@ -238,6 +238,16 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// `host[:port]` of a token realm: a token server may have certs.d material of its own.
+fn realm_host(u: &reqwest::Url) -> String {
+    u.host_str()
+        .map(|h| {
+            u.port()
+                .map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))
+        })
+        .unwrap_or_default()
 }
 
 pub(crate) fn scope_repo(scope: &str) -> String {

@@ -79,6 +79,13 @@ pub struct ClientConfig {
     pub docker_config: Option<std::sync::Arc<crate::dockerconfig::DockerConfig>>,
     /// Most requests in flight to one host, bodies included (default 8).
     pub max_per_host: Option<usize>,
+    /// The certs.d roots to read per-registry CAs and client certificates from (`None`: the
+    /// conventional `/etc/containers/certs.d` and `/etc/docker/certs.d`; see [`crate::trust`]).
+    pub certs_dirs: Option<Vec<std::path::PathBuf>>,
+    /// Per-registry TLS settings from the configuration, by host.
+    pub registry_tls: Vec<(String, crate::trust::RegistryTls)>,
+    /// Mirrors per registry host, tried in order before it (see [`crate::mirrors`]).
+    pub mirrors: Vec<(String, Vec<crate::mirrors::Mirror>)>,
 }
 
 impl ClientConfig {
@@ -119,6 +126,10 @@ pub(crate) struct State {
     pub(crate) limits: HashMap<String, Arc<tokio::sync::Semaphore>>,
     /// Blob URL -> where the registry redirected it, and until when to reuse that.
     pub(crate) redirects: HashMap<String, (String, Instant)>,
+    /// HTTP clients of registries with TLS material of their own (certs.d, configuration).
+    pub(crate) per_host: HashMap<String, reqwest::Client>,
+    /// Mirrors that failed to connect, and until when they are skipped.
+    pub(crate) mirror_down: HashMap<String, Instant>,
 }
 
 /// An OCI distribution client. Cheap to clone; clones share connections and tokens.
@@ -167,31 +178,8 @@ pub fn is_loopback(host: &str) -> bool {
 impl Client {
     /// A client with `cfg`.
     pub fn new(cfg: ClientConfig) -> Result<Self, Error> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_roots();
-        roots.add_parsable_certificates(native);
-        if let Some(pem) = &cfg.ca_pem {
-            for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes()) {
-                let cert = cert.map_err(|e| Error::Config(format!("CA bundle: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::Config(format!("CA bundle: {e}")))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(cfg.timeout.unwrap_or(Duration::from_mins(1)))
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(16)
-            // Redirects are followed by hand (see `send_with`): credentials stay with the
-            // registry and blob redirect targets are cached.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))?;
+        let extra: Vec<&str> = cfg.ca_pem.as_deref().into_iter().collect();
+        let http = http_client(&cfg, crate::trust::rustls_config(&extra, None)?)?;
         Ok(Self {
             http,
             cfg: Arc::new(cfg),
@@ -202,19 +190,65 @@ impl Client {
                 docker_creds: HashMap::new(),
                 limits: HashMap::new(),
                 redirects: HashMap::new(),
+                per_host: HashMap::new(),
+                mirror_down: HashMap::new(),
             })),
         })
     }
+
+    /// The HTTP client for `host`: its own when certs.d or the configuration give it a CA or a
+    /// client certificate, else the shared one. Built once per host.
+    pub(crate) fn http_for(&self, host: &str) -> Result<reqwest::Client, Error> {
+        if let Some(c) = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|st| st.per_host.get(host).cloned())
+        {
+            return Ok(c);
+        }
+        let default_dirs: Vec<std::path::PathBuf> = crate::trust::CERTS_DIRS
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect();
+        let dirs = self.cfg.certs_dirs.as_ref().unwrap_or(&default_dirs);
+        let configured = self
+            .cfg
+            .registry_tls
+            .iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, t)| t);
+        let m = crate::trust::material(host, dirs, configured)?;
+        let client = if m.is_empty() {
+            self.http.clone()
+        } else {
+            tracing::debug!(host, sources = ?m.sources, "registry TLS material");
+            let mut extra: Vec<&str> = self.cfg.ca_pem.as_deref().into_iter().collect();
+            extra.extend(m.cas.iter().map(String::as_str));
+            http_client(
+                &self.cfg,
+                crate::trust::rustls_config(&extra, m.identity.as_ref())?,
+            )?
+        };
+        if let Ok(mut st) = self.state.lock() {
+            st.per_host.insert(host.to_owned(), client.clone());
+        }
+        Ok(client)
+    }
 }
 
-/// The machine's CA certificates (Debian's bundle), for public registries.
-fn rustls_native_roots() -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    let Ok(pem) = std::fs::read("/etc/ssl/certs/ca-certificates.crt") else {
-        return Vec::new();
-    };
-    rustls::pki_types::pem::PemObject::pem_slice_iter(&pem)
-        .filter_map(Result::ok)
-        .collect()
+/// An HTTP client with `tls`, the configured timeouts and hand-followed redirects.
+fn http_client(cfg: &ClientConfig, tls: rustls::ClientConfig) -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(cfg.timeout.unwrap_or(Duration::from_mins(1)))
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(16)
+        // Redirects are followed by hand (see `send_with`): credentials stay with the registry
+        // and blob redirect targets are cached.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))
 }
 
 #[cfg(test)]

@@ -35,13 +35,15 @@ impl Client {
     /// Copies the platform image `r` names into the OCI layout `dir` under `tag` (created if
     /// needed; blobs already present are kept). Layers download concurrently (bounded by the
     /// per-host limit), each streamed to disk and verified against its digest before it is
-    /// renamed into place; the layout's `index.json` is written last.
+    /// renamed into place; the layout's `index.json` is written last. `progress` counts the
+    /// layer bytes downloaded.
     pub async fn pull_layout(
         &self,
         r: &Reference,
         platform: Option<&oci::Platform>,
         dir: &Path,
         tag: &str,
+        progress: Option<&std::sync::atomic::AtomicU64>,
     ) -> Result<ResolvedImage, Error> {
         let image = self.resolve(r, platform).await?;
         let (manifest_bytes, media, digest) =
@@ -60,7 +62,7 @@ impl Client {
         }
         let pulls = layers
             .iter()
-            .map(|(d, size)| self.pull_blob(&image.reference, d, *size, dir));
+            .map(|(d, size)| self.pull_blob(&image.reference, d, *size, dir, progress));
         for r in futures_util::future::join_all(pulls).await {
             r?;
         }
@@ -93,6 +95,7 @@ impl Client {
         digest: &Digest,
         size: u64,
         dir: &Path,
+        progress: Option<&std::sync::atomic::AtomicU64>,
     ) -> Result<(), Error> {
         let path = dir.join(digest.blob_path());
         if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
@@ -108,6 +111,9 @@ impl Client {
         let _slot = self.slot(r.api_host()).await;
         let got = self
             .blob_stream(r, digest, |chunk| {
+                if let Some(p) = progress {
+                    p.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 hasher.update(&chunk);
                 match file.write_all(&chunk) {
                     Ok(()) => true,

@@ -50,11 +50,13 @@ mod blocking;
 mod client;
 pub mod dockerconfig;
 mod layout;
+pub mod mirrors;
 pub mod oci;
 mod pull;
 mod push;
 mod reference;
 mod transport;
+pub mod trust;
 
 pub use blocking::BlockingClient;
 pub use client::{

@@ -44,7 +44,12 @@ impl Client {
         })?;
         let same_origin = target.host_str() == from.host_str()
             && target.port_or_known_default() == from.port_or_known_default();
-        let mut req = self.http.request(method.clone(), target.clone());
+        let http = if same_origin {
+            self.http_for(&from_host(&from))?
+        } else {
+            self.http.clone()
+        };
+        let mut req = http.request(method.clone(), target.clone());
         for (k, v) in headers {
             req = req.header(k, v);
         }
@@ -52,13 +57,7 @@ impl Client {
             req = req.body(b);
         }
         if same_origin {
-            let host = from
-                .host_str()
-                .map(|h| {
-                    from.port()
-                        .map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))
-                })
-                .unwrap_or_default();
+            let host = from_host(&from);
             if let Some(a) = self.cached_auth(&host, scope) {
                 req = req.header(AUTHORIZATION, a);
             }
@@ -98,7 +97,29 @@ impl Client {
     /// Loopback and insecure hosts may fall back to plain HTTP (as docker does); they try HTTPS
     /// first, and the outcome is remembered per host. Certificate errors are never ignored.
     pub(crate) fn may_use_http(&self, host: &str) -> bool {
-        is_loopback(host) || self.cfg.insecure.iter().any(|h| h == host)
+        is_loopback(host)
+            || self.cfg.insecure.iter().any(|h| h == host)
+            || self
+                .cfg
+                .mirrors
+                .iter()
+                .flat_map(|(_, ms)| ms)
+                .any(|m| m.insecure && m.host == host)
+    }
+
+    /// The mirrors configured for `host` (the reference's registry or its API host).
+    fn mirrors_of(&self, host: &str) -> Vec<crate::mirrors::Mirror> {
+        let aliases: &[&str] = if host == "registry-1.docker.io" {
+            &["registry-1.docker.io", "docker.io", "index.docker.io"]
+        } else {
+            &[host]
+        };
+        self.cfg
+            .mirrors
+            .iter()
+            .filter(|(h, _)| aliases.contains(&h.as_str()))
+            .flat_map(|(_, ms)| ms.iter().cloned())
+            .collect()
     }
 
     pub(crate) fn base_url(&self, host: &str) -> String {
@@ -127,7 +148,8 @@ impl Client {
     }
 
     /// [`Self::send`] with the scope's actions (`pull` or `pull,push`) and an optional body.
-    /// `path` may also be an absolute URL on `host` (an upload `Location`).
+    /// `path` may also be an absolute URL on `host` (an upload `Location`). Pull requests go to
+    /// the host's mirrors first, in order ([`crate::mirrors`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send_with(
         &self,
@@ -139,7 +161,76 @@ impl Client {
         headers: &[(reqwest::header::HeaderName, String)],
         body: Option<Bytes>,
     ) -> Result<reqwest::Response, Error> {
+        let pull = actions == "pull"
+            && (method == Method::GET || method == Method::HEAD)
+            && path.starts_with('/');
+        if pull {
+            // One attempt per mirror: a dead mirror must not cost the registry's retries.
+            let once = RetryPolicy {
+                attempts: 1,
+                ..self.cfg.retry.clone()
+            };
+            for m in self.mirrors_of(host) {
+                let skip = self.state.lock().ok().is_some_and(|st| {
+                    st.mirror_down
+                        .get(&m.host)
+                        .is_some_and(|until| Instant::now() < *until)
+                });
+                if skip {
+                    continue;
+                }
+                match self
+                    .send_to(
+                        &m.host,
+                        repository,
+                        actions,
+                        method.clone(),
+                        path,
+                        headers,
+                        None,
+                        &once,
+                    )
+                    .await
+                {
+                    Ok(resp) if resp.status().is_success() => {
+                        tracing::debug!(mirror = %m.host, registry = host, path, "served by a mirror");
+                        return Ok(resp);
+                    }
+                    Ok(resp) => {
+                        tracing::debug!(mirror = %m.host, status = %resp.status(), path, "mirror did not serve it; trying the next");
+                    }
+                    Err(e) => {
+                        tracing::info!(mirror = %m.host, error = %e, "mirror unreachable; skipping it for 30 s");
+                        if let Ok(mut st) = self.state.lock() {
+                            st.mirror_down
+                                .insert(m.host.clone(), Instant::now() + Duration::from_secs(30));
+                        }
+                    }
+                }
+            }
+        }
+        let policy = self.cfg.retry.clone();
+        self.send_to(
+            host, repository, actions, method, path, headers, body, &policy,
+        )
+        .await
+    }
+
+    /// One host: authentication, one re-authentication on 401/403, redirects, retries.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_to(
+        &self,
+        host: &str,
+        repository: &str,
+        actions: &str,
+        method: Method,
+        path: &str,
+        headers: &[(reqwest::header::HeaderName, String)],
+        body: Option<Bytes>,
+        policy: &RetryPolicy,
+    ) -> Result<reqwest::Response, Error> {
         self.load_docker_credentials(host).await?;
+        let http = self.http_for(host)?;
         let mut url = if path.starts_with("http://") || path.starts_with("https://") {
             path.to_owned()
         } else {
@@ -171,13 +262,12 @@ impl Client {
             }
         }
         let mut https_error: Option<Error> = None;
-        let policy = &self.cfg.retry;
         let start = Instant::now();
         let mut reauthed = false;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut req = self.http.request(method.clone(), &url);
+            let mut req = http.request(method.clone(), &url);
             for (k, v) in headers {
                 req = req.header(k, v);
             }
@@ -260,8 +350,14 @@ impl Client {
                         .lock()
                         .ok()
                         .is_some_and(|st| st.https.get(host) != Some(&true));
-                    if url.starts_with("https://") && self.may_use_http(host) && not_https {
-                        // First contact with a loopback/insecure host: HTTPS failed, try HTTP.
+                    if url.starts_with("https://")
+                        && self.may_use_http(host)
+                        && not_https
+                        && crate::trust::peer_speaks_no_tls(&e)
+                    {
+                        // First contact with a loopback/insecure host that does not speak TLS:
+                        // plain HTTP. Never after a TLS failure (an untrusted certificate, a
+                        // refused client certificate): that is reported as what it is.
                         https_error = Some(Error::transport(&url, &e));
                         if let Ok(mut st) = self.state.lock() {
                             st.https.insert(host.to_owned(), false);
@@ -270,7 +366,10 @@ impl Client {
                         attempt -= 1;
                         continue;
                     }
-                    if attempt >= policy.attempts || start.elapsed() >= policy.deadline {
+                    if attempt >= policy.attempts
+                        || start.elapsed() >= policy.deadline
+                        || crate::trust::is_tls_failure(&e)
+                    {
                         // The current attempt's error (a TLS port answering HTTP is handled above).
                         return Err(Error::transport(&url, &e));
                     }
@@ -305,6 +404,16 @@ impl Client {
         }
         Ok(out.into())
     }
+}
+
+/// `host[:port]` of a URL, as registries are named.
+fn from_host(u: &reqwest::Url) -> String {
+    u.host_str()
+        .map(|h| {
+            u.port()
+                .map_or_else(|| h.to_owned(), |p| format!("{h}:{p}"))
+        })
+        .unwrap_or_default()
 }
 
 /// Exponential backoff with full jitter.

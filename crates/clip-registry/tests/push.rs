@@ -16,6 +16,7 @@ fn registry() -> Registry {
             lifetime: Duration::from_mins(1),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap()
 }

@@ -41,6 +41,22 @@ fn client_for(reg: &Registry, creds: Option<(&str, &str)>) -> Client {
         },
         docker_config: None,
         max_per_host: None,
+        ..ClientConfig::default()
+    })
+    .unwrap()
+}
+
+/// A client that reads trust only from `certs_dirs` (nothing from the configuration).
+fn certs_d_client(certs_dirs: Vec<std::path::PathBuf>) -> Client {
+    Client::new(ClientConfig {
+        certs_dirs: Some(certs_dirs),
+        retry: RetryPolicy {
+            attempts: 2,
+            base: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            deadline: Duration::from_secs(5),
+        },
+        ..ClientConfig::default()
     })
     .unwrap()
 }
@@ -125,6 +141,7 @@ fn basic_auth_good_wrong_and_missing_credentials() {
             password: "pw".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     reg.push(&image().build().unwrap(), "tk/private", "v1")
@@ -158,6 +175,7 @@ fn short_lived_tokens_never_fail_a_long_series_of_reads() {
             lifetime: Duration::from_secs(3),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let built = image().build().unwrap();
@@ -197,11 +215,14 @@ fn tls_registries_are_trusted_through_the_configured_ca_only() {
     let reg = Registry::start(RegistryOptions {
         auth: Auth::Anonymous,
         tls: true,
+        ..Default::default()
     })
     .unwrap();
     let built = image().build().unwrap();
     reg.push(&built, "tk/tls", "v1").unwrap();
-    let r = Reference::parse(&format!("{}/tk/tls:v1", reg.host())).unwrap();
+    // Reached through a tap that sees whether each connection starts with TLS.
+    let tap = clip_testkit::Tap::start(reg.addr()).unwrap();
+    let r = Reference::parse(&format!("{}/tk/tls:v1", tap.host())).unwrap();
     // With the CA: HTTPS works, even on loopback.
     let img = rt
         .block_on(client_for(&reg, None).resolve(&r, None))
@@ -222,6 +243,163 @@ fn tls_registries_are_trusted_through_the_configured_ca_only() {
         err.to_string().to_lowercase().contains("certificate"),
         "{err}"
     );
+    // The certificate error is final: no retry over plain HTTP to the TLS port, ever.
+    assert!(tap.tls_connections() >= 2);
+    assert_eq!(tap.plain_connections(), Vec::<String>::new());
+}
+
+/// A registry behind a private CA, trusted only through a certs.d directory
+/// (`HOST:PORT/ca.crt`), and one that also demands a client certificate
+/// (`HOST:PORT/client.cert` + `client.key`): resolved and read with nothing else configured.
+/// Missing or wrong material fails as a TLS error, never as a plain-HTTP retry.
+#[test]
+fn certs_d_gives_per_registry_trust_and_client_certificates() {
+    let rt = clip_testkit::runtime();
+    for client_certs in [false, true] {
+        let reg = Registry::start(RegistryOptions {
+            tls: true,
+            client_certs,
+            ..Default::default()
+        })
+        .unwrap();
+        let built = image().build().unwrap();
+        reg.push(&built, "tk/certsd", "v1").unwrap();
+        let tap = clip_testkit::Tap::start(reg.addr()).unwrap();
+        let r = Reference::parse(&format!("{}/tk/certsd:v1", tap.host())).unwrap();
+        let layer = dg(&built.manifests[0].layers[0].blob.digest);
+
+        let roots = tempfile::tempdir().unwrap();
+        let (empty, docker) = (roots.path().join("containers"), roots.path().join("docker"));
+        std::fs::create_dir_all(&empty).unwrap();
+        let dir = reg.write_certs_d_as(&docker, &tap.host()).unwrap();
+        // Both conventional roots are read: the material sits in the second.
+        let c = certs_d_client(vec![empty.clone(), docker.clone()]);
+        let img = rt.block_on(c.resolve(&r, None)).unwrap();
+        assert_eq!(img.manifest_digest.as_str(), built.digest());
+        let head = rt
+            .block_on(c.read_range(&img.reference, &layer, 0..64))
+            .unwrap();
+        assert_eq!(head.len(), 64);
+
+        // The CA under another host's directory does not count.
+        let elsewhere = roots.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("127.0.0.1:1")).unwrap();
+        std::fs::copy(dir.join("ca.crt"), elsewhere.join("127.0.0.1:1/ca.crt")).unwrap();
+        let err = rt
+            .block_on(certs_d_client(vec![elsewhere]).resolve(&r, None))
+            .unwrap_err();
+        assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+
+        if client_certs {
+            // Trusted, but without the client certificate: refused in the handshake.
+            std::fs::remove_file(dir.join("client.cert")).unwrap();
+            std::fs::remove_file(dir.join("client.key")).unwrap();
+            let err = rt
+                .block_on(certs_d_client(vec![docker.clone()]).resolve(&r, None))
+                .unwrap_err();
+            assert!(matches!(err, Error::Unreachable { .. }), "{err}");
+            // A certificate without its key is a configuration error, said as one.
+            std::fs::write(dir.join("client.cert"), "x").unwrap();
+            let err = rt
+                .block_on(certs_d_client(vec![docker.clone()]).resolve(&r, None))
+                .unwrap_err();
+            assert!(err.to_string().contains("without its key"), "{err}");
+        }
+        assert_eq!(tap.plain_connections(), Vec::<String>::new());
+    }
+}
+
+/// The registries.conf convention: a pull-through cache (distribution's `proxy.remoteurl`) in
+/// front of the registry serves manifests and range reads; when it is down the registry does;
+/// when the registry is down, what the mirror kept is still served.
+#[test]
+fn mirrors_serve_first_and_the_registry_stays_the_fallback() {
+    let rt = clip_testkit::runtime();
+    let mut upstream = Registry::start_anonymous().unwrap();
+    let built = image().build().unwrap();
+    upstream.push(&built, "tk/mirrored", "v1").unwrap();
+    let mut mirror = Registry::start(RegistryOptions {
+        proxy_of: Some(upstream.base_url()),
+        ..Default::default()
+    })
+    .unwrap();
+    let conf = format!(
+        "[[registry]]\nlocation = \"{}\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+        upstream.host(),
+        mirror.host()
+    );
+    let cfg = || ClientConfig {
+        mirrors: clip_registry::mirrors::parse(&conf).unwrap(),
+        retry: RetryPolicy {
+            attempts: 2,
+            base: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            deadline: Duration::from_secs(5),
+        },
+        ..ClientConfig::default()
+    };
+    let r = Reference::parse(&format!("{}/tk/mirrored:v1", upstream.host())).unwrap();
+    let layer = dg(&built.manifests[0].layers[0].blob.digest);
+    let want = &built.manifests[0].layers[0].blob.bytes;
+    let mirror_blob_requests = |m: &Registry| {
+        m.log()
+            .lines()
+            .filter(|l| l.contains("GET /v2/tk/mirrored/blobs/"))
+            .count()
+    };
+
+    let c = Client::new(cfg()).unwrap();
+    let img = rt.block_on(c.resolve(&r, None)).unwrap();
+    assert!(
+        mirror.log().contains("/v2/tk/mirrored/manifests/v1"),
+        "{}",
+        mirror.log()
+    );
+    let before = mirror_blob_requests(&mirror);
+    let bytes = rt
+        .block_on(c.read_range(&img.reference, &layer, 100..5000))
+        .unwrap();
+    assert_eq!(&bytes[..], &want[100..5000]);
+    // (The access log line is written when the mirror finishes answering.)
+    let start = Instant::now();
+    while mirror_blob_requests(&mirror) == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            mirror.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The mirror keeps the blob (in the background, after its first fetch).
+    let start = Instant::now();
+    while !mirror.has_blob(layer.as_str()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "mirror never kept the blob"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Mirror down: the registry answers (a fresh client, as a new mount would have).
+    mirror.stop();
+    let c = Client::new(cfg()).unwrap();
+    let bytes = rt
+        .block_on(c.read_range(&img.reference, &layer, 0..4096))
+        .unwrap();
+    assert_eq!(&bytes[..], &want[..4096]);
+
+    // Registry down, mirror back: what it kept is served, and verified.
+    mirror.restart().unwrap();
+    upstream.stop();
+    let c = Client::new(cfg()).unwrap();
+    let bytes = rt
+        .block_on(c.read_range(&img.reference, &layer, 7..9000))
+        .unwrap();
+    assert_eq!(&bytes[..], &want[7..9000]);
+    let whole = rt
+        .block_on(c.blob_bytes(&img.reference, &layer, 1 << 20))
+        .unwrap();
+    assert_eq!(&whole[..], &want[..]);
 }
 
 #[test]
@@ -299,6 +477,7 @@ fn credentials_come_from_docker_config_auths_and_helpers() {
             password: "s3cr3t".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     reg.push(&image().build().unwrap(), "tk/dc", "v1").unwrap();
@@ -404,6 +583,7 @@ fn docker_identity_tokens_use_the_oauth2_refresh_grant() {
             lifetime: Duration::from_mins(1),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     reg.push(&image().build().unwrap(), "tk/oauth", "v1")

@@ -147,6 +147,16 @@ fn serve(
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
+    // Like any HTTP server, answer bytes that are not HTTP (a TLS ClientHello) with a 400.
+    if reader
+        .fill_buf()?
+        .first()
+        .is_some_and(|b| !b.is_ascii_uppercase())
+    {
+        let mut out = conn;
+        out.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")?;
+        return Ok(());
+    }
     // One request per connection (every answer says `Connection: close`).
     {
         let mut line = String::new();

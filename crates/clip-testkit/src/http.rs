@@ -23,6 +23,14 @@ pub fn install_crypto_provider() {
 
 /// A TLS client config trusting only `ca_pem` (or nothing, for plain-HTTP use).
 pub fn rustls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
+    rustls_config_with(ca_pem, None)
+}
+
+/// [`rustls_config`] presenting `identity` as a client certificate.
+pub fn rustls_config_with(
+    ca_pem: Option<&str>,
+    identity: Option<&crate::pki::LeafCert>,
+) -> Result<rustls::ClientConfig> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     if let Some(pem) = ca_pem {
@@ -34,9 +42,16 @@ pub fn rustls_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
                 .map_err(|e| Error::Crypto(format!("adding CA: {e}")))?;
         }
     }
-    Ok(rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![rustls::pki_types::CertificateDer::from(id.cert_der.clone())],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(id.key_pkcs8_der.clone().into()),
+            )
+            .map_err(|e| Error::Crypto(format!("client certificate: {e}"))),
+    }
 }
 
 /// A response, read whole.
@@ -79,7 +94,17 @@ impl HttpClient {
         ca_pem: Option<&str>,
         credentials: Option<(String, String)>,
     ) -> Result<Self> {
-        let tls = rustls_config(ca_pem)?;
+        Self::with_identity(base, ca_pem, credentials, None)
+    }
+
+    /// [`HttpClient::new`] presenting a client certificate.
+    pub fn with_identity(
+        base: String,
+        ca_pem: Option<&str>,
+        credentials: Option<(String, String)>,
+        identity: Option<&crate::pki::LeafCert>,
+    ) -> Result<Self> {
+        let tls = rustls_config_with(ca_pem, identity)?;
         let client = Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(std::time::Duration::from_mins(2))

@@ -9,6 +9,7 @@
 //!   htpasswd Basic auth, with Bearer tokens from the testkit's [`token`] server (configurable
 //!   lifetime, so expiry is testable), and/or with TLS from a generated CA. It can be stopped and
 //!   restarted on the same port to model an outage.
+//! - [`Tap`] — a TCP forwarder that records whether each connection opened with TLS.
 //! - [`S3`] — the `s3s-fs` S3 API server with random credentials.
 //! - [`ImageBuilder`] — seeded, deterministic OCI and Docker images (every compression, every
 //!   entry kind, every merge rule; see [`image::edge_cases`]) pushed to a [`Registry`] or written
@@ -43,6 +44,7 @@ pub mod process;
 pub mod registry;
 pub mod s3;
 pub mod snapshot;
+pub mod tap;
 pub mod token;
 pub mod zstd_chunked;
 
@@ -53,6 +55,7 @@ pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, 
 pub use registry::{Auth, Registry, RegistryOptions};
 pub use s3::S3;
 pub use snapshot::{CompareOptions, Snapshot, assert_same};
+pub use tap::Tap;
 
 /// Whether the tests run as root (needed for devices, owners and FUSE).
 #[must_use]

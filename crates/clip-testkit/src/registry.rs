@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use crate::error::{Error, IoContext, Result};
 use crate::http::HttpClient;
 use crate::image::{BuiltImage, PushedImage};
-use crate::pki::TestCa;
+use crate::pki::{LeafCert, TestCa};
 use crate::process::{Service, free_port, port_open, which};
 use crate::token::{TokenServer, TokenSettings, TokenStats};
 
@@ -45,6 +45,12 @@ pub struct RegistryOptions {
     pub auth: Auth,
     /// Serve HTTPS with a certificate from a fresh testkit CA.
     pub tls: bool,
+    /// With `tls`: demand a client certificate signed by the same CA (`http.tls.clientcas`);
+    /// [`Registry::client_cert`] is one.
+    pub client_certs: bool,
+    /// Run as a pull-through cache of this registry URL (`proxy.remoteurl`): read-only, it
+    /// fetches what it lacks from there and keeps it.
+    pub proxy_of: Option<String>,
 }
 
 impl Default for RegistryOptions {
@@ -52,6 +58,8 @@ impl Default for RegistryOptions {
         Self {
             auth: Auth::Anonymous,
             tls: false,
+            client_certs: false,
+            proxy_of: None,
         }
     }
 }
@@ -66,6 +74,7 @@ pub struct Registry {
     ca: Option<Arc<TestCa>>,
     token_server: Option<TokenServer>,
     config: PathBuf,
+    client_cert: Option<LeafCert>,
 }
 
 const SERVICE_NAME: &str = "clip-testkit-registry";
@@ -165,17 +174,30 @@ impl Registry {
                 token_server = Some(server);
             }
         }
+        let mut client_cert = None;
         let tls_yaml = if options.tls {
             let ca = ca.as_ref().ok_or_else(|| Error::Crypto("no CA".into()))?;
             let leaf = ca.issue(dir.path(), "registry", true)?;
-            format!(
+            let mut y = format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 leaf.cert_path.display(),
                 leaf.key_path.display()
-            )
+            );
+            if options.client_certs {
+                y += "    clientcas:\n      - ";
+                y += &ca.cert_path().display().to_string();
+                y += "\n";
+                client_cert = Some(ca.issue(dir.path(), "client", false)?);
+            }
+            y
         } else {
             String::new()
         };
+        let proxy_yaml = options
+            .proxy_of
+            .as_ref()
+            .map(|url| format!("proxy:\n  remoteurl: {url}\n"))
+            .unwrap_or_default();
 
         // A taken port (someone grabbed it between free_port and bind) is retried with a new one.
         let mut last_err = None;
@@ -184,13 +206,13 @@ impl Registry {
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let config = dir.path().join("config.yml");
             let yaml = format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n  secret: clip-testkit-secret\n{tls_yaml}{auth_yaml}",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n  secret: clip-testkit-secret\n{tls_yaml}{auth_yaml}{proxy_yaml}",
                 storage.display()
             );
             std::fs::write(&config, yaml).ctx(|| format!("writing {}", config.display()))?;
             let log = dir.path().join("registry.log");
             let mut service = spawn(&program, &config, &log)?;
-            let probe = v2_probe(addr, options.tls, ca.as_deref())?;
+            let probe = v2_probe(addr, options.tls, ca.as_deref(), client_cert.as_ref())?;
             match service.wait_ready(Duration::from_secs(20), || port_open(addr) && probe()) {
                 Ok(()) => {
                     return Ok(Self {
@@ -201,6 +223,7 @@ impl Registry {
                         ca,
                         token_server,
                         config,
+                        client_cert,
                     });
                 }
                 Err(e) => last_err = Some(e),
@@ -265,13 +288,60 @@ impl Registry {
         self.token_server.as_ref().map(TokenServer::stats)
     }
 
-    /// An HTTP client for this registry that authenticates as the configured user.
+    /// An HTTP client for this registry that authenticates as the configured user (with the
+    /// client certificate, when the registry demands one).
     pub fn client(&self) -> Result<HttpClient> {
-        HttpClient::new(
+        HttpClient::with_identity(
             self.base_url(),
             self.ca.as_ref().map(|c| c.cert_pem()),
             self.credentials(),
+            self.client_cert.as_ref(),
         )
+    }
+
+    /// The client certificate this registry accepts, when it demands one.
+    #[must_use]
+    pub fn client_cert(&self) -> Option<&LeafCert> {
+        self.client_cert.as_ref()
+    }
+
+    /// Writes this registry's trust the way docker and containerd read it: under
+    /// `root/HOST:PORT/`, `ca.crt`, and `client.cert` + `client.key` when it demands a client
+    /// certificate. Returns that directory.
+    pub fn write_certs_d(&self, root: &Path) -> Result<PathBuf> {
+        self.write_certs_d_as(root, &self.host())
+    }
+
+    /// [`Registry::write_certs_d`] for this registry reached as `host` (through a [`crate::Tap`]).
+    pub fn write_certs_d_as(&self, root: &Path, host: &str) -> Result<PathBuf> {
+        let dir = root.join(host);
+        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        if let Some(ca) = self.ca.as_ref().filter(|_| self.options.tls) {
+            let p = dir.join("ca.crt");
+            std::fs::write(&p, ca.cert_pem()).ctx(|| format!("writing {}", p.display()))?;
+        }
+        if let Some(c) = &self.client_cert {
+            for (from, to) in [(&c.cert_path, "client.cert"), (&c.key_path, "client.key")] {
+                std::fs::copy(from, dir.join(to)).ctx(|| format!("copying {}", from.display()))?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Whether this registry's storage holds blob `digest` (`sha256:…`) — for a pull-through
+    /// cache, whether it has kept it.
+    #[must_use]
+    pub fn has_blob(&self, digest: &str) -> bool {
+        let Some(hex) = digest.strip_prefix("sha256:") else {
+            return false;
+        };
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2).unwrap_or(""))
+            .join(hex)
+            .join("data")
+            .is_file()
     }
 
     /// The registry's log so far.
@@ -294,7 +364,12 @@ impl Registry {
         let log = self.dir.path().join("registry.log");
         let mut service = spawn(&program, &self.config, &log)?;
         let addr = self.addr;
-        let probe = v2_probe(addr, self.options.tls, self.ca.as_deref())?;
+        let probe = v2_probe(
+            addr,
+            self.options.tls,
+            self.ca.as_deref(),
+            self.client_cert.as_ref(),
+        )?;
         service.wait_ready(Duration::from_secs(20), || port_open(addr) && probe())?;
         self.service = service;
         Ok(())
@@ -302,9 +377,19 @@ impl Registry {
 }
 
 /// A readiness check: `GET /v2/` gets an HTTP answer (200, or 401 when auth is on).
-fn v2_probe(addr: SocketAddr, tls: bool, ca: Option<&TestCa>) -> Result<impl Fn() -> bool + use<>> {
+fn v2_probe(
+    addr: SocketAddr,
+    tls: bool,
+    ca: Option<&TestCa>,
+    identity: Option<&LeafCert>,
+) -> Result<impl Fn() -> bool + use<>> {
     let scheme = if tls { "https" } else { "http" };
-    let client = HttpClient::new(format!("{scheme}://{addr}"), ca.map(TestCa::cert_pem), None)?;
+    let client = HttpClient::with_identity(
+        format!("{scheme}://{addr}"),
+        ca.map(TestCa::cert_pem),
+        None,
+        identity,
+    )?;
     Ok(move || {
         client
             .raw(reqwest::Method::GET, "/v2/", None)

@@ -71,6 +71,7 @@ fn basic_auth_registry_rejects_anonymous_and_wrong_passwords() {
             password: "s3cret".into(),
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let client = reg.client().unwrap();
@@ -116,6 +117,7 @@ fn token_registry_tokens_grant_scoped_access_and_expire() {
             lifetime,
         },
         tls: false,
+        ..Default::default()
     })
     .unwrap();
     let client = reg.client().unwrap();
@@ -240,6 +242,7 @@ fn tls_registry_is_trusted_only_through_the_testkit_ca() {
     let reg = Registry::start(RegistryOptions {
         auth: Auth::Anonymous,
         tls: true,
+        ..Default::default()
     })
     .unwrap();
     assert!(reg.base_url().starts_with("https://"));

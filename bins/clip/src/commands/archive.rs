@@ -42,7 +42,10 @@ pub(crate) fn run(args: &ArchiveArgs, out: &mut impl Write) -> anyhow::Result<()
             .context("name an image, --oci-layout DIR or --rootfs DIR")?;
         let reference = Reference::parse(image)?;
         let c = client.insert(args.registry.client(&reference.registry)?);
-        let s = archive_image(image, c, args.platform.as_ref(), &output)?;
+        let line = crate::progress::ProgressLine::start("downloading", !json);
+        let counter = line.counter();
+        let s = archive_image(image, c, args.platform.as_ref(), &output, Some(&counter))?;
+        drop(line);
         (s.kind, s.entries, s.bytes, reference.to_string())
     };
     let (kind, bytes, output) = if let Some(url) = &args.remote {

@@ -25,6 +25,8 @@ pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
     };
     let start = std::time::Instant::now();
     let json = args.json;
+    let line = std::sync::Arc::new(crate::progress::ProgressLine::start("indexing", !json));
+    opts.bytes_read = Some(line.counter());
     let (s, what) = if let Some(layout) = args.oci_layout {
         let source = args
             .source
@@ -45,8 +47,12 @@ pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
             .context("name an image, or use --oci-layout DIR")?;
         let reference = Reference::parse(&image)?;
         let client = args.registry.client(&reference.registry)?;
+        let line2 = std::sync::Arc::clone(&line);
         let progress = move |p: &Progress| {
-            if !json {
+            if let Progress::Resolved { bytes, .. } = p {
+                line2.set_total(*bytes);
+            }
+            if !json && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
                 report(p);
             }
         };

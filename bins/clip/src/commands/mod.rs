@@ -13,6 +13,26 @@ use std::path::Path;
 use anyhow::Context as _;
 use clip_core::format::Archive;
 
+/// Writes `clip.1` and `clip-SUBCOMMAND.1` into `dir`, from the same definitions as `--help`.
+pub(crate) fn man(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+    let mut pages = vec![("clip".to_owned(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        pages.push((
+            format!("clip-{}", sub.get_name()),
+            sub.clone().name(format!("clip-{}", sub.get_name())),
+        ));
+    }
+    for (name, page) in pages {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(page).render(&mut buf)?;
+        let path = dir.join(format!("{name}.1"));
+        clip_core::format::publish_bytes(&path, &buf)?;
+    }
+    Ok(())
+}
+
 /// Opens an archive, naming it in the error.
 pub(crate) fn open(file: &Path) -> anyhow::Result<Archive> {
     Archive::open(file).with_context(|| format!("opening {}", file.display()))

@@ -74,6 +74,7 @@ impl ImageService {
             mountpoint: mountpoint.clone(),
             cache_dir: self.cfg.cache_dir.join("spans"),
             cache_bytes: self.cfg.cache_size_gib << 30,
+            cache_min_free_percent: self.cfg.cache_min_free_percent,
             registry: Some(self.net.clone()),
             remote: match &self.cfg.archive_store {
                 clip_policy::ArchiveStore::S3(s3) => super::store::remote_options(s3),

@@ -97,14 +97,25 @@ impl std::fmt::Debug for ImageService {
     }
 }
 
-/// Registry client settings from the configuration: per-registry credentials and insecure
-/// hosts, then docker's `config.json`.
+/// Registry client settings from the configuration: per-registry credentials, insecure hosts,
+/// CAs and client certificates, then docker's `config.json`; certs.d roots; mirrors from
+/// registries.conf.
 pub fn client_config(cfg: &Config) -> Result<registry::ClientConfig, ServiceError> {
     let mut client_cfg = registry::ClientConfig::default().with_docker_config()?;
     for (host, e) in &cfg.registries {
         let host = if host == "docker" { "docker.io" } else { host };
         if e.insecure {
             client_cfg.insecure.push(host.to_owned());
+        }
+        if e.ca_file.is_some() || e.client_cert.is_some() {
+            client_cfg.registry_tls.push((
+                host.to_owned(),
+                registry::trust::RegistryTls {
+                    ca_file: e.ca_file.clone(),
+                    client_cert: e.client_cert.clone(),
+                    client_key: e.client_key.clone(),
+                },
+            ));
         }
         if let (Some(u), Some(p)) = (&e.username, &e.password) {
             client_cfg.credentials.push((
@@ -116,6 +127,18 @@ pub fn client_config(cfg: &Config) -> Result<registry::ClientConfig, ServiceErro
             ));
         }
     }
+    client_cfg.certs_dirs.clone_from(&cfg.certs_dirs);
+    client_cfg.mirrors = match &cfg.registries_conf {
+        Some(conf) if !conf.exists() => {
+            return Err(registry::Error::Config(format!(
+                "imageService.registriesConf {}: no such file",
+                conf.display()
+            ))
+            .into());
+        }
+        Some(conf) => registry::mirrors::load(conf)?,
+        None => registry::mirrors::load_system()?,
+    };
     Ok(client_cfg)
 }
 

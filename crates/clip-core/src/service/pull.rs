@@ -64,7 +64,7 @@ impl ImageService {
             }
         }
         tracing::info!(image = image_ref, "Creating legacy archive (Clip v1)");
-        archive::archive_image(image_ref, &self.net, None, &out)?;
+        archive::archive_image(image_ref, &self.net, None, &out, None)?;
         self.finish(flow, &id, ArchiveVersion::V1, &out, fallback.as_ref(), 0)
     }
 }
