@@ -43,6 +43,18 @@ fn report(e: &anyhow::Error) {
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Warnings (a layer streamed because its table of contents is unusable, a cache that cannot
+    // be written) go to stderr; `CLIP_LOG` sets the filter. The mount server sets up its own.
+    if !matches!(cli.command, Command::Mount(_)) {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("CLIP_LOG")
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init();
+    }
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Inspect(a) => commands::inspect::run(&a, &mut out),

@@ -8,7 +8,10 @@
 //!    and every whiteout `DIR/.wh.NAME` removes `DIR/NAME` (and its subtree) from below;
 //! 2. the layer's other entries are inserted in order: a non-directory replacing a directory
 //!    drops its subtree, a directory over a directory keeps the children and takes the new
-//!    metadata, missing parents are created as implicit directories.
+//!    metadata, missing parents are created as implicit directories — except that a directory
+//!    this layer's whiteouts removed, and that the layer needs again only as the parent of a new
+//!    entry, comes back with the metadata it had (empty of what the lower layers put in it), as
+//!    umoci and containerd's overlay applier both do.
 //!
 //! Hard links name an earlier entry; all names of one file share its inode. When a later layer
 //! removes or replaces the path a link group hangs on, the group lives on through its next name
@@ -78,6 +81,9 @@ impl Merger {
 
     /// Applies one layer. Paths with `..` components are refused.
     pub fn apply(&mut self, entries: &[LayerEntry]) -> Result<()> {
+        // Directories the whiteouts below remove, with their metadata: needed again as implicit
+        // parents, they keep it.
+        let mut removed_dirs: HashMap<Vec<u8>, Metadata> = HashMap::new();
         // Phase 1: whiteouts and opaque markers against the lower layers.
         for e in entries {
             let path = normalize(&e.path)?;
@@ -93,13 +99,16 @@ impl Merger {
                         .map(|n| n.children.keys().map(|k| join(dir, k)).collect())
                         .unwrap_or_default();
                     for k in kids {
+                        self.dirs_under(&k, &mut removed_dirs);
                         self.remove(&k);
                     }
                 }
             } else if let Some(target) = name.strip_prefix(WHITEOUT)
                 && !target.is_empty()
             {
-                self.remove(&join(dir, target));
+                let target = join(dir, target);
+                self.dirs_under(&target, &mut removed_dirs);
+                self.remove(&target);
             }
         }
         // Phase 2: the layer's own entries, in order.
@@ -147,9 +156,43 @@ impl Merger {
                     .or_default()
                     .push(path.clone());
             }
+            // Parents this insert would create that a whiteout of this layer removed come back
+            // first, top down, with the metadata they had (so that what is created inside them
+            // inherits from them, as mkdir(2) does).
+            if !removed_dirs.is_empty() {
+                let revive: Vec<Vec<u8>> = ancestors(&path)
+                    .filter(|a| removed_dirs.contains_key(*a) && self.tree.lookup(a).is_none())
+                    .map(<[u8]>::to_vec)
+                    .collect();
+                for a in revive {
+                    if let Some(meta) = removed_dirs.get(&a) {
+                        self.tree.insert(&a, NodeKind::Dir, meta.clone())?;
+                    }
+                }
+            }
             self.tree.insert(&path, kind, e.meta.clone())?;
         }
         Ok(())
+    }
+
+    /// Records the metadata of every directory at or below `path` (before it is removed).
+    fn dirs_under(&self, path: &[u8], out: &mut HashMap<Vec<u8>, Metadata>) {
+        let Some(id) = self.tree.lookup(path) else {
+            return;
+        };
+        let mut stack = vec![(path.to_vec(), id)];
+        while let Some((p, id)) = stack.pop() {
+            let Some(node) = self.tree.node(id) else {
+                continue;
+            };
+            if node.kind != NodeKind::Dir {
+                continue;
+            }
+            out.entry(p.clone()).or_insert_with(|| node.meta.clone());
+            for (name, &child) in &node.children {
+                stack.push((join(&p, name), child));
+            }
+        }
     }
 
     /// The path of the regular file a link to `target` must name (following existing links).
@@ -223,6 +266,14 @@ impl Merger {
             names.retain(|n| !is_under(n, prefix));
         }
     }
+}
+
+/// The proper ancestors of `path` (`a`, `a/b` for `a/b/c`), shortest first.
+fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'/')
+        .map(move |(i, _)| &path[..i])
 }
 
 fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
@@ -300,6 +351,56 @@ mod tests {
         );
         m.apply(&[f("a/x", 7)]).unwrap();
         assert_eq!(size(&m, "a/x"), Some(7));
+    }
+
+    #[test]
+    fn a_removed_directory_needed_again_as_an_implicit_parent_keeps_its_metadata() {
+        fn meta(m: &Merger, p: &str) -> Metadata {
+            m.tree()
+                .node(m.tree().lookup(p.as_bytes()).unwrap())
+                .unwrap()
+                .meta
+                .clone()
+        }
+        let mut m = Merger::new();
+        let sticky = |p: &str| LayerEntry {
+            meta: Metadata {
+                mode: 0o1777,
+                uid: 7,
+                ..Metadata::default()
+            },
+            ..d(p)
+        };
+        m.apply(&[
+            d("p"),
+            sticky("p/d"),
+            f("p/d/old", 1),
+            d("p/d/e"),
+            d("q"),
+            d("q/w"),
+        ])
+        .unwrap();
+        // Opaque p, then a new file two levels below it with no directory entries; and a
+        // whiteout of q/w with a new entry below it.
+        m.apply(&[
+            f("p/.wh..wh..opq", 0),
+            f("p/d/e/new", 2),
+            f("q/.wh.w", 0),
+            f("q/w/x", 3),
+        ])
+        .unwrap();
+        assert_eq!((meta(&m, "p/d").mode, meta(&m, "p/d").uid), (0o1777, 7));
+        assert_eq!(meta(&m, "p/d/e").mode, 0o700);
+        assert_eq!(meta(&m, "q/w").mode, 0o700);
+        assert_eq!(size(&m, "p/d/old"), None, "lower contents stay removed");
+        assert_eq!(size(&m, "p/d/e/new"), Some(2));
+        // A directory entry of the layer itself still wins.
+        m.apply(&[f("p/.wh..wh..opq", 0), f("p/d/z", 1), d("p/d")])
+            .unwrap();
+        assert_eq!(meta(&m, "p/d").mode, 0o700);
+        // Never removed: implicit parents are fresh.
+        m.apply(&[f("fresh/x", 1)]).unwrap();
+        assert_eq!(meta(&m, "fresh").mode, Metadata::implicit_dir().mode);
     }
 
     #[test]

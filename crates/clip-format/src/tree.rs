@@ -119,6 +119,20 @@ impl Metadata {
             ..Self::default()
         }
     }
+
+    /// Metadata of an implicit directory created inside a directory with metadata `parent`:
+    /// what `mkdir(2)` gives an unpacker running as root (umoci, containerd) — mode 0755, owned
+    /// by root, except that inside a setgid directory the new one inherits the setgid bit and the
+    /// parent's group.
+    #[must_use]
+    pub fn implicit_dir_in(parent: &Self) -> Self {
+        let mut m = Self::implicit_dir();
+        if parent.mode & 0o2000 != 0 {
+            m.mode |= 0o2000;
+            m.gid = parent.gid;
+        }
+        m
+    }
 }
 
 /// One node of the tree.
@@ -276,12 +290,15 @@ impl Tree {
             }
             self.remove_id(id);
         }
+        let meta = self.node(parent).map_or_else(Metadata::implicit_dir, |p| {
+            Metadata::implicit_dir_in(&p.meta)
+        });
         let id = self.nodes.len();
         self.nodes.push(Some(Node {
             name: name.to_vec(),
             parent,
             kind: NodeKind::Dir,
-            meta: Metadata::implicit_dir(),
+            meta,
             children: BTreeMap::new(),
         }));
         if let Some(p) = self.node_mut(parent) {

@@ -29,6 +29,8 @@ pub struct LayerDesc {
     pub annotations: BTreeMap<String, String>,
     /// The digest of the uncompressed tar.
     pub diff_id: Digest,
+    /// Where a non-distributable ("foreign") layer says it can be downloaded; empty for others.
+    pub urls: Vec<String>,
 }
 
 impl LayerDesc {
@@ -64,6 +66,7 @@ impl LayerDesc {
                         .into_iter()
                         .collect(),
                     diff_id,
+                    urls: d.urls().clone().unwrap_or_default(),
                 })
             })
             .collect()
@@ -87,8 +90,10 @@ pub struct ImageTree {
     pub uncompressed_bytes: u64,
     /// Layers whose stored index was reused.
     pub reused_layers: usize,
-    /// Layers indexed from an eStargz table of contents.
+    /// Layers indexed from a table of contents.
     pub toc_layers: usize,
+    /// How each layer was indexed.
+    pub per_layer: Vec<crate::LayerReport>,
 }
 
 /// Writes a merged image as a v2 archive.
@@ -116,6 +121,7 @@ pub(crate) fn write_image(out: &Path, image: &ImageTree) -> Result<IndexSummary>
         uncompressed_bytes: image.uncompressed_bytes,
         reused_layers: image.reused_layers,
         toc_layers: image.toc_layers,
+        per_layer: image.per_layer.clone(),
     })
 }
 
@@ -181,6 +187,7 @@ pub(crate) fn merge_all(
     let mut checkpoints = Vec::new();
     let (mut compressed_bytes, mut uncompressed_bytes, mut reused_layers) = (0, 0, 0);
     let mut toc_layers = 0;
+    let mut per_layer = Vec::with_capacity(descs.len());
     for (i, slot) in results.into_iter().enumerate() {
         let done = slot
             .into_inner()
@@ -198,6 +205,20 @@ pub(crate) fn merge_all(
             }
         }
         toc_layers += usize::from(done.toc);
+        if let Some(why) = &done.why_streamed {
+            tracing::warn!(layer = i, digest = %descs[i].digest, reason = %why, "layer streamed: its table of contents is not used");
+        }
+        per_layer.push(crate::LayerReport {
+            layer: i,
+            digest: descs[i].digest.clone(),
+            method: if reused {
+                crate::LayerMethod::Reused
+            } else {
+                done.method
+            },
+            why_streamed: done.why_streamed.clone(),
+            fetched_bytes: if reused { 0 } else { done.fetched },
+        });
         layers.push(LayerInfo {
             digest: descs[i].digest.clone(),
             diff_id: descs[i].diff_id.clone(),
@@ -225,6 +246,7 @@ pub(crate) fn merge_all(
         uncompressed_bytes,
         reused_layers,
         toc_layers,
+        per_layer,
     })
 }
 
@@ -257,6 +279,8 @@ fn reusing(
                         media: s.media,
                         toc: s.toc_indexed,
                         fetched: 0,
+                        method: crate::LayerMethod::Reused,
+                        why_streamed: None,
                     },
                     true,
                 ));

@@ -96,10 +96,13 @@ pub(crate) struct IndexedLayer {
     pub(crate) entries: Vec<LayerEntry>,
     pub(crate) index: LayerIndex,
     pub(crate) media: MediaKind,
-    /// Indexed from an eStargz TOC (virtual offsets).
+    /// Indexed from a TOC (virtual offsets).
     pub(crate) toc: bool,
     /// Compressed bytes fetched to index it.
     pub(crate) fetched: u64,
+    /// How it was indexed (before any reuse) and, if streamed despite a TOC, why.
+    pub(crate) method: crate::LayerMethod,
+    pub(crate) why_streamed: Option<String>,
 }
 
 pub(crate) fn index_layer<C: Chunks>(
@@ -217,6 +220,8 @@ pub(crate) fn index_layer<C: Chunks>(
         media,
         toc: false,
         fetched,
+        method: crate::LayerMethod::Streamed,
+        why_streamed: None,
     })
 }
 

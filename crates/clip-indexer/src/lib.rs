@@ -112,6 +112,18 @@ pub enum Error {
     /// The image layout or its documents are invalid.
     #[error("invalid image: {0}")]
     Image(String),
+    /// A layer's table of contents could not be used, and streaming the layer failed too.
+    #[error(
+        "layer {layer}: its table of contents is not usable ({why}), and streaming it failed: {source}"
+    )]
+    TocAndStream {
+        /// Layer index.
+        layer: usize,
+        /// Why the table of contents was not used.
+        why: String,
+        /// Why streaming failed.
+        source: Box<Error>,
+    },
     /// The image uses something not supported yet.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -224,6 +236,40 @@ pub struct IndexSummary {
     pub uncompressed_bytes: u64,
     /// Layers whose stored index was reused (not fetched).
     pub reused_layers: usize,
-    /// Layers indexed from their eStargz table of contents (a few range requests each).
+    /// Layers indexed from their table of contents (eStargz or zstd:chunked; a few range
+    /// requests each).
     pub toc_layers: usize,
+    /// How each layer was indexed, bottom first.
+    pub per_layer: Vec<LayerReport>,
+}
+
+/// How a layer was indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerMethod {
+    /// The whole blob was read and its tar walked.
+    Streamed,
+    /// From its eStargz table of contents (footer and TOC member).
+    EstargzToc,
+    /// From its zstd:chunked manifest.
+    ZstdChunkedToc,
+    /// A stored index of the same layer was used; nothing was fetched.
+    Reused,
+}
+
+/// One layer's line of an [`IndexSummary`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerReport {
+    /// Position in the manifest, bottom first.
+    pub layer: usize,
+    /// Blob digest.
+    pub digest: Digest,
+    /// How it was indexed.
+    pub method: LayerMethod,
+    /// For a streamed layer that announces (or seems to announce) a table of contents: why it
+    /// was not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why_streamed: Option<String>,
+    /// Compressed bytes fetched for it.
+    pub fetched_bytes: u64,
 }

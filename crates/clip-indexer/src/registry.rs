@@ -9,7 +9,7 @@ use clip_registry::BlockingClient;
 
 use crate::image::{ImageTree, merge_all};
 use crate::layer::{IndexedLayer, index_layer};
-use crate::{Error, IndexOptions, Progress, ProgressFn, Result, toc};
+use crate::{Error, IndexOptions, LayerMethod, Progress, ProgressFn, Result, toc};
 
 /// The merged image `reference` names, indexed straight from its registry.
 pub(crate) fn registry_image(
@@ -50,47 +50,81 @@ pub(crate) fn registry_image(
         opts.layer_store.as_deref(),
         progress,
         |d| {
-            if let Some(kind) = toc::layer_toc(d) {
-                let fetch = |r: std::ops::Range<u64>| -> Result<Vec<u8>> {
-                    Ok(handle
-                        .block_on(client.read_range(&pinned, &d.digest, r))?
-                        .to_vec())
-                };
-                let layer =
-                    u32::try_from(d.index).map_err(|_| Error::Image("too many layers".into()))?;
-                let (attempt, media) = match kind {
-                    toc::TocKind::EStargz => (
-                        toc::index_from_toc(
-                            &fetch,
-                            layer,
-                            d,
-                            toc::toc_digest(d).unwrap_or_default(),
-                            span,
+            let why_streamed = match toc::announced(d) {
+                toc::Announced::Nothing => None,
+                toc::Announced::Unusable(why) => Some(why),
+                toc::Announced::Toc(kind) => {
+                    let fetch = |r: std::ops::Range<u64>| -> Result<Vec<u8>> {
+                        Ok(handle
+                            .block_on(client.read_range(&pinned, &d.digest, r))?
+                            .to_vec())
+                    };
+                    let layer = u32::try_from(d.index)
+                        .map_err(|_| Error::Image("too many layers".into()))?;
+                    let (attempt, media, method) = match kind {
+                        toc::TocKind::EStargz => (
+                            toc::index_from_toc(
+                                &fetch,
+                                layer,
+                                d,
+                                toc::toc_digest(d).unwrap_or_default(),
+                                span,
+                            ),
+                            MediaKind::Gzip,
+                            LayerMethod::EstargzToc,
                         ),
-                        MediaKind::Gzip,
-                    ),
-                    toc::TocKind::ZstdChunked => (
-                        toc::index_from_zstd_chunked(&fetch, layer, d, span),
-                        MediaKind::Zstd,
-                    ),
-                };
-                match attempt {
-                    Ok(t) => {
-                        return Ok(IndexedLayer {
-                            entries: t.entries,
-                            index: t.index,
-                            media,
-                            toc: true,
-                            fetched: t.fetched,
-                        });
+                        toc::TocKind::ZstdChunked => (
+                            toc::index_from_zstd_chunked(&fetch, layer, d, span),
+                            MediaKind::Zstd,
+                            LayerMethod::ZstdChunkedToc,
+                        ),
+                    };
+                    match attempt {
+                        Ok(t) => {
+                            return Ok(IndexedLayer {
+                                entries: t.entries,
+                                index: t.index,
+                                media,
+                                toc: true,
+                                fetched: t.fetched,
+                                method,
+                                why_streamed: None,
+                            });
+                        }
+                        Err(e) => Some(e.to_string()),
                     }
-                    Err(e) => {
-                        tracing::warn!(layer = d.index, digest = %d.digest, error = %e, "table of contents not usable; streaming the layer");
+                }
+            };
+            if !d.urls.is_empty() {
+                // A non-distributable layer: only what the registry holds is read.
+                match handle.block_on(client.read_range(&pinned, &d.digest, 0..1)) {
+                    Err(clip_registry::Error::NotFound { .. }) => {
+                        return Err(clip_registry::Error::ForeignLayer {
+                            digest: d.digest.clone(),
+                            host: pinned.registry.clone(),
+                            urls: d.urls.clone(),
+                        }
+                        .into());
                     }
+                    Err(e) => return Err(e.into()),
+                    Ok(_) => {}
                 }
             }
             let reader = client.blob_reader(handle, &pinned, &d.digest);
-            index_layer(reader, d, span, opts.bytes_read.as_deref())
+            match index_layer(reader, d, span, opts.bytes_read.as_deref()) {
+                Ok(mut done) => {
+                    done.why_streamed = why_streamed;
+                    Ok(done)
+                }
+                Err(e) => Err(match why_streamed {
+                    Some(why) => Error::TocAndStream {
+                        layer: d.index,
+                        why,
+                        source: Box::new(e),
+                    },
+                    None => e,
+                }),
+            }
         },
     )
 }

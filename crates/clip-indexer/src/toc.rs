@@ -13,7 +13,12 @@
 //! in zstd frames of its own, followed by skippable frames holding the zstd-compressed TOC ("manifest")
 //! and a footer; the descriptor's `io.github.containers.zstd-chunked.manifest-position`
 //! (`offset:length:uncompressed length:1`) and `…manifest-checksum` (sha256 of the compressed
-//! manifest) annotations locate and pin it. Indexing fetches the manifest.
+//! manifest) annotations locate and pin it — `io.containers.zstd-chunked.*` in containers/image
+//! before 5.24 (Debian 12's skopeo, buildah, podman), same layout. Indexing fetches the manifest.
+//!
+//! A layer that announces a TOC which cannot be used ([`Announced::Unusable`]: a wrong media
+//! type, half of a pair of annotations, an unknown annotation name) or whose TOC fails to parse
+//! or verify is streamed, and the reason is logged and reported per layer.
 //!
 //! A TOC gives each file's (or chunk's) compressed offset and the sha256 of its uncompressed
 //! bytes, but not where it sits in the layer's uncompressed tar stream; so file offsets of such a
@@ -27,7 +32,8 @@
 //! digests take its place. TOC times have whole-second precision.
 //!
 //! Anything this model cannot express exactly (no data digests, eStargz chunks packed into one
-//! member with `innerOffset`, zstd:chunked `zeros` chunks, unknown entry types, a TOC that does
+//! member with `innerOffset`, zstd:chunked `zeros` chunks with no data in the stream, unknown
+//! entry types, a TOC that does
 //! not cover every file byte, an entry named like a PAX sparse file's `GNUSparseFile.N/` stand-in)
 //! is an error, and the caller streams the layer instead.
 
@@ -51,6 +57,12 @@ pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.diges
 pub const ZSTD_POSITION_ANNOTATION: &str = "io.github.containers.zstd-chunked.manifest-position";
 /// The zstd:chunked annotation naming the sha256 of the compressed manifest.
 pub const ZSTD_CHECKSUM_ANNOTATION: &str = "io.github.containers.zstd-chunked.manifest-checksum";
+/// The older names of the same two annotations, written by containers/image before 5.24
+/// (skopeo 1.9, buildah 1.28 and podman 4.3, as Debian 12 ships them). The manifest and footer
+/// they point at have the same layout.
+pub const ZSTD_POSITION_ANNOTATION_V1: &str = "io.containers.zstd-chunked.manifest-position";
+/// See [`ZSTD_POSITION_ANNOTATION_V1`].
+pub const ZSTD_CHECKSUM_ANNOTATION_V1: &str = "io.containers.zstd-chunked.manifest-checksum";
 
 /// Which kind of table of contents a layer carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,18 +73,83 @@ pub enum TocKind {
     ZstdChunked,
 }
 
-/// The kind of TOC a layer's descriptor announces, if any.
+/// What a layer's descriptor says about a table of contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announced {
+    /// A table of contents this indexer reads.
+    Toc(TocKind),
+    /// Something that looks like one but cannot be used, and why (the layer is streamed).
+    Unusable(String),
+    /// Nothing: a plain layer.
+    Nothing,
+}
+
+/// The zstd:chunked (position, checksum) annotations of `d`, under either generation's names.
+fn zstd_annotations(d: &LayerDesc) -> (Option<&str>, Option<&str>) {
+    let get = |new: &str, old: &str| {
+        d.annotations
+            .get(new)
+            .or_else(|| d.annotations.get(old))
+            .map(String::as_str)
+    };
+    (
+        get(ZSTD_POSITION_ANNOTATION, ZSTD_POSITION_ANNOTATION_V1),
+        get(ZSTD_CHECKSUM_ANNOTATION, ZSTD_CHECKSUM_ANNOTATION_V1),
+    )
+}
+
+/// What `d` announces: a usable TOC, one that cannot be used (with the reason), or nothing.
+#[must_use]
+pub fn announced(d: &LayerDesc) -> Announced {
+    let zstd_media = d.media_type.contains("zstd");
+    let gzip_media = d.media_type.contains("gzip");
+    if d.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
+        return if gzip_media {
+            Announced::Toc(TocKind::EStargz)
+        } else {
+            Announced::Unusable(format!(
+                "{TOC_DIGEST_ANNOTATION} on a layer of media type {}",
+                d.media_type
+            ))
+        };
+    }
+    match zstd_annotations(d) {
+        (Some(_), Some(_)) if zstd_media => return Announced::Toc(TocKind::ZstdChunked),
+        (Some(_), Some(_)) => {
+            return Announced::Unusable(format!(
+                "zstd:chunked annotations on a layer of media type {}",
+                d.media_type
+            ));
+        }
+        (Some(_), None) => {
+            return Announced::Unusable(
+                "zstd:chunked manifest position without its checksum".into(),
+            );
+        }
+        (None, Some(_)) => {
+            return Announced::Unusable(
+                "zstd:chunked manifest checksum without its position".into(),
+            );
+        }
+        (None, None) => {}
+    }
+    // Names this version does not know but that say "there is a TOC".
+    if let Some(k) = d
+        .annotations
+        .keys()
+        .find(|k| k.contains("zstd-chunked") || k.contains("stargz") || k.contains("estargz"))
+    {
+        return Announced::Unusable(format!("unknown annotation {k}"));
+    }
+    Announced::Nothing
+}
+
+/// The kind of TOC a layer's descriptor announces, if usable.
 #[must_use]
 pub fn layer_toc(d: &LayerDesc) -> Option<TocKind> {
-    if toc_digest(d).is_some() {
-        Some(TocKind::EStargz)
-    } else if d.media_type.contains("zstd")
-        && d.annotations.contains_key(ZSTD_POSITION_ANNOTATION)
-        && d.annotations.contains_key(ZSTD_CHECKSUM_ANNOTATION)
-    {
-        Some(TocKind::ZstdChunked)
-    } else {
-        None
+    match announced(d) {
+        Announced::Toc(k) => Some(k),
+        _ => None,
     }
 }
 const TOC_NAME: &[u8] = b"stargz.index.json";
@@ -302,15 +379,26 @@ fn zstd_entries(
     let mut entries = Vec::with_capacity(toc.entries.len());
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut virt = 0u64;
+    // The compressed data range of the regular file being described.
+    let mut data = 0..0;
     for e in &toc.entries {
         if e.kind == "chunk" {
-            if e.chunk_type == "zeros" {
-                return Err(Error::Unsupported(
-                    "zstd:chunked files with holes (zeros chunks)".into(),
-                ));
+            // A `zeros` chunk (a run of zeros, which a consumer may leave as a hole) is still
+            // stored in the stream — the blob must decompress to the layer's tar — so it is read
+            // like any other; one that lies outside its file's data is not expressible here.
+            if e.chunk_type == "zeros" && !data.contains(&e.offset) {
+                return Err(Error::Unsupported(format!(
+                    "zstd:chunked zeros chunk of {} outside the file's data",
+                    e.name
+                )));
             }
             continue;
         }
+        data = if e.kind == "reg" {
+            e.offset..e.end_offset
+        } else {
+            0..0
+        };
         entries.push(entry_of(e, layer, virt, &bad)?);
         if e.kind == "reg" && e.size > 0 {
             let sum = clip_format::sha256_bytes(&e.digest)
@@ -443,14 +531,9 @@ pub(crate) fn index_from_zstd_chunked(
     span: u64,
 ) -> Result<TocLayer, Error> {
     let bad = |what: &str| Error::Image(format!("zstd:chunked layer {}: {what}", d.digest));
-    let position = d
-        .annotations
-        .get(ZSTD_POSITION_ANNOTATION)
-        .ok_or_else(|| bad("no manifest position"))?;
-    let checksum = d
-        .annotations
-        .get(ZSTD_CHECKSUM_ANNOTATION)
-        .ok_or_else(|| bad("no manifest checksum"))?;
+    let (position, checksum) = zstd_annotations(d);
+    let position = position.ok_or_else(|| bad("no manifest position"))?;
+    let checksum = checksum.ok_or_else(|| bad("no manifest checksum"))?;
     let fields: Vec<u64> = position
         .split(':')
         .map(str::parse)
@@ -658,6 +741,7 @@ mod toc_tests {
             size: e.blob.len() as u64,
             annotations: std::collections::BTreeMap::new(),
             diff_id: Digest::sha256(&e.tar),
+            urls: Vec::new(),
         };
         d.annotations
             .insert(TOC_DIGEST_ANNOTATION.into(), e.toc_digest.clone());

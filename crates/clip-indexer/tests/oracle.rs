@@ -1058,3 +1058,178 @@ fn zstd_chunked_layers_are_indexed_from_their_manifest_and_match_umoci() {
         .compare(&archive_tree(&a, &layout), &CompareOptions::default());
     assert_only_subsecond_mtime(&diffs);
 }
+
+/// zstd:chunked as the real containers/image writes it (Debian 12's skopeo 1.9: the older
+/// `io.containers.zstd-chunked.*` annotation names, content-defined chunks): indexed from the
+/// manifest — one range request per layer, reported per layer — and equal to umoci's unpack of
+/// the gzip original, sub-second times included.
+#[test]
+fn zstd_chunked_layers_written_by_skopeo_are_indexed_from_their_manifest() {
+    oracle::require_oracle_tools().unwrap();
+    // skopeo's converter expands PAX sparse files yet keeps the source's diff_ids (a
+    // containers/image bug: such layers fail any diff_id check), so the source image has its
+    // sparse files written whole. Runs of zeros become `zeros` chunks.
+    let mut img = clip_testkit::image::edge_image([Compression::Gzip; 3]);
+    img.layers = img
+        .layers
+        .iter()
+        .map(clip_testkit::Layer::sparse_expanded)
+        .collect();
+    let gz = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    let registry = clip_testkit::Registry::start_anonymous().unwrap();
+    registry.push(&gz, "test/real", "gz").unwrap();
+    oracle::skopeo_recompress(&registry, "test/real:gz", "test/real:zc", "zstd:chunked").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("zc.clip");
+    let client = client();
+    let reference = format!("{}/test/real:zc", registry.host());
+    let (logs, summary) = capture_logs(|| index_image(&reference, &out, &client, None).unwrap());
+    // The fast path was taken for every layer, and said so.
+    assert_eq!(summary.toc_layers, 3, "{summary:?}\n{logs}");
+    assert!(
+        summary
+            .per_layer
+            .iter()
+            .all(|l| l.method == clip_indexer::LayerMethod::ZstdChunkedToc
+                && l.why_streamed.is_none()),
+        "{:?}",
+        summary.per_layer
+    );
+    let a = Archive::open(&out).unwrap();
+    for l in a.layers() {
+        assert_eq!(
+            blob_gets(&registry, &l.digest),
+            1,
+            "only the manifest of {}",
+            l.digest
+        );
+    }
+    // skopeo's annotations are the older generation's.
+    let resolved = client
+        .block_on(
+            client
+                .client()
+                .resolve(&clip_registry::Reference::parse(&reference).unwrap(), None),
+        )
+        .unwrap();
+    assert!(resolved.manifest.layers().iter().all(|l| {
+        l.annotations()
+            .as_ref()
+            .is_some_and(|a| a.contains_key(clip_indexer::toc::ZSTD_CHECKSUM_ANNOTATION_V1))
+    }));
+    let layout = dir.path().join("layout");
+    oracle::skopeo_to_layout(&registry, "test/real:zc", &layout, "zc", None).unwrap();
+    let want =
+        oracle::oracle_unpack(&registry, "test/real:gz", &dir.path().join("oracle"), None).unwrap();
+    let diffs = Snapshot::scan(&want)
+        .unwrap()
+        .compare(&archive_tree(&a, &layout), &CompareOptions::default());
+    // containers/image writes TOC times with their fractions: nothing differs at all.
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+/// A layer that looks like it has a table of contents but whose TOC is not used is streamed
+/// (the tree is the same), with one log line and a per-layer reason: here, the zstd:chunked
+/// checksum annotation is dropped, then the manifest checksum is wrong.
+#[test]
+fn a_table_of_contents_not_taken_is_reported_with_its_reason() {
+    use clip_testkit::ImageBuilder;
+    let registry = clip_testkit::Registry::start_anonymous().unwrap();
+    let img = clip_testkit::image::edge_image([Compression::ZstdChunked; 3]);
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    let pushed = registry.push(&built, "test/why", "v1").unwrap();
+    let client = client();
+    let dir = tempfile::tempdir().unwrap();
+    let good = index_image(
+        &pushed.reference,
+        &dir.path().join("good.clip"),
+        &client,
+        None,
+    )
+    .unwrap();
+    assert_eq!(good.toc_layers, 3);
+    for (edit, reason) in [
+        (
+            Box::new(|a: &mut serde_json::Map<String, serde_json::Value>| {
+                a.remove(clip_indexer::toc::ZSTD_CHECKSUM_ANNOTATION);
+            }) as Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>,
+            "manifest position without its checksum",
+        ),
+        (
+            Box::new(|a: &mut serde_json::Map<String, serde_json::Value>| {
+                a.insert(
+                    clip_indexer::toc::ZSTD_CHECKSUM_ANNOTATION.into(),
+                    format!("sha256:{}", "0".repeat(64)).into(),
+                );
+            }),
+            "does not match",
+        ),
+    ] {
+        let m = &built.manifests[0];
+        let mut doc: serde_json::Value = serde_json::from_slice(&m.manifest.bytes).unwrap();
+        let first = doc["layers"][0]["annotations"].as_object_mut().unwrap();
+        edit(first);
+        let bytes = serde_json::to_vec(&doc).unwrap();
+        registry
+            .client()
+            .unwrap()
+            .push_manifest("test/why", "edited", &m.manifest.media_type, &bytes)
+            .unwrap();
+        let out = dir.path().join("edited.clip");
+        let (logs, s) = capture_logs(|| {
+            index_image(
+                &format!("{}/test/why:edited", registry.host()),
+                &out,
+                &client,
+                None,
+            )
+            .unwrap()
+        });
+        assert_eq!(s.toc_layers, 2, "{s:?}");
+        let first = &s.per_layer[0];
+        assert_eq!(first.method, clip_indexer::LayerMethod::Streamed);
+        let why = first.why_streamed.as_deref().unwrap_or_default();
+        assert!(why.contains(reason), "{why}");
+        assert_eq!(
+            logs.matches("layer streamed: its table of contents is not used")
+                .count(),
+            1,
+            "{logs}"
+        );
+        // The tree is the one the TOC gives, except that the streamed layer's times and
+        // offsets are exact.
+        let a = Archive::open(&out).unwrap();
+        let g = Archive::open(&dir.path().join("good.clip")).unwrap();
+        assert_eq!(a.len(), g.len());
+    }
+}
+
+/// Log lines of `f`, captured.
+fn capture_logs<T>(f: impl FnOnce() -> T) -> (String, T) {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let b2 = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_writer(move || b2.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(sub, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (text, out)
+}

@@ -57,14 +57,35 @@ impl Client {
             .await?;
         put_blob(dir, &config_digest, &config)?;
         let mut layers = Vec::new();
+        let mut urls = Vec::new();
         for l in image.manifest.layers() {
-            layers.push((oci::digest(l)?, l.size()));
+            let d = oci::digest(l)?;
+            // An image may use one blob for several layers: fetch it once.
+            if !layers.iter().any(|(have, _)| *have == d) {
+                layers.push((d, l.size()));
+                urls.push(l.urls().clone().unwrap_or_default());
+            }
         }
         let pulls = layers
             .iter()
             .map(|(d, size)| self.pull_blob(&image.reference, d, *size, dir, progress));
-        for r in futures_util::future::join_all(pulls).await {
-            r?;
+        for ((r, (d, _)), urls) in futures_util::future::join_all(pulls)
+            .await
+            .into_iter()
+            .zip(&layers)
+            .zip(urls)
+        {
+            match r {
+                // A non-distributable layer the registry does not hold: said as such.
+                Err(Error::NotFound { .. }) if !urls.is_empty() => {
+                    return Err(Error::ForeignLayer {
+                        digest: d.clone(),
+                        host: image.reference.registry.clone(),
+                        urls,
+                    });
+                }
+                r => r?,
+            }
         }
         put_blob(dir, &digest, &manifest_bytes)?;
         let index = serde_json::json!({
@@ -101,7 +122,11 @@ impl Client {
         if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
             return Ok(());
         }
-        let tmp = path.with_extension(format!("partial.{}", std::process::id()));
+        let tmp = path.with_extension(format!(
+            "partial.{}.{}",
+            std::process::id(),
+            PARTIAL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut file = std::io::BufWriter::with_capacity(
             1 << 20,
             std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?,
@@ -148,3 +173,6 @@ impl Client {
         result
     }
 }
+
+/// Makes the names of concurrent partial downloads unique within the process.
+static PARTIAL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

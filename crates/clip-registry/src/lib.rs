@@ -108,6 +108,21 @@ pub enum Error {
         /// Host.
         host: String,
     },
+    /// A non-distributable ("foreign") layer the registry does not hold. Its manifest names URLs
+    /// outside the registry; clip reads layers only from the registry and its mirrors (as
+    /// containerd does by default), so such a layer must be pushed with the image.
+    #[error(
+        "layer {digest} is non-distributable and {host} does not have it (its manifest points to {}); clip reads layers only from the registry and its mirrors: copy the image with its foreign layers included (e.g. skopeo copy, or a registry that accepts non-distributable artifacts)",
+        urls.join(", ")
+    )]
+    ForeignLayer {
+        /// The layer.
+        digest: clip_format::Digest,
+        /// The registry.
+        host: String,
+        /// The URLs the manifest names.
+        urls: Vec<String>,
+    },
     /// Bytes do not match their digest.
     #[error(transparent)]
     Digest(#[from] clip_format::DigestMismatch),

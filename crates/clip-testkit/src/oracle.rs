@@ -50,6 +50,45 @@ pub fn skopeo_to_layout(
     run(&mut cmd).map(drop)
 }
 
+/// Has the real skopeo rewrite `from` (`REPO:TAG` in `registry`) as `to` in the same registry,
+/// recompressing every layer with `format` (`gzip`, `zstd`, `zstd:chunked`): images exactly as
+/// containers/image (skopeo, buildah, podman) writes them. It goes through an OCI layout:
+/// registry to registry, skopeo would reuse the blobs the registry already has instead.
+pub fn skopeo_recompress(registry: &Registry, from: &str, to: &str, format: &str) -> Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("clip-skopeo-")
+        .tempdir()
+        .ctx(|| "creating a temp dir".into())?;
+    let layout = format!("oci:{}:x", tmp.path().join("layout").display());
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["--insecure-policy", "copy"])
+        .args(skopeo_src_flags(registry))
+        .args(["--dest-compress", "--dest-compress-format", format])
+        .arg(format!("docker://{}/{from}", registry.host()))
+        .arg(&layout);
+    run(&mut cmd)?;
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["--insecure-policy", "copy"])
+        .args(skopeo_dest_flags(registry))
+        .arg(&layout)
+        .arg(format!("docker://{}/{to}", registry.host()));
+    run(&mut cmd).map(drop)
+}
+
+/// Destination-side skopeo flags to write to `registry`.
+#[must_use]
+pub fn skopeo_dest_flags(registry: &Registry) -> Vec<String> {
+    let mut f = Vec::new();
+    match registry.cert_dir() {
+        Some(d) => f.push(format!("--dest-cert-dir={}", d.display())),
+        None => f.push("--dest-tls-verify=false".into()),
+    }
+    if let Some((u, p)) = registry.credentials() {
+        f.push(format!("--dest-creds={u}:{p}"));
+    }
+    f
+}
+
 /// `umoci unpack` of `layout:tag` into `bundle`; returns the bundle's `rootfs`.
 pub fn umoci_unpack(layout: &Path, tag: &str, bundle: &Path) -> Result<PathBuf> {
     let mut cmd = Command::new("umoci");

@@ -206,7 +206,7 @@ impl Registry {
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let config = dir.path().join("config.yml");
             let yaml = format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {addr}\n  secret: clip-testkit-secret\n{tls_yaml}{auth_yaml}{proxy_yaml}",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nvalidation:\n  manifests:\n    urls:\n      allow:\n        - ^https?://\nhttp:\n  addr: {addr}\n  secret: clip-testkit-secret\n{tls_yaml}{auth_yaml}{proxy_yaml}",
                 storage.display()
             );
             std::fs::write(&config, yaml).ctx(|| format!("writing {}", config.display()))?;

@@ -109,12 +109,12 @@ fn summary(
     if json {
         let v = serde_json::json!({"kind": "v2-oci", "image": what, "manifest_digest": s.manifest_digest, "layers": s.layers,
             "entries": s.entries, "checkpoints": s.checkpoints, "bytes": s.archive_bytes, "index_bytes": s.index_bytes,
-            "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "reused_layers": s.reused_layers, "toc_layers": s.toc_layers, "seconds": secs, "output": output});
+            "compressed_bytes": s.compressed_bytes, "uncompressed_bytes": s.uncompressed_bytes, "reused_layers": s.reused_layers, "toc_layers": s.toc_layers, "per_layer": s.per_layer, "seconds": secs, "output": output});
         writeln!(out, "{v}")?;
     } else {
         writeln!(
             out,
-            "{}: v2 archive of {what}@{}: {} layers ({} reused, {} from eStargz TOCs), {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
+            "{}: v2 archive of {what}@{}: {} layers ({} reused, {} from tables of contents), {} entries, {} checkpoints, {} bytes ({} without windows) for {} bytes of layers, {secs:.2}s",
             output.display(),
             s.manifest_digest,
             s.layers,

@@ -10,12 +10,14 @@
 mod build;
 mod content;
 mod edge;
+mod random;
 mod tar;
 
 pub use crate::media::{ACCEPT_MANIFESTS, sha256_digest};
 pub use build::{Blob, BuiltImage, BuiltLayer, BuiltManifest, ImageBuilder, PushedImage};
 pub use content::{file_capability, random_bytes, text_bytes};
 pub use edge::{EdgeCaseOptions, edge_builder, edge_cases, edge_image};
+pub use random::{RandomImageOptions, random_image};
 pub use tar::{compress, write_tar};
 
 /// How a layer blob is compressed.
