@@ -130,16 +130,37 @@ type LayerSlot = std::sync::Mutex<Option<Result<(IndexedLayer, bool)>>>;
 
 /// Indexes every layer (in parallel, one thread per core, largest first) and merges them in
 /// order.
+/// How [`merge_all`] works: span size, the layer-index store, progress, and how many layers.
+pub(crate) struct MergeOptions<'a> {
+    pub(crate) span: u64,
+    pub(crate) store: Option<&'a dyn LayerIndexStore>,
+    pub(crate) progress: Option<&'a ProgressFn<'a>>,
+    pub(crate) limit: Option<usize>,
+}
+
 pub(crate) fn merge_all(
     manifest: &oci::Manifest,
     config: &oci::ImageConfiguration,
     source: Source,
-    span: u64,
-    store: Option<&dyn LayerIndexStore>,
-    progress: Option<&ProgressFn<'_>>,
+    opts: &MergeOptions<'_>,
     layer: impl Fn(&LayerDesc) -> Result<IndexedLayer> + Sync,
 ) -> Result<ImageTree> {
-    let descs = LayerDesc::of_image(manifest, config)?;
+    let MergeOptions {
+        span,
+        store,
+        progress,
+        limit,
+    } = *opts;
+    let mut descs = LayerDesc::of_image(manifest, config)?;
+    if let Some(n) = limit {
+        if n == 0 || n > descs.len() {
+            return Err(Error::Image(format!(
+                "asked for the first {n} of {} layers",
+                descs.len()
+            )));
+        }
+        descs.truncate(n);
+    }
     let workers = std::thread::available_parallelism()
         .map_or(2, std::num::NonZero::get)
         .min(descs.len().max(1));

@@ -106,9 +106,12 @@ pub fn layout_image(layout: &Path, opts: &IndexOptions) -> Result<ImageTree> {
         &manifest,
         &config,
         source,
-        span,
-        opts.layer_store.as_deref(),
-        None,
+        &crate::image::MergeOptions {
+            span,
+            store: opts.layer_store.as_deref(),
+            progress: None,
+            limit: opts.layers,
+        },
         |d| index_layout_layer(layout, d, span, opts.bytes_read.as_deref()),
     )
 }

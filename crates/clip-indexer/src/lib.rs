@@ -161,6 +161,9 @@ pub struct IndexOptions {
     pub layer_store: Option<std::sync::Arc<dyn LayerIndexStore>>,
     /// Counts the compressed bytes read as layers stream in (for a progress display).
     pub bytes_read: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Index only the first N layers: the tree of a prefix of the image (what a containerd
+    /// snapshot chain names when images share their lower layers). `None`: every layer.
+    pub layers: Option<usize>,
 }
 
 impl Default for IndexOptions {
@@ -174,6 +177,7 @@ impl Default for IndexOptions {
             reference: String::new(),
             layer_store: None,
             bytes_read: None,
+            layers: None,
         }
     }
 }

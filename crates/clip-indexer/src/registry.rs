@@ -46,9 +46,12 @@ pub(crate) fn registry_image(
         &image.manifest,
         &image.config,
         source,
-        span,
-        opts.layer_store.as_deref(),
-        progress,
+        &crate::image::MergeOptions {
+            span,
+            store: opts.layer_store.as_deref(),
+            progress,
+            limit: opts.layers,
+        },
         |d| {
             let why_streamed = match toc::announced(d) {
                 toc::Announced::Nothing => None,

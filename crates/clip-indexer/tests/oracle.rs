@@ -189,6 +189,7 @@ fn check(image: &ImageBuilder, span: u64, platform: Option<&str>) {
         reference: "127.0.0.1:5000/test/edge:t".into(),
         layer_store: None,
         bytes_read: None,
+        layers: None,
     };
     let summary = index_layout(&layout, &out, &opts).unwrap();
     let a = Archive::open(&out).unwrap();

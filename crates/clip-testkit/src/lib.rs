@@ -15,6 +15,8 @@
 //!   entry kind, every merge rule; see [`image::edge_cases`]) pushed to a [`Registry`] or written
 //!   as an OCI layout.
 //! - [`Buildah`] — real `buildah bud` / `buildah push`.
+//! - [`Containerd`] — Debian's containerd 1.6 with its own root, state and sockets, optionally
+//!   with a proxy snapshotter and its CRI plugin pointed at it.
 //! - The oracle: [`oracle::oracle_unpack`] (`skopeo copy` + `umoci unpack`) and [`Snapshot::compare`],
 //!   which reports every difference between two trees.
 //!
@@ -30,6 +32,7 @@
 //! ```
 
 pub mod buildah;
+pub mod containerd;
 pub mod debian;
 mod error;
 pub mod estargz;
@@ -49,6 +52,7 @@ pub mod token;
 pub mod zstd_chunked;
 
 pub use buildah::Buildah;
+pub use containerd::{Containerd, ContainerdOptions};
 pub use error::{Error, Result};
 pub use fake::{FakeRegistry, FakeRequest, FakeResponse};
 pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, SparseFormat};

@@ -1,0 +1,415 @@
+//! Lazy image trees: which image layers can be served lazily, their v2 archives, and the clip
+//! mounts that serve them — each mount a server process of its own, so that the snapshotter can
+//! be restarted (or killed) without taking running containers' root filesystems with it.
+//!
+//! A tree is the first `depth` layers of an image (a containerd chain id names exactly that);
+//! its archive is indexed from the registry once (`<root>/archives/<manifest>-<depth>.clip`),
+//! reusing the layer-index cache every clip process on the node shares (`<cacheDir>/layers`),
+//! and mounted once (`<root>/mnt/<manifest>-<depth>`), however many containers use it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clip_core::indexer::{DirLayerStore, IndexOptions, Input, LayerIndexStore};
+use clip_core::policy::Config;
+use clip_core::registry::{BlockingClient, Reference, oci};
+
+use crate::meta::{LazyLayer, MountKey, MountRecord};
+
+/// The labels containerd's CRI plugin puts on a layer's snapshot (and `clip containerd pull`
+/// does too).
+pub mod labels {
+    /// The chain id the snapshot will be committed as.
+    pub const TARGET: &str = "containerd.io/snapshot.ref";
+    /// The image reference.
+    pub const IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+    /// The platform manifest's digest.
+    pub const MANIFEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+    /// This layer's blob digest.
+    pub const LAYER: &str = "containerd.io/snapshot/cri.layer-digest";
+    /// This layer's and the upper layers' digests, comma separated.
+    pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+}
+
+/// Why something lazy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyError {
+    /// The registry did not answer or refused (the caller maps it to `Unavailable`).
+    #[error("{0}")]
+    Registry(Box<clip_core::registry::Error>),
+    /// Indexing failed.
+    #[error("indexing {image}: {source}")]
+    Index {
+        /// The image.
+        image: String,
+        /// Why.
+        source: Box<clip_core::indexer::Error>,
+    },
+    /// The image cannot be served lazily (the caller falls back to ordinary snapshots).
+    #[error("{0}")]
+    NotLazy(String),
+    /// Mounting failed.
+    #[error("mounting {}: {reason}", mountpoint.display())]
+    Mount {
+        /// Where.
+        mountpoint: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Local I/O.
+    #[error("{context} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl From<clip_core::registry::Error> for LazyError {
+    fn from(e: clip_core::registry::Error) -> Self {
+        Self::Registry(Box::new(e))
+    }
+}
+
+fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LazyError + use<> {
+    let path = path.to_owned();
+    move |source| LazyError::Io {
+        context,
+        path,
+        source,
+    }
+}
+
+/// What a manifest says, as far as lazy serving cares.
+#[derive(Debug, Clone)]
+struct ManifestFacts {
+    /// Layer blob digests, bottom first.
+    layers: Vec<String>,
+    /// Why it cannot be served lazily, if it cannot.
+    not_lazy: Option<String>,
+}
+
+/// How to start a mount server: this program, re-run with the `mount-server` subcommand.
+#[derive(Debug, Clone)]
+pub struct ServerCommand {
+    /// The program (the snapshotter's own executable).
+    pub program: PathBuf,
+    /// The configuration file the server reads registry settings and credentials from.
+    pub config: Option<PathBuf>,
+}
+
+/// Lazy trees of one snapshotter.
+pub struct Lazy {
+    root: PathBuf,
+    cfg: Config,
+    net: BlockingClient,
+    layer_store: Arc<dyn LayerIndexStore>,
+    server: ServerCommand,
+    manifests: Mutex<HashMap<String, ManifestFacts>>,
+    /// One lock per tree: a tree is indexed and mounted once, however many ask at once.
+    busy: Mutex<HashMap<MountKey, Arc<Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lazy")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The reference `image` pinned to `manifest`.
+fn pinned(image: &str, manifest: &str) -> Result<Reference, LazyError> {
+    let r = Reference::parse(image)?;
+    Ok(Reference::parse(&format!(
+        "{}/{}@{manifest}",
+        r.registry, r.repository
+    ))?)
+}
+
+impl Lazy {
+    /// Lazy trees under `root`, reaching registries with `cfg`'s settings.
+    pub fn new(root: &Path, cfg: Config, server: ServerCommand) -> Result<Self, LazyError> {
+        for d in [root.join("archives"), root.join("mnt"), root.join("logs")] {
+            clip_core::format::private_dir(&d).map_err(|e| LazyError::Io {
+                context: "creating",
+                path: d.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        }
+        let net = BlockingClient::new(
+            clip_core::service::client_config(&cfg)
+                .map_err(|e| LazyError::NotLazy(format!("registry configuration: {e}")))?,
+        )?;
+        let layers = cfg.cache_dir.join("layers");
+        clip_core::format::private_dir(&cfg.cache_dir)
+            .and_then(|()| clip_core::format::private_dir(&layers))
+            .map_err(|e| LazyError::Io {
+                context: "creating",
+                path: layers.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        Ok(Self {
+            root: root.to_owned(),
+            cfg,
+            net,
+            layer_store: Arc::new(DirLayerStore::new(layers)),
+            server,
+            manifests: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Decides whether the layer a `Prepare` describes with `labels` (CRI's, or `clip
+    /// containerd pull`'s), sitting on a lazy tree of `parent_depth` layers, can be served
+    /// lazily: the labels name an image, its manifest and this layer, the manifest (fetched from
+    /// the registry, by digest) lists this layer at that depth, and every layer is one clip reads.
+    /// Blocking (one manifest request per image). `Ok(Err(reason))`: not lazy, say why.
+    pub fn layer_of(
+        &self,
+        labels: &std::collections::BTreeMap<String, String>,
+        parent_depth: usize,
+    ) -> Result<Result<LazyLayer, String>, LazyError> {
+        let (Some(image), Some(manifest), Some(layer)) = (
+            labels.get(labels::IMAGE_REF),
+            labels.get(labels::MANIFEST),
+            labels.get(labels::LAYER),
+        ) else {
+            return Ok(Err(
+                "no image labels (containerd's CRI plugin with disable_snapshot_annotations = false, or clip containerd pull, sends them)".into(),
+            ));
+        };
+        let facts = self.manifest_facts(image, manifest)?;
+        if let Some(why) = facts.not_lazy {
+            return Ok(Err(why));
+        }
+        let depth = parent_depth + 1;
+        if facts.layers.get(depth - 1) != Some(layer) {
+            return Ok(Err(format!(
+                "layer {layer} is not layer {depth} of {image}@{manifest}"
+            )));
+        }
+        Ok(Ok(LazyLayer {
+            image: image.clone(),
+            manifest: manifest.clone(),
+            layer: layer.clone(),
+            depth,
+        }))
+    }
+
+    /// Whether `l` is the image's top layer (then its whole tree is worth indexing at once).
+    #[must_use]
+    pub fn is_top(&self, l: &LazyLayer) -> bool {
+        self.manifests
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&l.manifest).map(|f| f.layers.len() == l.depth))
+            .unwrap_or(false)
+    }
+
+    fn manifest_facts(&self, image: &str, manifest: &str) -> Result<ManifestFacts, LazyError> {
+        if let Some(f) = self
+            .manifests
+            .lock()
+            .ok()
+            .and_then(|m| m.get(manifest).cloned())
+        {
+            return Ok(f);
+        }
+        let r = pinned(image, manifest)?;
+        let (bytes, _media, _digest) = self
+            .net
+            .block_on(self.net.client().manifest(&r, manifest))?;
+        let facts = match serde_json::from_slice::<oci::Manifest>(&bytes) {
+            Ok(m) => {
+                let layers = m.layers().iter().map(|d| d.digest().to_string()).collect();
+                let not_lazy = m.layers().iter().find_map(|d| {
+                    let t = d.media_type().to_string();
+                    let known = t.contains("tar")
+                        && (t.ends_with("tar") || t.contains("gzip") || t.contains("zstd"));
+                    (!known).then(|| format!("layer media type {t} is not one clip indexes"))
+                });
+                ManifestFacts { layers, not_lazy }
+            }
+            Err(e) => ManifestFacts {
+                layers: Vec::new(),
+                not_lazy: Some(format!(
+                    "{manifest} is not an image manifest clip reads: {e}"
+                )),
+            },
+        };
+        if let Ok(mut m) = self.manifests.lock() {
+            m.insert(manifest.to_owned(), facts.clone());
+        }
+        Ok(facts)
+    }
+
+    fn lock_for(&self, key: &MountKey) -> Arc<Mutex<()>> {
+        let mut busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(busy.entry(key.clone()).or_default())
+    }
+
+    /// The v2 archive of `l`'s tree, indexed from the registry unless already there. Blocking.
+    pub fn ensure_archive(&self, l: &LazyLayer) -> Result<PathBuf, LazyError> {
+        let key = l.mount_key();
+        let path = self
+            .root
+            .join("archives")
+            .join(format!("{}.clip", key.file_name()));
+        let lock = self.lock_for(&key);
+        let _g = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if clip_core::format::Archive::open(&path).is_ok() {
+            return Ok(path);
+        }
+        let r = pinned(&l.image, &l.manifest)?;
+        let reference = r.to_string();
+        let opts = IndexOptions {
+            checkpoint_bytes: self.cfg.checkpoint_mib.max(1) << 20,
+            layer_store: Some(Arc::clone(&self.layer_store)),
+            layers: Some(l.depth),
+            ..IndexOptions::default()
+        };
+        let started = Instant::now();
+        let summary = clip_core::indexer::index(
+            Input::Registry {
+                reference: &reference,
+                client: &self.net,
+            },
+            &path,
+            &opts,
+            None,
+        )
+        .map_err(|source| LazyError::Index {
+            image: reference.clone(),
+            source: Box::new(source),
+        })?;
+        tracing::info!(image = %reference, depth = l.depth, layers_reused = summary.reused_layers, bytes = summary.archive_bytes, ms = started.elapsed().as_millis() as u64, "indexed image for lazy start");
+        metrics::counter!("clip_snapshotter_indexed_total").increment(1);
+        Ok(path)
+    }
+
+    /// Where `key`'s tree is (or would be) mounted.
+    #[must_use]
+    pub fn mountpoint(&self, key: &MountKey) -> PathBuf {
+        self.root.join("mnt").join(key.file_name())
+    }
+
+    /// Mounts `l`'s tree unless it is mounted, and returns the mount point. A dead mount (its
+    /// server gone) is detached and mounted again. Blocking.
+    pub fn ensure_mounted(&self, l: &LazyLayer) -> Result<MountRecord, LazyError> {
+        let key = l.mount_key();
+        let mp = self.mountpoint(&key);
+        let archive = self.ensure_archive(l)?;
+        let lock = self.lock_for(&key);
+        let _g = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if clip_core::fs::is_mounted(&mp) {
+            return Ok(MountRecord {
+                key,
+                mountpoint: mp,
+                archive,
+                pid: 0,
+            });
+        }
+        clip_core::fs::clean_stale_mount(&mp);
+        std::fs::create_dir_all(&mp).map_err(io("creating", &mp))?;
+        let pid = self.spawn_server(&key, &archive, &mp)?;
+        metrics::counter!("clip_snapshotter_mounts_total").increment(1);
+        Ok(MountRecord {
+            key,
+            mountpoint: mp,
+            archive,
+            pid,
+        })
+    }
+
+    /// Starts a mount server for `archive` at `mp` in a process group of its own (it outlives
+    /// the snapshotter) and waits until the mount answers.
+    fn spawn_server(&self, key: &MountKey, archive: &Path, mp: &Path) -> Result<u32, LazyError> {
+        use std::os::unix::process::CommandExt as _;
+        let log_path = self
+            .root
+            .join("logs")
+            .join(format!("{}.log", key.file_name()));
+        let log = clip_core::format::private_file(&log_path).map_err(|e| LazyError::Io {
+            context: "opening",
+            path: log_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let mut cmd = Command::new(&self.server.program);
+        cmd.arg("mount-server")
+            .arg("--archive")
+            .arg(archive)
+            .arg("--mountpoint")
+            .arg(mp);
+        if let Some(c) = &self.server.config {
+            cmd.arg("--config").arg(c);
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(io("opening", &log_path))?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(io("starting a mount server for", mp))?;
+        let start = Instant::now();
+        loop {
+            if clip_core::fs::is_mounted(mp) {
+                let pid = child.id();
+                tracing::info!(mountpoint = %mp.display(), pid, "lazy tree mounted");
+                // Reaped here when it exits (after an unmount); after a restart of the
+                // snapshotter it is init's to reap. It never dies with us.
+                std::thread::spawn(move || child.wait());
+                return Ok(pid);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(LazyError::Mount {
+                    mountpoint: mp.to_owned(),
+                    reason: format!("the mount server exited ({status}): {}", log.trim_end()),
+                });
+            }
+            if start.elapsed() > Duration::from_mins(1) {
+                let _ = child.kill();
+                return Err(LazyError::Mount {
+                    mountpoint: mp.to_owned(),
+                    reason: "the mount did not answer within 60 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Unmounts `key`'s tree (its server then exits).
+    pub fn unmount(&self, key: &MountKey) {
+        let mp = self.mountpoint(key);
+        if clip_core::fs::is_mounted(&mp) {
+            if let Err(e) = clip_core::fs::unmount(&mp) {
+                tracing::warn!(mountpoint = %mp.display(), error = %e, "unmounting a lazy tree");
+            } else {
+                tracing::info!(mountpoint = %mp.display(), "lazy tree unmounted: no snapshot uses it");
+            }
+        } else {
+            clip_core::fs::clean_stale_mount(&mp);
+        }
+        let _ = std::fs::remove_dir(&mp);
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
