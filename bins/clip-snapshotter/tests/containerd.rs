@@ -122,6 +122,18 @@ fn busybox_image(greeting: &str) -> ImageBuilder {
     ImageBuilder::new(clip_testkit::ManifestFormat::Oci).image(Image::new(vec![base, top]))
 }
 
+/// A container id unique on this machine (runc keeps its state under one global root).
+fn cid(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
+
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -164,7 +176,7 @@ fn plain_ctr_pull_and_run_use_ordinary_overlay_snapshots() {
             "--snapshotter",
             "clip",
             &pushed.reference,
-            "plain-1",
+            &cid("plain"),
             "/bin/cat",
             "/etc/greeting",
         ])
@@ -188,4 +200,153 @@ fn plain_ctr_pull_and_run_use_ordinary_overlay_snapshots() {
     );
     assert_eq!(listed.lines().count(), 1, "{listed}");
     drop(ctd);
+}
+
+/// `clip containerd pull` (the library it is a thin wrapper of), as JSON-ish counts.
+fn lazy_pull(ctd: &Containerd, reference: &str) -> clip_containerd::pull::PullSummary {
+    let net =
+        clip_core::registry::BlockingClient::new(clip_core::registry::ClientConfig::default())
+            .unwrap();
+    let opts = clip_containerd::pull::PullOptions {
+        address: ctd.address().to_owned(),
+        namespace: "default".into(),
+        snapshotter: "clip".into(),
+        platform: None,
+    };
+    net.block_on(clip_containerd::pull::pull(reference, net.client(), &opts))
+        .unwrap()
+}
+
+/// The busybox image with the testkit's edge-case layers on top: every entry kind and merge
+/// rule, in a container (gzip and plain layers: this umoci predates zstd).
+fn edge_busybox() -> ImageBuilder {
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut layers = vec![Layer::new(vec![
+        Entry::dir("bin"),
+        Entry::file("bin/busybox", busybox).mode(0o755),
+        Entry::symlink("bin/sh", "busybox"),
+        Entry::symlink("bin/cat", "busybox"),
+        Entry::symlink("bin/sleep", "busybox"),
+        Entry::file("etc/greeting", "lazy\n"),
+    ])];
+    layers.extend(
+        clip_testkit::image::edge_image([
+            clip_testkit::Compression::Gzip,
+            clip_testkit::Compression::GzipMultiMember(3),
+            clip_testkit::Compression::None,
+        ])
+        .layers,
+    );
+    ImageBuilder::new(clip_testkit::ManifestFormat::Oci).image(Image::new(layers))
+}
+
+/// `clip containerd pull` puts only the manifest and config into containerd and commits every
+/// layer lazily; `ctr run --snapshotter clip` runs the image, its root filesystem equals
+/// umoci's unpack, and containers of one image share one mount.
+#[test]
+fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
+    if !can_run() {
+        return;
+    }
+    clip_testkit::oracle::require_oracle_tools().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start_anonymous().unwrap();
+    let image = edge_busybox();
+    let built = image.build().unwrap();
+    let pushed = reg.push(&built, "test/lazy", "v1").unwrap();
+    let expected = clip_testkit::Snapshot::scan(
+        &clip_testkit::oracle::oracle_unpack(
+            &reg,
+            "test/lazy:v1",
+            &dir.path().join("oracle"),
+            None,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctd = Containerd::start(&ContainerdOptions {
+        snapshotter_socket: Some(snap.socket.clone()),
+        ..ContainerdOptions::default()
+    })
+    .unwrap();
+    let s = lazy_pull(&ctd, &pushed.reference);
+    let layers = built.manifests[0].layers.len();
+    assert_eq!(s.lazy_layers, layers, "{s:?}");
+    // containerd holds the manifest and config, no layer.
+    let content = stdout(&ctd.ctr(&["content", "ls", "-q"]).unwrap());
+    for l in &built.manifests[0].layers {
+        assert!(
+            !content.contains(&l.blob.digest),
+            "layer {} was downloaded",
+            l.blob.digest
+        );
+    }
+    assert!(
+        content.contains(&built.manifests[0].config.digest),
+        "{content}"
+    );
+    // A second pull finds everything in place.
+    let s = lazy_pull(&ctd, &pushed.reference);
+    assert_eq!(s.existing_layers, layers, "{s:?}");
+
+    let o = ctd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &pushed.reference,
+            &cid("c1"),
+            "/bin/cat",
+            "/etc/greeting",
+        ])
+        .unwrap();
+    assert_eq!(stdout(&o), "lazy\n");
+    // A running container's root filesystem, as the host sees it, equals umoci's unpack
+    // (the runtime adds the mount points /proc, /dev, /sys, /run).
+    let c2 = cid("c2");
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "clip",
+        &pushed.reference,
+        &c2,
+        "/bin/sleep",
+        "60",
+    ])
+    .unwrap();
+    let rootfs = ctd.task_rootfs("default", &c2);
+    let actual = clip_testkit::Snapshot::scan(&rootfs).unwrap();
+    let diffs = expected.compare(
+        &actual,
+        &clip_testkit::CompareOptions {
+            ignore: vec!["proc".into(), "dev".into(), "sys".into(), "run".into()],
+            ..clip_testkit::CompareOptions::default()
+        },
+    );
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    ctd.ctr(&["task", "kill", "-s", "SIGKILL", &c2]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = ctd.ctr(&["task", "rm", "-f", &c2]);
+    ctd.ctr(&["container", "rm", &c2]).unwrap();
+    assert_eq!(
+        snap.log().matches("lazy tree mounted").count(),
+        1,
+        "one mount for the image:\n{}",
+        snap.log()
+    );
+    // Removing the image removes its snapshots and unmounts its tree.
+    ctd.ctr(&["image", "rm", "--sync", &pushed.reference])
+        .unwrap();
+    let start = Instant::now();
+    while snap.log().matches("lazy tree unmounted").count() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not unmounted:\n{}",
+            snap.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -40,6 +40,10 @@ pub(crate) enum Command {
     /// Extract an archive (v1, or v2 by streaming its layers from the registry) into a
     /// directory; every path is resolved beneath it.
     Extract(ExtractArgs),
+    /// Work with containerd: `clip containerd pull` pulls an image lazily through the clip
+    /// snapshotter (what `ctr image pull` cannot do: it sends no snapshot labels).
+    #[command(subcommand)]
+    Containerd(ContainerdCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -50,6 +54,38 @@ pub(crate) enum Command {
         /// Where to write them (e.g. /usr/local/share/man/man1).
         dir: PathBuf,
     },
+}
+
+/// `clip containerd …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ContainerdCommand {
+    /// Put an image's manifest and config into containerd and unpack it through the clip
+    /// snapshotter with the lazy-pull labels: no layer is downloaded; `ctr run --snapshotter
+    /// clip IMAGE ID CMD` then runs it.
+    Pull(ContainerdPullArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ContainerdPullArgs {
+    /// The image, e.g. `registry.example.com/team/app:v1`.
+    pub(crate) image: String,
+    /// containerd's gRPC socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    pub(crate) address: PathBuf,
+    /// containerd namespace (Kubernetes uses `k8s.io`).
+    #[arg(long, short = 'n', default_value = "default")]
+    pub(crate) namespace: String,
+    /// The snapshotter's proxy-plugin name.
+    #[arg(long, default_value = "clip")]
+    pub(crate) snapshotter: String,
+    /// Platform to pick from a multi-platform image (`os/arch[/variant]`).
+    #[arg(long, value_parser = parse_platform)]
+    pub(crate) platform: Option<oci::Platform>,
+    #[command(flatten)]
+    pub(crate) registry: RegistryArgs,
+    /// Print a JSON summary.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -65,6 +65,9 @@ fn run() -> anyhow::Result<()> {
         Command::Umount { mountpoint } => commands::mount::umount(&mountpoint),
         Command::Archive(a) => commands::archive::run(&a, &mut out),
         Command::Extract(a) => commands::extract::run(&a, &mut out),
+        Command::Containerd(cli::ContainerdCommand::Pull(a)) => {
+            commands::containerd::pull(&a, &mut out)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

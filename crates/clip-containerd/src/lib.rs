@@ -17,6 +17,7 @@ pub mod filter;
 pub mod lazy;
 pub mod meta;
 pub mod mount_server;
+pub mod pull;
 pub mod service;
 
 pub use service::Snapshotter;

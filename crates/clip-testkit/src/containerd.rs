@@ -123,6 +123,17 @@ impl Containerd {
         self.service.log_tail(64 * 1024)
     }
 
+    /// The root filesystem of running task `id` in namespace `ns`, as the host sees it.
+    #[must_use]
+    pub fn task_rootfs(&self, ns: &str, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(ns)
+            .join(id)
+            .join("rootfs")
+    }
+
     /// containerd's root directory (its content store is under it).
     #[must_use]
     pub fn root(&self) -> PathBuf {

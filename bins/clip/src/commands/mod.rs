@@ -2,6 +2,7 @@
 
 pub(crate) mod archive;
 pub(crate) mod cat;
+pub(crate) mod containerd;
 pub(crate) mod extract;
 pub(crate) mod index;
 pub(crate) mod inspect;
