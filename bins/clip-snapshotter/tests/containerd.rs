@@ -134,6 +134,24 @@ fn cid(name: &str) -> String {
     )
 }
 
+/// `ctr ARGS`, retried while containerd's connection to a restarted snapshotter is still in
+/// gRPC's reconnect backoff ("unavailable"), as kubelet retries.
+fn ctr_retrying(ctd: &Containerd, args: &[&str]) -> std::process::Output {
+    let start = Instant::now();
+    loop {
+        match ctd.ctr(args) {
+            Ok(o) => return o,
+            Err(e)
+                if e.to_string().contains("unavailable")
+                    && start.elapsed() < Duration::from_mins(1) =>
+            {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -349,4 +367,137 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The pids of this snapshotter's mount servers.
+fn mount_servers(root: &Path) -> Vec<i32> {
+    let needle = root.join("archives").display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| {
+            let cmd = std::fs::read(p.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (text.contains("mount-server") && text.contains(&needle))
+                .then(|| p.file_name().to_string_lossy().parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// `kill -9` of the snapshotter while a container reads its image: the container finishes
+/// (the tree's server is a process of its own), the restarted snapshotter adopts the live mount,
+/// and new containers start. A tree whose server died is mounted again at the next start.
+#[test]
+fn a_killed_snapshotter_leaves_running_containers_alone() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start_anonymous().unwrap();
+    let pushed = reg
+        .push(&edge_busybox().build().unwrap(), "test/restart", "v1")
+        .unwrap();
+    let mut snap = Snapshotter::start(dir.path());
+    let ctd = Containerd::start(&ContainerdOptions {
+        snapshotter_socket: Some(snap.socket.clone()),
+        ..ContainerdOptions::default()
+    })
+    .unwrap();
+    lazy_pull(&ctd, &pushed.reference);
+    let reader = cid("reader");
+    let script = "i=0; while [ $i -lt 60 ]; do busybox cat /etc/greeting /bin/busybox > /dev/null || exit 7; i=$((i+1)); busybox sleep 0.05; done; echo finished";
+    let address = ctd.address().to_owned();
+    let reference = pushed.reference.clone();
+    let r2 = reader.clone();
+    let run = std::thread::spawn(move || {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&address)
+            .args([
+                "run",
+                "--rm",
+                "--snapshotter",
+                "clip",
+                &reference,
+                &r2,
+                "/bin/sh",
+                "-c",
+                script,
+            ])
+            .output()
+            .unwrap()
+    });
+    // Once it runs, kill the snapshotter hard and start it again.
+    let start = Instant::now();
+    while !ctd.task_rootfs("default", &reader).join("etc").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "container never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    snap.kill();
+    let servers = mount_servers(&snap.root);
+    assert_eq!(
+        servers.len(),
+        1,
+        "the tree's server outlives the snapshotter"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    snap.spawn();
+    let out = run.join().unwrap();
+    assert!(
+        out.status.success() && stdout(&out).contains("finished"),
+        "{}\n{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        snap.log().contains("adopted a live lazy mount"),
+        "{}",
+        snap.log()
+    );
+    let o = ctr_retrying(
+        &ctd,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &pushed.reference,
+            &cid("after"),
+            "/bin/cat",
+            "/etc/greeting",
+        ],
+    );
+    assert_eq!(stdout(&o), "lazy\n");
+
+    // A server that dies with the snapshotter down: remounted at the next start, because a
+    // committed snapshot of the image still needs the tree.
+    snap.kill();
+    for pid in mount_servers(&snap.root) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    snap.spawn();
+    let start = Instant::now();
+    while !snap.log().contains("remounted a dead lazy mount") {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", snap.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = ctr_retrying(
+        &ctd,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &pushed.reference,
+            &cid("again"),
+            "/bin/cat",
+            "/etc/greeting",
+        ],
+    );
+    assert_eq!(stdout(&o), "lazy\n");
 }

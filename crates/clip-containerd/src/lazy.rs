@@ -315,6 +315,8 @@ impl Lazy {
         let _g = lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A dead server's mount still shows in mountinfo; statfs tells (and detaches it).
+        clip_core::fs::clean_stale_mount(&mp);
         if clip_core::fs::is_mounted(&mp) {
             return Ok(MountRecord {
                 key,
@@ -323,7 +325,6 @@ impl Lazy {
                 pid: 0,
             });
         }
-        clip_core::fs::clean_stale_mount(&mp);
         std::fs::create_dir_all(&mp).map_err(io("creating", &mp))?;
         let pid = self.spawn_server(&key, &archive, &mp)?;
         metrics::counter!("clip_snapshotter_mounts_total").increment(1);

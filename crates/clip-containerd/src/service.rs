@@ -130,6 +130,8 @@ impl Snapshotter {
         };
         let mut alive = Vec::new();
         for r in records {
+            // A dead server's mount still shows in mountinfo; statfs tells (and detaches it).
+            clip_core::fs::clean_stale_mount(&r.mountpoint);
             if clip_core::fs::is_mounted(&r.mountpoint) {
                 tracing::info!(mountpoint = %r.mountpoint.display(), "adopted a live lazy mount");
                 alive.push(r);
