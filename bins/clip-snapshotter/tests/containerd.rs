@@ -74,7 +74,8 @@ impl Snapshotter {
             .unwrap();
         self.child = Some(child);
         let start = Instant::now();
-        while !self.socket.exists() {
+        // Listening, not just bound (the path exists a moment before connects succeed).
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "snapshotter did not start:\n{}",
@@ -500,4 +501,194 @@ fn a_killed_snapshotter_leaves_running_containers_alone() {
         ],
     );
     assert_eq!(stdout(&o), "lazy\n");
+}
+
+/// Bad input: a registry that is down when a layer is prepared (a clear `Unavailable`, nothing
+/// committed), a parent that is another snapshotter's (`NotFound`), filters it cannot parse
+/// (`InvalidArgument`), and a configuration with unknown keys (the snapshotter refuses to start).
+#[test]
+fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
+    use clip_containerd::api::containerd::services::snapshots::v1 as pb;
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = Registry::start_anonymous().unwrap();
+    let built = busybox_image("down\n").build().unwrap();
+    let pushed = reg.push(&built, "test/down", "v1").unwrap();
+    let host = reg.host();
+    reg.stop();
+    let snap = Snapshotter::start(dir.path());
+    let rt = clip_testkit::runtime();
+    let mut client = rt.block_on(async {
+        pb::snapshots_client::SnapshotsClient::new(
+            clip_containerd::pull::connect(&snap.socket).await.unwrap(),
+        )
+    });
+    let layer = &built.manifests[0].layers[0];
+    let labels = std::collections::HashMap::from([
+        (
+            "containerd.io/snapshot.ref".to_owned(),
+            "sha256:chain0".to_owned(),
+        ),
+        (
+            "containerd.io/snapshot/cri.image-ref".to_owned(),
+            pushed.reference.clone(),
+        ),
+        (
+            "containerd.io/snapshot/cri.manifest-digest".to_owned(),
+            built.manifests[0].manifest.digest.clone(),
+        ),
+        (
+            "containerd.io/snapshot/cri.layer-digest".to_owned(),
+            layer.blob.digest.clone(),
+        ),
+    ]);
+    let err = rt
+        .block_on(client.prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "clip".into(),
+            key: "default/1/extract-x".into(),
+            parent: String::new(),
+            labels,
+        }))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains(&host) && err.message().contains("not reachable"),
+        "{}",
+        err.message()
+    );
+    let listed: Vec<pb::Info> = rt.block_on(async {
+        let mut s = client
+            .list(pb::ListSnapshotsRequest {
+                snapshotter: "clip".into(),
+                filters: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut all = Vec::new();
+        while let Some(m) = s.message().await.unwrap() {
+            all.extend(m.info);
+        }
+        all
+    });
+    assert!(listed.is_empty(), "nothing half-committed: {listed:?}");
+
+    let err = rt
+        .block_on(client.prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "clip".into(),
+            key: "default/2/c".into(),
+            parent: "default/9/sha256:of-overlayfs".into(),
+            labels: std::collections::HashMap::new(),
+        }))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    let err = rt
+        .block_on(client.list(pb::ListSnapshotsRequest {
+            snapshotter: "clip".into(),
+            filters: vec!["name~=x".into()],
+        }))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "imageService:\n  cacheDir: /tmp/x\n  spanCache: 3\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_clip-snapshotter"))
+        .args(["--address", "/tmp/never.sock", "--root"])
+        .arg(dir.path().join("other-root"))
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("unknown field") && err.contains("spanCache"),
+        "{err}"
+    );
+}
+
+/// The Kubernetes path: containerd's CRI plugin with `snapshotter = "clip"` and snapshot
+/// annotations on. `ImageService/PullImage` — the call kubelet makes — pulls lazily (containerd
+/// downloads no layer blob), and a container then runs on the image.
+#[test]
+fn cri_pull_image_is_lazy_and_a_container_runs_on_it() {
+    use clip_containerd::api::runtime::v1 as cri;
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start_anonymous().unwrap();
+    let app_built = busybox_image("from a pod\n").build().unwrap();
+    let app = reg.push(&app_built, "test/app", "v1").unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctd = Containerd::start(&ContainerdOptions {
+        snapshotter_socket: Some(snap.socket.clone()),
+        cri_snapshotter: Some("clip".into()),
+        plain_http_registries: vec![reg.host()],
+        ..ContainerdOptions::default()
+    })
+    .unwrap();
+    let rt = clip_testkit::runtime();
+    let channel = rt
+        .block_on(clip_containerd::pull::connect(ctd.address()))
+        .unwrap();
+    let mut images = cri::image_service_client::ImageServiceClient::new(channel);
+
+    let pulled = rt
+        .block_on(images.pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: app.reference.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(!pulled.image_ref.is_empty());
+    // containerd fetched the manifest and config only (clip's own indexing reads blobs too,
+    // without containerd's user agent).
+    let containerd_blob_gets: Vec<String> = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/test/app/blobs/") && l.contains("containerd"))
+        .map(str::to_owned)
+        .collect();
+    let config = &app_built.manifests[0].config.digest;
+    assert!(
+        containerd_blob_gets.iter().all(|l| l.contains(config)),
+        "containerd downloaded a layer:\n{}",
+        containerd_blob_gets.join("\n")
+    );
+    assert!(
+        snap.log().contains("layer committed lazily"),
+        "{}",
+        snap.log()
+    );
+
+    // A container on the image kubelet pulled (namespace k8s.io, CRI's snapshots). The pod
+    // itself cannot be started on this machine: its runc shim dies under the CRI sandbox spec
+    // (a cgroup-v1 sandbox that also forbids negative oom_score_adj), so the container is run
+    // with ctr on the same image record and snapshot chain.
+    let o = ctd
+        .ctr(&[
+            "-n",
+            "k8s.io",
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &app.reference,
+            &cid("pod-app"),
+            "/bin/cat",
+            "/etc/greeting",
+        ])
+        .unwrap();
+    assert_eq!(stdout(&o), "from a pod\n");
+    let unpacked = stdout(
+        &ctd.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "clip", "ls"])
+            .unwrap(),
+    );
+    assert!(unpacked.lines().count() >= 3, "{unpacked}");
 }

@@ -786,3 +786,74 @@ fn lazy_reads_go_through_a_pull_through_mirror() {
         "{err}"
     );
 }
+
+/// `clip containerd pull` into containerd's own overlayfs snapshotter, which serves nothing
+/// lazily: every layer is fetched into containerd's content store and applied by its diff
+/// service, and the image runs with `ctr run`. (The lazy path, through the clip snapshotter, is
+/// tested in `bins/clip-snapshotter`.)
+#[test]
+fn clip_containerd_pull_falls_back_to_an_ordinary_unpack() {
+    use clip_testkit::{Containerd, ContainerdOptions, Entry, Image, ImageBuilder, Layer};
+    if !clip_testkit::is_root() || !clip_testkit::process::have_program("containerd") {
+        return;
+    }
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let img = Image::new(vec![
+        Layer::new(vec![
+            Entry::dir("bin"),
+            Entry::file("bin/busybox", busybox).mode(0o755),
+            Entry::symlink("bin/cat", "busybox"),
+        ]),
+        Layer::new(vec![Entry::file("etc/greeting", "unpacked\n")]),
+    ]);
+    let built = ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    let reg = clip_testkit::Registry::start_anonymous().unwrap();
+    let pushed = reg.push(&built, "test/unpacked", "v1").unwrap();
+    let ctd = Containerd::start(&ContainerdOptions::default()).unwrap();
+    let address = ctd.address().display().to_string();
+    let o = clip(&[
+        "containerd",
+        "pull",
+        "--address",
+        &address,
+        "--snapshotter",
+        "overlayfs",
+        &pushed.reference,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["lazy_layers"].as_u64(), v["applied_layers"].as_u64()),
+        (Some(0), Some(2)),
+        "{v}"
+    );
+    let id = format!("unpacked-{}", std::process::id());
+    let o = ctd
+        .ctr(&[
+            "run",
+            "--rm",
+            &pushed.reference,
+            &id,
+            "/bin/cat",
+            "/etc/greeting",
+        ])
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "unpacked\n");
+    // Not reachable: a clear error.
+    let o = clip(&[
+        "containerd",
+        "pull",
+        "--address",
+        "/nonexistent.sock",
+        &pushed.reference,
+    ]);
+    assert!(
+        stderr(&o).contains("connecting to containerd at /nonexistent.sock"),
+        "{}",
+        stderr(&o)
+    );
+}

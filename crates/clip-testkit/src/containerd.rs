@@ -1,7 +1,9 @@
 //! Debian's containerd (1.6), started with its own root, state and sockets under a temp
 //! directory, optionally with a proxy snapshotter plugin named `clip` and its CRI plugin set up
 //! to use it (snapshot annotations on, plain HTTP to loopback registries, a sandbox image of the
-//! test's choosing, host networking so no CNI is needed).
+//! test's choosing, host networking so no CNI is needed). The CRI plugin keeps containers'
+//! `oom_score_adj` at or above its own (`restrict_oom_score_adj`): this machine forbids lowering
+//! it, and the pause container asks for -998.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -67,7 +69,7 @@ impl Containerd {
         let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
         let _ = write!(
             toml,
-            "[{cri}]\n  disable_tcp_service = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  enable_selinux = false\n"
+            "[{cri}]\n  disable_tcp_service = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  enable_selinux = false\n  restrict_oom_score_adj = true\n"
         );
         if let Some(img) = &options.sandbox_image {
             let _ = writeln!(toml, "  sandbox_image = \"{img}\"");
