@@ -692,3 +692,92 @@ fn cri_pull_image_is_lazy_and_a_container_runs_on_it() {
     );
     assert!(unpacked.lines().count() >= 3, "{unpacked}");
 }
+
+/// A setuid-root program of a lazily pulled image runs as root on the root filesystem the
+/// snapshotter gives a container (an overlay that honours the bit, as docker's and containerd's
+/// do), although the image's clip mount on the host is `nosuid` (where it runs with the caller's
+/// ids). The mounts are taken from the snapshotter and mounted by hand, then the program is run
+/// as nobody: `ctr run` cannot show it, its default spec sets no_new_privs (Kubernetes' does not,
+/// unless `allowPrivilegeEscalation: false`).
+#[test]
+fn setuid_programs_work_in_snapshotter_containers() {
+    use clip_containerd::api::containerd::services::snapshots::v1 as pb;
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // nobody must reach the mount points below.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ids = clip_testkit::probe::ids_program().unwrap();
+    let img = Image::new(vec![Layer::new(vec![
+        Entry::dir("bin"),
+        Entry::file("bin/ids", ids).mode(0o4755).owner(0, 0),
+    ])]);
+    let reg = Registry::start_anonymous().unwrap();
+    let built = ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    let pushed = reg.push(&built, "test/setuid", "v1").unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctd = Containerd::start(&ContainerdOptions {
+        snapshotter_socket: Some(snap.socket.clone()),
+        ..ContainerdOptions::default()
+    })
+    .unwrap();
+    lazy_pull(&ctd, &pushed.reference);
+    // A single layer: its chain id is its diff_id.
+    let chain = built.manifests[0].layers[0].diff_id.clone();
+    let rt = clip_testkit::runtime();
+    let mut client = rt.block_on(async {
+        pb::snapshots_client::SnapshotsClient::new(
+            clip_containerd::pull::connect(&snap.socket).await.unwrap(),
+        )
+    });
+    let mounts = rt
+        .block_on(client.prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "clip".into(),
+            key: "test/container".into(),
+            parent: chain,
+            labels: std::collections::HashMap::new(),
+        }))
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].r#type, "overlay");
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    let status = Command::new("mount")
+        .args([
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &mounts[0].options.join(","),
+        ])
+        .arg(&rootfs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let in_container = clip_testkit::probe::run_as_nobody(&rootfs.join("bin/ids"), &[]);
+    let _ = Command::new("umount").arg(&rootfs).status();
+    assert_eq!(
+        in_container.unwrap().trim(),
+        "65534 0",
+        "effective uid root"
+    );
+    // On the host, the tree's mount is nosuid: the same program runs with the caller's ids.
+    let mnt = std::fs::read_dir(snap.root.join("mnt"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let out = clip_testkit::probe::run_as_nobody(&mnt.join("bin/ids"), &[]).unwrap();
+    assert_eq!(out.trim(), "65534 65534");
+}
