@@ -697,7 +697,7 @@ fn cri_pull_image_is_lazy_and_a_container_runs_on_it() {
 /// snapshotter gives a container (an overlay that honours the bit, as docker's and containerd's
 /// do), although the image's clip mount on the host is `nosuid` (where it runs with the caller's
 /// ids). The mounts are taken from the snapshotter and mounted by hand, then the program is run
-/// as nobody: `ctr run` cannot show it, its default spec sets no_new_privs (Kubernetes' does not,
+/// as nobody: `ctr run` cannot show it, its default spec sets `no_new_privs` (Kubernetes' does not,
 /// unless `allowPrivilegeEscalation: false`).
 #[test]
 fn setuid_programs_work_in_snapshotter_containers() {
