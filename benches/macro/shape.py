@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """A modelled remote link on loopback: a TCP proxy adding latency and a shared bandwidth limit.
 
-  shape.py LISTEN_PORT TARGET_PORT RATE_MBIT RTT_MS
+  shape.py LISTEN_PORT TARGET_PORT RATE_MBIT RTT_MS [PER_CONNECTION_MBIT]
 
 Every byte crossing the proxy, in each direction, is delayed by RTT/2 and paced through one token
 bucket per direction shared by all connections (one link, not one per connection), as a remote
-registry behind a `RATE_MBIT`, `RTT_MS` path would be. Used by the macro benchmarks when the
+registry behind a `RATE_MBIT`, `RTT_MS` path would be. With PER_CONNECTION_MBIT, each
+connection's downstream is also capped on its own (a registry or CDN that limits every
+connection, so one stream cannot use the whole link). Used by the macro benchmarks when the
 kernel has no `netem` qdisc (this machine's does not); stdlib only.
 """
 import asyncio
@@ -28,7 +30,7 @@ class Link:
         return self.free_at + self.delay
 
 
-async def pump(reader, writer, link):
+async def pump(reader, writer, link, own=None):
     queue = asyncio.Queue()
 
     async def sender():
@@ -53,7 +55,10 @@ async def pump(reader, writer, link):
             data = await reader.read(64 * 1024)
             if not data:
                 break
-            await queue.put((link.schedule(len(data)), data))
+            due = link.schedule(len(data))
+            if own is not None:
+                due = max(due, own.schedule(len(data)) + link.delay)
+            await queue.put((due, data))
     except (ConnectionError, OSError):
         pass
     await queue.put(None)
@@ -65,6 +70,7 @@ async def pump(reader, writer, link):
 
 async def main():
     listen, target, mbit, rtt = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    per_conn = float(sys.argv[5]) * 1e6 / 8 if len(sys.argv) > 5 else None
     rate = mbit * 1e6 / 8
     up, down = Link(rate, rtt / 2000), Link(rate, rtt / 2000)
 
@@ -74,7 +80,8 @@ async def main():
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(pump(client_r, server_w, up), pump(server_r, client_w, down))
+        own = Link(per_conn, 0.0) if per_conn else None
+        await asyncio.gather(pump(client_r, server_w, up), pump(server_r, client_w, down, own))
         for w in (client_w, server_w):
             w.close()
 

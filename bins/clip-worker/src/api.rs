@@ -40,6 +40,7 @@ struct App {
     svc: Arc<ImageService>,
     flows: Arc<tokio::sync::Semaphore>,
     limits: Limits,
+    on_push: Option<Arc<clip_core::service::on_push::PushIndexer>>,
 }
 
 type Svc = Arc<App>;
@@ -199,11 +200,13 @@ pub(crate) fn router(
     svc: Arc<ImageService>,
     limits: Limits,
     creds: Arc<Credentials>,
+    on_push: Option<Arc<clip_core::service::on_push::PushIndexer>>,
 ) -> axum::Router {
     let app = Arc::new(App {
         svc,
         flows: Arc::new(tokio::sync::Semaphore::new(limits.max_flows.max(1))),
         limits,
+        on_push,
     });
     let context_limit = usize::try_from(limits.max_context_bytes).unwrap_or(usize::MAX);
     axum::Router::new()
@@ -304,6 +307,31 @@ pub(crate) fn router(
                     let out = a
                         .flow(move |s| Ok(s.run(&id, (!r.args.is_empty()).then_some(&r.args[..]))?))
                         .await?;
+                    Ok::<_, ApiError>(Json(out))
+                },
+            ),
+        )
+        .route(
+            "/v1/registry-events",
+            post(
+                |State(a): State<Svc>, body: Result<Bytes, BytesRejection>| async move {
+                    use clip_core::service::on_push::OnPushError;
+                    let body = body?;
+                    let Some(q) = a.on_push.clone() else {
+                        return Err(ApiError(
+                            StatusCode::NOT_FOUND,
+                            OnPushError::NotConfigured.to_string(),
+                        ));
+                    };
+                    let out = tokio::task::spawn_blocking(move || q.submit(&body))
+                        .await
+                        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                        .map_err(|e| match e {
+                            OnPushError::QueueFull => {
+                                ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                            }
+                            other => bad_request(other),
+                        })?;
                     Ok::<_, ApiError>(Json(out))
                 },
             ),

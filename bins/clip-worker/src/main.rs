@@ -257,7 +257,15 @@ fn serve(svc: &Arc<ImageService>, args: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let router = api::router(Arc::clone(svc), limits, creds);
+    // Index on push: registry notifications at POST /v1/registry-events feed a queue indexed
+    // by a background thread.
+    let on_push = svc.config().index_on_push.is_some().then(|| {
+        Arc::new(clip_core::service::on_push::PushIndexer::start(
+            Arc::clone(svc),
+            1,
+        ))
+    });
+    let router = api::router(Arc::clone(svc), limits, creds, on_push);
     rt.block_on(async {
         let bound = listen::bind(&args.listen, &tls, &perms).await?;
         match bound {

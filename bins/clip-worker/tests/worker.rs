@@ -1072,3 +1072,137 @@ fn a_fleet_of_workers_shares_one_archive_store() {
         "{v}"
     );
 }
+
+/// Index on push: the registry's notifications reach the worker (with the registry's
+/// configured bearer token); a `skopeo copy` into a configured repository leaves a v2 archive in
+/// the store, so the first pull anywhere is `reused`; the same push again indexes nothing new;
+/// an event without the credential is refused; pushes while the worker is down are delivered by
+/// the registry's retries once it is back.
+#[test]
+fn images_are_indexed_when_pushed() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("worker.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "imageService:\n  clipVersion: 2\n  archiveStore:\n    local: {0}/store\n  cacheDir: {0}/cache\n  cacheSizeGiB: 1\n  mountBase: {0}/mnt\n  indexOnPush:\n    repositories: [\"team/*\"]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let token = "push-token-0123456789";
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{token}\n")).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let args = [
+        "--listen",
+        &listen,
+        "--token-file",
+        tokens.to_str().unwrap(),
+    ];
+    let mut server = Server::start(&cfg, &args, &[], &base, Some(token));
+    let reg = Registry::start(clip_testkit::RegistryOptions {
+        notify: Some((format!("{base}/v1/registry-events"), Some(token.into()))),
+        ..Default::default()
+    })
+    .unwrap();
+    // Images as skopeo pushes them, from an OCI layout.
+    let layout = |name: &str, text: &str| {
+        let l = dir.path().join(name);
+        ImageBuilder::new(ManifestFormat::Oci)
+            .image(Image::new(vec![Layer::new(vec![Entry::file(
+                "etc/hello",
+                text,
+            )])]))
+            .build()
+            .unwrap()
+            .write_oci_layout(&l, "v1")
+            .unwrap();
+        l
+    };
+    let push = |l: &Path, repo: &str| {
+        let out = Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", l.display()))
+            .arg(format!("docker://{}/{repo}:v1", reg.host()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let archives = || {
+        std::fs::read_dir(dir.path().join("store")).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".clip"))
+                .count()
+        })
+    };
+    let wait_for = |n: usize, server: &Server| {
+        let start = Instant::now();
+        while archives() < n {
+            assert!(
+                start.elapsed() < Duration::from_mins(1),
+                "no archive appeared:\n{}\n{}",
+                server.stderr(),
+                reg.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let app = layout("app", "pushed\n");
+    push(&app, "team/app");
+    wait_for(1, &server);
+    let auth = format!("authorization: Bearer {token}");
+    let pulled = server.ok(
+        &[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-d",
+            &format!("{{\"image\":\"{}/team/app:v1\"}}", reg.host()),
+        ],
+        "/v1/pull",
+    );
+    assert_eq!(pulled["reused"], true, "{pulled}");
+    assert_eq!(pulled["version"], 2, "{pulled}");
+    // Pushed again: nothing new to index; another repository is not configured.
+    push(&app, "team/app");
+    push(&layout("other", "other\n"), "elsewhere/other");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(archives(), 1);
+    assert_eq!(
+        server.stderr().matches("indexed on push").count(),
+        1,
+        "{}",
+        server.stderr()
+    );
+    // Without the registry's credential: refused.
+    let (code, _) = server.call(
+        &["-X", "POST", "-d", "{\"events\":[]}"],
+        "/v1/registry-events",
+    );
+    assert_eq!(code, 401);
+    let (code, body) = server.call(
+        &["-X", "POST", "-H", &auth, "-d", "not json"],
+        "/v1/registry-events",
+    );
+    assert_eq!(code, 400, "{body}");
+    // The worker down while an image is pushed: the registry retries until it is back.
+    let stopped = server.stop();
+    assert!(stopped.success());
+    push(&layout("later", "later\n"), "team/later");
+    std::thread::sleep(Duration::from_secs(1));
+    server = Server::start(&cfg, &args, &[], &base, Some(token));
+    wait_for(2, &server);
+    let (_, text) = server.call(&["-H", &auth], "/metrics");
+    assert!(text.contains("clip_index_on_push_events_total"), "{text}");
+}

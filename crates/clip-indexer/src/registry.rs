@@ -113,7 +113,7 @@ pub(crate) fn registry_image(
                     Ok(_) => {}
                 }
             }
-            let reader = client.blob_reader(handle, &pinned, &d.digest);
+            let reader = client.blob_reader_sized(handle, &pinned, &d.digest, d.size);
             match index_layer(reader, d, span, opts.bytes_read.as_deref()) {
                 Ok(mut done) => {
                     done.why_streamed = why_streamed;

@@ -165,6 +165,60 @@ pub struct Config {
     /// Where build contexts named by a host path must live (`POST /v1/build` with `context`);
     /// `None`: host paths are refused and contexts must be uploaded.
     pub build_context_root: Option<PathBuf>,
+    /// Index images when a registry reports their push (`POST /v1/registry-events`); `None`:
+    /// events are refused.
+    pub index_on_push: Option<IndexOnPush>,
+}
+
+/// `indexOnPush:` — which pushed images to index ahead of any pull.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexOnPush {
+    /// Repository patterns (`team/*`, `registry.example.com/app`, `*`); `*` matches any run of
+    /// characters. A pattern without a host matches the repository on any registry.
+    pub repositories: Vec<String>,
+    /// Platforms (`os/arch[/variant]`) to index from multi-platform images; empty: this
+    /// machine's.
+    pub platforms: Vec<String>,
+}
+
+impl IndexOnPush {
+    /// Whether `repository` on `host` is one to index.
+    #[must_use]
+    pub fn wants(&self, host: &str, repository: &str) -> bool {
+        let full = format!("{host}/{repository}");
+        self.repositories
+            .iter()
+            .any(|p| glob(p, repository) || glob(p, &full))
+    }
+}
+
+/// `*` matches any run of characters (none included); everything else itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    let p = pattern.as_bytes();
+    let t = text.as_bytes();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
 }
 
 impl Default for Config {
@@ -184,6 +238,7 @@ impl Default for Config {
             registries_conf: None,
             clip_v2_rollout_percent: 100,
             build_context_root: None,
+            index_on_push: None,
         }
     }
 }
@@ -213,6 +268,7 @@ struct Section {
     #[serde(rename = "clipV2RolloutPercent")]
     clip_v2_rollout_percent: Option<u8>,
     build_context_root: Option<PathBuf>,
+    index_on_push: Option<IndexOnPush>,
 }
 
 /// `archiveStore:` as written: exactly one of `local` and `s3`.
@@ -262,6 +318,7 @@ impl Config {
                 .clip_v2_rollout_percent
                 .unwrap_or(d.clip_v2_rollout_percent),
             build_context_root: s.build_context_root,
+            index_on_push: s.index_on_push,
         };
         cfg.validate()
     }
@@ -512,6 +569,20 @@ imageService:
         assert!(
             Config::from_yaml("imageService:\n  registries:\n    r: {clientCert: /c}\n").is_err()
         );
+    }
+
+    #[test]
+    fn index_on_push_patterns() {
+        let c = Config::from_yaml(
+            "imageService:\n  indexOnPush:\n    repositories: [\"team/*\", \"reg.example.com:5000/app\"]\n    platforms: [linux/arm64]\n",
+        )
+        .unwrap();
+        let p = c.index_on_push.unwrap();
+        assert!(p.wants("any:5000", "team/a") && p.wants("h", "team/a/b"));
+        assert!(p.wants("reg.example.com:5000", "app") && !p.wants("other", "app"));
+        assert!(!p.wants("h", "teams/a"));
+        assert_eq!(p.platforms, ["linux/arm64"]);
+        assert!(glob("*", "") && glob("a*b*c", "aXbYc") && !glob("a*b", "ac"));
     }
 
     #[test]

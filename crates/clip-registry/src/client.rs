@@ -79,6 +79,9 @@ pub struct ClientConfig {
     pub docker_config: Option<std::sync::Arc<crate::dockerconfig::DockerConfig>>,
     /// Most requests in flight to one host, bodies included (default 8).
     pub max_per_host: Option<usize>,
+    /// Ranges in flight when a big blob is streamed (default [`crate::PARALLEL_STREAMS`]; 1:
+    /// one stream). The environment variable `CLIP_RANGE_STREAMS` sets it too.
+    pub range_streams: Option<usize>,
     /// The certs.d roots to read per-registry CAs and client certificates from (`None`: the
     /// conventional `/etc/containers/certs.d` and `/etc/docker/certs.d`; see [`crate::trust`]).
     pub certs_dirs: Option<Vec<std::path::PathBuf>>,

@@ -133,22 +133,25 @@ impl Client {
         );
         let mut hasher = Sha256::new();
         let mut write_error = None;
-        let _slot = self.slot(r.api_host()).await;
-        let got = self
-            .blob_stream(r, digest, |chunk| {
+        // Big layers come as parallel ranges (see `blob_reader_sized`).
+        let mut chunks = self.blob_chunks(&tokio::runtime::Handle::current(), r, digest, size);
+        let got: Result<u64, Error> = async {
+            let mut n = 0u64;
+            while let Some(chunk) = chunks.recv().await {
+                let chunk = chunk?;
+                n += chunk.len() as u64;
                 if let Some(p) = progress {
                     p.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 hasher.update(&chunk);
-                match file.write_all(&chunk) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        write_error = Some(e);
-                        false
-                    }
+                if let Err(e) = file.write_all(&chunk) {
+                    write_error = Some(e);
+                    break;
                 }
-            })
-            .await;
+            }
+            Ok(n)
+        }
+        .await;
         let result = (|| {
             let n = got?;
             if let Some(e) = write_error {

@@ -296,7 +296,135 @@ pub struct BlobReader {
     failed: bool,
 }
 
+/// Blobs at least this large are fetched with parallel range requests when the registry
+/// answers ranges ([`Client::blob_reader_sized`]).
+pub const PARALLEL_MIN: u64 = 64 << 20;
+/// The size of each range of a parallel fetch.
+pub const PARALLEL_CHUNK: u64 = 8 << 20;
+/// Ranges in flight during a parallel fetch (memory: this many chunks, plus one being read).
+pub const PARALLEL_STREAMS: usize = 4;
+
 impl Client {
+    /// Whether the registry (or whatever serves its blobs) answers a range request for blob
+    /// `digest` with 206.
+    pub async fn answers_ranges(&self, r: &Reference, digest: &Digest) -> bool {
+        let _slot = self.slot(r.api_host()).await;
+        self.blob_response(r, digest, Some(&(0..1)))
+            .await
+            .is_ok_and(|resp| resp.status() == StatusCode::PARTIAL_CONTENT)
+    }
+
+    /// [`Self::blob_reader`] for a blob of known `size`: one of [`PARALLEL_MIN`] bytes or more
+    /// is fetched as [`PARALLEL_CHUNK`]-byte ranges, [`PARALLEL_STREAMS`] at a time, handed on
+    /// in order — where each connection is capped (a registry's or CDN's per-connection limit,
+    /// one TCP window over a long path), one big layer is no longer limited to one connection.
+    /// Memory stays bounded; bytes are verified by the consumer as before. A registry that does
+    /// not answer ranges gets one stream.
+    #[must_use]
+    pub fn blob_reader_sized(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        r: &Reference,
+        digest: &Digest,
+        size: u64,
+    ) -> BlobReader {
+        BlobReader {
+            rx: self.blob_chunks(runtime, r, digest, size),
+            current: Bytes::new(),
+            failed: false,
+        }
+    }
+
+    /// The chunks of blob `digest` (of `size` bytes) in order, produced by a task on `runtime`:
+    /// parallel ranges for a big blob of a registry that answers them, else one stream.
+    pub(crate) fn blob_chunks(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        r: &Reference,
+        digest: &Digest,
+        size: u64,
+    ) -> tokio::sync::mpsc::Receiver<Result<Bytes, Error>> {
+        let streams = self
+            .cfg
+            .range_streams
+            .or_else(|| {
+                std::env::var("CLIP_RANGE_STREAMS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(PARALLEL_STREAMS)
+            .clamp(1, 16);
+        if size < PARALLEL_MIN || streams == 1 {
+            let (tx, rx) = tokio::sync::mpsc::channel(32);
+            let (client, r, digest) = (self.clone(), r.clone(), digest.clone());
+            runtime.spawn(async move { client.stream_to(&r, &digest, tx).await });
+            return rx;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(streams);
+        let (client, r, digest) = (self.clone(), r.clone(), digest.clone());
+        runtime.spawn(async move {
+            if !client.answers_ranges(&r, &digest).await {
+                tracing::debug!(%digest, "no range answers: one stream");
+                client.stream_to(&r, &digest, tx).await;
+                return;
+            }
+            let mut next = 0u64;
+            let mut inflight = futures_util::stream::FuturesOrdered::new();
+            loop {
+                while next < size && inflight.len() < streams {
+                    let end = (next + PARALLEL_CHUNK).min(size);
+                    let (c, r, d) = (client.clone(), r.clone(), digest.clone());
+                    inflight.push_back(async move { c.read_range(&r, &d, next..end).await });
+                    next = end;
+                }
+                let Some(res) = inflight.next().await else {
+                    return;
+                };
+                let stop = res.is_err();
+                if tx.send(res).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Streams blob `digest` of `r` into `tx`, chunk by chunk.
+    async fn stream_to(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        tx: tokio::sync::mpsc::Sender<Result<Bytes, Error>>,
+    ) {
+        let _slot = self.slot(r.api_host()).await;
+        let resp = match self.blob_response(r, digest, None).await {
+            Ok(resp) if resp.status().is_success() => resp,
+            Ok(resp) => {
+                let url = resp.url().to_string();
+                let _ = tx
+                    .send(Err(Error::Protocol {
+                        url,
+                        reason: format!("blob request answered {}", resp.status()),
+                    }))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let url = resp.url().to_string();
+        let mut stream = resp.bytes_stream();
+        while let Some(c) = stream.next().await {
+            let item = c.map_err(|e| Error::transport(&url, &e));
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    }
+
     /// Starts streaming blob `digest` of `r` on `runtime`; read it from any thread.
     #[must_use]
     pub fn blob_reader(
@@ -307,35 +435,7 @@ impl Client {
     ) -> BlobReader {
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         let (client, r, digest) = (self.clone(), r.clone(), digest.clone());
-        runtime.spawn(async move {
-            let _slot = client.slot(r.api_host()).await;
-            let resp = match client.blob_response(&r, &digest, None).await {
-                Ok(resp) if resp.status().is_success() => resp,
-                Ok(resp) => {
-                    let url = resp.url().to_string();
-                    let _ = tx
-                        .send(Err(Error::Protocol {
-                            url,
-                            reason: format!("blob request answered {}", resp.status()),
-                        }))
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            };
-            let url = resp.url().to_string();
-            let mut stream = resp.bytes_stream();
-            while let Some(c) = stream.next().await {
-                let item = c.map_err(|e| Error::transport(&url, &e));
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
+        runtime.spawn(async move { client.stream_to(&r, &digest, tx).await });
         BlobReader {
             rx,
             current: Bytes::new(),

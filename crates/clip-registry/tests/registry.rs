@@ -648,3 +648,40 @@ fn docker_identity_tokens_use_the_oauth2_refresh_grant() {
     let err = rt.block_on(with("rt-bogus").resolve(&r, None)).unwrap_err();
     assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
 }
+
+/// A big blob is fetched as parallel ranges, handed on in order (the bytes hash to the digest),
+/// and a small one as one stream.
+#[test]
+fn big_blobs_stream_as_parallel_ranges_in_order() {
+    use std::io::Read as _;
+    let rt = clip_testkit::runtime();
+    let reg = Registry::start_anonymous().unwrap();
+    let size = clip_registry::PARALLEL_MIN as usize + (3 << 20) + 12_345;
+    let img = Image::new(vec![
+        Layer::new(vec![Entry::file("big", random_bytes(9, size))])
+            .compression(clip_testkit::Compression::None),
+    ]);
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    reg.push(&built, "tk/big", "v1").unwrap();
+    let layer = &built.manifests[0].layers[0].blob;
+    let digest = dg(&layer.digest);
+    let r = Reference::parse(&format!("{}/tk/big@{}", reg.host(), built.digest())).unwrap();
+    let c = client_for(&reg, None);
+    let before = reg.log().matches("\" 206 ").count();
+    let mut reader = c.blob_reader_sized(rt.handle(), &r, &digest, layer.bytes.len() as u64);
+    let mut all = Vec::new();
+    reader.read_to_end(&mut all).unwrap();
+    assert!(all == layer.bytes, "bytes differ or are out of order");
+    let ranges = reg.log().matches("\" 206 ").count() - before;
+    let expected = layer
+        .bytes
+        .len()
+        .div_ceil(clip_registry::PARALLEL_CHUNK as usize);
+    assert!(
+        ranges > expected,
+        "{ranges} range answers for {expected} chunks (+ the probe)"
+    );
+}

@@ -51,6 +51,9 @@ pub struct RegistryOptions {
     /// Run as a pull-through cache of this registry URL (`proxy.remoteurl`): read-only, it
     /// fetches what it lacks from there and keeps it.
     pub proxy_of: Option<String>,
+    /// Post notification envelopes (`notifications.endpoints`) to this URL, with
+    /// `Authorization: Bearer TOKEN` when a token is given; failed deliveries are retried.
+    pub notify: Option<(String, Option<String>)>,
 }
 
 impl Default for RegistryOptions {
@@ -60,6 +63,7 @@ impl Default for RegistryOptions {
             tls: false,
             client_certs: false,
             proxy_of: None,
+            notify: None,
         }
     }
 }
@@ -193,6 +197,19 @@ impl Registry {
         } else {
             String::new()
         };
+        let notify_yaml = options
+            .notify
+            .as_ref()
+            .map(|(url, token)| {
+                let headers = token
+                    .as_ref()
+                    .map(|t| format!("      headers:\n        Authorization: [\"Bearer {t}\"]\n"))
+                    .unwrap_or_default();
+                format!(
+                    "notifications:\n  endpoints:\n    - name: clip\n      url: {url}\n{headers}      timeout: 2s\n      threshold: 2\n      backoff: 500ms\n"
+                )
+            })
+            .unwrap_or_default();
         let proxy_yaml = options
             .proxy_of
             .as_ref()
@@ -206,7 +223,7 @@ impl Registry {
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let config = dir.path().join("config.yml");
             let yaml = format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nvalidation:\n  manifests:\n    urls:\n      allow:\n        - ^https?://\nhttp:\n  addr: {addr}\n  secret: clip-testkit-secret\n{tls_yaml}{auth_yaml}{proxy_yaml}",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nvalidation:\n  manifests:\n    urls:\n      allow:\n        - ^https?://\nhttp:\n  addr: {addr}\n  secret: clip-testkit-secret\n{tls_yaml}{auth_yaml}{proxy_yaml}{notify_yaml}",
                 storage.display()
             );
             std::fs::write(&config, yaml).ctx(|| format!("writing {}", config.display()))?;

@@ -30,6 +30,7 @@ mod build;
 mod error;
 mod flow;
 mod lazy;
+pub mod on_push;
 mod pull;
 mod run;
 pub mod store;

@@ -1,0 +1,487 @@
+//! Index on push: a registry's notifications ("an image was pushed") become archives in the
+//! store before any worker asks for the image, so that the first pull anywhere finds it.
+//!
+//! The CNCF distribution registry posts event envelopes (`{"events": [...]}`, media type
+//! `application/vnd.docker.distribution.events.v1+json`) to its configured endpoints;
+//! [`PushIndexer::submit`] takes such a body. Manifest and index pushes to repositories matching
+//! `indexOnPush.repositories` are queued — bounded, deduplicated by digest — and indexed by
+//! background threads exactly as `PullAndArchiveImage` would (`pull_and_archive` of
+//! `HOST/REPO@DIGEST`: same image id, same store, create-only), so a later pull by tag answers
+//! `"reused": true`. A pushed index is indexed for the configured platforms (default: this
+//! machine's); a pushed platform manifest only if its platform is one of them. Failures are
+//! retried with backoff (1, 2, 4, 8, 16 s), then dropped with an error logged and counted.
+//! Everything else in an envelope (blob pushes, pulls, deletes) is ignored and counted.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Deserialize;
+
+use super::ImageService;
+use crate::registry;
+
+/// How many jobs wait at most; a fuller queue refuses the envelope (the registry retries).
+pub const QUEUE_CAPACITY: usize = 1024;
+/// How many digests are remembered for deduplication.
+const SEEN_CAPACITY: usize = 16_384;
+/// Attempts per image before it is dropped.
+const ATTEMPTS: u32 = 5;
+
+/// Why an envelope was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OnPushError {
+    /// The body is not a notification envelope.
+    #[error("not a registry notification envelope: {0}")]
+    Envelope(String),
+    /// Index on push is not configured on this worker.
+    #[error("index on push is not configured (imageService.indexOnPush)")]
+    NotConfigured,
+    /// The queue is full.
+    #[error("the index-on-push queue is full ({QUEUE_CAPACITY} images waiting); retry later")]
+    QueueFull,
+}
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    events: Vec<Event>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    timestamp: String,
+    #[serde(default)]
+    target: Target,
+    #[serde(default)]
+    request: RequestInfo,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Target {
+    #[serde(default, rename = "mediaType")]
+    media_type: String,
+    #[serde(default)]
+    digest: String,
+    #[serde(default)]
+    repository: String,
+    #[serde(default)]
+    url: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RequestInfo {
+    #[serde(default)]
+    host: String,
+}
+
+/// What an envelope brought.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Submitted {
+    /// Events in the envelope.
+    pub received: usize,
+    /// Images queued for indexing.
+    pub queued: usize,
+    /// Already queued, being indexed or done.
+    pub duplicates: usize,
+    /// Not a manifest or index push, or not a configured repository.
+    pub ignored: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    host: String,
+    repository: String,
+    digest: String,
+    index: bool,
+    pushed_at: Option<SystemTime>,
+    attempts: u32,
+    not_before: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    seen: HashSet<String>,
+    seen_order: VecDeque<String>,
+    stop: bool,
+}
+
+impl Queue {
+    fn remember(&mut self, digest: &str) -> bool {
+        if !self.seen.insert(digest.to_owned()) {
+            return false;
+        }
+        self.seen_order.push_back(digest.to_owned());
+        while self.seen_order.len() > SEEN_CAPACITY {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+/// The index-on-push queue and its threads.
+pub struct PushIndexer {
+    svc: Arc<ImageService>,
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PushIndexer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushIndexer")
+            .field("depth", &self.depth())
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_manifest(media: &str) -> bool {
+    matches!(
+        media,
+        "application/vnd.oci.image.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v2+json"
+    )
+}
+
+fn is_index(media: &str) -> bool {
+    matches!(
+        media,
+        "application/vnd.oci.image.index.v1+json"
+            | "application/vnd.docker.distribution.manifest.list.v2+json"
+    )
+}
+
+/// `HOST[:PORT]` of a URL like `http://127.0.0.1:5000/v2/…`.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let host = rest.split('/').next()?;
+    (!host.is_empty()).then_some(host)
+}
+
+/// RFC 3339 (`2026-12-06T22:54:52.908620767Z`, or with `+hh:mm`) as a time.
+#[must_use]
+#[allow(clippy::many_single_char_names)] // the calendar's own names: y, d, h, …
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut i = 19;
+    let mut nanos = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        let frac = &s[start..i];
+        let digits = frac.len().min(9);
+        nanos = frac.get(..digits)?.parse::<i64>().ok()? * 10i64.pow(9 - digits as u32);
+    }
+    let offset = match b.get(i) {
+        Some(b'Z' | b'z') => 0,
+        Some(sign @ (b'+' | b'-')) => {
+            let oh = num(i + 1..i + 3)?;
+            let om = num(i + 4..i + 6)?;
+            let o = oh * 3600 + om * 60;
+            if *sign == b'+' { o } else { -o }
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, u32::try_from(nanos).ok()?))
+}
+
+impl PushIndexer {
+    /// Starts `workers` indexing threads for `svc`.
+    #[must_use]
+    pub fn start(svc: Arc<ImageService>, workers: usize) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        let threads = (0..workers.max(1))
+            .map(|_| {
+                let (svc, shared) = (Arc::clone(&svc), Arc::clone(&shared));
+                std::thread::spawn(move || work(&svc, &shared))
+            })
+            .collect();
+        Self {
+            svc,
+            shared,
+            threads,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Images waiting.
+    #[must_use]
+    pub fn depth(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Takes a notification envelope (the request body).
+    pub fn submit(&self, body: &[u8]) -> Result<Submitted, OnPushError> {
+        let conf = self
+            .svc
+            .config()
+            .index_on_push
+            .clone()
+            .ok_or(OnPushError::NotConfigured)?;
+        let env: Envelope =
+            serde_json::from_slice(body).map_err(|e| OnPushError::Envelope(e.to_string()))?;
+        let mut out = Submitted {
+            received: env.events.len(),
+            ..Submitted::default()
+        };
+        let mut q = self.lock();
+        for e in env.events {
+            let t = &e.target;
+            let kind_ok = is_manifest(&t.media_type) || is_index(&t.media_type);
+            let host = url_host(&t.url)
+                .map(str::to_owned)
+                .or_else(|| (!e.request.host.is_empty()).then(|| e.request.host.clone()));
+            let digest_ok = clip_format::Digest::parse(&t.digest).is_ok();
+            let Some(host) = host.filter(|_| {
+                e.action == "push"
+                    && kind_ok
+                    && digest_ok
+                    && registry::Reference::parse(&format!("localhost/{}", t.repository)).is_ok()
+            }) else {
+                out.ignored += 1;
+                metrics::counter!("clip_index_on_push_events_total", "result" => "ignored")
+                    .increment(1);
+                continue;
+            };
+            if !conf.wants(&host, &t.repository) {
+                out.ignored += 1;
+                metrics::counter!("clip_index_on_push_events_total", "result" => "ignored")
+                    .increment(1);
+                continue;
+            }
+            if !q.remember(&t.digest) {
+                out.duplicates += 1;
+                metrics::counter!("clip_index_on_push_events_total", "result" => "duplicate")
+                    .increment(1);
+                continue;
+            }
+            if q.jobs.len() >= QUEUE_CAPACITY {
+                q.seen.remove(&t.digest);
+                return Err(OnPushError::QueueFull);
+            }
+            q.jobs.push_back(Job {
+                host,
+                repository: t.repository.clone(),
+                digest: t.digest.clone(),
+                index: is_index(&t.media_type),
+                pushed_at: parse_rfc3339(&e.timestamp),
+                attempts: 0,
+                not_before: Instant::now(),
+            });
+            out.queued += 1;
+            metrics::counter!("clip_index_on_push_events_total", "result" => "queued").increment(1);
+        }
+        metrics::gauge!("clip_index_on_push_queue_depth").set(q.jobs.len() as f64);
+        drop(q);
+        self.shared.wake.notify_all();
+        Ok(out)
+    }
+}
+
+impl Drop for PushIndexer {
+    fn drop(&mut self) {
+        self.lock().stop = true;
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The next job whose time has come (waiting for one), or `None` when stopping.
+fn next_job(shared: &Shared) -> Option<Job> {
+    let mut q = shared
+        .queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        if q.stop {
+            return None;
+        }
+        let now = Instant::now();
+        if let Some(i) = q.jobs.iter().position(|j| j.not_before <= now) {
+            let job = q.jobs.remove(i);
+            metrics::gauge!("clip_index_on_push_queue_depth").set(q.jobs.len() as f64);
+            return job;
+        }
+        let wait = q
+            .jobs
+            .iter()
+            .map(|j| j.not_before.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_hours(1));
+        q = shared
+            .wake
+            .wait_timeout(q, wait)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0;
+    }
+}
+
+fn work(svc: &ImageService, shared: &Shared) {
+    while let Some(mut job) = next_job(shared) {
+        match index_job(svc, shared, &job) {
+            Ok(()) => {}
+            Err(e) => {
+                job.attempts += 1;
+                if job.attempts >= ATTEMPTS {
+                    tracing::error!(image = %format!("{}/{}@{}", job.host, job.repository, job.digest), attempts = job.attempts, error = %e, "index on push: giving up");
+                    metrics::counter!("clip_index_on_push_failures_total").increment(1);
+                } else {
+                    let delay = Duration::from_secs(1 << (job.attempts - 1));
+                    tracing::warn!(image = %format!("{}/{}@{}", job.host, job.repository, job.digest), attempt = job.attempts, retry_in_s = delay.as_secs(), error = %e, "index on push failed; retrying");
+                    job.not_before = Instant::now() + delay;
+                    let mut q = shared
+                        .queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    q.jobs.push_back(job);
+                    drop(q);
+                    shared.wake.notify_all();
+                }
+            }
+        }
+    }
+}
+
+/// One job: an index is expanded into its configured platforms' manifests (queued as jobs of
+/// their own); a manifest of a configured platform is archived.
+fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), String> {
+    let conf = svc.config().index_on_push.clone().unwrap_or_default();
+    let platforms: Vec<registry::Platform> = if conf.platforms.is_empty() {
+        vec![registry::oci::host_platform()]
+    } else {
+        conf.platforms
+            .iter()
+            .filter_map(|p| registry::oci::parse_platform(p))
+            .collect()
+    };
+    let pinned = format!("{}/{}@{}", job.host, job.repository, job.digest);
+    let reference = registry::Reference::parse(&pinned).map_err(|e| e.to_string())?;
+    let net = svc.registry();
+    if job.index {
+        for p in &platforms {
+            match net.block_on(net.client().resolve(&reference, Some(p))) {
+                Ok(img) => {
+                    let digest = img.manifest_digest.to_string();
+                    let mut q = shared
+                        .queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if q.remember(&digest) {
+                        q.jobs.push_back(Job {
+                            digest,
+                            index: false,
+                            attempts: 0,
+                            not_before: Instant::now(),
+                            ..job.clone()
+                        });
+                    }
+                }
+                Err(registry::Error::NotFound { .. }) => {
+                    tracing::info!(image = %pinned, platform = %registry::oci::platform_name(p), "index on push: no such platform in the index");
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        shared.wake.notify_all();
+        return Ok(());
+    }
+    // A platform manifest: only if it is one of the configured platforms.
+    let img = net
+        .block_on(net.client().resolve(&reference, None))
+        .map_err(|e| e.to_string())?;
+    let mut offered = registry::Platform::default();
+    offered.set_os(img.config.os().clone());
+    offered.set_architecture(img.config.architecture().clone());
+    offered.set_variant(img.config.variant().clone());
+    if !platforms
+        .iter()
+        .any(|want| registry::oci::platform_matches(&offered, want))
+    {
+        tracing::info!(image = %pinned, platform = %registry::oci::platform_name(&offered), "index on push: not a configured platform");
+        metrics::counter!("clip_index_on_push_events_total", "result" => "other_platform")
+            .increment(1);
+        return Ok(());
+    }
+    let started = Instant::now();
+    let r = svc.pull_and_archive(&pinned).map_err(|e| e.to_string())?;
+    let lag = job
+        .pushed_at
+        .and_then(|t| SystemTime::now().duration_since(t).ok());
+    if let Some(l) = lag {
+        metrics::histogram!("clip_index_on_push_lag_seconds").record(l.as_secs_f64());
+    }
+    tracing::info!(image = %pinned, image_id = %r.image_id, version = r.version.number(), reused = r.reused, ms = started.elapsed().as_millis() as u64, lag_ms = lag.map(|l| l.as_millis() as u64), "indexed on push");
+    metrics::counter!("clip_index_on_push_indexed_total").increment(1);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn rfc3339_and_urls() {
+        let t = parse_rfc3339("2026-12-06T22:54:52.908620767Z").unwrap();
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(d.as_secs(), 1_796_597_692);
+        assert_eq!(d.subsec_nanos(), 908_620_767);
+        assert_eq!(
+            parse_rfc3339("2026-12-06T23:54:52+01:00")
+                .unwrap()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            1_796_597_692
+        );
+        assert!(
+            parse_rfc3339("yesterday").is_none() && parse_rfc3339("2026-12-06T22:54:52").is_none()
+        );
+        assert_eq!(
+            url_host("http://127.0.0.1:5000/v2/a/manifests/x"),
+            Some("127.0.0.1:5000")
+        );
+        assert_eq!(url_host("nope"), None);
+    }
+}
