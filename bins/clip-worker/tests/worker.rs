@@ -1203,6 +1203,9 @@ fn images_are_indexed_when_pushed() {
     std::thread::sleep(Duration::from_secs(1));
     server = Server::start(&cfg, &args, &[], &base, Some(token));
     wait_for(2, &server);
+    // The same image in another configured repository is another image id: indexed again.
+    push(&app, "team/copy");
+    wait_for(3, &server);
     let (_, text) = server.call(&["-H", &auth], "/metrics");
     assert!(text.contains("clip_index_on_push_events_total"), "{text}");
 }

@@ -4,7 +4,8 @@
 //! The CNCF distribution registry posts event envelopes (`{"events": [...]}`, media type
 //! `application/vnd.docker.distribution.events.v1+json`) to its configured endpoints;
 //! [`PushIndexer::submit`] takes such a body. Manifest and index pushes to repositories matching
-//! `indexOnPush.repositories` are queued — bounded, deduplicated by digest — and indexed by
+//! `indexOnPush.repositories` are queued — bounded, deduplicated by registry, repository and
+//! digest (what an image id names) — and indexed by
 //! background threads exactly as `PullAndArchiveImage` would (`pull_and_archive` of
 //! `HOST/REPO@DIGEST`: same image id, same store, create-only), so a later pull by tag answers
 //! `"reused": true`. A pushed index is indexed for the configured platforms (default: this
@@ -288,14 +289,16 @@ impl PushIndexer {
                     .increment(1);
                 continue;
             }
-            if !q.remember(&t.digest) {
+            // One archive per image id, which names the registry and the repository too.
+            let key = format!("{host}/{}@{}", t.repository, t.digest);
+            if !q.remember(&key) {
                 out.duplicates += 1;
                 metrics::counter!("clip_index_on_push_events_total", "result" => "duplicate")
                     .increment(1);
                 continue;
             }
             if q.jobs.len() >= QUEUE_CAPACITY {
-                q.seen.remove(&t.digest);
+                q.seen.remove(&key);
                 return Err(OnPushError::QueueFull);
             }
             q.jobs.push_back(Job {
@@ -407,7 +410,7 @@ fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), Strin
                         .queue
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if q.remember(&digest) {
+                    if q.remember(&format!("{}/{}@{digest}", job.host, job.repository)) {
                         q.jobs.push_back(Job {
                             digest,
                             index: false,
