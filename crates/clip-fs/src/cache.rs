@@ -662,14 +662,15 @@ mod tests {
     #[test]
     fn insert_get_verify_and_evict() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = SpanCache::open(dir.path(), 10_000).unwrap();
+        // No free-space floor: the test machine's disk may be nearly full.
+        let cache = SpanCache::open_with(dir.path(), 10_000, 0).unwrap();
         let a = vec![1u8; 4000];
         let da = digest(&a);
         assert!(cache.get(&da, 4000).is_none());
         cache.insert(&da, a.clone());
 
         // A second handle (another process) verifies and reads it.
-        let other = SpanCache::open(dir.path(), 10_000).unwrap();
+        let other = SpanCache::open_with(dir.path(), 10_000, 0).unwrap();
         let f = other.get(&da, 4000).unwrap();
         assert_eq!(f.bytes(), &a[..]);
 
@@ -678,14 +679,14 @@ mod tests {
         let mut on_disk = std::fs::read(other.path(&da)).unwrap();
         on_disk[17] ^= 1;
         std::fs::write(other.path(&da), &on_disk).unwrap();
-        let third = SpanCache::open(dir.path(), 10_000).unwrap();
+        let third = SpanCache::open_with(dir.path(), 10_000, 0).unwrap();
         assert!(third.get(&da, 4000).is_none());
         assert_eq!(third.stats().corrupt, 1);
         assert!(!third.path(&da).exists());
         third.insert(&da, a.clone());
         std::fs::write(third.path(&da), &on_disk[..100]).unwrap();
         assert!(
-            SpanCache::open(dir.path(), 10_000)
+            SpanCache::open_with(dir.path(), 10_000, 0)
                 .unwrap()
                 .get(&da, 4000)
                 .is_none()

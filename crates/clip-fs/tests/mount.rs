@@ -37,6 +37,15 @@ fn can_mount() -> bool {
     true
 }
 
+/// Mount options for tests that are not about disk pressure: no free-space floor, so that a
+/// nearly full disk on the test machine does not shrink the span cache under the test.
+fn test_options() -> MountOptions {
+    MountOptions {
+        cache_min_free_percent: 0,
+        ..MountOptions::default()
+    }
+}
+
 struct Fixture {
     dir: tempfile::TempDir,
     registry: Registry,
@@ -178,7 +187,7 @@ fn v2_mounts_equal_umoci_for_every_layer_compression() {
                 ])
             });
         let expected = f.oracle(twin.as_ref());
-        let m = f.mount("mnt", MountOptions::default());
+        let m = f.mount("mnt", test_options());
         assert_same(&expected, m.mountpoint());
         let s = m.stats();
         assert!(s.spans_fetched > 0 && s.verify_failures == 0, "{s:?}");
@@ -193,7 +202,7 @@ fn v2_mounts_equal_umoci_for_every_layer_compression() {
         check_sparse(&mp);
 
         // A second mount of the same image reads everything from the shared cache.
-        let m2 = f.mount("mnt2", MountOptions::default());
+        let m2 = f.mount("mnt2", test_options());
         assert_same(&expected, m2.mountpoint());
         assert_eq!(m2.stats().requests, 0, "{:?}", m2.stats());
         m2.unmount().unwrap();
@@ -232,7 +241,7 @@ fn v1_local_mount_equals_umoci() {
         archive,
         mountpoint: mp,
         cache_dir: dir.path().join("cache"),
-        ..MountOptions::default()
+        ..test_options()
     })
     .unwrap();
     assert_same(&expected, m.mountpoint());
@@ -272,7 +281,7 @@ fn sixty_four_concurrent_random_readers_get_every_byte_right() {
         256 << 10,
         ClientConfig::default(),
     );
-    let m = f.mount("mnt", MountOptions::default());
+    let m = f.mount("mnt", test_options());
     let files = Arc::new(files);
     let mp = m.mountpoint().to_owned();
     let threads: Vec<_> = (0..64u64)
@@ -334,7 +343,7 @@ fn registry_outage_fails_only_the_reads_then_recovers() {
         MountOptions {
             registry: Some(clip_registry::BlockingClient::new(fast).unwrap()),
             readahead_spans: 0,
-            ..MountOptions::default()
+            ..test_options()
         },
     );
     let mp = m.mountpoint().to_owned();
@@ -417,7 +426,7 @@ fn corrupt_bytes_are_refetched_and_never_served() {
         MountOptions {
             registry_override: Some(fake.host()),
             registry_check: false,
-            ..MountOptions::default()
+            ..test_options()
         },
     );
     let got = std::fs::read(m.mountpoint().join(&files[3].0)).unwrap();
@@ -432,7 +441,7 @@ fn corrupt_bytes_are_refetched_and_never_served() {
         MountOptions {
             registry_override: Some(fake.host()),
             cache_dir: f.dir.path().join("cache-bad"),
-            ..MountOptions::default()
+            ..test_options()
         },
     );
     let err = std::fs::read(m.mountpoint().join(&files[0].0)).unwrap_err();
@@ -473,7 +482,7 @@ fn five_second_tokens_are_refreshed_during_a_long_run() {
         MountOptions {
             registry: Some(clip_registry::BlockingClient::new(cfg).unwrap()),
             readahead_spans: 0,
-            ..MountOptions::default()
+            ..test_options()
         },
     );
     let issued = |r: &Registry| {
@@ -510,7 +519,7 @@ fn the_cache_stays_under_its_cap_and_evicted_spans_are_refetched() {
     let cap = 4 << 20;
     let opts = || MountOptions {
         cache_bytes: cap,
-        ..MountOptions::default()
+        ..test_options()
     };
     let m = f.mount("mnt", opts());
     for (p, want) in &files {
@@ -561,7 +570,7 @@ fn a_recorded_profile_prefetches_a_cold_mount() {
         MountOptions {
             record_profile: Some(profile_path.clone()),
             readahead_spans: 0,
-            ..MountOptions::default()
+            ..test_options()
         },
     );
     // The "start-up": the head of one file and a slice in the middle of another.
@@ -589,7 +598,7 @@ fn a_recorded_profile_prefetches_a_cold_mount() {
             cache_dir: f.dir.path().join("other-cache"),
             prefetch: Some(profile),
             readahead_spans: 0,
-            ..MountOptions::default()
+            ..test_options()
         },
     );
     m.wait_prefetch();
@@ -624,7 +633,7 @@ fn a_debian_image_mounted_lazily_equals_umoci() {
         ClientConfig::default(),
     );
     let expected = f.oracle(None);
-    let m = f.mount("mnt", MountOptions::default());
+    let m = f.mount("mnt", test_options());
     assert_same(&expected, m.mountpoint());
     assert_eq!(m.stats().verify_failures, 0);
     m.unmount().unwrap();
@@ -676,7 +685,7 @@ fn a_v1_remote_archive_in_s3_mounts_with_verified_files() {
         mountpoint: mp.clone(),
         cache_dir: dir.path().join("cache"),
         remote: remote.clone(),
-        ..MountOptions::default()
+        ..test_options()
     })
     .unwrap();
     assert_same(&expected, m.mountpoint());
@@ -689,7 +698,7 @@ fn a_v1_remote_archive_in_s3_mounts_with_verified_files() {
         mountpoint: mp,
         cache_dir: dir.path().join("cache"),
         remote,
-        ..MountOptions::default()
+        ..test_options()
     })
     .unwrap();
     assert_same(&expected, m.mountpoint());
@@ -713,7 +722,7 @@ fn background_fetch_fills_the_cache_so_the_registry_can_go_away() {
         "mnt",
         MountOptions {
             background_fetch: Some(1 << 30),
-            ..MountOptions::default()
+            ..test_options()
         },
     );
     let spans = clip_format::Archive::open(&f.archive)
@@ -768,7 +777,7 @@ fn toc_indexed_images_mount_like_umoci() {
             ])
         });
         let expected = f.oracle(twin.as_ref());
-        let m = f.mount("mnt", MountOptions::default());
+        let m = f.mount("mnt", test_options());
         let diffs = expected.compare(
             &Snapshot::scan(m.mountpoint()).unwrap(),
             &CompareOptions::default(),
