@@ -512,3 +512,63 @@ fn pull_lazy_from_a_registry_demanding_a_client_certificate() {
     assert!(err.contains("UnknownIssuer"), "{err}");
     assert!(bare.mounts().is_empty());
 }
+
+/// Shared prefetch profiles: the first lazy run of an image on any worker publishes what it
+/// read beside the archive; a worker that has never seen the image prefetches it at mount, so
+/// its first reads are cache hits. A damaged profile in the store is ignored.
+#[test]
+fn the_first_run_shares_its_profile_and_later_mounts_prefetch_it() {
+    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+        return;
+    }
+    let reg = Registry::start_anonymous().unwrap();
+    let image = push_sample(&reg);
+    let a = tempfile::tempdir().unwrap();
+    let store = ArchiveStore::Local(a.path().join("store"));
+    let first = service(a.path(), config(a.path(), 2));
+    let id = first.pull_and_archive(&image).unwrap().image_id;
+    let m = first.pull_lazy(&id).unwrap();
+    assert!(!m.prefetched_shared_profile);
+    let want = clip_testkit::image::random_bytes(3, 3 << 20);
+    assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
+    first.unmount(&id).unwrap();
+    let profile = a.path().join("store").join(format!("{id}.profile.json"));
+    assert!(profile.exists(), "the first run's profile is in the store");
+
+    // Another worker, same store, empty span cache.
+    let b = tempfile::tempdir().unwrap();
+    let second = service(
+        b.path(),
+        Config {
+            archive_store: store.clone(),
+            ..config(b.path(), 2)
+        },
+    );
+    let m = second.pull_lazy(&id).unwrap();
+    assert!(m.prefetched_shared_profile);
+    m.wait_prefetch();
+    let prefetched = m.stats();
+    assert!(prefetched.fetched_bytes >= 3 << 20, "{prefetched:?}");
+    assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
+    assert_eq!(
+        m.stats().requests,
+        prefetched.requests,
+        "every read was a cache hit"
+    );
+    second.unmount(&id).unwrap();
+
+    // A damaged profile is ignored: the mount works, without prefetch.
+    std::fs::write(&profile, b"{not a profile").unwrap();
+    let c = tempfile::tempdir().unwrap();
+    let third = service(
+        c.path(),
+        Config {
+            archive_store: store,
+            ..config(c.path(), 2)
+        },
+    );
+    let m = third.pull_lazy(&id).unwrap();
+    assert!(!m.prefetched_shared_profile);
+    assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
+    third.unmount(&id).unwrap();
+}

@@ -168,6 +168,10 @@ pub struct Config {
     /// Index images when a registry reports their push (`POST /v1/registry-events`); `None`:
     /// events are refused.
     pub index_on_push: Option<IndexOnPush>,
+    /// Seconds of a v2 image's first lazy run on any worker that are recorded as its prefetch
+    /// profile and published beside its archive (every later mount prefetches it); 0: profiles
+    /// are neither recorded nor used. Default 30.
+    pub profile_window_secs: u64,
 }
 
 /// `indexOnPush:` — which pushed images to index ahead of any pull.
@@ -239,6 +243,7 @@ impl Default for Config {
             clip_v2_rollout_percent: 100,
             build_context_root: None,
             index_on_push: None,
+            profile_window_secs: 30,
         }
     }
 }
@@ -269,6 +274,7 @@ struct Section {
     clip_v2_rollout_percent: Option<u8>,
     build_context_root: Option<PathBuf>,
     index_on_push: Option<IndexOnPush>,
+    profile_window_secs: Option<u64>,
 }
 
 /// `archiveStore:` as written: exactly one of `local` and `s3`.
@@ -319,6 +325,7 @@ impl Config {
                 .unwrap_or(d.clip_v2_rollout_percent),
             build_context_root: s.build_context_root,
             index_on_push: s.index_on_push,
+            profile_window_secs: s.profile_window_secs.unwrap_or(d.profile_window_secs),
         };
         cfg.validate()
     }

@@ -2,6 +2,7 @@
 //! (concurrent callers share the mount), and keep it until unmounted.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::ImageService;
@@ -20,7 +21,12 @@ pub struct MountedImage {
     pub mountpoint: PathBuf,
     /// The image's runtime config.
     pub config: format::ImageConfig,
+    /// Whether this mount prefetched a profile shared through the store.
+    pub prefetched_shared_profile: bool,
     handle: Mutex<Option<fs::MountHandle>>,
+    /// Recording a profile to share: whether it has been offered to the store.
+    profile_offered: AtomicBool,
+    recording: bool,
 }
 
 impl MountedImage {
@@ -33,6 +39,20 @@ impl MountedImage {
             .and_then(|h| h.as_ref().map(fs::MountHandle::stats))
             .unwrap_or_default()
     }
+
+    /// Waits until the prefetch of a shared profile (if any) has finished.
+    pub fn wait_prefetch(&self) {
+        if let Ok(mut h) = self.handle.lock()
+            && let Some(h) = h.as_mut()
+        {
+            h.wait_prefetch();
+        }
+    }
+}
+
+/// The store object holding image `id`'s shared prefetch profile.
+fn profile_name(id: &str) -> String {
+    format!("{id}.profile.json")
 }
 
 impl ImageService {
@@ -65,7 +85,37 @@ impl ImageService {
             ArchiveVersion::V1 => tracing::info!(image_id = id, "detected v1 archive format"),
         }
         let config = archive.meta().image.clone();
+        let manifest = archive
+            .meta()
+            .source
+            .as_ref()
+            .map(|s| s.manifest_digest.to_string())
+            .unwrap_or_default();
         drop(archive);
+        // Shared prefetch profiles (v2): prefetch the one another worker's first run published,
+        // or record this run's to publish.
+        let sharing = version == ArchiveVersion::V2 && self.cfg.profile_window_secs > 0;
+        let shared = if sharing {
+            self.store.get_small(&profile_name(id)).and_then(|b| {
+                fs::Profile::from_slice(&b)
+                    .map_err(|e| tracing::warn!(image_id = id, error = %e, "shared prefetch profile rejected; not prefetching"))
+                    .ok()
+            })
+        } else {
+            None
+        };
+        if let Some(p) = &shared {
+            tracing::info!(
+                image_id = id,
+                touches = p.touches.len(),
+                "prefetching the image's shared profile"
+            );
+        }
+        let record = (sharing && shared.is_none()).then(|| {
+            self.cfg
+                .cache_dir
+                .join(format!("profile-{id}-{}.json", std::process::id()))
+        });
         let mountpoint = self.cfg.mount_base.join(id);
         std::fs::create_dir_all(&mountpoint).map_err(io("creating", &mountpoint))?;
         metrics::counter!("clip_mounts_total", "version" => version.label()).increment(1);
@@ -80,6 +130,8 @@ impl ImageService {
                 clip_policy::ArchiveStore::S3(s3) => super::store::remote_options(s3),
                 clip_policy::ArchiveStore::Local(_) => clip_objstore::RemoteOptions::default(),
             },
+            prefetch: shared.clone(),
+            record_profile: record.clone(),
             ..fs::MountOptions::default()
         })?;
         let m = Arc::new(MountedImage {
@@ -87,8 +139,21 @@ impl ImageService {
             version,
             mountpoint,
             config,
+            prefetched_shared_profile: shared.is_some(),
             handle: Mutex::new(Some(handle)),
+            profile_offered: AtomicBool::new(false),
+            recording: record.is_some(),
         });
+        if m.recording {
+            // The first `profileWindowSecs` of the run are its start: publish them then (or at
+            // the first container's exit, or at unmount, whichever comes first).
+            let (m2, store) = (Arc::clone(&m), Arc::clone(&self.store));
+            let window = std::time::Duration::from_secs(self.cfg.profile_window_secs);
+            std::thread::spawn(move || {
+                std::thread::sleep(window);
+                offer_profile(&m2, &*store, &manifest);
+            });
+        }
         self.mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -114,12 +179,27 @@ impl ImageService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(id);
-        if let Some(m) = m
-            && let Some(h) = m.handle.lock().ok().and_then(|mut h| h.take())
-        {
-            h.unmount()?;
+        if let Some(m) = m {
+            offer_profile(&m, &*self.store, "");
+            if let Some(h) = m.handle.lock().ok().and_then(|mut h| h.take()) {
+                h.unmount()?;
+            }
         }
         Ok(())
+    }
+
+    /// Publishes the profile a first run of image `id` has recorded so far (once; create-only:
+    /// the first worker to publish wins).
+    pub fn share_profile(&self, id: &str) {
+        let m = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        if let Some(m) = m {
+            offer_profile(&m, &*self.store, "");
+        }
     }
 
     /// Unmounts everything (graceful shutdown).
@@ -146,6 +226,44 @@ impl ImageService {
                     tracing::warn!(path = %e.path().display(), "cleaned a dead mount");
                 }
             }
+        }
+    }
+}
+
+/// Offers `m`'s recorded profile to the store once (nothing if it recorded none or nothing).
+fn offer_profile(m: &MountedImage, store: &dyn super::store::ArchiveStore, manifest: &str) {
+    if !m.recording || m.profile_offered.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let Some(mut p) = m
+        .handle
+        .lock()
+        .ok()
+        .and_then(|h| h.as_ref().and_then(fs::MountHandle::profile))
+    else {
+        return;
+    };
+    if p.touches.is_empty() {
+        // Nothing read yet: let a later moment (a container's exit, the unmount) offer it.
+        m.profile_offered.store(false, Ordering::SeqCst);
+        return;
+    }
+    if !manifest.is_empty() {
+        manifest.clone_into(&mut p.image);
+    }
+    let Ok(bytes) = serde_json::to_vec(&p) else {
+        return;
+    };
+    match store.put_small_if_absent(&profile_name(&m.image_id), &bytes) {
+        Ok(true) => {
+            tracing::info!(image_id = %m.image_id, touches = p.touches.len(), "shared the image's prefetch profile");
+            metrics::counter!("clip_profiles_shared_total").increment(1);
+        }
+        Ok(false) => {
+            tracing::debug!(image_id = %m.image_id, "another worker shared this image's profile first");
+        }
+        Err(e) => {
+            tracing::warn!(image_id = %m.image_id, error = %e, "could not share the prefetch profile");
         }
     }
 }

@@ -59,6 +59,8 @@ impl ImageService {
             })?;
         overlay.unmount()?;
         let _ = std::fs::remove_dir_all(&dir);
+        // The first run of the image on any worker: its reads are the image's start profile.
+        self.share_profile(id);
         Ok(RunOutput {
             status: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use clip_objstore::{RemoteObject, RemoteOptions};
 
 use super::error::{ServiceError, io};
+use super::short_hash;
 use crate::{format, indexer};
 
 /// The two kinds of archive a flow makes.
@@ -99,6 +100,11 @@ pub trait ArchiveStore: Send + Sync + std::fmt::Debug {
     fn staging(&self) -> &Path;
     /// The layer-index store every worker of this archive store shares, if any.
     fn shared_layer_indexes(&self) -> Option<Box<dyn indexer::LayerIndexStore>>;
+    /// A small object kept beside the archives (`<id>.profile.json`), if the store has it.
+    fn get_small(&self, name: &str) -> Option<Vec<u8>>;
+    /// Stores a small object beside the archives unless one exists (create-only); `Ok(true)`
+    /// when this call stored it.
+    fn put_small_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, ServiceError>;
 }
 
 /// Image ids are names, not paths: `[A-Za-z0-9_-]+`.
@@ -188,6 +194,29 @@ impl ArchiveStore for LocalStore {
 
     fn staging(&self) -> &Path {
         &self.staging
+    }
+
+    fn get_small(&self, name: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.dir.join(name)).ok()
+    }
+
+    fn put_small_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, ServiceError> {
+        let tmp = self.staging.join(format!(
+            "{name}.{}",
+            short_hash(&[std::process::id().to_string().as_bytes(), name.as_bytes()])
+        ));
+        format::publish_bytes(&tmp, bytes)?;
+        let target = self.dir.join(name);
+        let created = match std::fs::hard_link(&tmp, &target) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io("publishing", &target)(e));
+            }
+        };
+        let _ = std::fs::remove_file(&tmp);
+        Ok(created)
     }
 
     fn shared_layer_indexes(&self) -> Option<Box<dyn indexer::LayerIndexStore>> {
@@ -361,6 +390,22 @@ impl ArchiveStore for S3ArchiveStore {
 
     fn staging(&self) -> &Path {
         &self.staging
+    }
+
+    fn get_small(&self, name: &str) -> Option<Vec<u8>> {
+        let obj = self.object(name).ok()?;
+        match self.runtime.block_on(obj.get_all()) {
+            Ok(b) => b.map(|b| b.to_vec()),
+            Err(e) => {
+                tracing::warn!(object = %self.url(name), error = %e, "archive store unreachable");
+                None
+            }
+        }
+    }
+
+    fn put_small_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, ServiceError> {
+        let obj = self.object(name)?;
+        Ok(self.runtime.block_on(obj.put_if_absent(bytes))?)
     }
 
     fn shared_layer_indexes(&self) -> Option<Box<dyn indexer::LayerIndexStore>> {
