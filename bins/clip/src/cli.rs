@@ -178,6 +178,11 @@ pub(crate) struct MountArgs {
     /// Read the image from this registry host instead of the recorded one (a mirror).
     #[arg(long, value_name = "HOST")]
     pub(crate) registry_mirror: Option<String>,
+    /// v2: the fleet's shared span store, `s3://BUCKET/PREFIX`: spans are read from it before
+    /// the registry and what this mount fetches is uploaded to it (credentials from the AWS
+    /// environment, endpoint from --s3-endpoint).
+    #[arg(long, value_name = "URL", env = "CLIP_SPAN_STORE")]
+    pub(crate) span_store: Option<String>,
     /// Mount even if a layer's registry (and its mirrors) cannot be read right now; by default
     /// the mount is refused with the registry's error.
     #[arg(long)]

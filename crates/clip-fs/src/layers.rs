@@ -104,6 +104,8 @@ pub(crate) struct V2Source {
     cache: Arc<SpanCache>,
     inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Outcome>>>,
     pub(crate) stats: FetchStats,
+    /// The fleet's span store, between the cache and the registry.
+    pub(crate) store: Option<Arc<crate::spanstore::SpanStore>>,
 }
 
 /// Removes a fetch group's spans from the in-flight table however the fetch ends.
@@ -181,6 +183,7 @@ impl V2Source {
             cache,
             inflight: Mutex::new(HashMap::new()),
             stats: FetchStats::default(),
+            store: None,
         })
     }
 
@@ -297,9 +300,95 @@ impl V2Source {
         join_fetch(rx).await
     }
 
-    /// Fetches spans `first..=last` of `layer` with one ranged GET; a span that fails
-    /// verification is fetched once more on its own.
+    /// Span `i` of `layer` from the fleet's span store, verified and cached; `None` when the
+    /// store lacks it, is slow, or holds bytes that fail verification (counted, never served).
+    async fn span_from_store(
+        &self,
+        layer: usize,
+        i: usize,
+        got: Option<bytes::Bytes>,
+    ) -> Option<SpanFile> {
+        let store = self.store.as_ref()?;
+        let l = &self.layers[layer];
+        let bytes = match got {
+            Some(b) => b,
+            None => store.get(&l.keys[i]).await?,
+        };
+        let want = l.span_range(i);
+        if bytes.len() as u64 != want.end - want.start
+            || clip_seekable::verify_span(&l.checkpoints, i, &l.end, &bytes).is_err()
+        {
+            store.count_rejected();
+            tracing::warn!(layer = %l.digest, offset = want.start, "span store object failed verification; fetching the span from the registry");
+            store.discard(&l.keys[i]).await;
+            return None;
+        }
+        store.count_hit(bytes.len() as u64);
+        Some(self.cache.insert(&l.keys[i], bytes.to_vec()))
+    }
+
+    /// Spans `first..=last` of `layer`: those the span store has, then the rest from the
+    /// registry (uploaded to the store afterwards), claiming the first missing one so that
+    /// workers starting together do not all fetch it.
     async fn fetch_group(
+        self: &Arc<Self>,
+        layer: usize,
+        first: usize,
+        last: usize,
+    ) -> Vec<Result<SpanFile, Error>> {
+        let Some(store) = self.store.clone() else {
+            return self.fetch_from_registry(layer, first, last).await;
+        };
+        let mut out = Vec::with_capacity(last + 1 - first);
+        let mut next = first;
+        while next <= last {
+            match self.span_from_store(layer, next, None).await {
+                Some(f) => out.push(Ok(f)),
+                None => break,
+            }
+            next += 1;
+        }
+        if next > last {
+            return out;
+        }
+        let key = self.layers[layer].keys[next];
+        let claimed = store.claim(&key).await;
+        if !claimed {
+            // A peer is fetching it: read it from the store once it is there.
+            if let Some(b) = store.wait_for(&key).await
+                && let Some(f) = self.span_from_store(layer, next, Some(b)).await
+            {
+                out.push(Ok(f));
+                next += 1;
+                while next <= last {
+                    match self.span_from_store(layer, next, None).await {
+                        Some(f) => out.push(Ok(f)),
+                        None => break,
+                    }
+                    next += 1;
+                }
+                if next > last {
+                    return out;
+                }
+            }
+        }
+        let rest = self.fetch_from_registry(layer, next, last).await;
+        for (k, r) in rest.iter().enumerate() {
+            let i = next + k;
+            let key_i = self.layers[layer].keys[i];
+            match r {
+                Ok(f) => store.upload(key_i, f.bytes().to_vec(), claimed && i == next),
+                Err(_) if claimed && i == next => store.release(key_i),
+                Err(_) => {}
+            }
+        }
+        out.extend(rest);
+        out
+    }
+
+    /// Spans `first..=last` of `layer` from the registry with one ranged GET (each span that
+    /// fails verification refetched once on its own).
+    async fn fetch_from_registry(
         self: &Arc<Self>,
         layer: usize,
         first: usize,

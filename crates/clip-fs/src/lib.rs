@@ -45,6 +45,7 @@ mod layers;
 pub mod profile;
 mod reads;
 mod remote;
+pub mod spanstore;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,6 +55,7 @@ use clip_format::{Archive, ArchiveKind};
 
 pub use cache::{CacheStats, SpanCache};
 pub use profile::Profile;
+pub use spanstore::{SpanStoreOptions, SpanStoreStats};
 
 /// Why a mount or a read failed.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +159,9 @@ pub struct MountOptions {
     /// v2: after mounting, fetch every layer's spans in the background at most this many
     /// compressed bytes per second (`None`: off, the default).
     pub background_fetch: Option<u64>,
+    /// v2: the fleet's shared span store, read before the registry and filled after it
+    /// ([`spanstore`]; `None`: off, the default).
+    pub span_store: Option<SpanStoreOptions>,
 }
 
 impl Default for MountOptions {
@@ -179,6 +184,7 @@ impl Default for MountOptions {
             dev: false,
             remote: clip_objstore::RemoteOptions::default(),
             background_fetch: None,
+            span_store: None,
         }
     }
 }
@@ -211,6 +217,8 @@ pub struct MountStats {
     pub served_bytes: u64,
     /// The cache's counters.
     pub cache: CacheStats,
+    /// The shared span store's counters (all zero without one).
+    pub span_store: SpanStoreStats,
 }
 
 /// A live mount: unmounted by [`MountHandle::unmount`] or on drop.
@@ -265,6 +273,7 @@ impl MountHandle {
                 verify_failures: r.verify_failures.load(Ordering::Relaxed),
                 served_bytes,
                 cache: r.cache().stats(),
+                span_store: SpanStoreStats::default(),
             };
         }
         self.v2.as_ref().map_or(base, |s| MountStats {
@@ -274,6 +283,7 @@ impl MountHandle {
             verify_failures: s.stats.verify_failures.load(Ordering::Relaxed),
             served_bytes,
             cache: s.cache().stats(),
+            span_store: s.store.as_ref().map(|st| st.stats()).unwrap_or_default(),
         })
     }
 
@@ -335,6 +345,13 @@ impl MountHandle {
             tracing::info!(path = %path.display(), touches = p.touches.len(), "recorded prefetch profile");
         }
         self.recording = None;
+        // Let the span store receive what this mount fetched (not from inside the runtime).
+        if let Some(store) = self.v2.as_ref().and_then(|s| s.store.clone())
+            && tokio::runtime::Handle::try_current().is_err()
+        {
+            self.net
+                .block_on(store.drain(std::time::Duration::from_secs(10)));
+        }
         // The runtime is shared: stop this mount's own tasks.
         for task in [self.prefetch.take(), self.background.take()]
             .into_iter()
@@ -423,12 +440,16 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
                 options.cache_bytes,
                 options.cache_min_free_percent,
             )?);
-            let src = Arc::new(layers::V2Source::new(
+            let mut src = layers::V2Source::new(
                 &archive,
                 net.client().clone(),
                 cache,
                 options.registry_override.as_deref(),
-            )?);
+            )?;
+            if let Some(o) = &options.span_store {
+                src.store = Some(Arc::new(spanstore::SpanStore::open(o)?));
+            }
+            let src = Arc::new(src);
             if options.registry_check {
                 net.block_on(src.check_registry())?;
             }

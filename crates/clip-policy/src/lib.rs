@@ -172,6 +172,9 @@ pub struct Config {
     /// profile and published beside its archive (every later mount prefetches it); 0: profiles
     /// are neither recorded nor used. Default 30.
     pub profile_window_secs: u64,
+    /// The fleet's shared span store (`spanStore: {s3: …}`): v2 mounts read spans from it
+    /// before the registry and upload what they fetched; `None` (default): off.
+    pub span_store: Option<S3Store>,
 }
 
 /// `indexOnPush:` — which pushed images to index ahead of any pull.
@@ -244,6 +247,7 @@ impl Default for Config {
             build_context_root: None,
             index_on_push: None,
             profile_window_secs: 30,
+            span_store: None,
         }
     }
 }
@@ -275,6 +279,14 @@ struct Section {
     build_context_root: Option<PathBuf>,
     index_on_push: Option<IndexOnPush>,
     profile_window_secs: Option<u64>,
+    span_store: Option<SpanStoreSection>,
+}
+
+/// `spanStore:` as written: `s3` (the only backend a fleet shares).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct SpanStoreSection {
+    s3: Option<S3Store>,
 }
 
 /// `archiveStore:` as written: exactly one of `local` and `s3`.
@@ -326,6 +338,11 @@ impl Config {
             build_context_root: s.build_context_root,
             index_on_push: s.index_on_push,
             profile_window_secs: s.profile_window_secs.unwrap_or(d.profile_window_secs),
+            span_store: match s.span_store {
+                None => None,
+                Some(SpanStoreSection { s3: Some(s3) }) if !s3.bucket.is_empty() => Some(s3),
+                Some(_) => return Err(Error::Invalid("spanStore needs s3 with a bucket".into())),
+            },
         };
         cfg.validate()
     }
@@ -537,6 +554,8 @@ imageService:
     "private.example.com": {caFile: /etc/clip/ca.pem, clientCert: /etc/clip/c.pem, clientKey: /etc/clip/c.key}
   certsDirs: [/etc/clip/certs.d]
   registriesConf: /etc/clip/registries.conf
+  spanStore:
+    s3: {bucket: spans, prefix: fleet/, endpoint: "http://127.0.0.1:9000"}
 "#;
 
     #[test]
@@ -559,6 +578,13 @@ imageService:
             })
         );
         assert_eq!(c.cache_size_gib, 50);
+        let spans = c.span_store.as_ref().unwrap();
+        assert_eq!(
+            (spans.bucket.as_str(), spans.prefix.as_str()),
+            ("spans", "fleet/")
+        );
+        assert!(Config::from_yaml("imageService:\n  spanStore: {s3: {prefix: x}}\n").is_err());
+        assert!(Config::from_yaml("imageService:\n  spanStore: {local: /x}\n").is_err());
         assert_eq!(
             c.registry("docker.io").unwrap().username.as_deref(),
             Some("u")

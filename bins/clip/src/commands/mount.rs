@@ -42,6 +42,10 @@ pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
         record_profile: args.record_profile,
         remote: args.s3.options(),
         background_fetch: args.background_fetch,
+        span_store: args
+            .span_store
+            .as_deref()
+            .map(|url| clip_core::fs::SpanStoreOptions::new(url, args.s3.options())),
         suid: args.suid,
         dev: args.dev,
         ..clip_core::fs::MountOptions::default()
@@ -66,6 +70,7 @@ fn foreground(options: clip_core::fs::MountOptions) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let mountpoint = options.mountpoint.clone();
+    let args_had_store = options.span_store.is_some();
     let handle = clip_core::fs::mount_archive(options)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -98,6 +103,20 @@ fn foreground(options: clip_core::fs::MountOptions) -> anyhow::Result<()> {
         stats.cache.hits,
         stats.cache.misses
     );
+    if args_had_store {
+        let s = stats.span_store;
+        eprintln!(
+            "clip mount {}: span store {} hits ({} bytes), {} rejected, {} errors, {} uploads ({} skipped), {} waited for a peer",
+            mountpoint.display(),
+            s.hits,
+            s.hit_bytes,
+            s.rejected,
+            s.errors,
+            s.uploads,
+            s.uploads_skipped,
+            s.waited
+        );
+    }
     Ok(())
 }
 

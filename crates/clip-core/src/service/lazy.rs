@@ -132,6 +132,7 @@ impl ImageService {
             },
             prefetch: shared.clone(),
             record_profile: record.clone(),
+            span_store: self.cfg.span_store.as_ref().map(span_store_options),
             ..fs::MountOptions::default()
         })?;
         let m = Arc::new(MountedImage {
@@ -266,4 +267,15 @@ fn offer_profile(m: &MountedImage, store: &dyn super::store::ArchiveStore, manif
             tracing::warn!(image_id = %m.image_id, error = %e, "could not share the prefetch profile");
         }
     }
+}
+
+/// The span store of policy `spanStore.s3`: `s3://BUCKET/PREFIX` (spans under `PREFIX/spans/`).
+fn span_store_options(s3: &clip_policy::S3Store) -> fs::SpanStoreOptions {
+    let prefix = s3.prefix.trim_matches('/');
+    let url = if prefix.is_empty() {
+        format!("s3://{}", s3.bucket)
+    } else {
+        format!("s3://{}/{prefix}", s3.bucket)
+    };
+    fs::SpanStoreOptions::new(&url, super::store::remote_options(s3))
 }

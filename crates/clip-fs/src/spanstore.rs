@@ -1,0 +1,273 @@
+//! The shared span store: a second tier between a worker's span cache and the registry, in the
+//! object store a fleet already runs, so that what one worker fetched the others read instead of
+//! going to the registry again.
+//!
+//! Spans are content-addressed by the span key the archive already carries (`spans/<hex>`), hold
+//! the span's verified, uncompressed bytes, and are written create-only. Every object read is
+//! verified like a registry fetch; one that fails (poisoned, truncated) is never served — the
+//! span comes from the registry instead and the event is counted. A read tries the store for at
+//! most `timeout`, then goes to the registry, so a slow or broken store costs a bounded amount.
+//! Uploads happen in the background after a verified registry fetch, at most `uploads` at a
+//! time; when more than `upload_queue_bytes` wait for a slot the upload is skipped, so uploads
+//! never delay a read nor hold unbounded memory. A mount that ends waits a few seconds for its
+//! queued uploads.
+//!
+//! Simultaneous cold starts: before a worker fetches a span the store lacks from the registry it
+//! puts a claim (`claims/<hex>`, create-only). A worker that finds the claim taken waits up to
+//! `claim_wait` for the span to appear in the store (a peer is fetching it) and reads it from
+//! there; if it does not appear (the peer is slow or died), it fetches it itself. Claims hold their
+//! creation time and are deleted once the span is uploaded; one older than four `claim_wait`s
+//! was left by a worker that died and is taken over. An object that fails verification is
+//! deleted, so the verified bytes fetched from the registry next replace it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clip_objstore::{RemoteObject, RemoteOptions};
+
+/// Where the shared span store is and how patient to be with it.
+#[derive(Debug, Clone)]
+pub struct SpanStoreOptions {
+    /// `s3://BUCKET/PREFIX` (spans go under `PREFIX/spans/`, claims under `PREFIX/claims/`).
+    pub url: String,
+    /// Endpoint, region and credentials.
+    pub remote: RemoteOptions,
+    /// Longest a store read may take before the registry is asked instead (default 2 s).
+    pub timeout: Duration,
+    /// Longest to wait for a span another worker has claimed (default 2 s).
+    pub claim_wait: Duration,
+    /// Uploads in flight at most (default 4).
+    pub uploads: usize,
+    /// Bytes of spans waiting for an upload slot at most (default 128 MiB); past it an
+    /// upload is skipped (a later fetch of the span uploads it).
+    pub upload_queue_bytes: u64,
+}
+
+impl SpanStoreOptions {
+    /// The store at `url` with default patience.
+    #[must_use]
+    pub fn new(url: &str, remote: RemoteOptions) -> Self {
+        Self {
+            url: url.trim_end_matches('/').to_owned(),
+            remote,
+            timeout: Duration::from_secs(2),
+            claim_wait: Duration::from_secs(2),
+            uploads: 4,
+            upload_queue_bytes: 128 << 20,
+        }
+    }
+}
+
+/// What the store did for a mount.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpanStoreStats {
+    /// Spans read from the store (verified).
+    pub hits: u64,
+    /// Bytes of those spans.
+    pub hit_bytes: u64,
+    /// Objects that failed verification (never served).
+    pub rejected: u64,
+    /// Reads that failed or took too long (the registry answered instead).
+    pub errors: u64,
+    /// Spans uploaded by this mount.
+    pub uploads: u64,
+    /// Uploads skipped because the upload queue was full.
+    pub uploads_skipped: u64,
+    /// Spans this mount waited for while a peer fetched them.
+    pub waited: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    hit_bytes: AtomicU64,
+    rejected: AtomicU64,
+    errors: AtomicU64,
+    uploads: AtomicU64,
+    uploads_skipped: AtomicU64,
+    waited: AtomicU64,
+}
+
+/// An opened span store.
+#[derive(Debug)]
+pub(crate) struct SpanStore {
+    spans: RemoteObject,
+    claims: RemoteObject,
+    timeout: Duration,
+    claim_wait: Duration,
+    slots: Arc<tokio::sync::Semaphore>,
+    queued: AtomicU64,
+    queue_bound: u64,
+    counters: Counters,
+}
+
+impl SpanStore {
+    pub(crate) fn open(o: &SpanStoreOptions) -> Result<Self, crate::Error> {
+        let root = |name: &str| {
+            RemoteObject::open(&format!("{}/{name}", o.url), &o.remote)
+                .map_err(|e| crate::Error::Config(format!("span store {}: {e}", o.url)))
+        };
+        Ok(Self {
+            spans: root("spans")?,
+            claims: root("claims")?,
+            timeout: o.timeout,
+            claim_wait: o.claim_wait,
+            slots: Arc::new(tokio::sync::Semaphore::new(o.uploads.max(1))),
+            queued: AtomicU64::new(0),
+            queue_bound: o.upload_queue_bytes,
+            counters: Counters::default(),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> SpanStoreStats {
+        let c = &self.counters;
+        SpanStoreStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            hit_bytes: c.hit_bytes.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            uploads: c.uploads.load(Ordering::Relaxed),
+            uploads_skipped: c.uploads_skipped.load(Ordering::Relaxed),
+            waited: c.waited.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The stored bytes of span `key`, if the store answers in time.
+    pub(crate) async fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+        let obj = self.spans.child(&hex::encode(key));
+        match tokio::time::timeout(self.timeout, obj.get_all()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "span store read failed; asking the registry");
+                None
+            }
+            Err(_) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("span store read timed out; asking the registry");
+                None
+            }
+        }
+    }
+
+    pub(crate) fn count_hit(&self, bytes: u64) {
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        self.counters.hit_bytes.fetch_add(bytes, Ordering::Relaxed);
+        metrics::counter!("clip_span_store_hits_total").increment(1);
+    }
+
+    pub(crate) fn count_rejected(&self) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("clip_span_store_rejected_total").increment(1);
+    }
+
+    /// Claims the fetch of span `key`: `true` when this worker is to fetch it (claim taken
+    /// now, a stale claim of a worker that died replaced, or the store unusable), `false` when
+    /// a live peer holds the claim.
+    pub(crate) async fn claim(&self, key: &[u8; 32]) -> bool {
+        let obj = self.claims.child(&hex::encode(key));
+        let stamp = now_millis().to_string();
+        let taken = async {
+            if obj.put_if_absent(stamp.as_bytes()).await? {
+                return Ok::<bool, clip_objstore::Error>(true);
+            }
+            // A claim older than a fetch could take was left by a worker that died: take it.
+            let held = obj.get_all().await?;
+            let since = held
+                .as_deref()
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            let stale = self.claim_wait.saturating_mul(4).as_millis();
+            if since.is_none_or(|t| u128::from(now_millis().saturating_sub(t)) > stale) {
+                obj.delete().await?;
+                return obj.put_if_absent(stamp.as_bytes()).await;
+            }
+            Ok(false)
+        };
+        match tokio::time::timeout(self.timeout, taken).await {
+            Ok(Ok(mine)) => mine,
+            _ => true,
+        }
+    }
+
+    /// Drops this worker's claim on span `key` without uploading it (its fetch failed).
+    pub(crate) fn release(self: &Arc<Self>, key: [u8; 32]) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let _ = me.claims.child(&hex::encode(key)).delete().await;
+        });
+    }
+
+    /// Removes span `key`'s object after it failed verification, so that the verified bytes
+    /// fetched from the registry next can replace it.
+    pub(crate) async fn discard(&self, key: &[u8; 32]) {
+        let obj = self.spans.child(&hex::encode(key));
+        let _ = tokio::time::timeout(self.timeout, obj.delete()).await;
+    }
+
+    /// Waits (up to `claim_wait`) for span `key` to appear; its bytes if it does.
+    pub(crate) async fn wait_for(&self, key: &[u8; 32]) -> Option<Bytes> {
+        self.counters.waited.fetch_add(1, Ordering::Relaxed);
+        let until = Instant::now() + self.claim_wait;
+        while Instant::now() < until {
+            if let Some(b) = self.get(key).await {
+                return Some(b);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// Uploads span `key` in the background (create-only), at most `uploads` at a time, then
+    /// drops this worker's claim on it, if it held one. Skipped (and counted) when the bytes
+    /// waiting for a slot would pass the queue bound: an upload never delays a read.
+    pub(crate) fn upload(self: &Arc<Self>, key: [u8; 32], bytes: Vec<u8>, claimed: bool) {
+        let len = bytes.len() as u64;
+        let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
+        let me = Arc::clone(self);
+        if queued > self.queue_bound {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.counters
+                .uploads_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            if claimed {
+                self.release(key);
+            }
+            return;
+        }
+        tokio::spawn(async move {
+            let name = hex::encode(key);
+            let permit = Arc::clone(&me.slots).acquire_owned().await;
+            match me.spans.child(&name).put_if_absent(&bytes).await {
+                Ok(true) => {
+                    me.counters.uploads.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("clip_span_store_uploads_total").increment(1);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "span store upload failed"),
+            }
+            drop(bytes);
+            me.queued.fetch_sub(len, Ordering::AcqRel);
+            drop(permit);
+            if claimed {
+                let _ = me.claims.child(&name).delete().await;
+            }
+        });
+    }
+
+    /// Waits up to `limit` for the uploads queued so far to finish (before a mount ends).
+    pub(crate) async fn drain(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.queued.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

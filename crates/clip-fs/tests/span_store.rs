@@ -1,0 +1,340 @@
+//! The shared span store against a real S3 API server (s3s-fs) and a real registry: spans one
+//! mount fetched serve another mount (another worker, its own cache) with the registry gone, and
+//! equal `umoci unpack`; a poisoned or truncated object is never served (the registry answers,
+//! the event is counted, the object is replaced); a span a peer claimed is waited for, and a
+//! claim whose holder never uploads costs a bounded wait, then the registry answers.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    missing_docs
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clip_fs::{MountHandle, MountOptions, SpanStoreOptions, mount_archive};
+use clip_objstore::{RemoteObject, RemoteOptions};
+use clip_registry::ClientConfig;
+use clip_testkit::image::random_bytes;
+use clip_testkit::{
+    Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry, S3, Snapshot,
+    assert_same, oracle,
+};
+
+fn can_mount() -> bool {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "clip_fs=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    if !clip_testkit::is_root() || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: mounting needs root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+/// A registry with `image` pushed as `test/app:t`, an S3 server with bucket `spans`, and the
+/// image indexed into a v2 archive with `span`-byte spans.
+struct Fleet {
+    dir: tempfile::TempDir,
+    registry: Registry,
+    s3: S3,
+    archive: PathBuf,
+}
+
+impl Fleet {
+    fn new(image: &ImageBuilder, span: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::start_anonymous().unwrap();
+        registry
+            .push(&image.build().unwrap(), "test/app", "t")
+            .unwrap();
+        let s3 = S3::start().unwrap();
+        s3.create_bucket("spans").unwrap();
+        let archive = dir.path().join("app.clip");
+        let client = clip_registry::BlockingClient::new(ClientConfig::default()).unwrap();
+        let reference = format!("{}/test/app:t", registry.host());
+        clip_indexer::index(
+            clip_indexer::Input::Registry {
+                reference: &reference,
+                client: &client,
+            },
+            &archive,
+            &clip_indexer::IndexOptions {
+                checkpoint_bytes: span,
+                ..clip_indexer::IndexOptions::default()
+            },
+            None,
+        )
+        .unwrap();
+        Self {
+            dir,
+            registry,
+            s3,
+            archive,
+        }
+    }
+
+    fn remote(&self) -> RemoteOptions {
+        RemoteOptions::s3_compatible(
+            &self.s3.endpoint(),
+            self.s3.region(),
+            self.s3.access_key(),
+            self.s3.secret_key(),
+        )
+    }
+
+    fn store(&self, prefix: &str) -> SpanStoreOptions {
+        SpanStoreOptions::new(&format!("s3://spans/{prefix}"), self.remote())
+    }
+
+    /// The objects under `s3://spans/PREFIX/WHAT/`.
+    fn objects(&self, prefix: &str, what: &str) -> (RemoteObject, Vec<String>) {
+        let dir =
+            RemoteObject::open(&format!("s3://spans/{prefix}/{what}"), &self.remote()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let names = rt.block_on(dir.list_children()).unwrap();
+        (dir, names)
+    }
+
+    /// A "worker": a mount with its own fresh span cache and the store at `prefix`.
+    fn worker(&self, name: &str, store: SpanStoreOptions, registry_check: bool) -> MountHandle {
+        let mp = self.dir.path().join(name);
+        std::fs::create_dir_all(&mp).unwrap();
+        mount_archive(MountOptions {
+            archive: self.archive.clone(),
+            mountpoint: mp,
+            cache_dir: self.dir.path().join(format!("cache-{name}")),
+            cache_min_free_percent: 0,
+            readahead_spans: 0,
+            registry_check,
+            span_store: Some(store),
+            ..MountOptions::default()
+        })
+        .unwrap()
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn big_files() -> (ImageBuilder, Vec<(String, Vec<u8>)>) {
+    let files: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| (format!("data/big{i}"), random_bytes(300 + i, 3 << 20)))
+        .collect();
+    let layer = Layer::new(
+        files
+            .iter()
+            .map(|(p, b)| Entry::file(p, b.clone()))
+            .collect(),
+    )
+    .compression(Compression::Gzip);
+    (
+        ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![layer])),
+        files,
+    )
+}
+
+#[test]
+fn a_tree_whose_spans_all_come_from_the_store_equals_umoci() {
+    if !can_mount() {
+        return;
+    }
+    let image = clip_testkit::image::edge_builder([
+        Compression::Gzip,
+        Compression::Gzip,
+        Compression::None,
+    ]);
+    let mut f = Fleet::new(&image, 64 << 10);
+    let want = Snapshot::scan(
+        &oracle::oracle_unpack(
+            &f.registry,
+            "test/app:t",
+            &f.dir.path().join("oracle"),
+            None,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+
+    // The first worker reads everything from the registry and fills the store.
+    let a = f.worker("a", f.store("fleet"), true);
+    assert_same(&want, a.mountpoint());
+    let sa = a.stats();
+    a.unmount().unwrap();
+    assert!(sa.requests > 0 && sa.span_store.hits == 0, "{sa:?}");
+    assert_eq!(sa.span_store.uploads, sa.spans_fetched, "{sa:?}");
+    let (_, stored) = f.objects("fleet", "spans");
+    assert_eq!(stored.len() as u64, sa.spans_fetched);
+    let (_, claims) = f.objects("fleet", "claims");
+    assert!(claims.is_empty(), "claims left behind: {claims:?}");
+
+    // Another worker, registry gone: every span from the store, verified, same tree.
+    f.registry.stop();
+    let b = f.worker("b", f.store("fleet"), false);
+    assert_same(&want, b.mountpoint());
+    let sb = b.stats();
+    b.unmount().unwrap();
+    assert_eq!(sb.requests, 0, "{sb:?}");
+    assert_eq!(sb.span_store.hits, sa.spans_fetched, "{sb:?}");
+    assert_eq!(sb.span_store.rejected, 0);
+    assert_eq!(sb.span_store.uploads, 0, "nothing new to upload: {sb:?}");
+}
+
+#[test]
+fn a_poisoned_or_truncated_store_object_is_never_served_and_gets_replaced() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files();
+    let mut f = Fleet::new(&image, 256 << 10);
+    let read_all = |m: &MountHandle| {
+        for (p, b) in &files {
+            assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *b, "{p}");
+        }
+    };
+    let a = f.worker("a", f.store("fleet"), true);
+    read_all(&a);
+    a.unmount().unwrap();
+
+    // Poison one object (a flipped byte) and truncate another.
+    let (dir, names) = f.objects("fleet", "spans");
+    assert!(names.len() >= 4, "{names:?}");
+    block_on(async {
+        let poisoned = dir.child(&names[0]);
+        let mut b = poisoned.get_all().await.unwrap().unwrap().to_vec();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x55;
+        poisoned.delete().await.unwrap();
+        assert!(poisoned.put_if_absent(&b).await.unwrap());
+        let truncated = dir.child(&names[1]);
+        let b = truncated.get_all().await.unwrap().unwrap();
+        truncated.delete().await.unwrap();
+        assert!(truncated.put_if_absent(&b[..b.len() - 1]).await.unwrap());
+    });
+
+    let b = f.worker("b", f.store("fleet"), true);
+    read_all(&b);
+    let sb = b.stats();
+    b.unmount().unwrap();
+    assert_eq!(sb.span_store.rejected, 2, "{sb:?}");
+    assert!(sb.requests >= 1, "the registry answered for them: {sb:?}");
+    assert_eq!(sb.verify_failures, 0);
+
+    // The bad objects were replaced by the verified bytes: the registry is no longer needed.
+    f.registry.stop();
+    let c = f.worker("c", f.store("fleet"), false);
+    read_all(&c);
+    let sc = c.stats();
+    c.unmount().unwrap();
+    assert_eq!((sc.requests, sc.span_store.rejected), (0, 0), "{sc:?}");
+}
+
+#[test]
+fn a_claimed_span_is_waited_for_and_a_dead_claim_costs_a_bounded_wait() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files();
+    let f = Fleet::new(&image, 256 << 10);
+    // Learn the span names by filling one store.
+    let a = f.worker("a", f.store("seed"), true);
+    for (p, _) in &files {
+        std::fs::read(a.mountpoint().join(p)).unwrap();
+    }
+    a.unmount().unwrap();
+    let (seed, names) = f.objects("seed", "spans");
+
+    // In store "live", a peer holds fresh claims on every span and uploads them 300 ms later:
+    // the worker reads them from the store, not the registry.
+    let (claims, _) = f.objects("live", "claims");
+    let (spans, _) = f.objects("live", "spans");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    block_on(async {
+        for n in &names {
+            assert!(
+                claims
+                    .child(n)
+                    .put_if_absent(stamp.as_bytes())
+                    .await
+                    .unwrap()
+            );
+        }
+    });
+    let peer = {
+        let (seed, spans, names) = (seed.clone(), spans.clone(), names.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            block_on(async {
+                for n in &names {
+                    let b = seed.child(n).get_all().await.unwrap().unwrap();
+                    spans.child(n).put_if_absent(&b).await.unwrap();
+                }
+            });
+        })
+    };
+    let b = f.worker("b", f.store("live"), true);
+    for (p, want) in &files {
+        assert!(
+            std::fs::read(b.mountpoint().join(p)).unwrap() == *want,
+            "{p}"
+        );
+    }
+    let sb = b.stats();
+    b.unmount().unwrap();
+    peer.join().unwrap();
+    assert!(sb.span_store.waited >= 1, "{sb:?}");
+    assert_eq!(
+        sb.requests, 0,
+        "read from the store after the peer's upload: {sb:?}"
+    );
+
+    // In store "dead", the claims' holder never uploads: after `claim_wait` the registry
+    // answers, and the bytes are right.
+    let (claims, _) = f.objects("dead", "claims");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    block_on(async {
+        for n in &names {
+            assert!(
+                claims
+                    .child(n)
+                    .put_if_absent(stamp.as_bytes())
+                    .await
+                    .unwrap()
+            );
+        }
+    });
+    let mut store = f.store("dead");
+    store.claim_wait = Duration::from_millis(200);
+    let c = f.worker("c", store, true);
+    for (p, want) in &files {
+        assert!(
+            std::fs::read(c.mountpoint().join(p)).unwrap() == *want,
+            "{p}"
+        );
+    }
+    let sc = c.stats();
+    c.unmount().unwrap();
+    assert!(sc.span_store.waited >= 1 && sc.requests >= 1, "{sc:?}");
+    assert_eq!(sc.span_store.hits, 0, "{sc:?}");
+}
