@@ -303,28 +303,38 @@ impl V2Source {
     /// Span `i` of `layer` from the fleet's span store, verified and cached; `None` when the
     /// store lacks it, is slow, or holds bytes that fail verification (counted, never served).
     async fn span_from_store(
-        &self,
+        self: &Arc<Self>,
         layer: usize,
         i: usize,
         got: Option<bytes::Bytes>,
     ) -> Option<SpanFile> {
         let store = self.store.as_ref()?;
         let l = &self.layers[layer];
-        let bytes = match got {
+        let object = match got {
             Some(b) => b,
             None => store.get(&l.keys[i]).await?,
         };
-        let want = l.span_range(i);
-        if bytes.len() as u64 != want.end - want.start
-            || clip_seekable::verify_span(&l.checkpoints, i, &l.end, &bytes).is_err()
-        {
+        let stored = object.len() as u64;
+        // Decode (bounded by the span's length) and verify off the runtime's threads.
+        let me = Arc::clone(self);
+        let span = tokio::task::spawn_blocking(move || {
+            let l = &me.layers[layer];
+            let want = l.span_range(i);
+            let bytes = crate::spanstore::decode(&object, want.end - want.start)?;
+            clip_seekable::verify_span(&l.checkpoints, i, &l.end, &bytes).ok()?;
+            Some(me.cache.insert(&l.keys[i], bytes))
+        })
+        .await
+        .ok()
+        .flatten();
+        if span.is_none() {
             store.count_rejected();
-            tracing::warn!(layer = %l.digest, offset = want.start, "span store object failed verification; fetching the span from the registry");
+            tracing::warn!(layer = %l.digest, offset = l.span_range(i).start, "span store object failed verification; fetching the span from the registry");
             store.discard(&l.keys[i]).await;
             return None;
         }
-        store.count_hit(bytes.len() as u64);
-        Some(self.cache.insert(&l.keys[i], bytes.to_vec()))
+        store.count_hit(stored);
+        span
     }
 
     /// Spans `first..=last` of `layer`: those the span store has, then the rest from the

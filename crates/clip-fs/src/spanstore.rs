@@ -3,7 +3,9 @@
 //! going to the registry again.
 //!
 //! Spans are content-addressed by the span key the archive already carries (`spans/<hex>`), hold
-//! the span's verified, uncompressed bytes, and are written create-only. Every object read is
+//! the span's verified bytes as one zstd frame (level 3: a store behind a slow link costs about
+//! what the registry's compressed bytes would), and are written create-only. A frame is decoded
+//! into at most the span's length, so a hostile object cannot make a reader allocate more. Every object read is
 //! verified like a registry fetch; one that fails (poisoned, truncated) is never served — the
 //! span comes from the registry instead and the event is counted. A read tries the store for at
 //! most `timeout`, then goes to the registry, so a slow or broken store costs a bounded amount.
@@ -65,7 +67,7 @@ impl SpanStoreOptions {
 pub struct SpanStoreStats {
     /// Spans read from the store (verified).
     pub hits: u64,
-    /// Bytes of those spans.
+    /// Stored (compressed) bytes of those spans: what crossed the network from the store.
     pub hit_bytes: u64,
     /// Objects that failed verification (never served).
     pub rejected: u64,
@@ -240,20 +242,23 @@ impl SpanStore {
         tokio::spawn(async move {
             let name = hex::encode(key);
             let permit = Arc::clone(&me.slots).acquire_owned().await;
-            match me.spans.child(&name).put_if_absent(&bytes).await {
-                Ok(true) => {
-                    me.counters.uploads.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("clip_span_store_uploads_total").increment(1);
-                }
-                Ok(false) => {}
-                Err(e) => tracing::debug!(error = %e, "span store upload failed"),
+            let frame = tokio::task::spawn_blocking(move || zstd::bulk::compress(&bytes, 3)).await;
+            match frame {
+                Ok(Ok(frame)) => match me.spans.child(&name).put_if_absent(&frame).await {
+                    Ok(true) => {
+                        me.counters.uploads.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("clip_span_store_uploads_total").increment(1);
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(error = %e, "span store upload failed"),
+                },
+                _ => tracing::debug!("compressing a span for the span store failed"),
             }
-            drop(bytes);
-            me.queued.fetch_sub(len, Ordering::AcqRel);
             drop(permit);
             if claimed {
                 let _ = me.claims.child(&name).delete().await;
             }
+            me.queued.fetch_sub(len, Ordering::AcqRel);
         });
     }
 
@@ -264,6 +269,16 @@ impl SpanStore {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A stored span object's bytes: its zstd frame decoded into exactly `len` bytes, or `None`
+/// (undecodable, longer, or shorter: never served). The caller still verifies the bytes
+/// against the span's digest.
+#[must_use]
+pub fn decode(object: &[u8], len: u64) -> Option<Vec<u8>> {
+    let cap = usize::try_from(len).ok()?;
+    let bytes = zstd::bulk::decompress(object, cap).ok()?;
+    (bytes.len() == cap).then_some(bytes)
 }
 
 fn now_millis() -> u64 {
