@@ -572,3 +572,62 @@ fn the_first_run_shares_its_profile_and_later_mounts_prefetch_it() {
     assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
     third.unmount(&id).unwrap();
 }
+
+#[test]
+fn workers_with_a_span_store_read_what_the_first_worker_fetched() {
+    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+        return;
+    }
+    let s3 = clip_testkit::S3::start().unwrap();
+    s3.create_bucket("fleet").unwrap();
+    let span_store = clip_core::policy::S3Store {
+        bucket: "fleet".into(),
+        prefix: "spans/".into(),
+        endpoint: Some(s3.endpoint()),
+        region: Some(s3.region().into()),
+        force_path_style: true,
+        access_key_id: Some(s3.access_key().into()),
+        secret_access_key: Some(s3.secret_key().into()),
+    };
+    let reg = Registry::start_anonymous().unwrap();
+    let image = push_sample(&reg);
+    let a = tempfile::tempdir().unwrap();
+    let store = ArchiveStore::Local(a.path().join("store"));
+    let worker = |dir: &Path| {
+        service(
+            dir,
+            Config {
+                archive_store: store.clone(),
+                span_store: Some(span_store.clone()),
+                cache_min_free_percent: 0,
+                ..config(dir, 2)
+            },
+        )
+    };
+    let want = clip_testkit::image::random_bytes(3, 3 << 20);
+    let first = worker(a.path());
+    let id = first.pull_and_archive(&image).unwrap().image_id;
+    let m = first.pull_lazy(&id).unwrap();
+    assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
+    let s1 = m.stats();
+    first.unmount(&id).unwrap();
+    assert!(s1.fetched_bytes > 0 && s1.span_store.hits == 0, "{s1:?}");
+    // Unmounting waited for the uploads: the spans are under the configured prefix.
+    let stored = std::fs::read_dir(s3.root().join("fleet/spans/spans"))
+        .unwrap()
+        .count() as u64;
+    assert_eq!(stored, s1.spans_fetched, "{s1:?}");
+
+    // A second worker (own span cache): the shared profile's prefetch and the read come from
+    // the span store, not the registry.
+    let b = tempfile::tempdir().unwrap();
+    let second = worker(b.path());
+    let m = second.pull_lazy(&id).unwrap();
+    assert!(m.prefetched_shared_profile);
+    m.wait_prefetch();
+    assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
+    let s2 = m.stats();
+    second.unmount(&id).unwrap();
+    assert_eq!(s2.fetched_bytes, 0, "{s2:?}");
+    assert_eq!(s2.span_store.hits, stored, "{s2:?}");
+}

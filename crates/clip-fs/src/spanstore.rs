@@ -243,16 +243,17 @@ impl SpanStore {
             let name = hex::encode(key);
             let permit = Arc::clone(&me.slots).acquire_owned().await;
             let frame = tokio::task::spawn_blocking(move || zstd::bulk::compress(&bytes, 3)).await;
-            match frame {
-                Ok(Ok(frame)) => match me.spans.child(&name).put_if_absent(&frame).await {
+            if let Ok(Ok(frame)) = frame {
+                match me.spans.child(&name).put_if_absent(&frame).await {
                     Ok(true) => {
                         me.counters.uploads.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("clip_span_store_uploads_total").increment(1);
                     }
                     Ok(false) => {}
                     Err(e) => tracing::debug!(error = %e, "span store upload failed"),
-                },
-                _ => tracing::debug!("compressing a span for the span store failed"),
+                }
+            } else {
+                tracing::debug!("compressing a span for the span store failed");
             }
             drop(permit);
             if claimed {
