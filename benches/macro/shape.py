@@ -9,8 +9,14 @@ registry behind a `RATE_MBIT`, `RTT_MS` path would be. With PER_CONNECTION_MBIT,
 connection's downstream is also capped on its own (a registry or CDN that limits every
 connection, so one stream cannot use the whole link). Used by the macro benchmarks when the
 kernel has no `netem` qdisc (this machine's does not); stdlib only.
+
+  env SHAPE_COUNT=FILE: count the bytes sent to clients (the target's egress) and keep FILE
+      holding the running total (rewritten at most every 50 ms and on every connection's end).
+  env SHAPE_EXTRA=LISTEN_PORT:TARGET_PORT: a second listener and target behind the same link
+      (e.g. an object store beside the registry); its bytes are not counted.
 """
 import asyncio
+import os
 import sys
 import time
 
@@ -30,7 +36,25 @@ class Link:
         return self.free_at + self.delay
 
 
-async def pump(reader, writer, link, own=None):
+class Counter:
+    """Bytes sent to clients, mirrored to a file for the benchmark to read."""
+
+    def __init__(self, path):
+        self.path, self.total, self.written_at = path, 0, 0.0
+
+    def add(self, n):
+        self.total += n
+        if time.monotonic() - self.written_at > 0.05:
+            self.flush()
+
+    def flush(self):
+        self.written_at = time.monotonic()
+        with open(self.path + ".tmp", "w") as f:
+            f.write(str(self.total))
+        os.replace(self.path + ".tmp", self.path)
+
+
+async def pump(reader, writer, link, own=None, counter=None):
     queue = asyncio.Queue()
 
     async def sender():
@@ -55,6 +79,8 @@ async def pump(reader, writer, link, own=None):
             data = await reader.read(64 * 1024)
             if not data:
                 break
+            if counter is not None:
+                counter.add(len(data))
             due = link.schedule(len(data))
             if own is not None:
                 due = max(due, own.schedule(len(data)) + link.delay)
@@ -74,20 +100,40 @@ async def main():
     rate = mbit * 1e6 / 8
     up, down = Link(rate, rtt / 2000), Link(rate, rtt / 2000)
 
-    async def handle(client_r, client_w):
-        try:
-            server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
-        except OSError:
-            client_w.close()
-            return
-        own = Link(per_conn, 0.0) if per_conn else None
-        await asyncio.gather(pump(client_r, server_w, up), pump(server_r, client_w, down, own))
-        for w in (client_w, server_w):
-            w.close()
+    counter = Counter(os.environ["SHAPE_COUNT"]) if os.environ.get("SHAPE_COUNT") else None
+    if counter is not None:
+        counter.flush()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", listen)
-    async with server:
-        await server.serve_forever()
+    def handler(to, count):
+        async def handle(client_r, client_w):
+            try:
+                server_r, server_w = await asyncio.open_connection("127.0.0.1", to)
+            except OSError:
+                client_w.close()
+                return
+            own = Link(per_conn, 0.0) if per_conn else None
+            await asyncio.gather(
+                pump(client_r, server_w, up), pump(server_r, client_w, down, own, count)
+            )
+            for w in (client_w, server_w):
+                w.close()
+            if count is not None:
+                count.flush()
+
+        return handle
+
+    servers = [await asyncio.start_server(handler(target, counter), "127.0.0.1", listen)]
+    if os.environ.get("SHAPE_EXTRA"):
+        extra_listen, extra_target = (int(x) for x in os.environ["SHAPE_EXTRA"].split(":"))
+        servers.append(
+            await asyncio.start_server(handler(extra_target, None), "127.0.0.1", extra_listen)
+        )
+    async def tick():
+        while counter is not None:
+            await asyncio.sleep(0.1)
+            counter.flush()
+
+    await asyncio.gather(tick(), *(s.serve_forever() for s in servers))
 
 
 if __name__ == "__main__":

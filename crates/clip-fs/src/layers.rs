@@ -337,63 +337,93 @@ impl V2Source {
         span
     }
 
-    /// Spans `first..=last` of `layer`: those the span store has, then the rest from the
-    /// registry (uploaded to the store afterwards), claiming the first missing one so that
-    /// workers starting together do not all fetch it.
+    /// Spans `first..=last` of `layer`: those the span store has; of the rest, those this
+    /// worker claims come from the registry (one ranged GET per run of claimed spans, uploaded
+    /// to the store afterwards) while those a peer claimed are read from the store once the
+    /// peer uploads them — or from the registry if it does not in time. Workers starting
+    /// together therefore fetch each span from the registry about once.
     async fn fetch_group(
         self: &Arc<Self>,
         layer: usize,
         first: usize,
         last: usize,
     ) -> Vec<Result<SpanFile, Error>> {
+        use futures_util::future::join_all;
         let Some(store) = self.store.clone() else {
             return self.fetch_from_registry(layer, first, last).await;
         };
-        let mut out = Vec::with_capacity(last + 1 - first);
-        let mut next = first;
-        while next <= last {
-            match self.span_from_store(layer, next, None).await {
-                Some(f) => out.push(Ok(f)),
-                None => break,
-            }
-            next += 1;
+        let key = |i: usize| self.layers[layer].keys[i];
+        let mut out: Vec<Option<Result<SpanFile, Error>>> = join_all(
+            (first..=last)
+                .map(|i| async move { self.span_from_store(layer, i, None).await.map(Ok) }),
+        )
+        .await;
+        let missing: Vec<usize> = (first..=last)
+            .filter(|i| out[i - first].is_none())
+            .collect();
+        if missing.is_empty() {
+            return out.into_iter().flatten().collect();
         }
-        if next > last {
-            return out;
+        let claimed = join_all(missing.iter().map(|&i| {
+            let k = key(i);
+            let store = &store;
+            async move { store.claim(&k).await }
+        }))
+        .await;
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        for (i, c) in missing.into_iter().zip(claimed) {
+            if c { mine.push(i) } else { theirs.push(i) }
         }
-        let key = self.layers[layer].keys[next];
-        let claimed = store.claim(&key).await;
-        if !claimed {
-            // A peer is fetching it: read it from the store once it is there.
-            if let Some(b) = store.wait_for(&key).await
-                && let Some(f) = self.span_from_store(layer, next, Some(b)).await
-            {
-                out.push(Ok(f));
-                next += 1;
-                while next <= last {
-                    match self.span_from_store(layer, next, None).await {
-                        Some(f) => out.push(Ok(f)),
-                        None => break,
+        let fetch_mine = join_all(runs(&mine).into_iter().map(|(a, b)| {
+            let store = Arc::clone(&store);
+            async move {
+                let got = self.fetch_from_registry(layer, a, b).await;
+                for (k, r) in got.iter().enumerate() {
+                    match r {
+                        Ok(f) => store.upload(key(a + k), f.bytes().to_vec(), true),
+                        Err(_) => store.release(key(a + k)),
                     }
-                    next += 1;
                 }
-                if next > last {
-                    return out;
-                }
+                (a, got)
+            }
+        }));
+        let wait_theirs = join_all(theirs.into_iter().map(|i| {
+            let store = Arc::clone(&store);
+            async move {
+                let span = match store.wait_for(&key(i)).await {
+                    Some(b) => self.span_from_store(layer, i, Some(b)).await,
+                    None => None,
+                };
+                (i, span)
+            }
+        }));
+        let (fetched, waited) = futures_util::future::join(fetch_mine, wait_theirs).await;
+        for (a, got) in fetched {
+            for (k, r) in got.into_iter().enumerate() {
+                out[a + k - first] = Some(r);
             }
         }
-        let rest = self.fetch_from_registry(layer, next, last).await;
-        for (k, r) in rest.iter().enumerate() {
-            let i = next + k;
-            let key_i = self.layers[layer].keys[i];
-            match r {
-                Ok(f) => store.upload(key_i, f.bytes().to_vec(), claimed && i == next),
-                Err(_) if claimed && i == next => store.release(key_i),
-                Err(_) => {}
+        let mut late = Vec::new();
+        for (i, span) in waited {
+            match span {
+                Some(f) => out[i - first] = Some(Ok(f)),
+                None => late.push(i),
             }
         }
-        out.extend(rest);
-        out
+        // Claimed by a peer that did not upload in time: from the registry after all.
+        for (a, b) in runs(&late) {
+            let got = self.fetch_from_registry(layer, a, b).await;
+            for (k, r) in got.into_iter().enumerate() {
+                if let Ok(f) = &r {
+                    store.upload(key(a + k), f.bytes().to_vec(), false);
+                }
+                out[a + k - first] = Some(r);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Fetch("span left unfetched".into()))))
+            .collect()
     }
 
     /// Spans `first..=last` of `layer` from the registry with one ranged GET (each span that
@@ -484,4 +514,16 @@ impl V2Source {
         self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
         Ok(self.cache.insert(&l.keys[i], bytes))
     }
+}
+
+/// Sorted span indexes as runs of consecutive indexes, `(first, last)`.
+fn runs(sorted: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &i in sorted {
+        match out.last_mut() {
+            Some((_, b)) if *b + 1 == i => *b = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
 }
