@@ -18,7 +18,9 @@
 //! puts a claim (`claims/<hex>`, create-only). A worker that finds the claim taken waits up to
 //! `claim_wait` for the span to appear in the store (a peer is fetching it) and reads it from
 //! there; if it does not appear (the peer is slow or died), it fetches it itself. Claims hold their
-//! creation time and are deleted once the span is uploaded; one older than four `claim_wait`s
+//! creation time. A claim stays after its span is uploaded (so a peer that missed the span a
+//! moment before does not fetch it again; expire `claims/` with a bucket lifecycle rule) and is
+//! deleted when its fetch failed; one older than four `claim_wait`s with no span in the store
 //! was left by a worker that died and is taken over. An object that fails verification is
 //! deleted, so the verified bytes fetched from the registry next replace it.
 
@@ -222,8 +224,8 @@ impl SpanStore {
         None
     }
 
-    /// Uploads span `key` in the background (create-only), at most `uploads` at a time, then
-    /// drops this worker's claim on it, if it held one. Skipped (and counted) when the bytes
+    /// Uploads span `key` in the background (create-only), at most `uploads` at a time; drops
+    /// this worker's claim on it (if it held one) only when the upload failed. Skipped (and counted) when the bytes
     /// waiting for a slot would pass the queue bound: an upload never delays a read.
     pub(crate) fn upload(self: &Arc<Self>, key: [u8; 32], bytes: Vec<u8>, claimed: bool) {
         let len = bytes.len() as u64;
@@ -243,20 +245,26 @@ impl SpanStore {
             let name = hex::encode(key);
             let permit = Arc::clone(&me.slots).acquire_owned().await;
             let frame = tokio::task::spawn_blocking(move || zstd::bulk::compress(&bytes, 3)).await;
+            let mut uploaded = false;
             if let Ok(Ok(frame)) = frame {
                 match me.spans.child(&name).put_if_absent(&frame).await {
-                    Ok(true) => {
-                        me.counters.uploads.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("clip_span_store_uploads_total").increment(1);
+                    Ok(created) => {
+                        uploaded = true;
+                        if created {
+                            me.counters.uploads.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!("clip_span_store_uploads_total").increment(1);
+                        }
                     }
-                    Ok(false) => {}
                     Err(e) => tracing::debug!(error = %e, "span store upload failed"),
                 }
             } else {
                 tracing::debug!("compressing a span for the span store failed");
             }
             drop(permit);
-            if claimed {
+            // A claim stays after a successful upload: a peer that missed the span a moment
+            // ago and claims it now finds the claim taken and reads the span from the store,
+            // instead of fetching it again. It is only released when there is nothing to read.
+            if claimed && !uploaded {
                 let _ = me.claims.child(&name).delete().await;
             }
             me.queued.fetch_sub(len, Ordering::AcqRel);
