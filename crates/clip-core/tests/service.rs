@@ -631,3 +631,52 @@ fn workers_with_a_span_store_read_what_the_first_worker_fetched() {
     assert_eq!(s2.fetched_bytes, 0, "{s2:?}");
     assert_eq!(s2.span_store.hits, stored, "{s2:?}");
 }
+
+#[test]
+fn a_build_can_record_the_profile_by_running_the_image_once_with_a_time_limit() {
+    if !can_run() {
+        return;
+    }
+    let reg = Registry::start_anonymous().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("context");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
+    std::fs::write(ctx.join("hello"), "read at start\n").unwrap();
+    std::fs::write(ctx.join("unread"), "never read\n").unwrap();
+    let dockerfile = ctx.join("Dockerfile");
+    // The command reads one file, then would run forever: the time limit ends it.
+    std::fs::write(
+        &dockerfile,
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY hello /etc/hello\nCOPY unread /etc/unread\n\
+         CMD [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox cat /etc/hello; exec /bin/busybox sleep 1000\"]\n",
+    )
+    .unwrap();
+    let svc = service(
+        dir.path(),
+        Config {
+            build_registry: reg.host(),
+            build_registry_configured: true,
+            profile_at_build_secs: 2,
+            ..config(dir.path(), 2)
+        },
+    );
+    let (r, logs) = with_logs(|| svc.build_and_archive(&dockerfile, &ctx, &[]).unwrap());
+    assert_eq!(r.version.number(), 2, "{logs}");
+    // Killed at the time limit (SIGKILL: 128 + 9).
+    assert!(logs.contains("status=137"), "{logs}");
+    assert!(svc.mounts().is_empty(), "the build's mount is gone");
+    let path = dir
+        .path()
+        .join("store")
+        .join(format!("{}.profile.json", r.image_id));
+    let profile = clip_core::fs::Profile::load(&path).unwrap();
+    let paths: Vec<&str> = profile.touches.iter().map(|t| t.path.as_str()).collect();
+    assert!(paths.contains(&"/etc/hello"), "{paths:?}");
+    assert!(!paths.contains(&"/etc/unread"), "{paths:?}");
+
+    // The first pull elsewhere prefetches it.
+    let m = svc.pull_lazy(&r.image_id).unwrap();
+    assert!(m.prefetched_shared_profile);
+    svc.unmount(&r.image_id).unwrap();
+}

@@ -172,6 +172,11 @@ pub struct Config {
     /// profile and published beside its archive (every later mount prefetches it); 0: profiles
     /// are neither recorded nor used. Default 30.
     pub profile_window_secs: u64,
+    /// After a v2 build, run the image's command for at most this many seconds in a sandbox
+    /// (a container without network) to record and publish its prefetch profile before any
+    /// worker pulls it, as stargz's `optimize` does but on the unmodified image; 0 (default):
+    /// off.
+    pub profile_at_build_secs: u64,
     /// The fleet's shared span store (`spanStore: {s3: …}`): v2 mounts read spans from it
     /// before the registry and upload what they fetched; `None` (default): off.
     pub span_store: Option<S3Store>,
@@ -247,6 +252,7 @@ impl Default for Config {
             build_context_root: None,
             index_on_push: None,
             profile_window_secs: 30,
+            profile_at_build_secs: 0,
             span_store: None,
         }
     }
@@ -279,6 +285,7 @@ struct Section {
     build_context_root: Option<PathBuf>,
     index_on_push: Option<IndexOnPush>,
     profile_window_secs: Option<u64>,
+    profile_at_build_secs: Option<u64>,
     span_store: Option<SpanStoreSection>,
 }
 
@@ -338,6 +345,7 @@ impl Config {
             build_context_root: s.build_context_root,
             index_on_push: s.index_on_push,
             profile_window_secs: s.profile_window_secs.unwrap_or(d.profile_window_secs),
+            profile_at_build_secs: s.profile_at_build_secs.unwrap_or(d.profile_at_build_secs),
             span_store: match s.span_store {
                 None => None,
                 Some(SpanStoreSection { s3: Some(s3) }) if !s3.bucket.is_empty() => Some(s3),
@@ -556,6 +564,7 @@ imageService:
   registriesConf: /etc/clip/registries.conf
   spanStore:
     s3: {bucket: spans, prefix: fleet/, endpoint: "http://127.0.0.1:9000"}
+  profileAtBuildSecs: 20
 "#;
 
     #[test]
@@ -578,6 +587,8 @@ imageService:
             })
         );
         assert_eq!(c.cache_size_gib, 50);
+        assert_eq!(c.profile_at_build_secs, 20);
+        assert_eq!(Config::default().profile_at_build_secs, 0, "off by default");
         let spans = c.span_store.as_ref().unwrap();
         assert_eq!(
             (spans.bucket.as_str(), spans.prefix.as_str()),

@@ -17,6 +17,39 @@ use super::{ArchiveResult, ImageService};
 use crate::{archive, indexer, registry};
 
 impl ImageService {
+    /// `profileAtBuildSecs`: runs a freshly built v2 image's own command once, in a container
+    /// without network, for at most that long, so that PullLazy records its reads and publishes
+    /// them as the image's prefetch profile before any worker pulls it. Never fails the build.
+    fn profile_at_build(&self, r: &ArchiveResult) {
+        let limit = std::time::Duration::from_secs(self.cfg.profile_at_build_secs);
+        if limit.is_zero() || self.cfg.profile_window_secs == 0 || r.reused {
+            return;
+        }
+        let id = r.image_id.as_str();
+        // A mount of the image already in use on this worker is not ours to unmount.
+        let mounted_before = self.mounts().iter().any(|m| m.image_id == id);
+        let started = Instant::now();
+        {
+            let _phase = Phase::start("build_profile");
+            match self.run_limited(id, None, Some(limit)) {
+                Ok(out) => tracing::info!(
+                    image_id = id,
+                    status = out.status,
+                    ms = started.elapsed().as_millis() as u64,
+                    "ran the image once to record its start profile"
+                ),
+                Err(e) => tracing::warn!(
+                    image_id = id,
+                    error = %e,
+                    "running the image to record its start profile failed; its first run will record it"
+                ),
+            }
+        }
+        if !mounted_before && let Err(e) = self.unmount(id) {
+            tracing::warn!(image_id = id, error = %e, "unmount failed");
+        }
+    }
+
     /// Builds `dockerfile` in `context` with `build_args` and stores its archive. v2 problems
     /// fall back to v1; only a failing build itself fails.
     pub fn build_and_archive(
@@ -47,14 +80,10 @@ impl ImageService {
             BuildPlan::PushAndIndex { registry } => {
                 match self.push_and_index(&name, &registry, &id, &out) {
                     Ok(reused_layers) => {
-                        return self.finish(
-                            flow,
-                            &id,
-                            ArchiveVersion::V2,
-                            &out,
-                            None,
-                            reused_layers,
-                        );
+                        let r =
+                            self.finish(flow, &id, ArchiveVersion::V2, &out, None, reused_layers)?;
+                        self.profile_at_build(&r);
+                        return Ok(r);
                     }
                     Err(reason) => Some(reason),
                 }

@@ -1,8 +1,8 @@
 //! Running a container of an image: PullLazy, an overlay of its own on the shared mount, an OCI
 //! bundle from the image config, `runc run`.
 
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::error::{ServiceError, io};
 use super::{ImageService, short_hash};
@@ -22,6 +22,17 @@ pub struct RunOutput {
 impl ImageService {
     /// Runs `args` (or the image's own command) in a new container of image `id`.
     pub fn run(&self, id: &str, args: Option<&[String]>) -> Result<RunOutput, ServiceError> {
+        self.run_limited(id, args, None)
+    }
+
+    /// Like [`run`](Self::run), killing the container (`SIGKILL`) once it has run for `limit`
+    /// (its status is then -1 or 137).
+    pub fn run_limited(
+        &self,
+        id: &str,
+        args: Option<&[String]>,
+        limit: Option<Duration>,
+    ) -> Result<RunOutput, ServiceError> {
         let image = self.pull_lazy(id)?;
         let cid = format!(
             "clip-{id}-{}",
@@ -46,17 +57,44 @@ impl ImageService {
         }
         let spec = container::runtime_spec(&image.config, overlay.merged(), args, &cid)?;
         let bundle = container::write_bundle(&dir.join("bundle"), &spec)?;
-        let out = Command::new("runc")
+        let runc_root = dir.join("runc");
+        let child = Command::new("runc")
             .arg("--root")
-            .arg(dir.join("runc"))
+            .arg(&runc_root)
             .args(["run", "--bundle"])
             .arg(&bundle)
             .arg(&cid)
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|source| ServiceError::Spawn {
                 program: "runc".into(),
                 source,
             })?;
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let out = std::thread::scope(|s| {
+            if let Some(limit) = limit {
+                let (root, cid) = (&runc_root, &cid);
+                s.spawn(move || {
+                    if finished.recv_timeout(limit).is_err() {
+                        tracing::info!(container = %cid, secs = limit.as_secs(), "time limit reached; killing the container");
+                        let _ = Command::new("runc")
+                            .arg("--root")
+                            .arg(root)
+                            .args(["kill", cid, "KILL"])
+                            .status();
+                    }
+                });
+            }
+            let out = child.wait_with_output();
+            let _ = done.send(());
+            out
+        })
+        .map_err(|source| ServiceError::Spawn {
+            program: "runc".into(),
+            source,
+        })?;
         overlay.unmount()?;
         let _ = std::fs::remove_dir_all(&dir);
         // The first run of the image on any worker: its reads are the image's start profile.
