@@ -283,6 +283,23 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         .unwrap(),
     )
     .unwrap();
+    // The fleet's span store: the node's lazy tree uploads what it fetches.
+    let s3 = clip_testkit::S3::start().unwrap();
+    s3.create_bucket("fleet").unwrap();
+    std::fs::write(
+        dir.path().join("snapshotter.yaml"),
+        format!(
+            "imageService:\n  cacheDir: {}\n  cacheSizeGiB: 1\n  checkpointMiB: 1\n  \
+             spanStore:\n    s3: {{bucket: fleet, prefix: node, endpoint: \"{}\", region: {}, \
+             forcePathStyle: true, accessKeyId: {}, secretAccessKey: {}}}\n",
+            dir.path().join("cache").display(),
+            s3.endpoint(),
+            s3.region(),
+            s3.access_key(),
+            s3.secret_key()
+        ),
+    )
+    .unwrap();
     let snap = Snapshotter::start(dir.path());
     let ctd = Containerd::start(&ContainerdOptions {
         snapshotter_socket: Some(snap.socket.clone()),
@@ -364,6 +381,17 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "not unmounted:\n{}",
+            snap.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What the tree fetched is in the span store (uploaded before its mount server exited).
+    let spans = s3.root().join("fleet/node/spans");
+    let start = Instant::now();
+    while std::fs::read_dir(&spans).map_or(0, Iterator::count) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no span in the store:\n{}",
             snap.log()
         );
         std::thread::sleep(Duration::from_millis(100));

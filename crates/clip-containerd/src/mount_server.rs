@@ -1,7 +1,9 @@
 //! The process that serves one lazy tree: `clip-snapshotter mount-server --archive A
 //! --mountpoint M [--config F]`, started by the snapshotter in a process group of its own. It
 //! reads registry settings and credentials from the same configuration file as the snapshotter
-//! (never from its command line) and serves until the tree is unmounted or it is signalled.
+//! (never from its command line) — including `spanStore`, so a node's lazy trees read the spans
+//! any worker or node of the fleet fetched — and serves until the tree is unmounted or it is
+//! signalled.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +32,10 @@ pub fn serve(args: &MountServerArgs) -> anyhow::Result<()> {
         cache_bytes: cfg.cache_size_gib << 30,
         cache_min_free_percent: cfg.cache_min_free_percent,
         registry: Some(net),
+        span_store: cfg
+            .span_store
+            .as_ref()
+            .map(clip_core::service::span_store_options),
         ..clip_core::fs::MountOptions::default()
     })
     .with_context(|| format!("mounting {}", args.mountpoint.display()))?;

@@ -104,6 +104,8 @@ pub(crate) struct V2Source {
     cache: Arc<SpanCache>,
     inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Outcome>>>,
     pub(crate) stats: FetchStats,
+    /// Reads waiting for spans now (prefetch and background fetch start nothing new meanwhile).
+    demand: std::sync::atomic::AtomicUsize,
     /// The fleet's span store, between the cache and the registry.
     pub(crate) store: Option<Arc<crate::spanstore::SpanStore>>,
 }
@@ -183,6 +185,7 @@ impl V2Source {
             cache,
             inflight: Mutex::new(HashMap::new()),
             stats: FetchStats::default(),
+            demand: std::sync::atomic::AtomicUsize::new(0),
             store: None,
         })
     }
@@ -230,6 +233,34 @@ impl V2Source {
 
     /// Span `span` of `layer`, fetching it (and up to `ahead` following missing spans of the
     /// same layer, in the same request) if no process has it cached.
+    /// [`span`](Self::span) for a process's read: while it waits, prefetch and background
+    /// fetch start no new fetches, so on-demand reads go first.
+    pub(crate) async fn span_on_demand(
+        self: &Arc<Self>,
+        layer: usize,
+        span: usize,
+        ahead: usize,
+    ) -> Result<SpanFile, Error> {
+        struct Demand<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Demand<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.demand.fetch_add(1, Ordering::AcqRel);
+        let _d = Demand(&self.demand);
+        self.span(layer, span, ahead).await
+    }
+
+    /// Waits (up to 1 s) until no read is waiting for spans: prefetch calls this before each
+    /// fetch it starts, so it never competes with on-demand reads for the link.
+    pub(crate) async fn yield_to_demand(&self) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.demand.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     pub(crate) async fn span(
         self: &Arc<Self>,
         layer: usize,

@@ -26,7 +26,12 @@
 //!
 //! A [`profile`] records the first-touch order of file ranges during a run; mounting with that
 //! profile fetches its spans in parallel, in order, right after the mount answers, so a second
-//! cold start overlaps all its fetches.
+//! cold start overlaps all its fetches. On-demand reads go first: while a process's read waits
+//! for a span, the prefetch starts no new fetch.
+//!
+//! A [`spanstore`] (optional) is a second tier between the cache and the registry, in S3, shared
+//! by a fleet: spans one worker fetched are read from it by the others, verified like registry
+//! bytes.
 //!
 //! ```no_run
 //! let handle = clip_fs::mount_archive(clip_fs::MountOptions {
@@ -554,7 +559,8 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
 
 /// Fetches every span of every layer, in order, four spans per request, pausing so the average
 /// stays under `rate` compressed bytes per second. Spans already cached cost nothing; reads keep
-/// priority because they never wait for this task (it only fills the cache).
+/// priority: they never wait for this task (it only fills the cache), and it starts no fetch
+/// while a read waits for one.
 async fn background_fetch(src: Arc<layers::V2Source>, rate: u64) {
     let started = std::time::Instant::now();
     for layer in 0..src.layers.len() {
@@ -562,6 +568,7 @@ async fn background_fetch(src: Arc<layers::V2Source>, rate: u64) {
             if src.span_local(layer, s).is_some() {
                 continue;
             }
+            src.yield_to_demand().await;
             let before = src.stats.fetched_bytes.load(Ordering::Relaxed);
             if let Err(e) = src.span(layer, s, 3).await {
                 tracing::warn!(error = %e, "background fetch failed; stopping it");
@@ -647,6 +654,7 @@ fn prefetch(
                 let src = Arc::clone(&src);
                 async move {
                     for s in first..first + n {
+                        src.yield_to_demand().await;
                         if let Err(e) = src.span(layer, s, first + n - 1 - s).await {
                             tracing::warn!(error = %e, "prefetch failed");
                         }

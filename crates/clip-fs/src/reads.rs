@@ -123,7 +123,7 @@ impl ClipFs {
             let mut spans = Vec::with_capacity(last - first + 1);
             for s in first..=last {
                 // The first miss fetches the rest of this read's spans in the same request.
-                match src.span(layer, s, last - s).await {
+                match src.span_on_demand(layer, s, last - s).await {
                     Ok(f) => spans.push(f),
                     Err(e) => {
                         tracing::error!(layer = %src.layers[layer].digest, offset = start, error = %e, "read failed");

@@ -270,7 +270,8 @@ fn offer_profile(m: &MountedImage, store: &dyn super::store::ArchiveStore, manif
 }
 
 /// The span store of policy `spanStore.s3`: `s3://BUCKET/PREFIX` (spans under `PREFIX/spans/`).
-fn span_store_options(s3: &clip_policy::S3Store) -> fs::SpanStoreOptions {
+#[must_use]
+pub fn span_store_options(s3: &clip_policy::S3Store) -> fs::SpanStoreOptions {
     let prefix = s3.prefix.trim_matches('/');
     let url = if prefix.is_empty() {
         format!("s3://{}", s3.bucket)

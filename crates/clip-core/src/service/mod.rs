@@ -43,7 +43,7 @@ use clip_policy::Config;
 use sha2::{Digest as _, Sha256};
 
 pub use error::{FallbackReason, ServiceError};
-pub use lazy::MountedImage;
+pub use lazy::{MountedImage, span_store_options};
 pub use run::RunOutput;
 pub use store::{ArchiveStore, ArchiveVersion, StoredArchive};
 
