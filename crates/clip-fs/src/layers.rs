@@ -104,10 +104,27 @@ pub(crate) struct V2Source {
     cache: Arc<SpanCache>,
     inflight: Mutex<HashMap<[u8; 32], watch::Receiver<Outcome>>>,
     pub(crate) stats: FetchStats,
-    /// Reads waiting for spans now (prefetch and background fetch start nothing new meanwhile).
+    /// Fetches started by reads, in flight (prefetch and background fetch start nothing new
+    /// meanwhile).
     demand: std::sync::atomic::AtomicUsize,
     /// The fleet's span store, between the cache and the registry.
     pub(crate) store: Option<Arc<crate::spanstore::SpanStore>>,
+}
+
+/// Counts a fetch started by a read for as long as it is in flight.
+struct Demand<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Demand<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for Demand<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Removes a fetch group's spans from the in-flight table however the fetch ends.
@@ -233,27 +250,20 @@ impl V2Source {
 
     /// Span `span` of `layer`, fetching it (and up to `ahead` following missing spans of the
     /// same layer, in the same request) if no process has it cached.
-    /// [`span`](Self::span) for a process's read: while it waits, prefetch and background
-    /// fetch start no new fetches, so on-demand reads go first.
+    /// [`span`](Self::span) for a process's read: while a fetch this read had to start itself
+    /// (the span was neither cached nor already being fetched, e.g. by the prefetch) is in
+    /// flight, prefetch and background fetch start no new fetches, so on-demand reads go first.
     pub(crate) async fn span_on_demand(
         self: &Arc<Self>,
         layer: usize,
         span: usize,
         ahead: usize,
     ) -> Result<SpanFile, Error> {
-        struct Demand<'a>(&'a std::sync::atomic::AtomicUsize);
-        impl Drop for Demand<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        self.demand.fetch_add(1, Ordering::AcqRel);
-        let _d = Demand(&self.demand);
-        self.span(layer, span, ahead).await
+        self.span_with(layer, span, ahead, true).await
     }
 
-    /// Waits (up to 1 s) until no read is waiting for spans: prefetch calls this before each
-    /// fetch it starts, so it never competes with on-demand reads for the link.
+    /// Waits (up to 1 s) until no fetch started by a read is in flight: prefetch calls this
+    /// before each fetch it starts, so it does not compete with on-demand misses for the link.
     pub(crate) async fn yield_to_demand(&self) {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
         while self.demand.load(Ordering::Acquire) > 0 && std::time::Instant::now() < until {
@@ -266,6 +276,16 @@ impl V2Source {
         layer: usize,
         span: usize,
         ahead: usize,
+    ) -> Result<SpanFile, Error> {
+        self.span_with(layer, span, ahead, false).await
+    }
+
+    async fn span_with(
+        self: &Arc<Self>,
+        layer: usize,
+        span: usize,
+        ahead: usize,
+        on_demand: bool,
     ) -> Result<SpanFile, Error> {
         let layer_index = &self.layers[layer];
         let digest = self.digest(layer, span);
@@ -316,6 +336,7 @@ impl V2Source {
             };
             let first = senders[0].0;
             let last = senders[senders.len() - 1].0;
+            let _demand = on_demand.then(|| Demand::new(&self.demand));
             let results = self.fetch_group(layer, first, last).await;
             let mut mine = Err(Error::Config("span not fetched".into()));
             for ((idx, _, tx), r) in senders.into_iter().zip(results) {

@@ -26,8 +26,8 @@
 //!
 //! A [`profile`] records the first-touch order of file ranges during a run; mounting with that
 //! profile fetches its spans in parallel, in order, right after the mount answers, so a second
-//! cold start overlaps all its fetches. On-demand reads go first: while a process's read waits
-//! for a span, the prefetch starts no new fetch.
+//! cold start overlaps all its fetches. On-demand reads go first: while a fetch a process's read
+//! had to start itself is in flight, the prefetch starts no new fetch.
 //!
 //! A [`spanstore`] (optional) is a second tier between the cache and the registry, in S3, shared
 //! by a fleet: spans one worker fetched are read from it by the others, verified like registry

@@ -8,7 +8,8 @@
 //! into at most the span's length, so a hostile object cannot make a reader allocate more. Every object read is
 //! verified like a registry fetch; one that fails (poisoned, truncated) is never served — the
 //! span comes from the registry instead and the event is counted. A read tries the store for at
-//! most `timeout`, then goes to the registry, so a slow or broken store costs a bounded amount.
+//! most `timeout`, then goes to the registry; after a failure or timeout the store is left alone
+//! for `backoff`, so a slow or broken store costs one bounded wait, not one per read.
 //! Uploads happen in the background after a verified registry fetch, at most `uploads` at a
 //! time; when more than `upload_queue_bytes` wait for a slot the upload is skipped, so uploads
 //! never delay a read nor hold unbounded memory. A mount that ends waits a few seconds for its
@@ -42,6 +43,10 @@ pub struct SpanStoreOptions {
     pub timeout: Duration,
     /// Longest to wait for a span another worker has claimed (default 2 s).
     pub claim_wait: Duration,
+    /// After a store read or claim fails or times out, the store is left alone (reads go
+    /// straight to the registry, nothing is uploaded) for this long (default 30 s), so an
+    /// unreachable store costs one `timeout`, not one per read.
+    pub backoff: Duration,
     /// Uploads in flight at most (default 4).
     pub uploads: usize,
     /// Bytes of spans waiting for an upload slot at most (default 128 MiB); past it an
@@ -58,6 +63,7 @@ impl SpanStoreOptions {
             remote,
             timeout: Duration::from_secs(2),
             claim_wait: Duration::from_secs(2),
+            backoff: Duration::from_secs(30),
             uploads: 4,
             upload_queue_bytes: 128 << 20,
         }
@@ -77,7 +83,7 @@ pub struct SpanStoreStats {
     pub errors: u64,
     /// Spans uploaded by this mount.
     pub uploads: u64,
-    /// Uploads skipped because the upload queue was full.
+    /// Uploads skipped because the upload queue was full or the store was failing.
     pub uploads_skipped: u64,
     /// Spans this mount waited for while a peer fetched them.
     pub waited: u64,
@@ -104,6 +110,8 @@ pub(crate) struct SpanStore {
     slots: Arc<tokio::sync::Semaphore>,
     queued: AtomicU64,
     queue_bound: u64,
+    backoff: Duration,
+    down_until: std::sync::Mutex<Option<Instant>>,
     counters: Counters,
 }
 
@@ -121,6 +129,8 @@ impl SpanStore {
             slots: Arc::new(tokio::sync::Semaphore::new(o.uploads.max(1))),
             queued: AtomicU64::new(0),
             queue_bound: o.upload_queue_bytes,
+            backoff: o.backoff,
+            down_until: std::sync::Mutex::new(None),
             counters: Counters::default(),
         })
     }
@@ -138,19 +148,51 @@ impl SpanStore {
         }
     }
 
+    /// Whether the store failed within the last `backoff` (then it is not asked).
+    fn is_down(&self) -> bool {
+        let mut d = self
+            .down_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *d {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *d = None;
+                tracing::info!("asking the span store again");
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Counts a failed or slow store operation and leaves the store alone for `backoff`.
+    fn failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("clip_span_store_errors_total").increment(1);
+        let mut d = self
+            .down_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if d.is_none() {
+            tracing::warn!(error = %error, secs = self.backoff.as_secs(), "span store {what} failed; reading from the registry only for a while");
+        }
+        *d = Some(Instant::now() + self.backoff);
+    }
+
     /// The stored bytes of span `key`, if the store answers in time.
     pub(crate) async fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+        if self.is_down() {
+            return None;
+        }
         let obj = self.spans.child(&hex::encode(key));
         match tokio::time::timeout(self.timeout, obj.get_all()).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "span store read failed; asking the registry");
+                self.failed("read", &e);
                 None
             }
             Err(_) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("span store read timed out; asking the registry");
+                self.failed("read", &"timed out");
                 None
             }
         }
@@ -190,9 +232,19 @@ impl SpanStore {
             }
             Ok(false)
         };
+        if self.is_down() {
+            return true;
+        }
         match tokio::time::timeout(self.timeout, taken).await {
             Ok(Ok(mine)) => mine,
-            _ => true,
+            Ok(Err(e)) => {
+                self.failed("claim", &e);
+                true
+            }
+            Err(_) => {
+                self.failed("claim", &"timed out");
+                true
+            }
         }
     }
 
@@ -215,7 +267,7 @@ impl SpanStore {
     pub(crate) async fn wait_for(&self, key: &[u8; 32]) -> Option<Bytes> {
         self.counters.waited.fetch_add(1, Ordering::Relaxed);
         let until = Instant::now() + self.claim_wait;
-        while Instant::now() < until {
+        while Instant::now() < until && !self.is_down() {
             if let Some(b) = self.get(key).await {
                 return Some(b);
             }
@@ -231,7 +283,7 @@ impl SpanStore {
         let len = bytes.len() as u64;
         let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
         let me = Arc::clone(self);
-        if queued > self.queue_bound {
+        if queued > self.queue_bound || self.is_down() {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             self.counters
                 .uploads_skipped

@@ -341,3 +341,44 @@ fn a_claimed_span_is_waited_for_and_a_dead_claim_costs_a_bounded_wait() {
     assert!(sc.span_store.waited >= 1 && sc.requests >= 1, "{sc:?}");
     assert_eq!(sc.span_store.hits, 0, "{sc:?}");
 }
+
+#[test]
+fn a_store_that_never_answers_costs_one_timeout_then_is_left_alone() {
+    if !can_mount() {
+        return;
+    }
+    let (image, files) = big_files();
+    let f = Fleet::new(&image, 256 << 10);
+    // A "store" that accepts connections and never answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hole.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming() {
+            held.push(c);
+        }
+    });
+    let mut store = SpanStoreOptions::new(
+        "s3://spans/hole",
+        RemoteOptions::s3_compatible(&endpoint, "us-east-1", "k", "s"),
+    );
+    store.timeout = Duration::from_millis(300);
+    store.backoff = Duration::from_mins(10);
+    let m = f.worker("w", store, true);
+    for (p, want) in &files {
+        assert!(
+            std::fs::read(m.mountpoint().join(p)).unwrap() == *want,
+            "{p}"
+        );
+    }
+    let s = m.stats();
+    m.unmount().unwrap();
+    // 36 spans were fetched; only the first few store operations (those already in flight
+    // when the first timed out) waited for the store.
+    assert!(s.spans_fetched >= 36, "{s:?}");
+    assert!(
+        (1..=8).contains(&s.span_store.errors),
+        "the store was asked after it failed: {s:?}"
+    );
+    assert_eq!(s.span_store.uploads, 0, "{s:?}");
+}
