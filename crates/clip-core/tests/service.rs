@@ -680,3 +680,92 @@ fn a_build_can_record_the_profile_by_running_the_image_once_with_a_time_limit() 
     assert!(m.prefetched_shared_profile);
     svc.unmount(&r.image_id).unwrap();
 }
+
+#[test]
+fn a_later_run_that_reads_more_refines_the_shared_profile_a_bounded_number_of_times() {
+    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+        return;
+    }
+    let reg = Registry::start_anonymous().unwrap();
+    let a_bytes = clip_testkit::image::random_bytes(11, 2 << 20);
+    let b_bytes = clip_testkit::image::random_bytes(12, 2 << 20);
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(Image::new(vec![Layer::new(vec![
+            Entry::file("opt/a.bin", a_bytes.clone()),
+            Entry::file("opt/b.bin", b_bytes.clone()),
+        ])]))
+        .build()
+        .unwrap();
+    let image = reg.push(&built, "team/refine", "v1").unwrap().reference;
+    let root = tempfile::tempdir().unwrap();
+    let store_dir = root.path().join("store");
+    let worker = |name: &str| {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        service(
+            &dir,
+            Config {
+                archive_store: ArchiveStore::Local(store_dir.clone()),
+                cache_min_free_percent: 0,
+                ..config(&dir, 2)
+            },
+        )
+    };
+    let gen_path = |id: &str, g: u32| {
+        store_dir.join(if g == 1 {
+            format!("{id}.profile.json")
+        } else {
+            format!("{id}.profile.{g}.json")
+        })
+    };
+    let read = |m: &clip_core::service::MountedImage, p: &str, want: &[u8]| {
+        assert!(std::fs::read(m.mountpoint.join(p)).unwrap() == want, "{p}");
+    };
+
+    // The first run reads a.bin: generation 1.
+    let w1 = worker("w1");
+    let id = w1.pull_and_archive(&image).unwrap().image_id;
+    let m = w1.pull_lazy(&id).unwrap();
+    read(&m, "opt/a.bin", &a_bytes);
+    w1.unmount(&id).unwrap();
+    assert!(gen_path(&id, 1).exists());
+
+    // A run that prefetched it and also read b.bin publishes generation 2 (a + b).
+    let w2 = worker("w2");
+    let m = w2.pull_lazy(&id).unwrap();
+    assert!(m.prefetched_shared_profile);
+    read(&m, "opt/a.bin", &a_bytes);
+    read(&m, "opt/b.bin", &b_bytes);
+    w2.unmount(&id).unwrap();
+    let g2 = clip_core::fs::Profile::load(&gen_path(&id, 2)).unwrap();
+    let paths: std::collections::BTreeSet<&str> =
+        g2.touches.iter().map(|t| t.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/opt/a.bin", "/opt/b.bin"].into_iter().collect(),
+        "{g2:?}"
+    );
+
+    // The next worker prefetches generation 2: reading b.bin costs no fetch.
+    let w3 = worker("w3");
+    let m = w3.pull_lazy(&id).unwrap();
+    m.wait_prefetch();
+    let prefetched = m.stats();
+    read(&m, "opt/a.bin", &a_bytes);
+    read(&m, "opt/b.bin", &b_bytes);
+    assert_eq!(m.stats().requests, prefetched.requests, "{:?}", m.stats());
+    w3.unmount(&id).unwrap();
+    // It read nothing new: no generation 3.
+    assert!(!gen_path(&id, 3).exists());
+
+    // Bounded: with four generations present (the newest naming a.bin only), a run that reads
+    // more publishes nothing.
+    std::fs::copy(gen_path(&id, 1), gen_path(&id, 3)).unwrap();
+    std::fs::copy(gen_path(&id, 1), gen_path(&id, 4)).unwrap();
+    let w4 = worker("w4");
+    let m = w4.pull_lazy(&id).unwrap();
+    read(&m, "opt/a.bin", &a_bytes);
+    read(&m, "opt/b.bin", &b_bytes);
+    w4.unmount(&id).unwrap();
+    assert!(!gen_path(&id, 5).exists());
+}

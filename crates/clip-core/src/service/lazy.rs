@@ -27,6 +27,10 @@ pub struct MountedImage {
     /// Recording a profile to share: whether it has been offered to the store.
     profile_offered: AtomicBool,
     recording: bool,
+    /// The shared profile this mount prefetched (the base a refinement adds to).
+    shared: Option<fs::Profile>,
+    /// The generation this mount's profile would be published as.
+    next_generation: u32,
 }
 
 impl MountedImage {
@@ -50,9 +54,74 @@ impl MountedImage {
     }
 }
 
-/// The store object holding image `id`'s shared prefetch profile.
-fn profile_name(id: &str) -> String {
-    format!("{id}.profile.json")
+/// Generations of a shared profile at most: the first run's, then up to three refinements.
+const PROFILE_GENERATIONS: u32 = 4;
+
+/// The store object holding generation `g` of image `id`'s shared prefetch profile:
+/// `<id>.profile.json`, then `<id>.profile.<g>.json`.
+fn profile_name(id: &str, generation: u32) -> String {
+    if generation <= 1 {
+        format!("{id}.profile.json")
+    } else {
+        format!("{id}.profile.{generation}.json")
+    }
+}
+
+/// The newest readable generation of image `id`'s shared profile, and the number of the
+/// newest generation present (readable or not; 0 for none).
+fn load_shared(store: &dyn super::store::ArchiveStore, id: &str) -> (Option<fs::Profile>, u32) {
+    let mut newest = None;
+    let mut present = 0;
+    for g in 1..=PROFILE_GENERATIONS {
+        let Some(bytes) = store.get_small(&profile_name(id, g)) else {
+            break;
+        };
+        present = g;
+        match fs::Profile::from_slice(&bytes) {
+            Ok(p) => newest = Some(p),
+            Err(e) => {
+                tracing::warn!(image_id = id, generation = g, error = %e, "shared prefetch profile rejected");
+            }
+        }
+    }
+    (newest, present)
+}
+
+/// What `recorded` read beyond `base`: `base` plus the touches no touch of `base` covers, if
+/// those add at least a tenth of `base`'s bytes (and 64 KiB); bounded to twice `base`'s
+/// touches plus 1024 and to 65,536 touches. `None` when the run read nothing new worth it.
+fn refine(base: &fs::Profile, recorded: &fs::Profile) -> Option<fs::Profile> {
+    let mut covered: std::collections::HashMap<&str, Vec<(u64, u64)>> =
+        std::collections::HashMap::new();
+    for t in &base.touches {
+        covered
+            .entry(t.path.as_str())
+            .or_default()
+            .push((t.offset, t.offset.saturating_add(t.len)));
+    }
+    let is_new = |t: &&fs::profile::Touch| {
+        let end = t.offset.saturating_add(t.len);
+        !covered
+            .get(t.path.as_str())
+            .is_some_and(|rs| rs.iter().any(|&(a, b)| a <= t.offset && end <= b))
+    };
+    let limit = (base.touches.len() * 2 + 1024).min(65_536);
+    let room = limit.saturating_sub(base.touches.len());
+    let new: Vec<fs::profile::Touch> = recorded
+        .touches
+        .iter()
+        .filter(is_new)
+        .take(room)
+        .cloned()
+        .collect();
+    let base_bytes: u64 = base.touches.iter().map(|t| t.len).sum();
+    let new_bytes: u64 = new.iter().map(|t| t.len).sum();
+    if new.is_empty() || new_bytes < 64 << 10 || new_bytes.saturating_mul(10) < base_bytes {
+        return None;
+    }
+    let mut merged = base.clone();
+    merged.touches.extend(new);
+    Some(merged)
 }
 
 impl ImageService {
@@ -95,23 +164,22 @@ impl ImageService {
         // Shared prefetch profiles (v2): prefetch the one another worker's first run published,
         // or record this run's to publish.
         let sharing = version == ArchiveVersion::V2 && self.cfg.profile_window_secs > 0;
-        let shared = if sharing {
-            self.store.get_small(&profile_name(id)).and_then(|b| {
-                fs::Profile::from_slice(&b)
-                    .map_err(|e| tracing::warn!(image_id = id, error = %e, "shared prefetch profile rejected; not prefetching"))
-                    .ok()
-            })
+        let (shared, present) = if sharing {
+            load_shared(&*self.store, id)
         } else {
-            None
+            (None, 0)
         };
         if let Some(p) = &shared {
             tracing::info!(
                 image_id = id,
                 touches = p.touches.len(),
+                generation = present,
                 "prefetching the image's shared profile"
             );
         }
-        let record = (sharing && shared.is_none()).then(|| {
+        // Record the run to publish it: the first profile, or a refinement of the shared one
+        // (while generations are left).
+        let record = (sharing && present < PROFILE_GENERATIONS).then(|| {
             self.cfg
                 .cache_dir
                 .join(format!("profile-{id}-{}.json", std::process::id()))
@@ -144,6 +212,8 @@ impl ImageService {
             handle: Mutex::new(Some(handle)),
             profile_offered: AtomicBool::new(false),
             recording: record.is_some(),
+            shared,
+            next_generation: present + 1,
         });
         if m.recording {
             // The first `profileWindowSecs` of the run are its start: publish them then (or at
@@ -252,16 +322,37 @@ fn offer_profile(m: &MountedImage, store: &dyn super::store::ArchiveStore, manif
     if !manifest.is_empty() {
         manifest.clone_into(&mut p.image);
     }
+    let refined = match &m.shared {
+        None => false,
+        Some(base) => match refine(base, &p) {
+            Some(merged) => {
+                p = fs::Profile {
+                    image: p.image,
+                    ..merged
+                };
+                true
+            }
+            None => {
+                tracing::debug!(image_id = %m.image_id, "this run read nothing new worth refining the shared profile");
+                return;
+            }
+        },
+    };
     let Ok(bytes) = serde_json::to_vec(&p) else {
         return;
     };
-    match store.put_small_if_absent(&profile_name(&m.image_id), &bytes) {
+    let name = profile_name(&m.image_id, m.next_generation);
+    match store.put_small_if_absent(&name, &bytes) {
+        Ok(true) if refined => {
+            tracing::info!(image_id = %m.image_id, touches = p.touches.len(), generation = m.next_generation, "refined the image's shared prefetch profile");
+            metrics::counter!("clip_profiles_refined_total").increment(1);
+        }
         Ok(true) => {
             tracing::info!(image_id = %m.image_id, touches = p.touches.len(), "shared the image's prefetch profile");
             metrics::counter!("clip_profiles_shared_total").increment(1);
         }
         Ok(false) => {
-            tracing::debug!(image_id = %m.image_id, "another worker shared this image's profile first");
+            tracing::debug!(image_id = %m.image_id, object = %name, "another worker published this profile generation first");
         }
         Err(e) => {
             tracing::warn!(image_id = %m.image_id, error = %e, "could not share the prefetch profile");
