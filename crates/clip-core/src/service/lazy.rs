@@ -322,21 +322,18 @@ fn offer_profile(m: &MountedImage, store: &dyn super::store::ArchiveStore, manif
     if !manifest.is_empty() {
         manifest.clone_into(&mut p.image);
     }
-    let refined = match &m.shared {
-        None => false,
-        Some(base) => match refine(base, &p) {
-            Some(merged) => {
-                p = fs::Profile {
-                    image: p.image,
-                    ..merged
-                };
-                true
-            }
-            None => {
-                tracing::debug!(image_id = %m.image_id, "this run read nothing new worth refining the shared profile");
-                return;
-            }
-        },
+    let refined = if let Some(base) = &m.shared {
+        let Some(merged) = refine(base, &p) else {
+            tracing::debug!(image_id = %m.image_id, "this run read nothing new worth refining the shared profile");
+            return;
+        };
+        p = fs::Profile {
+            image: p.image,
+            ..merged
+        };
+        true
+    } else {
+        false
     };
     let Ok(bytes) = serde_json::to_vec(&p) else {
         return;
@@ -370,4 +367,43 @@ pub fn span_store_options(s3: &clip_policy::S3Store) -> fs::SpanStoreOptions {
         format!("s3://{}/{prefix}", s3.bucket)
     };
     fs::SpanStoreOptions::new(&url, super::store::remote_options(s3))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{fs, refine};
+
+    fn profile(touches: &[(&str, u64, u64)]) -> fs::Profile {
+        fs::Profile {
+            version: 1,
+            image: String::new(),
+            touches: touches
+                .iter()
+                .map(|&(p, offset, len)| fs::profile::Touch {
+                    path: p.into(),
+                    offset,
+                    len,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_refinement_adds_only_uncovered_ranges_worth_it() {
+        let base = profile(&[("/a", 0, 1 << 20)]);
+        // Covered (inside a base range): nothing new.
+        assert!(refine(&base, &profile(&[("/a", 4096, 8192)])).is_none());
+        // New, but under 64 KiB, or under a tenth of the base's bytes.
+        assert!(refine(&base, &profile(&[("/b", 0, 60 << 10)])).is_none());
+        let big = profile(&[("/a", 0, 10 << 20)]);
+        assert!(refine(&big, &profile(&[("/b", 0, 512 << 10)])).is_none());
+        // Worth it: the base, then the new ranges only.
+        let r = refine(&base, &profile(&[("/a", 0, 4096), ("/b", 0, 256 << 10)])).unwrap();
+        assert_eq!(r, profile(&[("/a", 0, 1 << 20), ("/b", 0, 256 << 10)]));
+        // Bounded: at most twice the base's touches plus 1024.
+        let many: Vec<(&str, u64, u64)> = (0..5000).map(|i| ("/c", i * 65536, 65536)).collect();
+        let r = refine(&base, &profile(&many)).unwrap();
+        assert_eq!(r.touches.len(), 2 + 1024);
+    }
 }
