@@ -9,6 +9,9 @@
     missing_docs
 )]
 
+mod common;
+use common::can_mount;
+
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,21 +24,6 @@ use clip_testkit::{
     Auth, CompareOptions, Compression, Entry, FakeRegistry, FakeResponse, Image, ImageBuilder,
     Layer, ManifestFormat, Registry, RegistryOptions, Snapshot, assert_same, oracle,
 };
-
-fn can_mount() -> bool {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "clip_fs=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    if !clip_testkit::is_root() || !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: mounting needs root and /dev/fuse");
-        return false;
-    }
-    true
-}
 
 /// Mount options for tests that are not about disk pressure: no free-space floor, so that a
 /// nearly full disk on the test machine does not shrink the span cache under the test.

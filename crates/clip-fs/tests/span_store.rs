@@ -10,7 +10,10 @@
     missing_docs
 )]
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::can_mount;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clip_fs::{MountHandle, MountOptions, SpanStoreOptions, mount_archive};
@@ -21,21 +24,6 @@ use clip_testkit::{
     Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry, S3, Snapshot,
     assert_same, oracle,
 };
-
-fn can_mount() -> bool {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "clip_fs=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    if !clip_testkit::is_root() || !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: mounting needs root and /dev/fuse");
-        return false;
-    }
-    true
-}
 
 /// A registry with `image` pushed as `test/app:t`, an S3 server with bucket `spans`, and the
 /// image indexed into a v2 archive with `span`-byte spans.
@@ -128,6 +116,26 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(f)
+}
+
+/// Puts a fresh claim (now, in Unix ms) on each of `names` under `claims`, as a peer would.
+fn claim_now(claims: &RemoteObject, names: &[String]) {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    block_on(async {
+        for n in names {
+            assert!(
+                claims
+                    .child(n)
+                    .put_if_absent(stamp.as_bytes())
+                    .await
+                    .unwrap()
+            );
+        }
+    });
 }
 
 fn big_files() -> (ImageBuilder, Vec<(String, Vec<u8>)>) {
@@ -264,22 +272,7 @@ fn a_claimed_span_is_waited_for_and_a_dead_claim_costs_a_bounded_wait() {
     // the worker reads them from the store, not the registry.
     let (claims, _) = f.objects("live", "claims");
     let (spans, _) = f.objects("live", "spans");
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
-    block_on(async {
-        for n in &names {
-            assert!(
-                claims
-                    .child(n)
-                    .put_if_absent(stamp.as_bytes())
-                    .await
-                    .unwrap()
-            );
-        }
-    });
+    claim_now(&claims, &names);
     let peer = {
         let (seed, spans, names) = (seed.clone(), spans.clone(), names.clone());
         std::thread::spawn(move || {
@@ -311,22 +304,7 @@ fn a_claimed_span_is_waited_for_and_a_dead_claim_costs_a_bounded_wait() {
     // In store "dead", the claims' holder never uploads: after `claim_wait` the registry
     // answers, and the bytes are right.
     let (claims, _) = f.objects("dead", "claims");
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
-    block_on(async {
-        for n in &names {
-            assert!(
-                claims
-                    .child(n)
-                    .put_if_absent(stamp.as_bytes())
-                    .await
-                    .unwrap()
-            );
-        }
-    });
+    claim_now(&claims, &names);
     let mut store = f.store("dead");
     store.claim_wait = Duration::from_millis(200);
     let c = f.worker("c", store, true);
