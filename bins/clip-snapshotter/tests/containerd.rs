@@ -385,17 +385,29 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // What the tree fetched is in the span store (uploaded before its mount server exited).
-    let spans = s3.root().join("fleet/node/spans");
+    // What the tree fetched is in the span store (uploaded before its mount server exited),
+    // and so is the profile of what its containers read, for other nodes to prefetch.
+    let count = |d: &str| std::fs::read_dir(s3.root().join(d)).map_or(0, Iterator::count);
     let start = Instant::now();
-    while std::fs::read_dir(&spans).map_or(0, Iterator::count) == 0 {
+    while count("fleet/node/spans") == 0 || count("fleet/node/profiles") == 0 {
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "no span in the store:\n{}",
+            "no span or profile in the store:\n{}",
             snap.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let profile = std::fs::read_dir(s3.root().join("fleet/node/profiles"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let p = clip_core::fs::Profile::load(&profile).unwrap();
+    assert!(
+        p.touches.iter().any(|t| t.path == "/etc/greeting"),
+        "{p:?}"
+    );
 }
 
 /// The pids of this snapshotter's mount servers.
