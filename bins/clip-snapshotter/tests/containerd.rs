@@ -404,10 +404,7 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         .unwrap()
         .path();
     let p = clip_core::fs::Profile::load(&profile).unwrap();
-    assert!(
-        p.touches.iter().any(|t| t.path == "/etc/greeting"),
-        "{p:?}"
-    );
+    assert!(p.touches.iter().any(|t| t.path == "/etc/greeting"), "{p:?}");
 }
 
 /// The pids of this snapshotter's mount servers.
