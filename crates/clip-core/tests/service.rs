@@ -528,7 +528,7 @@ fn the_first_run_shares_its_profile_and_later_mounts_prefetch_it() {
     let first = service(a.path(), config(a.path(), 2));
     let id = first.pull_and_archive(&image).unwrap().image_id;
     let m = first.pull_lazy(&id).unwrap();
-    assert!(!m.prefetched_shared_profile);
+    assert!(!m.prefetched_shared_profile());
     let want = clip_testkit::image::random_bytes(3, 3 << 20);
     assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
     first.unmount(&id).unwrap();
@@ -545,7 +545,7 @@ fn the_first_run_shares_its_profile_and_later_mounts_prefetch_it() {
         },
     );
     let m = second.pull_lazy(&id).unwrap();
-    assert!(m.prefetched_shared_profile);
+    assert!(m.prefetched_shared_profile());
     m.wait_prefetch();
     let prefetched = m.stats();
     assert!(prefetched.fetched_bytes >= 3 << 20, "{prefetched:?}");
@@ -568,7 +568,7 @@ fn the_first_run_shares_its_profile_and_later_mounts_prefetch_it() {
         },
     );
     let m = third.pull_lazy(&id).unwrap();
-    assert!(!m.prefetched_shared_profile);
+    assert!(!m.prefetched_shared_profile());
     assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
     third.unmount(&id).unwrap();
 }
@@ -623,7 +623,7 @@ fn workers_with_a_span_store_read_what_the_first_worker_fetched() {
     let b = tempfile::tempdir().unwrap();
     let second = worker(b.path());
     let m = second.pull_lazy(&id).unwrap();
-    assert!(m.prefetched_shared_profile);
+    assert!(m.prefetched_shared_profile());
     m.wait_prefetch();
     assert!(std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap() == want);
     let s2 = m.stats();
@@ -677,7 +677,7 @@ fn a_build_can_record_the_profile_by_running_the_image_once_with_a_time_limit() 
 
     // The first pull elsewhere prefetches it.
     let m = svc.pull_lazy(&r.image_id).unwrap();
-    assert!(m.prefetched_shared_profile);
+    assert!(m.prefetched_shared_profile());
     svc.unmount(&r.image_id).unwrap();
 }
 
@@ -733,7 +733,7 @@ fn a_later_run_that_reads_more_refines_the_shared_profile_a_bounded_number_of_ti
     // A run that prefetched it and also read b.bin publishes generation 2 (a + b).
     let w2 = worker("w2");
     let m = w2.pull_lazy(&id).unwrap();
-    assert!(m.prefetched_shared_profile);
+    assert!(m.prefetched_shared_profile());
     read(&m, "opt/a.bin", &a_bytes);
     read(&m, "opt/b.bin", &b_bytes);
     w2.unmount(&id).unwrap();

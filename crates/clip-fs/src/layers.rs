@@ -50,6 +50,14 @@ impl Layer {
         start..end.max(start)
     }
 
+    /// Whether `bytes` are span `i`: its length, and its check ([`clip_seekable::verify_span`]).
+    /// Bytes from every source (registry, span store) are served only after this.
+    pub(crate) fn verifies(&self, i: usize, bytes: &[u8]) -> bool {
+        let want = self.span_range(i);
+        bytes.len() as u64 == want.end - want.start
+            && clip_seekable::verify_span(&self.checkpoints, i, &self.end, bytes).is_ok()
+    }
+
     /// Compressed bytes needed to decode spans `first..=last`.
     fn compressed_range(&self, first: usize, last: usize) -> Range<u64> {
         let cp = &self.checkpoints[first];
@@ -248,8 +256,6 @@ impl V2Source {
         self.cache.get(&self.digest(layer, span), r.end - r.start)
     }
 
-    /// Span `span` of `layer`, fetching it (and up to `ahead` following missing spans of the
-    /// same layer, in the same request) if no process has it cached.
     /// [`span`](Self::span) for a process's read: while a fetch this read had to start itself
     /// (the span was neither cached nor already being fetched, e.g. by the prefetch) is in
     /// flight, prefetch and background fetch start no new fetches, so on-demand reads go first.
@@ -271,6 +277,8 @@ impl V2Source {
         }
     }
 
+    /// Span `span` of `layer`, fetching it (and up to `ahead` following missing spans of the
+    /// same layer, in the same request) if no process has it cached.
     pub(crate) async fn span(
         self: &Arc<Self>,
         layer: usize,
@@ -373,8 +381,8 @@ impl V2Source {
             let l = &me.layers[layer];
             let want = l.span_range(i);
             let bytes = crate::spanstore::decode(&object, want.end - want.start)?;
-            clip_seekable::verify_span(&l.checkpoints, i, &l.end, &bytes).ok()?;
-            Some(me.cache.insert(&l.keys[i], bytes))
+            l.verifies(i, &bytes)
+                .then(|| me.cache.insert(&l.keys[i], bytes))
         })
         .await
         .ok()
@@ -428,17 +436,8 @@ impl V2Source {
             if c { mine.push(i) } else { theirs.push(i) }
         }
         let fetch_mine = join_all(runs(&mine).into_iter().map(|(a, b)| {
-            let store = Arc::clone(&store);
-            async move {
-                let got = self.fetch_from_registry(layer, a, b).await;
-                for (k, r) in got.iter().enumerate() {
-                    match r {
-                        Ok(f) => store.upload(key(a + k), f.bytes().to_vec(), true),
-                        Err(_) => store.release(key(a + k)),
-                    }
-                }
-                (a, got)
-            }
+            let store = &store;
+            async move { (a, self.fetch_for_store(store, layer, a, b, true).await) }
         }));
         let wait_theirs = join_all(theirs.into_iter().map(|i| {
             let store = Arc::clone(&store);
@@ -465,17 +464,37 @@ impl V2Source {
         }
         // Claimed by a peer that did not upload in time: from the registry after all.
         for (a, b) in runs(&late) {
-            let got = self.fetch_from_registry(layer, a, b).await;
+            let got = self.fetch_for_store(&store, layer, a, b, false).await;
             for (k, r) in got.into_iter().enumerate() {
-                if let Ok(f) = &r {
-                    store.upload(key(a + k), f.bytes().to_vec(), false);
-                }
                 out[a + k - first] = Some(r);
             }
         }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(Error::Fetch("span left unfetched".into()))))
             .collect()
+    }
+
+    /// [`fetch_from_registry`](Self::fetch_from_registry), then each span fetched uploaded
+    /// to the store; with `claimed` (this worker holds their claims), the claim of each span
+    /// that could not be fetched is released.
+    async fn fetch_for_store(
+        self: &Arc<Self>,
+        store: &Arc<crate::spanstore::SpanStore>,
+        layer: usize,
+        first: usize,
+        last: usize,
+        claimed: bool,
+    ) -> Vec<Result<SpanFile, Error>> {
+        let got = self.fetch_from_registry(layer, first, last).await;
+        for (k, r) in got.iter().enumerate() {
+            let key = self.layers[layer].keys[first + k];
+            match r {
+                Ok(f) => store.upload(key, f.bytes().to_vec(), claimed),
+                Err(_) if claimed => store.release(key),
+                Err(_) => {}
+            }
+        }
+        got
     }
 
     /// Spans `first..=last` of `layer` from the registry with one ranged GET (each span that
@@ -553,9 +572,7 @@ impl V2Source {
             // Undecodable bytes are bad bytes like any other: refetch, never serve.
             Err(_) => Vec::new(),
         };
-        if bytes.len() != len
-            || clip_seekable::verify_span(&l.checkpoints, i, &l.end, &bytes).is_err()
-        {
+        if !l.verifies(i, &bytes) {
             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(layer = %l.digest, offset = want.start, "span failed verification");
             return Err(Error::Verify {

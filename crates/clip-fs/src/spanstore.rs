@@ -179,23 +179,33 @@ impl SpanStore {
         *d = Some(Instant::now() + self.backoff);
     }
 
-    /// The stored bytes of span `key`, if the store answers in time.
-    pub(crate) async fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+    /// `op` if the store is up and answers within `timeout`; a failure or timeout is counted
+    /// and leaves the store alone for `backoff` (`None`).
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = clip_objstore::Result<T>>,
+    ) -> Option<T> {
         if self.is_down() {
             return None;
         }
-        let obj = self.spans.child(&hex::encode(key));
-        match tokio::time::timeout(self.timeout, obj.get_all()).await {
-            Ok(Ok(b)) => b,
+        match tokio::time::timeout(self.timeout, op).await {
+            Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
-                self.failed("read", &e);
+                self.failed(what, &e);
                 None
             }
             Err(_) => {
-                self.failed("read", &"timed out");
+                self.failed(what, &"timed out");
                 None
             }
         }
+    }
+
+    /// The stored bytes of span `key`, if the store answers in time.
+    pub(crate) async fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+        let obj = self.spans.child(&hex::encode(key));
+        self.bounded("read", obj.get_all()).await.flatten()
     }
 
     pub(crate) fn count_hit(&self, bytes: u64) {
@@ -217,7 +227,7 @@ impl SpanStore {
         let stamp = now_millis().to_string();
         let taken = async {
             if obj.put_if_absent(stamp.as_bytes()).await? {
-                return Ok::<bool, clip_objstore::Error>(true);
+                return Ok(true);
             }
             // A claim older than a fetch could take was left by a worker that died: take it.
             let held = obj.get_all().await?;
@@ -232,20 +242,8 @@ impl SpanStore {
             }
             Ok(false)
         };
-        if self.is_down() {
-            return true;
-        }
-        match tokio::time::timeout(self.timeout, taken).await {
-            Ok(Ok(mine)) => mine,
-            Ok(Err(e)) => {
-                self.failed("claim", &e);
-                true
-            }
-            Err(_) => {
-                self.failed("claim", &"timed out");
-                true
-            }
-        }
+        // An unusable store: this worker fetches the span itself.
+        self.bounded("claim", taken).await.unwrap_or(true)
     }
 
     /// Drops this worker's claim on span `key` without uploading it (its fetch failed).
@@ -277,12 +275,12 @@ impl SpanStore {
     }
 
     /// Uploads span `key` in the background (create-only), at most `uploads` at a time; drops
-    /// this worker's claim on it (if it held one) only when the upload failed. Skipped (and counted) when the bytes
-    /// waiting for a slot would pass the queue bound: an upload never delays a read.
+    /// this worker's claim on it (if it held one) only when the upload failed. Skipped (and
+    /// counted) when the bytes waiting for a slot would pass the queue bound or the store is
+    /// failing: an upload never delays a read.
     pub(crate) fn upload(self: &Arc<Self>, key: [u8; 32], bytes: Vec<u8>, claimed: bool) {
         let len = bytes.len() as u64;
         let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
-        let me = Arc::clone(self);
         if queued > self.queue_bound || self.is_down() {
             self.queued.fetch_sub(len, Ordering::AcqRel);
             self.counters
@@ -293,6 +291,7 @@ impl SpanStore {
             }
             return;
         }
+        let me = Arc::clone(self);
         tokio::spawn(async move {
             let name = hex::encode(key);
             let permit = Arc::clone(&me.slots).acquire_owned().await;

@@ -21,8 +21,8 @@ use clip_fs::{MountHandle, MountOptions, mount_archive};
 use clip_registry::{ClientConfig, RetryPolicy};
 use clip_testkit::image::random_bytes;
 use clip_testkit::{
-    Auth, CompareOptions, Compression, Entry, FakeRegistry, FakeResponse, Image, ImageBuilder,
-    Layer, ManifestFormat, Registry, RegistryOptions, Snapshot, assert_same, oracle,
+    Auth, CompareOptions, Compression, Entry, FakeRegistry, FakeResponse, ImageBuilder,
+    ManifestFormat, Registry, RegistryOptions, Snapshot, assert_same, oracle,
 };
 
 /// Mount options for tests that are not about disk pressure: no free-space floor, so that a
@@ -244,17 +244,7 @@ fn big_files_image(compression: Compression) -> (ImageBuilder, Vec<(String, Vec<
             clip_testkit::image::text_bytes(9, 3 << 20),
         )])
         .collect();
-    let layer = Layer::new(
-        files
-            .iter()
-            .map(|(p, b)| Entry::file(p, b.clone()))
-            .collect(),
-    )
-    .compression(compression);
-    (
-        ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![layer])),
-        files,
-    )
+    (common::files_image(&files, compression), files)
 }
 
 #[test]

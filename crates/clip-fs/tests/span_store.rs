@@ -20,10 +20,7 @@ use clip_fs::{MountHandle, MountOptions, SpanStoreOptions, mount_archive};
 use clip_objstore::{RemoteObject, RemoteOptions};
 use clip_registry::ClientConfig;
 use clip_testkit::image::random_bytes;
-use clip_testkit::{
-    Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry, S3, Snapshot,
-    assert_same, oracle,
-};
+use clip_testkit::{Compression, ImageBuilder, Registry, S3, Snapshot, assert_same, oracle};
 
 /// A registry with `image` pushed as `test/app:t`, an S3 server with bucket `spans`, and the
 /// image indexed into a v2 archive with `span`-byte spans.
@@ -142,17 +139,7 @@ fn big_files() -> (ImageBuilder, Vec<(String, Vec<u8>)>) {
     let files: Vec<(String, Vec<u8>)> = (0..3u64)
         .map(|i| (format!("data/big{i}"), random_bytes(300 + i, 3 << 20)))
         .collect();
-    let layer = Layer::new(
-        files
-            .iter()
-            .map(|(p, b)| Entry::file(p, b.clone()))
-            .collect(),
-    )
-    .compression(Compression::Gzip);
-    (
-        ImageBuilder::new(ManifestFormat::Oci).image(Image::new(vec![layer])),
-        files,
-    )
+    (common::files_image(&files, Compression::Gzip), files)
 }
 
 #[test]

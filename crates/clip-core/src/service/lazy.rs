@@ -21,8 +21,6 @@ pub struct MountedImage {
     pub mountpoint: PathBuf,
     /// The image's runtime config.
     pub config: format::ImageConfig,
-    /// Whether this mount prefetched a profile shared through the store.
-    pub prefetched_shared_profile: bool,
     handle: Mutex<Option<fs::MountHandle>>,
     /// Recording a profile to share: whether it has been offered to the store.
     profile_offered: AtomicBool,
@@ -42,6 +40,12 @@ impl MountedImage {
             .ok()
             .and_then(|h| h.as_ref().map(fs::MountHandle::stats))
             .unwrap_or_default()
+    }
+
+    /// Whether this mount prefetched a profile shared through the store.
+    #[must_use]
+    pub fn prefetched_shared_profile(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Waits until the prefetch of a shared profile (if any) has finished.
@@ -208,7 +212,6 @@ impl ImageService {
             version,
             mountpoint,
             config,
-            prefetched_shared_profile: shared.is_some(),
             handle: Mutex::new(Some(handle)),
             profile_offered: AtomicBool::new(false),
             recording: record.is_some(),

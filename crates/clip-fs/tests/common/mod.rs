@@ -18,3 +18,19 @@ pub(crate) fn can_mount() -> bool {
     }
     true
 }
+
+/// A one-layer image holding `files` (path, bytes), its layer compressed with `compression`.
+pub(crate) fn files_image(
+    files: &[(String, Vec<u8>)],
+    compression: clip_testkit::Compression,
+) -> clip_testkit::ImageBuilder {
+    let layer = clip_testkit::Layer::new(
+        files
+            .iter()
+            .map(|(p, b)| clip_testkit::Entry::file(p, b.clone()))
+            .collect(),
+    )
+    .compression(compression);
+    clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(clip_testkit::Image::new(vec![layer]))
+}
