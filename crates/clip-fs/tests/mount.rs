@@ -500,9 +500,7 @@ fn the_cache_stays_under_its_cap_and_evicted_spans_are_refetched() {
         ..test_options()
     };
     let m = f.mount("mnt", opts());
-    for (p, want) in &files {
-        assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *want);
-    }
+    common::assert_files(m.mountpoint(), &files);
     let s = m.stats();
     assert!(s.cache.evictions > 0, "{s:?}");
     let on_disk = dir_size(&f.dir.path().join("cache/spans"));
@@ -511,9 +509,7 @@ fn the_cache_stays_under_its_cap_and_evicted_spans_are_refetched() {
 
     // A new mount (a cold page cache) refetches what was evicted, correctly.
     let m = f.mount("mnt2", opts());
-    for (p, want) in &files {
-        assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *want);
-    }
+    common::assert_files(m.mountpoint(), &files);
     assert!(m.stats().requests > 0);
     assert!(dir_size(&f.dir.path().join("cache/spans")) <= cap);
     m.unmount().unwrap();
@@ -712,9 +708,7 @@ fn background_fetch_fills_the_cache_so_the_registry_can_go_away() {
         std::thread::sleep(Duration::from_millis(50));
     }
     f.registry.stop();
-    for (p, want) in &files {
-        assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *want);
-    }
+    common::assert_files(m.mountpoint(), &files);
     m.unmount().unwrap();
 }
 
@@ -930,23 +924,11 @@ fn a_disk_filling_during_a_cold_start_does_not_fail_it() {
     );
     std::thread::scope(|s| {
         let filler = s.spawn(|| small.fill());
-        for (path, bytes) in &files {
-            assert_eq!(
-                &std::fs::read(m.mountpoint().join(path)).unwrap(),
-                bytes,
-                "{path}"
-            );
-        }
+        common::assert_files(m.mountpoint(), &files);
         filler.join().unwrap();
     });
     // Everything read again, now certainly on a full disk.
-    for (path, bytes) in &files {
-        assert_eq!(
-            &std::fs::read(m.mountpoint().join(path)).unwrap(),
-            bytes,
-            "{path}"
-        );
-    }
+    common::assert_files(m.mountpoint(), &files);
     m.unmount().unwrap();
 }
 
@@ -983,13 +965,7 @@ fn a_read_only_cache_serves_from_memory_with_one_warning() {
             },
         )
     });
-    for (path, bytes) in &files {
-        assert_eq!(
-            &std::fs::read(m.mountpoint().join(path)).unwrap(),
-            bytes,
-            "{path}"
-        );
-    }
+    common::assert_files(m.mountpoint(), &files);
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert_eq!(text.matches("cannot be written").count(), 1, "{text}");
     assert!(m.stats().cache.memory_only);

@@ -198,11 +198,7 @@ fn a_poisoned_or_truncated_store_object_is_never_served_and_gets_replaced() {
     }
     let (image, files) = big_files();
     let mut f = Fleet::new(&image, 256 << 10);
-    let read_all = |m: &MountHandle| {
-        for (p, b) in &files {
-            assert!(std::fs::read(m.mountpoint().join(p)).unwrap() == *b, "{p}");
-        }
-    };
+    let read_all = |m: &MountHandle| common::assert_files(m.mountpoint(), &files);
     let a = f.worker("a", f.store("fleet"), true);
     read_all(&a);
     a.unmount().unwrap();
@@ -249,9 +245,7 @@ fn a_claimed_span_is_waited_for_and_a_dead_claim_costs_a_bounded_wait() {
     let f = Fleet::new(&image, 256 << 10);
     // Learn the span names by filling one store.
     let a = f.worker("a", f.store("seed"), true);
-    for (p, _) in &files {
-        std::fs::read(a.mountpoint().join(p)).unwrap();
-    }
+    common::assert_files(a.mountpoint(), &files);
     a.unmount().unwrap();
     let (seed, names) = f.objects("seed", "spans");
 
@@ -273,12 +267,7 @@ fn a_claimed_span_is_waited_for_and_a_dead_claim_costs_a_bounded_wait() {
         })
     };
     let b = f.worker("b", f.store("live"), true);
-    for (p, want) in &files {
-        assert!(
-            std::fs::read(b.mountpoint().join(p)).unwrap() == *want,
-            "{p}"
-        );
-    }
+    common::assert_files(b.mountpoint(), &files);
     let sb = b.stats();
     b.unmount().unwrap();
     peer.join().unwrap();
@@ -295,12 +284,7 @@ fn a_claimed_span_is_waited_for_and_a_dead_claim_costs_a_bounded_wait() {
     let mut store = f.store("dead");
     store.claim_wait = Duration::from_millis(200);
     let c = f.worker("c", store, true);
-    for (p, want) in &files {
-        assert!(
-            std::fs::read(c.mountpoint().join(p)).unwrap() == *want,
-            "{p}"
-        );
-    }
+    common::assert_files(c.mountpoint(), &files);
     let sc = c.stats();
     c.unmount().unwrap();
     assert!(sc.span_store.waited >= 1 && sc.requests >= 1, "{sc:?}");
@@ -330,12 +314,7 @@ fn a_store_that_never_answers_costs_one_timeout_then_is_left_alone() {
     store.timeout = Duration::from_millis(300);
     store.backoff = Duration::from_mins(10);
     let m = f.worker("w", store, true);
-    for (p, want) in &files {
-        assert!(
-            std::fs::read(m.mountpoint().join(p)).unwrap() == *want,
-            "{p}"
-        );
-    }
+    common::assert_files(m.mountpoint(), &files);
     let s = m.stats();
     m.unmount().unwrap();
     // 36 spans were fetched; only the first few store operations (those already in flight

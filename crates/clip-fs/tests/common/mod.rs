@@ -34,3 +34,11 @@ pub(crate) fn files_image(
     clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
         .image(clip_testkit::Image::new(vec![layer]))
 }
+
+/// Every one of `files` (path, bytes) reads back exactly through the mount at `mountpoint`.
+pub(crate) fn assert_files(mountpoint: &Path, files: &[(String, Vec<u8>)]) {
+    for (p, want) in files {
+        let got = std::fs::read(mountpoint.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+        assert!(got == *want, "{p}: wrong bytes");
+    }
+}
