@@ -230,7 +230,7 @@ pub async fn pull(
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        rfc3339(secs)
+        clip_core::rfc3339::format(secs)
     };
     let lease_id = match leases_client
         .create(req(
@@ -469,35 +469,12 @@ async fn pull_in(
     Ok(summary)
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for `secs` since the epoch (UTC).
-fn rfc3339(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = i64::try_from(days).unwrap_or(0) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn chain_ids_and_times_are_containerds() {
+    fn chain_ids_are_containerds() {
         // containerd's identity: the first chain id is the first diff_id.
         let ids = chain_ids(&["sha256:a".into(), "sha256:b".into()]);
         assert_eq!(ids[0], "sha256:a");
@@ -508,7 +485,5 @@ mod tests {
                 hex::encode(Sha256::digest(b"sha256:a sha256:b"))
             )
         );
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_796_600_000), "2026-12-06T23:33:20Z");
     }
 }

@@ -34,6 +34,7 @@
 //! ```
 
 pub mod container;
+pub mod rfc3339;
 pub mod service;
 
 pub use clip_archive as archive;

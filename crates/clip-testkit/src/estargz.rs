@@ -54,27 +54,6 @@ impl Members {
     }
 }
 
-fn rfc3339(secs: u64) -> String {
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// The TOC fields shared by eStargz and zstd:chunked for one tar entry: name, type, times, mode,
 /// owner, link target, device numbers, xattrs (base64) and, for regular files, size; and the
 /// entry's cleaned name (no `./`, leading or trailing `/`).
@@ -125,7 +104,7 @@ pub(crate) fn toc_entry<R: std::io::Read>(
     let mut e = serde_json::json!({
         "name": name,
         "type": kind,
-        "modtime": rfc3339(mtime),
+        "modtime": crate::token::format_rfc3339(mtime),
         "mode": h.mode().unwrap_or(0),
         "uid": h.uid().unwrap_or(0),
         "gid": h.gid().unwrap_or(0),

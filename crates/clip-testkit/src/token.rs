@@ -373,7 +373,7 @@ fn serve(shared: &Shared, conn: &TcpStream) -> std::io::Result<()> {
 }
 
 /// Formats seconds since the epoch as RFC 3339 UTC (civil-from-days, no date crate needed).
-fn format_rfc3339(secs: u64) -> String {
+pub(crate) fn format_rfc3339(secs: u64) -> String {
     let days = (secs / 86_400).cast_signed();
     let rem = secs % 86_400;
     let z = days + 719_468;

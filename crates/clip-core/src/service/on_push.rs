@@ -170,52 +170,6 @@ fn url_host(url: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// RFC 3339 (`2026-12-06T22:54:52.908620767Z`, or with `+hh:mm`) as a time.
-#[must_use]
-#[allow(clippy::many_single_char_names)] // the calendar's own names: y, d, h, …
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut i = 19;
-    let mut nanos = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        let frac = &s[start..i];
-        let digits = frac.len().min(9);
-        nanos = frac.get(..digits)?.parse::<i64>().ok()? * 10i64.pow(9 - digits as u32);
-    }
-    let offset = match b.get(i) {
-        Some(b'Z' | b'z') => 0,
-        Some(sign @ (b'+' | b'-')) => {
-            let oh = num(i + 1..i + 3)?;
-            let om = num(i + 4..i + 6)?;
-            let o = oh * 3600 + om * 60;
-            if *sign == b'+' { o } else { -o }
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset;
-    let secs = u64::try_from(secs).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, u32::try_from(nanos).ok()?))
-}
-
 impl PushIndexer {
     /// Starts `workers` indexing threads for `svc`.
     #[must_use]
@@ -306,7 +260,7 @@ impl PushIndexer {
                 repository: t.repository.clone(),
                 digest: t.digest.clone(),
                 index: is_index(&t.media_type),
-                pushed_at: parse_rfc3339(&e.timestamp),
+                pushed_at: crate::rfc3339::parse(&e.timestamp),
                 attempts: 0,
                 not_before: Instant::now(),
             });
@@ -465,22 +419,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rfc3339_and_urls() {
-        let t = parse_rfc3339("2026-12-06T22:54:52.908620767Z").unwrap();
-        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-        assert_eq!(d.as_secs(), 1_796_597_692);
-        assert_eq!(d.subsec_nanos(), 908_620_767);
-        assert_eq!(
-            parse_rfc3339("2026-12-06T23:54:52+01:00")
-                .unwrap()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-            1_796_597_692
-        );
-        assert!(
-            parse_rfc3339("yesterday").is_none() && parse_rfc3339("2026-12-06T22:54:52").is_none()
-        );
+    fn urls() {
         assert_eq!(
             url_host("http://127.0.0.1:5000/v2/a/manifests/x"),
             Some("127.0.0.1:5000")
