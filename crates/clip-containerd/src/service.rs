@@ -112,6 +112,11 @@ impl Snapshotter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A copy of snapshot `key`'s record.
+    fn snapshot(&self, key: &str) -> Result<Snapshot, Status> {
+        self.lock().get(key).cloned().ok_or_else(|| not_found(key))
+    }
+
     fn save(&self, st: &State) -> Result<(), Status> {
         st.save(&self.inner.root.join("metadata.json"))
             .map_err(|e| meta_status(&e))
@@ -510,11 +515,7 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
         request: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
         let key = request.into_inner().key;
-        let s = self
-            .lock()
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("snapshot {key} does not exist")))?;
+        let s = self.snapshot(&key)?;
         if s.kind == Kind::Committed {
             return Err(Status::failed_precondition(format!(
                 "snapshot {key} is committed: it has no mounts"
@@ -544,7 +545,7 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
             .snapshots
             .get(&r.key)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("snapshot {} does not exist", r.key)))?;
+            .ok_or_else(|| not_found(&r.key))?;
         if s.kind != Kind::Active {
             return Err(Status::failed_precondition(format!(
                 "snapshot {} is not active",
@@ -568,10 +569,7 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
         let key = request.into_inner().key;
         let dir = {
             let mut st = self.lock();
-            let s = st
-                .get(&key)
-                .cloned()
-                .ok_or_else(|| Status::not_found(format!("snapshot {key} does not exist")))?;
+            let s = st.get(&key).cloned().ok_or_else(|| not_found(&key))?;
             if st.has_children(&key) {
                 return Err(Status::failed_precondition(format!(
                     "snapshot {key} has children"
@@ -601,9 +599,7 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
     ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
         let key = request.into_inner().key;
         let st = self.lock();
-        let s = st
-            .get(&key)
-            .ok_or_else(|| Status::not_found(format!("snapshot {key} does not exist")))?;
+        let s = st.get(&key).ok_or_else(|| not_found(&key))?;
         Ok(Response::new(pb::StatSnapshotResponse {
             info: Some(info(s)),
         }))
@@ -621,7 +617,7 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
         let s = st
             .snapshots
             .get_mut(&new.name)
-            .ok_or_else(|| Status::not_found(format!("snapshot {} does not exist", new.name)))?;
+            .ok_or_else(|| not_found(&new.name))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         if paths.is_empty() {
             s.labels = new.labels.into_iter().collect();
@@ -681,11 +677,7 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
         request: Request<pb::UsageRequest>,
     ) -> Result<Response<pb::UsageResponse>, Status> {
         let key = request.into_inner().key;
-        let s = self
-            .lock()
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("snapshot {key} does not exist")))?;
+        let s = self.snapshot(&key)?;
         let dir = self.dir(s.id).join("fs");
         let (size, inodes) = if s.lazy.is_some() {
             (0, 0)
@@ -718,4 +710,9 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
         .await?;
         Ok(Response::new(()))
     }
+}
+
+/// containerd's answer for a snapshot that does not exist.
+fn not_found(key: &str) -> Status {
+    Status::not_found(format!("snapshot {key} does not exist"))
 }
