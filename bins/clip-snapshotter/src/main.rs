@@ -16,15 +16,14 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 /// The version `--version` prints: the program's and the archive format it reads.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (archive format 1, layer index format 2, containerd snapshots API v1)"
-);
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    clip_core::version_line(env!("CARGO_PKG_VERSION"), ", containerd snapshots API v1")
+});
 
 #[derive(Debug, Parser)]
 #[command(
     name = "clip-snapshotter",
-    version = VERSION,
+    version = VERSION.as_str(),
     about = "containerd remote snapshotter: starts unmodified images lazily from clip v2 indexes",
     args_conflicts_with_subcommands = true
 )]

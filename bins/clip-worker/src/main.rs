@@ -21,7 +21,7 @@ use clip_core::service::{ImageService, ServiceOptions};
 
 /// The clip worker: pull, build and lazily mount container images.
 #[derive(Debug, Parser)]
-#[command(name = "clip-worker", version = VERSION, about)]
+#[command(name = "clip-worker", version = VERSION.as_str(), about)]
 struct Cli {
     /// Configuration file (YAML with an `imageService:` section).
     #[arg(long, global = true, env = "CLIP_WORKER_CONFIG")]
@@ -134,10 +134,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// The version `--version` prints: the program's and the archive format it reads and writes.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (archive format 1, layer index format 2)"
-);
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| clip_core::version_line(env!("CARGO_PKG_VERSION"), ""));
 
 /// Errors are reported as their chain of causes, never as a backtrace (even with
 /// `RUST_BACKTRACE=1`, which stays for panics).
@@ -306,6 +304,6 @@ mod tests {
             clip_core::format::FORMAT_VERSION,
             clip_core::indexer::LAYER_INDEX_VERSION
         );
-        assert!(super::VERSION.ends_with(&want), "{}", super::VERSION);
+        assert!(super::VERSION.ends_with(&want), "{}", *super::VERSION);
     }
 }

@@ -8,7 +8,7 @@ use clip_core::registry::{BlockingClient, ClientConfig, Credentials, oci};
 
 /// Make container images start in seconds: index, archive, extract and mount `.clip` archives.
 #[derive(Debug, Parser)]
-#[command(name = "clip", version = crate::VERSION, about)]
+#[command(name = "clip", version = crate::VERSION.as_str(), about)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,

@@ -16,10 +16,8 @@ use clap::Parser as _;
 use cli::{Cli, Command};
 
 /// The version `--version` prints: the program's and the archive format it reads and writes.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (archive format 1, layer index format 2)"
-);
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| clip_core::version_line(env!("CARGO_PKG_VERSION"), ""));
 
 /// Errors are reported as their chain of causes, never as a backtrace (even with
 /// `RUST_BACKTRACE=1`, which stays for panics), the way cargo and rustup report them.
@@ -90,6 +88,6 @@ mod tests {
             clip_core::format::FORMAT_VERSION,
             clip_core::indexer::LAYER_INDEX_VERSION
         );
-        assert!(super::VERSION.ends_with(&want), "{}", super::VERSION);
+        assert!(super::VERSION.ends_with(&want), "{}", *super::VERSION);
     }
 }

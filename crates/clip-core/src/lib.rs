@@ -48,6 +48,17 @@ pub use clip_registry as registry;
 
 use std::path::PathBuf;
 
+/// What a program's `--version` prints: its own version, then the formats this build reads and
+/// writes (derived from the format constants, so it cannot drift from them), then `extra`.
+#[must_use]
+pub fn version_line(program_version: &str, extra: &str) -> String {
+    format!(
+        "{program_version} (archive format {}, layer index format {}{extra})",
+        format::FORMAT_VERSION,
+        indexer::LAYER_INDEX_VERSION
+    )
+}
+
 /// Options of [`create_from_oci_image`] (the seed's `CreateFromOCIImageOptions`).
 #[derive(Clone, Default)]
 pub struct CreateFromOciImageOptions {
