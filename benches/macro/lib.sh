@@ -17,9 +17,27 @@ debian_rootfs() {
   echo "$dir"
 }
 
+# free_port: a free loopback TCP port.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_port PORT: waits (up to 10 s) until something accepts connections on 127.0.0.1:PORT.
+wait_port() {
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "nothing listens on port $1" >&2; return 1
+}
+
+# start_s3 BUCKET...: an S3 API server (s3s-fs) on a random loopback port storing under
+# $WORK/s3, with the buckets made; sets S3PORT, S3_PID, S3_KEY and S3_SECRET.
+start_s3() {
+  S3PORT=$(free_port); S3_KEY=CLIPBENCH; S3_SECRET=clip-bench-secret
+  for b in "$@"; do mkdir -p "$WORK/s3/$b"; done
+  s3s-fs --host 127.0.0.1 --port "$S3PORT" --access-key "$S3_KEY" --secret-key "$S3_SECRET" "$WORK/s3" > "$WORK/s3.log" 2>&1 & S3_PID=$!
+  wait_port "$S3PORT"
+}
+
 # start_registry: a distribution registry on a random loopback port; sets PORT and REG_PID.
 start_registry() {
-  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  PORT=$(free_port)
   mkdir -p "$WORK/registry"
   printf 'version: 0.1\nlog: {level: warn}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: 127.0.0.1:%s}\n' "$WORK/registry" "$PORT" > "$WORK/reg.yml"
   docker-registry serve "$WORK/reg.yml" > "$WORK/reg.log" 2>&1 & REG_PID=$!
@@ -44,7 +62,7 @@ start_shaped_registry() {
   local mbit=$1 rtt=$2
   start_registry
   local inner=$PORT
-  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  PORT=$(free_port)
   python3 "$(dirname "${BASH_SOURCE[0]}")/shape.py" "$PORT" "$inner" "$mbit" "$rtt" & SHAPE_PID=$!
   REG_HOST=127.0.0.1:$PORT
   for _ in $(seq 100); do curl -fs "http://$REG_HOST/v2/" >/dev/null && return 0; sleep 0.1; done
