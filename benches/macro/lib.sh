@@ -115,3 +115,15 @@ mount_log() {
   local name; name="$(echo "$1" | sed 's|^/||; s|/|_|g').log"
   if [ -e "$2/logs/$name" ]; then echo "$2/logs/$name"; else echo "/tmp/clip-mount-logs/$name"; fi
 }
+
+# umount_wait MOUNTPOINT CACHE_DIR: `clip umount` (with $CLIP), then waits (up to 20 s: a mount
+# with a span store drains its uploads first) for the server's new exit line; prints it.
+umount_wait() {
+  local log before
+  log=$(mount_log "$1" "$2")
+  before=$(stopped_lines "$log")
+  "$CLIP" umount "$1"
+  for _ in $(seq 400); do [ "$(stopped_lines "$log")" -gt "$before" ] && break; sleep 0.05; done
+  grep 'stopped' "$log" | tail -1
+}
+stopped_lines() { if [ -e "$1" ]; then awk '/stopped/ { n++ } END { print n + 0 }' "$1"; else echo 0; fi; }
