@@ -21,18 +21,19 @@ pub struct MountServerArgs {
     pub config: Option<PathBuf>,
 }
 
-/// The tree's shared prefetch profile in the fleet's span store:
-/// `<span store>/profiles/<archive file stem>.json` (the stem names the image and depth).
+/// The tree's shared prefetch profile in the fleet's span store,
+/// `<span store>/profiles/<stem>.json` (the archive's file stem names the image and depth), and
+/// how long the store may take to answer (as for spans: a slow store never holds up a mount).
 fn profile_object(
     cfg: &clip_core::policy::Config,
-    archive: &std::path::Path,
-) -> Option<clip_core::objstore::RemoteObject> {
+    stem: &str,
+) -> Option<(clip_core::objstore::RemoteObject, Duration)> {
     let s3 = cfg.span_store.as_ref()?;
     let o = clip_core::service::span_store_options(s3);
-    let stem = archive.file_stem()?.to_str()?;
     clip_core::objstore::RemoteObject::open(&format!("{}/profiles/{stem}.json", o.url), &o.remote)
         .map_err(|e| tracing::warn!(error = %e, "span store profile object"))
         .ok()
+        .map(|obj| (obj, o.timeout))
 }
 
 /// Mounts and serves until unmounted (then returns) or signalled (then unmounts).
@@ -41,11 +42,19 @@ pub fn serve(args: &MountServerArgs) -> anyhow::Result<()> {
     let net = clip_core::registry::BlockingClient::new(clip_core::service::client_config(&cfg)?)?;
     // With a span store, trees share prefetch profiles through it: the first node to run a
     // tree publishes its first `profileWindowSecs` of reads; the others prefetch them.
+    let stem = args
+        .archive
+        .file_stem()
+        .map_or_else(|| "tree".into(), |s| s.to_string_lossy().into_owned());
     let profile_obj = (cfg.profile_window_secs > 0)
-        .then(|| profile_object(&cfg, &args.archive))
+        .then(|| profile_object(&cfg, &stem))
         .flatten();
-    let shared = profile_obj.as_ref().and_then(|o| {
-        let bytes = net.block_on(o.get_all()).ok().flatten()?;
+    let shared = profile_obj.as_ref().and_then(|(o, limit)| {
+        let bytes = net
+            .block_on(async { tokio::time::timeout(*limit, o.get_all()).await })
+            .ok()?
+            .ok()
+            .flatten()?;
         clip_core::fs::Profile::from_slice(&bytes)
             .map_err(|e| tracing::warn!(error = %e, "shared prefetch profile rejected"))
             .ok()
@@ -57,12 +66,8 @@ pub fn serve(args: &MountServerArgs) -> anyhow::Result<()> {
         );
     }
     let record = (profile_obj.is_some() && shared.is_none()).then(|| {
-        let name = args
-            .archive
-            .file_stem()
-            .map_or_else(|| "tree".into(), |s| s.to_string_lossy().into_owned());
         cfg.cache_dir
-            .join(format!("profile-{name}-{}.json", std::process::id()))
+            .join(format!("profile-{stem}-{}.json", std::process::id()))
     });
     let recording = record.is_some();
     let handle = clip_core::fs::mount_archive(clip_core::fs::MountOptions {
@@ -134,14 +139,14 @@ pub fn serve(args: &MountServerArgs) -> anyhow::Result<()> {
 /// was read.
 fn publish_profile(
     net: &clip_core::registry::BlockingClient,
-    obj: Option<&clip_core::objstore::RemoteObject>,
+    obj: Option<&(clip_core::objstore::RemoteObject, Duration)>,
     handle: &clip_core::fs::MountHandle,
     published: &mut bool,
 ) {
     if *published {
         return;
     }
-    let (Some(obj), Some(p)) = (obj, handle.profile()) else {
+    let (Some((obj, limit)), Some(p)) = (obj, handle.profile()) else {
         return;
     };
     if p.touches.is_empty() {
@@ -151,12 +156,13 @@ fn publish_profile(
     let Ok(bytes) = serde_json::to_vec(&p) else {
         return;
     };
-    match net.block_on(obj.put_if_absent(&bytes)) {
-        Ok(true) => tracing::info!(
+    match net.block_on(async { tokio::time::timeout(*limit, obj.put_if_absent(&bytes)).await }) {
+        Ok(Ok(true)) => tracing::info!(
             touches = p.touches.len(),
             "shared the tree's prefetch profile"
         ),
-        Ok(false) => tracing::debug!("another node shared this tree's profile first"),
-        Err(e) => tracing::warn!(error = %e, "could not share the prefetch profile"),
+        Ok(Ok(false)) => tracing::debug!("another node shared this tree's profile first"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not share the prefetch profile"),
+        Err(_) => tracing::warn!("could not share the prefetch profile: the span store timed out"),
     }
 }
