@@ -196,12 +196,27 @@ fn confined(
     Ok((ctx, df))
 }
 
+/// The path registry notifications are posted to.
+const WEBHOOK: &str = "/v1/registry-events";
+
+/// What every request passes: the API's credentials (the webhook's own for [`WEBHOOK`]) and a
+/// time limit.
+#[derive(Clone)]
+struct Guard {
+    api: Arc<Credentials>,
+    webhook: Option<Arc<Credentials>>,
+    timeout: Duration,
+}
+
+/// The API. `webhook`: the index-on-push endpoint's own secrets (`indexOnPush.secretFile`);
+/// with them, that endpoint accepts nothing else (not the API's tokens).
 pub(crate) fn router(
     svc: Arc<ImageService>,
     limits: Limits,
     creds: Arc<Credentials>,
-    on_push: Option<Arc<clip_core::service::on_push::PushIndexer>>,
+    on_push: Option<(Arc<clip_core::service::on_push::PushIndexer>, Arc<Credentials>)>,
 ) -> axum::Router {
+    let (on_push, webhook) = on_push.unzip();
     let app = Arc::new(App {
         svc,
         flows: Arc::new(tokio::sync::Semaphore::new(limits.max_flows.max(1))),
@@ -312,7 +327,7 @@ pub(crate) fn router(
             ),
         )
         .route(
-            "/v1/registry-events",
+            WEBHOOK,
             post(
                 |State(a): State<Svc>, body: Result<Bytes, BytesRejection>| async move {
                     use clip_core::service::on_push::OnPushError;
@@ -369,23 +384,28 @@ pub(crate) fn router(
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON))
         .layer(axum::middleware::from_fn_with_state(
-            (creds, limits.request_timeout),
+            Guard {
+                api: creds,
+                webhook,
+                timeout: limits.request_timeout,
+            },
             guard,
         ))
         .with_state(app)
 }
 
 /// Every request: the credential check (read-only endpoints may be public), then a time limit.
-async fn guard(
-    State((creds, timeout)): State<(Arc<Credentials>, Duration)>,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response {
     let read_only = req.method() == Method::GET || req.method() == Method::HEAD;
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let (creds, read_only) = match &g.webhook {
+        Some(w) if req.uri().path() == WEBHOOK => (w, false),
+        _ => (&g.api, read_only),
+    };
+    let timeout = g.timeout;
     if let Err(why) = creds.check(header, read_only) {
         return ApiError(StatusCode::UNAUTHORIZED, why).into_response();
     }

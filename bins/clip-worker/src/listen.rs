@@ -111,10 +111,10 @@ pub(crate) async fn bind(listen: &Listen, tls: &Tls, perms: &SocketPerms) -> any
                 .await
                 .with_context(|| format!("listening on {addr}"))?;
             match (&tls.cert, &tls.key) {
-                (Some(cert), Some(key)) => Ok(Bound::Tls(TlsListener {
+                (Some(cert), Some(key)) => Ok(Bound::Tls(TlsListener::new(
                     tcp,
-                    acceptor: acceptor(cert, key, tls.client_ca.as_deref())?,
-                })),
+                    acceptor(cert, key, tls.client_ca.as_deref())?,
+                )?)),
                 _ => Ok(Bound::Tcp(tcp)),
             }
         }
@@ -222,11 +222,60 @@ fn acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// How long a client may take to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How many handshakes may be in progress at once; more connections wait to be accepted.
+const MAX_HANDSHAKES: usize = 256;
+
 /// A TCP listener that completes a TLS handshake (client certificate checked, if required)
-/// before a connection reaches the API; failed handshakes are dropped.
+/// before a connection reaches the API; failed handshakes are dropped. Each handshake runs as a
+/// task of its own with a time limit, so a client that connects and says nothing holds up
+/// nobody but itself.
 pub(crate) struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    acceptor_task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    pub(crate) fn new(tcp: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> std::io::Result<Self> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let acceptor_task = tokio::spawn(async move {
+            loop {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let Ok((tcp, addr)) = tcp.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, addr)).await;
+                        }
+                        Ok(Err(e)) => tracing::info!(%addr, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::info!(%addr, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            ready,
+            local,
+            acceptor_task,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor_task.abort();
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -234,22 +283,15 @@ impl axum::serve::Listener for TlsListener {
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            let handshake = self.acceptor.accept(tcp);
-            match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => tracing::info!(%addr, error = %e, "TLS handshake refused"),
-                Err(_) => tracing::info!(%addr, "TLS handshake timed out"),
-            }
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accepting task is gone (only at shutdown): never hand out a connection again.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        Ok(self.local)
     }
 }
 

@@ -257,12 +257,27 @@ fn serve(svc: &Arc<ImageService>, args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     // Index on push: registry notifications at POST /v1/registry-events feed a queue indexed
     // by a background thread.
-    let on_push = svc.config().index_on_push.is_some().then(|| {
-        Arc::new(clip_core::service::on_push::PushIndexer::start(
-            Arc::clone(svc),
-            1,
-        ))
-    });
+    let on_push = match &svc.config().index_on_push {
+        None => None,
+        Some(p) => {
+            let Some(file) = &p.secret_file else {
+                anyhow::bail!(
+                    "imageService.indexOnPush needs secretFile: the registry's notifications authenticate with a secret of their own (`openssl rand -hex 32`, sent as `Authorization: Bearer SECRET` from the registry's notifications.endpoints headers), never with the API's token"
+                );
+            };
+            let secrets = Arc::new(
+                auth::Credentials::load(Some(file), false)
+                    .context("indexOnPush.secretFile")?,
+            );
+            Some((
+                Arc::new(clip_core::service::on_push::PushIndexer::start(
+                    Arc::clone(svc),
+                    1,
+                )),
+                secrets,
+            ))
+        }
+    };
     let router = api::router(Arc::clone(svc), limits, creds, on_push);
     rt.block_on(async {
         let bound = listen::bind(&args.listen, &tls, &perms).await?;

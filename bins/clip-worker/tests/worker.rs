@@ -499,6 +499,23 @@ fn tcp_needs_a_credential_and_tls_off_loopback() {
         !anonymous.status.success(),
         "a client without a certificate got in"
     );
+
+    // Clients that connect and never speak hold up nobody else: each handshake runs on its own
+    // with a 10 s limit, so the request below is answered while they sit there. (Before, the
+    // handshake ran inside accept and every other client waited out the silent one's 10 s;
+    // 5 s here is a bound far above an answer's time and far below that wait.)
+    let silent: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    assert_eq!(server.call(&[], "/v1/images").0, 200);
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "a silent client held up the API for {took:?}"
+    );
+    drop(silent);
 }
 
 /// Builds read host paths only beneath `imageService.buildContextRoot` (symlinks resolved
@@ -1084,21 +1101,29 @@ fn images_are_indexed_when_pushed() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let token = "push-token-0123456789";
+    let secret = "webhook-secret-0123456789";
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{token}\n")).unwrap();
+    std::fs::write(dir.path().join("push-secret"), format!("{secret}\n")).unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let reg = Registry::start(clip_testkit::RegistryOptions {
+        notify: Some((format!("{base}/v1/registry-events"), Some(secret.into()))),
+        ..Default::default()
+    })
+    .unwrap();
     let cfg = dir.path().join("worker.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "imageService:\n  clipVersion: 2\n  archiveStore:\n    local: {0}/store\n  cacheDir: {0}/cache\n  cacheSizeGiB: 1\n  mountBase: {0}/mnt\n  indexOnPush:\n    repositories: [\"team/*\"]\n",
-            dir.path().display()
+            "imageService:\n  clipVersion: 2\n  archiveStore:\n    local: {0}/store\n  cacheDir: {0}/cache\n  cacheSizeGiB: 1\n  mountBase: {0}/mnt\n  indexOnPush:\n    repositories: [\"team/*\"]\n    registries: [\"{1}\"]\n    secretFile: {0}/push-secret\n",
+            dir.path().display(),
+            reg.host()
         ),
     )
     .unwrap();
-    let token = "push-token-0123456789";
-    let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, format!("{token}\n")).unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let listen = format!("tcp:127.0.0.1:{port}");
     let args = [
         "--listen",
         &listen,
@@ -1106,11 +1131,6 @@ fn images_are_indexed_when_pushed() {
         tokens.to_str().unwrap(),
     ];
     let mut server = Server::start(&cfg, &args, &[], &base, Some(token));
-    let reg = Registry::start(clip_testkit::RegistryOptions {
-        notify: Some((format!("{base}/v1/registry-events"), Some(token.into()))),
-        ..Default::default()
-    })
-    .unwrap();
     // Images as skopeo pushes them, from an OCI layout.
     let layout = |name: &str, text: &str| {
         let l = dir.path().join(name);
@@ -1185,17 +1205,42 @@ fn images_are_indexed_when_pushed() {
         "{}",
         server.stderr()
     );
-    // Without the registry's credential: refused.
+    // Without the webhook's own secret — with nothing, or with the API's token — refused.
     let (code, _) = server.call(
         &["-X", "POST", "-d", "{\"events\":[]}"],
         "/v1/registry-events",
     );
     assert_eq!(code, 401);
+    let (code, _) = server.call(
+        &["-X", "POST", "-H", &auth, "-d", "{\"events\":[]}"],
+        "/v1/registry-events",
+    );
+    assert_eq!(code, 401, "the API's token opens the webhook");
+    let hook = format!("authorization: Bearer {secret}");
     let (code, body) = server.call(
-        &["-X", "POST", "-H", &auth, "-d", "not json"],
+        &["-X", "POST", "-H", &hook, "-d", "not json"],
         "/v1/registry-events",
     );
     assert_eq!(code, 400, "{body}");
+    // A forged event (right secret) about a registry the config does not name: ignored, nothing
+    // fetched from there.
+    let forged = serde_json::json!({"events": [{
+        "action": "push",
+        "target": {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", "ab".repeat(32)),
+            "repository": "team/app",
+            "url": "http://127.0.0.1:9/v2/team/app/manifests/sha256:x"
+        }
+    }]});
+    let v = server.ok(
+        &["-X", "POST", "-H", &hook, "-d", &forged.to_string()],
+        "/v1/registry-events",
+    );
+    assert_eq!((v["ignored"].as_u64(), v["queued"].as_u64()), (Some(1), Some(0)), "{v}");
+    // The API's token no longer works on the webhook, nor the webhook's secret on the API.
+    let (code, _) = server.call(&["-H", &hook], "/v1/images");
+    assert_eq!(code, 401);
     // The worker down while an image is pushed: the registry retries until it is back.
     let stopped = server.stop();
     assert!(stopped.success());

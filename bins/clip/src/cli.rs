@@ -44,6 +44,13 @@ pub(crate) enum Command {
     /// snapshotter (what `ctr image pull` cannot do: it sends no snapshot labels).
     #[command(subcommand)]
     Containerd(ContainerdCommand),
+    /// Make an Ed25519 key pair for signing archives and layer indexes in a shared store:
+    /// FILE (the private key, mode 0600: `signingKey`) and FILE.pub (the public key, one line:
+    /// an entry of `trustedKeys`). Refuses to overwrite either.
+    Keygen {
+        /// Where to write the private key.
+        file: PathBuf,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.

@@ -76,6 +76,7 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man { dir } => commands::man(&dir),
+        Command::Keygen { file } => commands::keygen(&file, &mut out),
     }
 }
 

@@ -10,8 +10,16 @@
 //! an image's setuid programs work inside its containers. They do not work from the host: the
 //! shared mount is `nosuid,nodev` and lives under the root-only mount base; the overlay a
 //! container gets is its own mount, where the image's bits count.
+//!
+//! Paths an image names (its working directory, `/etc/passwd`) are resolved *inside* the
+//! container's root filesystem with `openat2(RESOLVE_IN_ROOT)` ([`mkdir_in_root`],
+//! [`read_in_root`]), as runc's securejoin does: an image whose `/w` is a symlink to `/` and
+//! whose working directory is `/w/etc/x` gets `<rootfs>/etc/x`, never the host's `/etc/x`.
 
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 use crate::format::ImageConfig;
 
@@ -118,6 +126,93 @@ impl Drop for Overlay {
     }
 }
 
+fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Opens `rel` resolved inside `root` (symlinks, `..` and absolute targets stay in `root`).
+fn open_in_root(root: &OwnedFd, rel: &str, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+    let rel = rel.trim_start_matches('/');
+    rustix::fs::openat2(
+        root.as_fd(),
+        if rel.is_empty() { "." } else { rel },
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// Creates directory `rel` and its missing parents inside the root filesystem `root`, resolving
+/// every component — the image's symlinks included — inside `root` (`openat2(RESOLVE_IN_ROOT)`),
+/// so nothing outside `root` is ever created. New directories get `mode` (less the umask).
+pub fn mkdir_in_root(root: &Path, rel: &str, mode: u32) -> Result<(), ContainerError> {
+    let what = || format!("creating {rel} inside {}", root.display());
+    let rootfd = open_root(root).map_err(io(what()))?;
+    let dir = OFlags::PATH | OFlags::DIRECTORY;
+    let mut prefix = String::new();
+    for comp in rel.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        let path = if prefix.is_empty() {
+            comp.to_owned()
+        } else {
+            format!("{prefix}/{comp}")
+        };
+        match open_in_root(&rootfd, &path, dir) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::NOENT) => {
+                let parent = open_in_root(&rootfd, &prefix, dir)
+                    .map_err(|e| io(what())(e.into()))?;
+                match rustix::fs::mkdirat(&parent, comp, Mode::from_raw_mode(mode)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(io(what())(e.into())),
+                }
+                // A dangling symlink named `comp` stays dangling: refuse rather than guess.
+                open_in_root(&rootfd, &path, dir).map_err(|e| io(what())(e.into()))?;
+            }
+            Err(e) => return Err(io(what())(e.into())),
+        }
+        prefix = path;
+    }
+    Ok(())
+}
+
+/// Reads the regular file `rel` of the root filesystem `root` (at most `max` bytes), resolved
+/// inside `root` like [`mkdir_in_root`]. `Ok(None)` when it does not exist.
+pub fn read_in_root(root: &Path, rel: &str, max: u64) -> Result<Option<Vec<u8>>, ContainerError> {
+    use std::io::Read as _;
+    let what = || format!("reading {rel} inside {}", root.display());
+    let rootfd = open_root(root).map_err(io(what()))?;
+    let fd = match open_in_root(&rootfd, rel, OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(io(what())(e.into())),
+    };
+    let file = std::fs::File::from(fd);
+    let md = file.metadata().map_err(io(what()))?;
+    if !md.is_file() {
+        return Err(ContainerError::Config(format!(
+            "{rel} in the image is not a regular file"
+        )));
+    }
+    let mut out = Vec::new();
+    file.take(max).read_to_end(&mut out).map_err(io(what()))?;
+    Ok(Some(out))
+}
+
+/// Makes the directories a container needs in its (writable) root filesystem: runc's mount
+/// points (`proc`, `sys`, `dev`, `tmp`) and the image's working directory, all resolved inside
+/// `root`.
+pub fn prepare_rootfs(root: &Path, working_dir: &str) -> Result<(), ContainerError> {
+    for d in ["proc", "sys", "dev"] {
+        mkdir_in_root(root, d, 0o755)?;
+    }
+    mkdir_in_root(root, "tmp", 0o1777)?;
+    mkdir_in_root(root, working_dir, 0o755)
+}
+
 /// The process a container of this image runs: `args` replaces the image's command (docker's
 /// `run IMAGE ARGS…`), the entrypoint stays.
 #[must_use]
@@ -152,7 +247,12 @@ pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), ContainerEr
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
-    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let table = |rel: &str| -> Result<String, ContainerError> {
+        Ok(read_in_root(rootfs, rel, 4 << 20)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default())
+    };
+    let passwd = table("etc/passwd")?;
     let (uid, primary) = match u.parse::<u32>() {
         Ok(id) => (id, find_id(&passwd, u, true).and_then(|(_, g)| g)),
         Err(_) => find_id(&passwd, u, false).ok_or_else(|| {
@@ -165,7 +265,7 @@ pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), ContainerEr
             if let Ok(id) = g.parse::<u32>() {
                 id
             } else {
-                let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                let group = table("etc/group")?;
                 find_id(&group, g, false).map(|(id, _)| id).ok_or_else(|| {
                     ContainerError::Config(format!("group {g:?} not found in /etc/group"))
                 })?
@@ -245,4 +345,44 @@ pub fn write_bundle(dir: &Path, spec: &serde_json::Value) -> Result<PathBuf, Con
         }
     })?;
     Ok(dir.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An image's symlinks resolve inside its root: `/w -> /` and `/e -> /etc/../..` make
+    /// `w/…` and `e/…` paths of the rootfs, never of the host.
+    #[test]
+    fn image_paths_resolve_inside_the_rootfs() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::os::unix::fs::symlink("/", r.join("w")).unwrap();
+        std::os::unix::fs::symlink("/etc/../..", r.join("e")).unwrap();
+        let host = std::env::temp_dir().join(format!("clip-escape-{}", std::process::id()));
+        let rel = host.to_str().unwrap().trim_start_matches('/').to_owned();
+        mkdir_in_root(r, &format!("/w/{rel}/deeper"), 0o755).unwrap();
+        mkdir_in_root(r, &format!("e/{rel}/other"), 0o755).unwrap();
+        mkdir_in_root(r, &format!("../../{rel}/up"), 0o755).unwrap();
+        assert!(!host.exists(), "{} was created on the host", host.display());
+        for sub in ["deeper", "other", "up"] {
+            assert!(r.join(&rel).join(sub).is_dir(), "{sub}");
+        }
+        // Existing directories are fine; a dangling symlink is refused, not followed out.
+        mkdir_in_root(r, "w", 0o755).unwrap();
+        std::os::unix::fs::symlink("/nowhere/x", r.join("dangling")).unwrap();
+        assert!(mkdir_in_root(r, "dangling/y", 0o755).is_err());
+        assert!(!Path::new("/nowhere").exists());
+
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::write(r.join("etc/passwd"), "app:x:7:8::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", r.join("pw")).unwrap();
+        assert_eq!(
+            read_in_root(r, "w/pw", 1 << 20).unwrap().unwrap(),
+            b"app:x:7:8::/:/bin/sh\n"
+        );
+        assert_eq!(read_in_root(r, "etc/group", 1 << 20).unwrap(), None);
+        assert_eq!(resolve_user("app", r).unwrap(), (7, 8));
+    }
 }

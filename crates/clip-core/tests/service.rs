@@ -769,3 +769,43 @@ fn a_later_run_that_reads_more_refines_the_shared_profile_a_bounded_number_of_ti
     w4.unmount(&id).unwrap();
     assert!(!gen_path(&id, 5).exists());
 }
+
+/// A hostile image's working directory goes through a symlink to `/`: the root worker creates
+/// it inside the container's rootfs, never on the host (#33).
+#[test]
+fn a_symlinked_working_directory_stays_inside_the_container() {
+    if !(clip_testkit::is_root()
+        && Path::new("/dev/fuse").exists()
+        && clip_testkit::process::have_program("runc"))
+    {
+        eprintln!("skipping: needs root, /dev/fuse and runc");
+        return;
+    }
+    let host = std::path::PathBuf::from(format!("/var/tmp/clip-escape-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&host);
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut img = Image::new(vec![Layer::new(vec![
+        Entry::file("bin/busybox", busybox).mode(0o755),
+        Entry::symlink("bin/sh", "busybox"),
+        Entry::symlink("w", "/"),
+    ])]);
+    img.config.cmd = vec!["/bin/sh".into(), "-c".into(), "/bin/busybox pwd -P".into()];
+    img.config.working_dir = format!("/w{}", host.display());
+    let reg = Registry::start_anonymous().unwrap();
+    let built = ImageBuilder::new(ManifestFormat::Oci)
+        .image(img)
+        .build()
+        .unwrap();
+    let image = reg.push(&built, "evil/workdir", "v1").unwrap().reference;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path(), config(dir.path(), 2));
+    let id = svc.pull_and_archive(&image).unwrap().image_id;
+    let out = svc.run(&id, None).unwrap();
+    assert_eq!(out.status, 0, "{out:?}");
+    assert_eq!(out.stdout.trim(), host.display().to_string());
+    assert!(
+        !host.exists(),
+        "the image's working directory was created on the host"
+    );
+    svc.unmount(&id).unwrap();
+}

@@ -372,7 +372,7 @@ impl V2Source {
         let l = &self.layers[layer];
         let object = match got {
             Some(b) => b,
-            None => store.get(&l.keys[i]).await?,
+            None => store.get(&l.keys[i], span_len(l, i)).await?,
         };
         let stored = object.len() as u64;
         // Decode (bounded by the span's length) and verify off the runtime's threads.
@@ -442,7 +442,8 @@ impl V2Source {
         let wait_theirs = join_all(theirs.into_iter().map(|i| {
             let store = Arc::clone(&store);
             async move {
-                let span = match store.wait_for(&key(i)).await {
+                let len = span_len(&self.layers[layer], i);
+                let span = match store.wait_for(&key(i), len).await {
                     Some(b) => self.span_from_store(layer, i, Some(b)).await,
                     None => None,
                 };
@@ -596,3 +597,10 @@ fn runs(sorted: &[usize]) -> Vec<(usize, usize)> {
     }
     out
 }
+
+/// The length of span `i` of `l` (what a store object of it decodes to).
+fn span_len(l: &Layer, i: usize) -> u64 {
+    let r = l.span_range(i);
+    r.end - r.start
+}
+

@@ -202,10 +202,14 @@ impl SpanStore {
         }
     }
 
-    /// The stored bytes of span `key`, if the store answers in time.
-    pub(crate) async fn get(&self, key: &[u8; 32]) -> Option<Bytes> {
+    /// The stored bytes of span `key` (of `len` bytes decoded), if the store answers in time
+    /// with an object no larger than a zstd frame of `len` bytes can be: a larger one is never
+    /// read whole (whoever wrote it, it cannot be the span).
+    pub(crate) async fn get(&self, key: &[u8; 32], len: u64) -> Option<Bytes> {
         let obj = self.spans.child(&hex::encode(key));
-        self.bounded("read", obj.get_all()).await.flatten()
+        self.bounded("read", obj.get_bounded(max_object(len)))
+            .await
+            .flatten()
     }
 
     pub(crate) fn count_hit(&self, bytes: u64) {
@@ -230,13 +234,14 @@ impl SpanStore {
                 return Ok(true);
             }
             // A claim older than a fetch could take was left by a worker that died: take it.
-            let held = obj.get_all().await?;
+            // So is one dated in the future (beyond clock skew): whoever wrote it would
+            // otherwise make every cold read of the span wait for as long as it likes.
+            let held = obj.get_bounded(MAX_CLAIM).await?;
             let since = held
                 .as_deref()
                 .and_then(|b| std::str::from_utf8(b).ok())
                 .and_then(|s| s.trim().parse::<u64>().ok());
-            let stale = self.claim_wait.saturating_mul(4).as_millis();
-            if since.is_none_or(|t| u128::from(now_millis().saturating_sub(t)) > stale) {
+            if since.is_none_or(|t| claim_is_stale(t, now_millis(), self.claim_wait)) {
                 obj.delete().await?;
                 return obj.put_if_absent(stamp.as_bytes()).await;
             }
@@ -262,11 +267,11 @@ impl SpanStore {
     }
 
     /// Waits (up to `claim_wait`) for span `key` to appear; its bytes if it does.
-    pub(crate) async fn wait_for(&self, key: &[u8; 32]) -> Option<Bytes> {
+    pub(crate) async fn wait_for(&self, key: &[u8; 32], len: u64) -> Option<Bytes> {
         self.counters.waited.fetch_add(1, Ordering::Relaxed);
         let until = Instant::now() + self.claim_wait;
         while Instant::now() < until && !self.is_down() {
-            if let Some(b) = self.get(key).await {
+            if let Some(b) = self.get(key, len).await {
                 return Some(b);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -341,8 +346,54 @@ pub fn decode(object: &[u8], len: u64) -> Option<Vec<u8>> {
     (bytes.len() == cap).then_some(bytes)
 }
 
+/// The largest claim object read (a claim is a decimal timestamp).
+const MAX_CLAIM: u64 = 64;
+
+/// The largest object a span of `len` bytes can be stored as: a zstd frame is at most its input
+/// plus a small overhead (`ZSTD_compressBound`: `len + len/256 + 64 KiB` is above it).
+fn max_object(len: u64) -> u64 {
+    len.saturating_add(len / 256).saturating_add(64 << 10)
+}
+
+/// Whether a claim made at `at` (Unix ms) is stale at `now`: older than four `wait`s (its holder
+/// died), or dated more than one `wait` ahead of this clock (no live peer's clock is that far
+/// off; such a claim is forged or broken).
+fn claim_is_stale(at: u64, now: u64, wait: Duration) -> bool {
+    let wait = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    now.saturating_sub(at) > wait.saturating_mul(4) || at.saturating_sub(now) > wait
+}
+
 fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_from_the_past_and_from_the_future_go_stale() {
+        let wait = Duration::from_secs(2);
+        let now = 1_000_000_000;
+        assert!(!claim_is_stale(now, now, wait), "a fresh claim");
+        assert!(!claim_is_stale(now - 7_999, now, wait), "a claim within four waits");
+        assert!(claim_is_stale(now - 8_001, now, wait), "its holder died");
+        assert!(!claim_is_stale(now + 1_500, now, wait), "a peer's clock a little ahead");
+        assert!(claim_is_stale(now + 2_001, now, wait), "dated in the future");
+        assert!(claim_is_stale(u64::MAX, now, wait));
+    }
+
+    #[test]
+    fn a_stored_span_is_never_read_beyond_what_its_frame_can_be() {
+        let span = vec![7u8; 1 << 20];
+        let random: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for bytes in [span, random] {
+            let frame = zstd::bulk::compress(&bytes, 3).unwrap_or_default();
+            assert!(frame.len() as u64 <= max_object(bytes.len() as u64));
+        }
+        assert_eq!(max_object(0), 64 << 10);
+        assert_eq!(max_object(u64::MAX), u64::MAX);
+    }
 }

@@ -17,6 +17,10 @@
 //! overridden by [`RemoteOptions`] (whose `Debug` output never shows the secret). Errors are
 //! typed by what the store said (not found, denied, conflict), and carry the object's URL.
 //!
+//! Objects that anyone with the bucket's write keys could have written are read with a byte bound
+//! ([`RemoteObject::get_bounded`], [`RemoteObject::download_bounded`]), and what a node must
+//! trust (archives, layer indexes) is signed ([`signed`]: Ed25519, bound to the object's name).
+//!
 //! The operations are async; [`RangeReader`] adapts a byte range to a blocking, sequential
 //! [`std::io::Read`] for callers on their own threads.
 //!
@@ -33,6 +37,8 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+
+pub mod signed;
 
 use bytes::Bytes;
 use object_store::{ObjectStore, ObjectStoreExt as _};
@@ -138,6 +144,25 @@ pub enum Error {
         want: u64,
         /// Bytes received.
         got: u64,
+    },
+    /// The object is larger than the reader accepts (a damaged or hostile object).
+    #[error("{url}: the object is larger than the {max} bytes accepted here")]
+    TooLarge {
+        /// The object.
+        url: String,
+        /// The most this reader takes.
+        max: u64,
+    },
+    /// Writing the downloaded object locally failed.
+    #[error("{url}: writing it to {}: {source}", path.display())]
+    Local {
+        /// The object.
+        url: String,
+        /// Where it was being written.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -278,6 +303,75 @@ impl RemoteObject {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Error::from_store(&self.url, e)),
         }
+    }
+
+    /// The whole object if it holds at most `max` bytes (else [`Error::TooLarge`], having read
+    /// at most `max` bytes of it), or `None` when it does not exist. What readers of objects
+    /// anyone with the bucket's write keys could have written use instead of [`get_all`].
+    ///
+    /// [`get_all`]: Self::get_all
+    pub async fn get_bounded(&self, max: u64) -> Result<Option<Bytes>> {
+        let mut out = Vec::new();
+        let found = self
+            .stream_bounded(max, |chunk| {
+                out.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+        Ok(found.then(|| Bytes::from(out)))
+    }
+
+    /// Streams the object (at most `max` bytes) into a new file at `path`, fsynced; `false`
+    /// when it does not exist (nothing is written). A partial file is removed on failure.
+    pub async fn download_bounded(&self, path: &std::path::Path, max: u64) -> Result<bool> {
+        use std::io::Write as _;
+        let local = |source| Error::Local {
+            url: self.url.clone(),
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::create(path).map_err(local)?;
+        let found = self
+            .stream_bounded(max, |chunk| file.write_all(chunk).map_err(local))
+            .await
+            .and_then(|found| {
+                file.sync_all().map_err(local)?;
+                Ok(found)
+            });
+        if !matches!(found, Ok(true)) {
+            let _ = std::fs::remove_file(path);
+        }
+        found
+    }
+
+    async fn stream_bounded(
+        &self,
+        max: u64,
+        mut sink: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<bool> {
+        let r = match self.store.get(&self.path).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(Error::from_store(&self.url, e)),
+        };
+        let too_large = || Error::TooLarge {
+            url: self.url.clone(),
+            max,
+        };
+        if r.meta.size > max {
+            return Err(too_large());
+        }
+        let mut stream = r.into_stream();
+        let mut got = 0u64;
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            let chunk = chunk.map_err(|e| Error::from_store(&self.url, e))?;
+            got += chunk.len() as u64;
+            if got > max {
+                return Err(too_large());
+            }
+            sink(&chunk)?;
+        }
+        Ok(true)
     }
 
     /// Whether the object exists.
@@ -438,6 +532,16 @@ mod tests {
         assert!(!obj.put_if_absent(b"second").await.unwrap());
         assert_eq!(&obj.get_range(6..11).await.unwrap()[..], b"world");
         assert_eq!(obj.size().await.unwrap(), 11);
+        assert_eq!(&obj.get_bounded(11).await.unwrap().unwrap()[..], b"hello world");
+        assert!(matches!(
+            obj.get_bounded(10).await,
+            Err(Error::TooLarge { max: 10, .. })
+        ));
+        let local = dir.path().join("copy");
+        assert!(obj.download_bounded(&local, 11).await.unwrap());
+        assert_eq!(std::fs::read(&local).unwrap(), b"hello world");
+        assert!(obj.download_bounded(&dir.path().join("small"), 5).await.is_err());
+        assert!(!dir.path().join("small").exists(), "no partial file is left");
         let parent = RemoteObject::open(
             &format!("file://{}/store", dir.path().display()),
             &RemoteOptions::default(),

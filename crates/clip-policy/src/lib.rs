@@ -180,6 +180,17 @@ pub struct Config {
     /// The fleet's shared span store (`spanStore: {s3: …}`): v2 mounts read spans from it
     /// before the registry and upload what they fetched; `None` (default): off.
     pub span_store: Option<S3Store>,
+    /// The private key (`clip keygen`) that signs what this node writes to a shared archive
+    /// store (archives, layer indexes); `None`: it writes unsigned objects.
+    pub signing_key: Option<PathBuf>,
+    /// Public keys (`clip-ed25519 BASE64 [comment]`, or a path to a file of them, one per
+    /// line) whose signatures this node accepts on archives and layer indexes from a shared
+    /// store; the signing key's own is always accepted.
+    pub trusted_keys: Vec<String>,
+    /// Accept unsigned archives and layer indexes from a shared store (a fleet from before
+    /// signatures). Off by default: anyone with the bucket's write keys could then rewrite
+    /// every image's files.
+    pub allow_unsigned: bool,
 }
 
 /// `indexOnPush:` — which pushed images to index ahead of any pull.
@@ -192,9 +203,25 @@ pub struct IndexOnPush {
     /// Platforms (`os/arch[/variant]`) to index from multi-platform images; empty: this
     /// machine's.
     pub platforms: Vec<String>,
+    /// The registries (`HOST[:PORT]`, as events name them) whose notifications are taken; an
+    /// event about any other host is ignored, so a forged event cannot send the worker to a
+    /// registry of the sender's choosing. Required.
+    pub registries: Vec<String>,
+    /// A file of secrets (one per line, at least 16 characters) the registry's notification
+    /// endpoint sends as `Authorization: Bearer SECRET`: the webhook's own credential, so the
+    /// registry's configuration never holds the API's root-equivalent token. Required to serve
+    /// `POST /v1/registry-events`.
+    #[serde(rename = "secretFile")]
+    pub secret_file: Option<PathBuf>,
 }
 
 impl IndexOnPush {
+    /// Whether `host` is one of the registries whose events are taken.
+    #[must_use]
+    pub fn trusts_host(&self, host: &str) -> bool {
+        self.registries.iter().any(|r| r.eq_ignore_ascii_case(host))
+    }
+
     /// Whether `repository` on `host` is one to index.
     #[must_use]
     pub fn wants(&self, host: &str, repository: &str) -> bool {
@@ -254,6 +281,9 @@ impl Default for Config {
             profile_window_secs: 30,
             profile_at_build_secs: 0,
             span_store: None,
+            signing_key: None,
+            trusted_keys: Vec::new(),
+            allow_unsigned: false,
         }
     }
 }
@@ -287,6 +317,9 @@ struct Section {
     profile_window_secs: Option<u64>,
     profile_at_build_secs: Option<u64>,
     span_store: Option<SpanStoreSection>,
+    signing_key: Option<PathBuf>,
+    trusted_keys: Vec<String>,
+    allow_unsigned: Option<bool>,
 }
 
 /// `spanStore:` as written: `s3` (the only backend a fleet shares).
@@ -351,6 +384,9 @@ impl Config {
                 Some(SpanStoreSection { s3: Some(s3) }) if !s3.bucket.is_empty() => Some(s3),
                 Some(_) => return Err(Error::Invalid("spanStore needs s3 with a bucket".into())),
             },
+            signing_key: s.signing_key,
+            trusted_keys: s.trusted_keys,
+            allow_unsigned: s.allow_unsigned.unwrap_or(d.allow_unsigned),
         };
         cfg.validate()
     }
@@ -420,6 +456,13 @@ impl Config {
         }
         if self.checkpoint_mib == 0 || self.checkpoint_mib > 1024 {
             return Err(Error::Invalid("checkpointMiB must be 1..=1024".into()));
+        }
+        if let Some(p) = &self.index_on_push
+            && p.registries.is_empty()
+        {
+            return Err(Error::Invalid(
+                "indexOnPush.registries must name the registries (HOST[:PORT]) whose notifications are taken".into(),
+            ));
         }
         Ok(self)
     }
@@ -618,10 +661,16 @@ imageService:
     #[test]
     fn index_on_push_patterns() {
         let c = Config::from_yaml(
-            "imageService:\n  indexOnPush:\n    repositories: [\"team/*\", \"reg.example.com:5000/app\"]\n    platforms: [linux/arm64]\n",
+            "imageService:\n  indexOnPush:\n    repositories: [\"team/*\", \"reg.example.com:5000/app\"]\n    platforms: [linux/arm64]\n    registries: [\"reg.example.com:5000\"]\n    secretFile: /etc/clip/push-secret\n",
         )
         .unwrap();
         let p = c.index_on_push.unwrap();
+        assert!(p.trusts_host("reg.example.com:5000") && !p.trusts_host("evil.example.com"));
+        assert_eq!(p.secret_file.as_deref(), Some(Path::new("/etc/clip/push-secret")));
+        assert!(
+            Config::from_yaml("imageService:\n  indexOnPush:\n    repositories: [\"*\"]\n").is_err(),
+            "events from any host"
+        );
         assert!(p.wants("any:5000", "team/a") && p.wants("h", "team/a/b"));
         assert!(p.wants("reg.example.com:5000", "app") && !p.wants("other", "app"));
         assert!(!p.wants("h", "teams/a"));

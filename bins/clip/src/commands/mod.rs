@@ -9,12 +9,39 @@ pub(crate) mod inspect;
 pub(crate) mod ls;
 pub(crate) mod mount;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clip_core::format::Archive;
 
 /// Writes `clip.1` and `clip-SUBCOMMAND.1` into `dir`, from the same definitions as `--help`.
+/// `clip keygen FILE`: a signing key pair, written create-only (the private key `0600`).
+pub(crate) fn keygen(file: &Path, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (private, key) = clip_core::objstore::signed::SigningKey::generate()?;
+    let public = format!("{}\n", key.public());
+    let pub_path = PathBuf::from(format!("{}.pub", file.display()));
+    let create = |path: &Path, mode: u32, text: &str| -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .with_context(|| format!("creating {} (an existing key is never overwritten)", path.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        Ok(())
+    };
+    if pub_path.exists() {
+        anyhow::bail!("{} exists; an existing key is never overwritten", pub_path.display());
+    }
+    create(file, 0o600, &private)?;
+    create(&pub_path, 0o644, &public)?;
+    write!(out, "{public}")?;
+    Ok(())
+}
+
 pub(crate) fn man(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let cmd = <crate::cli::Cli as clap::CommandFactory>::command();

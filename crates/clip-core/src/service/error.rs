@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// The archive store (object storage) failed.
     #[error(transparent)]
     Store(#[from] clip_objstore::Error),
+    /// An object from a shared store is not signed by a trusted key (or a key is unusable).
+    #[error(transparent)]
+    Untrusted(#[from] clip_objstore::signed::SignError),
     /// Preparing or running a container failed.
     #[error(transparent)]
     Container(#[from] container::ContainerError),

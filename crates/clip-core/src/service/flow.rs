@@ -45,8 +45,17 @@ enum Lookup {
 impl ImageService {
     /// Image `id`'s archive in the store, read enough to know its version.
     fn lookup(&self, id: &str) -> Result<Lookup, ServiceError> {
-        let Some(local) = self.store.get(id)? else {
-            return Ok(Lookup::Absent);
+        let local = match self.store.get(id) {
+            Ok(Some(local)) => local,
+            Ok(None) => return Ok(Lookup::Absent),
+            // Not signed by a key this node trusts: never served, replaced by this node's own.
+            Err(ServiceError::Untrusted(e)) => {
+                tracing::warn!(image_id = id, archive = %self.store.location(id), error = %e, "stored archive refused; it will be replaced");
+                metrics::counter!("clip_store_objects_refused_total", "kind" => "archive")
+                    .increment(1);
+                return Ok(Lookup::Damaged);
+            }
+            Err(e) => return Err(e),
         };
         match format::Archive::open(&local) {
             Ok(a) => Ok(Lookup::Found(StoredArchive {

@@ -45,7 +45,7 @@ use sha2::{Digest as _, Sha256};
 pub use error::{FallbackReason, ServiceError};
 pub use lazy::{MountedImage, span_store_options};
 pub use run::RunOutput;
-pub use store::{ArchiveStore, ArchiveVersion, StoredArchive};
+pub use store::{ArchiveStore, ArchiveVersion, MAX_SMALL_OBJECT, StoredArchive};
 
 use crate::{indexer, registry};
 

@@ -8,9 +8,13 @@
 //! digest (what an image id names) — and indexed by
 //! background threads exactly as `PullAndArchiveImage` would (`pull_and_archive` of
 //! `HOST/REPO@DIGEST`: same image id, same store, create-only), so a later pull by tag answers
-//! `"reused": true`. A pushed index is indexed for the configured platforms (default: this
+//! `"reused": true`. Only events about the registries `indexOnPush.registries` names are taken
+//! (the host comes from the event, so any other would let a sender pick what the worker
+//! fetches); the endpoint authenticates with its own secret (`indexOnPush.secretFile`, checked by
+//! the worker's API), not the API's token. A pushed index is indexed for the configured platforms (default: this
 //! machine's); a pushed platform manifest only if its platform is one of them. Failures are
-//! retried with backoff (1, 2, 4, 8, 16 s), then dropped with an error logged and counted.
+//! retried with backoff (1, 2, 4, 8, 16 s), then dropped with an error logged and counted — and
+//! forgotten, so the next event for the same image queues it again.
 //! Everything else in an envelope (blob pushes, pulls, deletes) is ignored and counted.
 
 use std::collections::{HashSet, VecDeque};
@@ -113,6 +117,12 @@ struct Queue {
 }
 
 impl Queue {
+    fn forget(&mut self, key: &str) {
+        if self.seen.remove(key) {
+            self.seen_order.retain(|k| k != key);
+        }
+    }
+
     fn remember(&mut self, digest: &str) -> bool {
         if !self.seen.insert(digest.to_owned()) {
             return false;
@@ -237,6 +247,13 @@ impl PushIndexer {
                     .increment(1);
                 continue;
             };
+            if !conf.trusts_host(&host) {
+                tracing::warn!(host, repository = %t.repository, "index on push: an event about a registry not in indexOnPush.registries; ignored");
+                out.ignored += 1;
+                metrics::counter!("clip_index_on_push_events_total", "result" => "untrusted_host")
+                    .increment(1);
+                continue;
+            }
             if !conf.wants(&host, &t.repository) {
                 out.ignored += 1;
                 metrics::counter!("clip_index_on_push_events_total", "result" => "ignored")
@@ -321,8 +338,16 @@ fn work(svc: &ImageService, shared: &Shared) {
             Err(e) => {
                 job.attempts += 1;
                 if job.attempts >= ATTEMPTS {
-                    tracing::error!(image = %format!("{}/{}@{}", job.host, job.repository, job.digest), attempts = job.attempts, error = %e, "index on push: giving up");
+                    let key = format!("{}/{}@{}", job.host, job.repository, job.digest);
+                    tracing::error!(image = %key, attempts = job.attempts, error = %e, "index on push: giving up until the next event for this image");
                     metrics::counter!("clip_index_on_push_failures_total").increment(1);
+                    // Forgotten, so that the next event for it (a push again, the registry's
+                    // retry) queues it anew instead of counting as a duplicate forever.
+                    shared
+                        .queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .forget(&key);
                 } else {
                     let delay = Duration::from_secs(1 << (job.attempts - 1));
                     tracing::warn!(image = %format!("{}/{}@{}", job.host, job.repository, job.digest), attempt = job.attempts, retry_in_s = delay.as_secs(), error = %e, "index on push failed; retrying");
@@ -417,6 +442,15 @@ fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), Strin
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_forgotten_image_is_queued_again() {
+        let mut q = Queue::default();
+        assert!(q.remember("h/r@sha256:a") && !q.remember("h/r@sha256:a"));
+        q.forget("h/r@sha256:a");
+        assert!(q.remember("h/r@sha256:a"), "given up, then pushed again");
+        assert_eq!(q.seen_order.len(), 1);
+    }
 
     #[test]
     fn urls() {

@@ -43,18 +43,9 @@ impl ImageService {
         );
         let dir = self.cfg.mount_base.join("containers").join(&cid);
         let overlay = container::Overlay::mount(&image.mountpoint, &dir)?;
-        // Mount points runc needs, and the working directory, made in the upper layer so a
-        // read-only image without them still runs.
-        let workdir = image.config.working_dir.trim_start_matches('/').to_owned();
-        for d in ["proc", "sys", "dev", "tmp", workdir.as_str()] {
-            if d.is_empty() || d.split('/').any(|c| c == "..") {
-                continue;
-            }
-            let p = overlay.merged().join(d);
-            if !p.exists() {
-                std::fs::create_dir_all(&p).map_err(io("creating", &p))?;
-            }
-        }
+        // Mount points runc needs, and the working directory, made in the upper layer so an
+        // image without them still runs — resolved inside the rootfs, never on the host.
+        container::prepare_rootfs(overlay.merged(), &image.config.working_dir)?;
         let spec = container::runtime_spec(&image.config, overlay.merged(), args, &cid)?;
         let bundle = container::write_bundle(&dir.join("bundle"), &spec)?;
         let runc_root = dir.join("runc");

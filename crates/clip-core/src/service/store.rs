@@ -6,10 +6,18 @@
 //! PUT — so when several workers archive one image at once, the first wins and the others reuse
 //! its archive. An S3 store also shares per-layer indexes under `<prefix>layers/`
 //! ([`S3LayerStore`]), so base layers are indexed once per fleet.
+//!
+//! What is read back from an S3 store is bounded in size and, unless `allowUnsigned`, must be
+//! signed by a key the node trusts ([`trust`], `clip_objstore::signed`): archives and layer
+//! indexes are written signed with `signingKey` (the object's name bound into the signature) and
+//! an unsigned, altered or foreign-signed one is refused — an archive is then replaced by this
+//! node's own, a layer index indexed again. A local directory store is the node's own disk and
+//! is trusted as such.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use clip_objstore::signed::{PublicKey, SigningKey, Trust};
 use clip_objstore::{RemoteObject, RemoteOptions};
 
 use super::error::{ServiceError, io};
@@ -235,6 +243,32 @@ pub struct S3ArchiveStore {
     runtime: tokio::runtime::Handle,
     staging: PathBuf,
     copies: PathBuf,
+    trust: Arc<Trust>,
+}
+
+/// What this node signs with and accepts from shared stores (`signingKey`, `trustedKeys`,
+/// `allowUnsigned`). A `trustedKeys` entry is a public key's text or the path of a file of
+/// them, one per line (`#` comments allowed).
+pub fn trust(cfg: &clip_policy::Config) -> Result<Trust, ServiceError> {
+    let signer = cfg.signing_key.as_deref().map(SigningKey::load).transpose()?;
+    let mut trusted = Vec::new();
+    for entry in &cfg.trusted_keys {
+        if entry.trim_start().starts_with("clip-ed25519 ") {
+            trusted.push(entry.parse::<PublicKey>()?);
+            continue;
+        }
+        let text = std::fs::read_to_string(entry).map_err(io("reading trusted keys", entry))?;
+        for line in text.lines().map(str::trim) {
+            if !line.is_empty() && !line.starts_with('#') {
+                trusted.push(line.parse::<PublicKey>()?);
+            }
+        }
+    }
+    Ok(Trust {
+        signer,
+        trusted,
+        allow_unsigned: cfg.allow_unsigned,
+    })
 }
 
 impl S3ArchiveStore {
@@ -244,6 +278,7 @@ impl S3ArchiveStore {
         s3: &clip_policy::S3Store,
         cache_dir: &Path,
         runtime: tokio::runtime::Handle,
+        trust: Arc<Trust>,
     ) -> Result<Self, ServiceError> {
         let staging = cache_dir.join("outgoing");
         let copies = cache_dir.join("archives");
@@ -257,6 +292,7 @@ impl S3ArchiveStore {
             runtime,
             staging,
             copies,
+            trust,
         })
     }
 
@@ -300,6 +336,37 @@ impl S3ArchiveStore {
     }
 }
 
+/// Publishes the bytes of `from` after its first `at` as `to` (a temporary file, fsynced, renamed).
+fn publish_tail(from: &Path, at: u64, to: &Path) -> Result<(), ServiceError> {
+    use std::io::{Seek as _, SeekFrom};
+    if at == 0 {
+        return std::fs::hard_link(from, to)
+            .or_else(|_| std::fs::copy(from, to).map(|_| ()))
+            .map_err(io("publishing", to));
+    }
+    let tmp = to.with_extension(format!("clip.tail-{}", std::process::id()));
+    let copy = || -> std::io::Result<()> {
+        let mut src = std::fs::File::open(from)?;
+        src.seek(SeekFrom::Start(at))?;
+        let mut dst = std::fs::File::create(&tmp)?;
+        std::io::copy(&mut src, &mut dst)?;
+        dst.sync_all()?;
+        std::fs::rename(&tmp, to)
+    };
+    copy().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io("publishing", to)(e)
+    })
+}
+
+/// The largest archive read from an S3 store (a v2 index or a v1-remote metadata archive is
+/// megabytes; the bound stops a damaged or hostile object from filling the disk).
+const MAX_ARCHIVE_OBJECT: u64 = 4 << 30;
+/// The largest small object (a prefetch profile) read from a store.
+pub const MAX_SMALL_OBJECT: u64 = 32 << 20;
+/// The largest layer index read from a shared store.
+const MAX_LAYER_INDEX_OBJECT: u64 = 256 << 20;
+
 /// Object-store settings from the configuration's `s3:` section.
 #[must_use]
 pub fn remote_options(s3: &clip_policy::S3Store) -> RemoteOptions {
@@ -322,11 +389,24 @@ impl ArchiveStore for S3ArchiveStore {
         if local.exists() {
             return Ok(Some(local));
         }
-        let obj = self.object(&format!("{id}.clip"))?;
-        let Some(bytes) = self.runtime.block_on(obj.get_all())? else {
+        let name = format!("{id}.clip");
+        let obj = self.object(&name)?;
+        // Streamed to a private temporary file, bounded; its signature checked; its payload
+        // published as the local copy.
+        let tmp = local.with_extension(format!("clip.part-{}", std::process::id()));
+        if !self
+            .runtime
+            .block_on(obj.download_bounded(&tmp, MAX_ARCHIVE_OBJECT))?
+        {
             return Ok(None);
-        };
-        format::publish_bytes(&local, &bytes)?;
+        }
+        let published = self
+            .trust
+            .open_file(&name, &tmp)
+            .map_err(ServiceError::from)
+            .and_then(|at| publish_tail(&tmp, at, &local));
+        let _ = std::fs::remove_file(&tmp);
+        published?;
         Ok(Some(local))
     }
 
@@ -338,8 +418,11 @@ impl ArchiveStore for S3ArchiveStore {
         let prepared = self.prepare(id, local);
         let _ = std::fs::remove_file(local);
         let (bytes, data) = prepared?;
-        let obj = self.object(&format!("{id}.clip"))?;
-        let created = self.runtime.block_on(obj.put_if_absent(&bytes))?;
+        let name = format!("{id}.clip");
+        let obj = self.object(&name)?;
+        let created = self
+            .runtime
+            .block_on(obj.put_if_absent(&self.trust.seal(&name, &bytes)))?;
         if !created
             && let Some(data) = data
             && let Err(e) = self.runtime.block_on(data.delete())
@@ -353,8 +436,10 @@ impl ArchiveStore for S3ArchiveStore {
         let prepared = self.prepare(id, local);
         let _ = std::fs::remove_file(local);
         let (bytes, _) = prepared?;
-        let obj = self.object(&format!("{id}.clip"))?;
-        self.runtime.block_on(obj.upload(&bytes, None))?;
+        let name = format!("{id}.clip");
+        let obj = self.object(&name)?;
+        self.runtime
+            .block_on(obj.upload(&self.trust.seal(&name, &bytes), None))?;
         self.forget_copy(id);
         Ok(())
     }
@@ -394,7 +479,7 @@ impl ArchiveStore for S3ArchiveStore {
 
     fn get_small(&self, name: &str) -> Option<Vec<u8>> {
         let obj = self.object(name).ok()?;
-        match self.runtime.block_on(obj.get_all()) {
+        match self.runtime.block_on(obj.get_bounded(MAX_SMALL_OBJECT)) {
             Ok(b) => b.map(|b| b.to_vec()),
             Err(e) => {
                 tracing::warn!(object = %self.url(name), error = %e, "archive store unreachable");
@@ -413,6 +498,7 @@ impl ArchiveStore for S3ArchiveStore {
             Ok(prefix) => Some(Box::new(S3LayerStore {
                 prefix,
                 runtime: self.runtime.clone(),
+                trust: Arc::clone(&self.trust),
             })),
             Err(e) => {
                 tracing::warn!(url = %self.url("layers"), error = %e, "layer index store unusable; layers are indexed locally only");
@@ -428,12 +514,30 @@ impl ArchiveStore for S3ArchiveStore {
 pub struct S3LayerStore {
     prefix: RemoteObject,
     runtime: tokio::runtime::Handle,
+    trust: Arc<Trust>,
 }
 
 impl indexer::LayerIndexStore for S3LayerStore {
+    /// A stored layer index, if it is signed by a trusted key (anyone with the bucket's write
+    /// keys could otherwise give every image on that layer files, modes and setuid bits of
+    /// their choosing).
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        match self.runtime.block_on(self.prefix.child(key).get_all()) {
-            Ok(b) => b.map(|b| b.to_vec()),
+        match self
+            .runtime
+            .block_on(self.prefix.child(key).get_bounded(MAX_LAYER_INDEX_OBJECT))
+        {
+            Ok(b) => {
+                let b = b?;
+                match self.trust.open(key, &b) {
+                    Ok(payload) => Some(payload.to_vec()),
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "stored layer index refused; indexing the layer here");
+                        metrics::counter!("clip_store_objects_refused_total", "kind" => "layer_index")
+                            .increment(1);
+                        None
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(key, error = %e, "layer index store unreachable");
                 None
@@ -443,7 +547,11 @@ impl indexer::LayerIndexStore for S3LayerStore {
 
     fn put(&self, key: &str, bytes: &[u8]) -> std::io::Result<bool> {
         self.runtime
-            .block_on(self.prefix.child(key).put_if_absent(bytes))
+            .block_on(
+                self.prefix
+                    .child(key)
+                    .put_if_absent(&self.trust.seal(key, bytes)),
+            )
             .map_err(std::io::Error::other)
     }
 
@@ -460,7 +568,12 @@ pub(crate) fn open(
     Ok(match &cfg.archive_store {
         clip_policy::ArchiveStore::Local(dir) => Arc::new(LocalStore::open(dir)?),
         clip_policy::ArchiveStore::S3(s3) => {
-            Arc::new(S3ArchiveStore::open(s3, &cfg.cache_dir, runtime.clone())?)
+            Arc::new(S3ArchiveStore::open(
+                s3,
+                &cfg.cache_dir,
+                runtime.clone(),
+                Arc::new(trust(cfg)?),
+            )?)
         }
     })
 }
