@@ -891,17 +891,25 @@ fn private_registries_use_docker_config_json() {
     assert_eq!(v["version"], 2);
 }
 
+/// A worker of a fleet sharing an S3 store, signing with the fleet's key (made once, beside
+/// the workers' directories).
 fn s3_config(dir: &Path, prefix: &str, version: u8, s3: &clip_testkit::S3) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
+    let key = dir.parent().unwrap().join("fleet.key");
+    if !key.exists() {
+        let (text, _) = clip_core::objstore::signed::SigningKey::generate().unwrap();
+        std::fs::write(&key, text).unwrap();
+    }
     let cfg = dir.join("worker.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "imageService:\n  clipVersion: {version}\n  archiveStore:\n    s3: {{bucket: fleet, prefix: {prefix}/, endpoint: \"{endpoint}\", region: {region}, forcePathStyle: true, accessKeyId: {key}, secretAccessKey: {secret}}}\n  cacheDir: {d}/cache\n  cacheSizeGiB: 1\n  mountBase: {d}/mnt\n",
+            "imageService:\n  clipVersion: {version}\n  signingKey: {key}\n  archiveStore:\n    s3: {{bucket: fleet, prefix: {prefix}/, endpoint: \"{endpoint}\", region: {region}, forcePathStyle: true, accessKeyId: {akey}, secretAccessKey: {secret}}}\n  cacheDir: {d}/cache\n  cacheSizeGiB: 1\n  mountBase: {d}/mnt\n",
+            key = key.display(),
             endpoint = s3.endpoint(),
             d = dir.display(),
             region = s3.region(),
-            key = s3.access_key(),
+            akey = s3.access_key(),
             secret = s3.secret_key(),
         ),
     )

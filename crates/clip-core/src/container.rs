@@ -360,6 +360,7 @@ mod tests {
         let r = root.path();
         std::os::unix::fs::symlink("/", r.join("w")).unwrap();
         std::os::unix::fs::symlink("/etc/../..", r.join("e")).unwrap();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
         let host = std::env::temp_dir().join(format!("clip-escape-{}", std::process::id()));
         let rel = host.to_str().unwrap().trim_start_matches('/').to_owned();
         mkdir_in_root(r, &format!("/w/{rel}/deeper"), 0o755).unwrap();
@@ -375,7 +376,6 @@ mod tests {
         assert!(mkdir_in_root(r, "dangling/y", 0o755).is_err());
         assert!(!Path::new("/nowhere").exists());
 
-        std::fs::create_dir_all(r.join("etc")).unwrap();
         std::fs::write(r.join("etc/passwd"), "app:x:7:8::/:/bin/sh\n").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", r.join("pw")).unwrap();
         assert_eq!(

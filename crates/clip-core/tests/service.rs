@@ -97,6 +97,14 @@ fn with_creds(mut cfg: Config, reg: &Registry, password: &str) -> Config {
     cfg
 }
 
+/// A new fleet signing key in `dir` (`clip keygen`'s format); its path.
+fn fleet_key(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("fleet.key");
+    let (text, _) = clip_core::objstore::signed::SigningKey::generate().unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn push_sample(reg: &Registry) -> String {
     let img = Image::new(vec![
         Layer::new(vec![
@@ -407,6 +415,7 @@ fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
                 access_key_id: Some(s3.access_key().into()),
                 secret_access_key: Some(s3.secret_key().into()),
             }),
+            signing_key: Some(fleet_key(dir.path())),
             ..with_creds(config(dir.path(), version), &reg, "secret")
         };
         let svc = service(dir.path(), cfg);
@@ -808,4 +817,92 @@ fn a_symlinked_working_directory_stays_inside_the_container() {
         "the image's working directory was created on the host"
     );
     svc.unmount(&id).unwrap();
+}
+
+/// Whoever can write the shared bucket cannot hand a node an archive or a layer index: objects
+/// not signed by a trusted key are refused (the archive replaced by the node's own, the layer
+/// indexed again), and the node's tree is the image's (#33).
+#[test]
+fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
+    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+        eprintln!("skipping: needs root and /dev/fuse");
+        return;
+    }
+    let s3 = clip_testkit::S3::start().unwrap();
+    s3.create_bucket("fleet").unwrap();
+    let reg = Registry::start_anonymous().unwrap();
+    let image = push_sample(&reg);
+    let top = tempfile::tempdir().unwrap();
+    let key = fleet_key(top.path());
+    let store = ArchiveStore::S3(clip_core::policy::S3Store {
+        bucket: "fleet".into(),
+        prefix: "p/".into(),
+        endpoint: Some(s3.endpoint()),
+        region: Some(s3.region().into()),
+        force_path_style: true,
+        access_key_id: Some(s3.access_key().into()),
+        secret_access_key: Some(s3.secret_key().into()),
+    });
+    let node = |name: &str| {
+        let dir = top.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = Config {
+            archive_store: store.clone(),
+            signing_key: Some(key.clone()),
+            ..config(&dir, 2)
+        };
+        service(&dir, cfg)
+    };
+    let a = node("a");
+    let id = a.pull_and_archive(&image).unwrap().image_id;
+    drop(a);
+    let bucket = s3.root().join("fleet/p");
+    let archive = bucket.join(format!("{id}.clip"));
+    let signed = std::fs::read(&archive).unwrap();
+    assert!(clip_core::objstore::signed::is_signed(&signed));
+    // The writer: the archive's header stripped (a genuine archive, unsigned), every layer
+    // index altered under its signature.
+    std::fs::write(&archive, &signed[clip_core::objstore::signed::HEADER_LEN..]).unwrap();
+    let mut layers = 0;
+    for e in std::fs::read_dir(bucket.join("layers")).unwrap() {
+        let p = e.unwrap().path();
+        let mut b = std::fs::read(&p).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 0x55;
+        std::fs::write(&p, b).unwrap();
+        layers += 1;
+    }
+    assert_eq!(layers, 2);
+
+    let b = node("b");
+    let (r, logs) = with_logs(|| b.pull_and_archive(&image).unwrap());
+    assert!(!r.reused, "an unsigned archive was reused: {r:?}");
+    assert_eq!(r.reused_layers, 0, "{logs}");
+    assert!(logs.contains("stored archive refused"), "{logs}");
+    assert!(logs.contains("stored layer index refused"), "{logs}");
+    // B replaced the archive with its own, signed; a third node reuses it.
+    assert!(clip_core::objstore::signed::is_signed(&std::fs::read(&archive).unwrap()));
+    let c = node("c");
+    assert!(c.pull_and_archive(&image).unwrap().reused);
+    let m = c.pull_lazy(&id).unwrap();
+    assert_eq!(
+        std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap(),
+        clip_testkit::image::random_bytes(3, 3 << 20)
+    );
+    c.unmount(&id).unwrap();
+
+    // A node that trusts only another key refuses the fleet's archive.
+    let dir = top.path().join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, other) = clip_core::objstore::signed::SigningKey::generate().unwrap();
+    let d = service(
+        &dir,
+        Config {
+            archive_store: store,
+            trusted_keys: vec![other.public().to_string()],
+            ..config(&dir, 2)
+        },
+    );
+    let (_, logs) = with_logs(|| d.pull_and_archive(&image));
+    assert!(logs.contains("not in trustedKeys"), "{logs}");
 }

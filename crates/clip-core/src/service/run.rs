@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::error::{ServiceError, io};
+use super::error::ServiceError;
 use super::{ImageService, short_hash};
 use crate::container;
 
