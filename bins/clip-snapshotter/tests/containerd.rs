@@ -540,8 +540,8 @@ fn a_killed_snapshotter_leaves_running_containers_alone() {
     assert_eq!(stdout(&o), "lazy\n");
 }
 
-/// Bad input: a registry that is down when a layer is prepared (a clear `Unavailable`, nothing
-/// committed), a parent that is another snapshotter's (`NotFound`), filters it cannot parse
+/// Bad input: a registry that is down when a layer is prepared (an ordinary snapshot with one
+/// log line saying why, nothing committed lazily), a parent that is another snapshotter's (`NotFound`), filters it cannot parse
 /// (`InvalidArgument`), and a configuration with unknown keys (the snapshotter refuses to start).
 #[test]
 fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
@@ -581,19 +581,23 @@ fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
             layer.blob.digest.clone(),
         ),
     ]);
-    let err = rt
+    // The registry is down: the layer is not lazy, and the pull goes on the ordinary way (an
+    // active snapshot for containerd to unpack into), with one log line saying why.
+    let mounts = rt
         .block_on(client.prepare(pb::PrepareSnapshotRequest {
             snapshotter: "clip".into(),
             key: "default/1/extract-x".into(),
             parent: String::new(),
             labels,
         }))
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let log = snap.log();
     assert!(
-        err.message().contains(&host) && err.message().contains("not reachable"),
-        "{}",
-        err.message()
+        log.contains("layer not lazy") && log.contains(&host) && log.contains("not reachable"),
+        "{log}"
     );
     let listed: Vec<pb::Info> = rt.block_on(async {
         let mut s = client
@@ -610,7 +614,17 @@ fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
         }
         all
     });
-    assert!(listed.is_empty(), "nothing half-committed: {listed:?}");
+    assert!(
+        listed
+            .iter()
+            .all(|i| i.name == "default/1/extract-x" && i.kind == pb::Kind::Active as i32),
+        "nothing committed: {listed:?}"
+    );
+    rt.block_on(client.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "clip".into(),
+        key: "default/1/extract-x".into(),
+    }))
+    .unwrap();
 
     let err = rt
         .block_on(client.prepare(pb::PrepareSnapshotRequest {
@@ -817,4 +831,85 @@ fn setuid_programs_work_in_snapshotter_containers() {
         .path();
     let out = clip_testkit::probe::run_as_nobody(&mnt.join("bin/ids"), &[]).unwrap();
     assert_eq!(out.trim(), "65534 65534");
+}
+
+/// Chain-id poisoning (#33): an image whose config copies a victim's `diff_ids` but ships its
+/// own layer (gzip, and eStargz, whose TOC alone would never check the diff_id) is not committed
+/// under the victim's chain id on this node; the victim pulled afterwards runs its own files.
+#[test]
+fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
+    if !can_run() {
+        return;
+    }
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let image = |who: &str, c: clip_testkit::Compression| {
+        ImageBuilder::new(clip_testkit::ManifestFormat::Oci).image(Image::new(vec![
+            Layer::new(vec![
+                Entry::dir("bin"),
+                Entry::file("bin/busybox", busybox.clone()).mode(0o755),
+                Entry::symlink("bin/cat", "busybox"),
+                Entry::file("etc/who", format!("{who}\n")),
+            ])
+            .compression(c),
+        ]))
+    };
+    for (n, c) in [
+        clip_testkit::Compression::Gzip,
+        clip_testkit::Compression::EStargz(64 << 10),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::start_anonymous().unwrap();
+        let victim = image("victim", c).build().unwrap();
+        let mut evil = image("attacker", c).build().unwrap();
+        let diff_ids: Vec<String> = victim.manifests[0]
+            .layers
+            .iter()
+            .map(|l| l.diff_id.clone())
+            .collect();
+        evil.forge_diff_ids(&diff_ids).unwrap();
+        let evil = reg.push(&evil, "evil/app", "v1").unwrap();
+        let victim = reg.push(&victim, "good/app", "v1").unwrap();
+        let snap = Snapshotter::start(dir.path());
+        let ctd = Containerd::start(&ContainerdOptions {
+            snapshotter_socket: Some(snap.socket.clone()),
+            ..ContainerdOptions::default()
+        })
+        .unwrap();
+        let net = clip_core::registry::BlockingClient::new(
+            clip_core::registry::ClientConfig::default(),
+        )
+        .unwrap();
+        let opts = clip_containerd::pull::PullOptions {
+            address: ctd.address().to_owned(),
+            namespace: "default".into(),
+            snapshotter: "clip".into(),
+            platform: None,
+        };
+        let attack = net.block_on(clip_containerd::pull::pull(&evil.reference, net.client(), &opts));
+        let err = format!("{:#}", attack.expect_err("the forged image was pulled"));
+        assert!(err.contains("wrong diff id"), "{err}");
+        assert!(
+            snap.log().contains("layer not lazy"),
+            "the forged layer was committed lazily:\n{}",
+            snap.log()
+        );
+        let s = lazy_pull(&ctd, &victim.reference);
+        assert_eq!(s.lazy_layers, 1, "{s:?}");
+        let o = ctd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "clip",
+                &victim.reference,
+                &format!("poison-{n}-{}", std::process::id()),
+                "/bin/cat",
+                "/etc/who",
+            ])
+            .unwrap();
+        assert_eq!(stdout(&o), "victim\n");
+    }
 }

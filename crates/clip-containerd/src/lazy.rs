@@ -91,6 +91,8 @@ fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Lazy
 struct ManifestFacts {
     /// Layer blob digests, bottom first.
     layers: Vec<String>,
+    /// The chain ids of the image config's `diff_id`s, bottom first.
+    chain_ids: Vec<String>,
     /// Why it cannot be served lazily, if it cannot.
     not_lazy: Option<String>,
 }
@@ -195,6 +197,15 @@ impl Lazy {
                 "layer {layer} is not layer {depth} of {image}@{manifest}"
             )));
         }
+        // The snapshot is to be committed under a chain id: it must be this image's chain id
+        // at this depth (the layer's content is checked against its diff_id before the commit).
+        let chain = facts.chain_ids.get(depth - 1);
+        if labels.get(labels::TARGET) != chain {
+            return Ok(Err(format!(
+                "the target {} is not the chain id of layer {depth} of {image}@{manifest}",
+                labels.get(labels::TARGET).map_or("(none)", String::as_str)
+            )));
+        }
         Ok(Ok(LazyLayer {
             image: image.clone(),
             manifest: manifest.clone(),
@@ -229,16 +240,40 @@ impl Lazy {
         let facts = match serde_json::from_slice::<oci::Manifest>(&bytes) {
             Ok(m) => {
                 let layers = m.layers().iter().map(|d| d.digest().to_string()).collect();
-                let not_lazy = m.layers().iter().find_map(|d| {
+                let mut not_lazy = m.layers().iter().find_map(|d| {
                     let t = d.media_type().to_string();
                     let known = t.contains("tar")
                         && (t.ends_with("tar") || t.contains("gzip") || t.contains("zstd"));
                     (!known).then(|| format!("layer media type {t} is not one clip indexes"))
                 });
-                ManifestFacts { layers, not_lazy }
+                // The config (verified against its digest) gives the diff_ids, and so the
+                // chain ids the layers may be committed under.
+                let config = oci::digest(m.config())?;
+                let limit = usize::try_from(m.config().size()).unwrap_or(usize::MAX).min(64 << 20);
+                let config_bytes = self
+                    .net
+                    .block_on(self.net.client().blob_bytes(&r, &config, limit))?;
+                let diff_ids = serde_json::from_slice::<oci::ImageConfiguration>(&config_bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| oci::diff_ids(&c).map_err(|e| e.to_string()));
+                let chain_ids = match diff_ids {
+                    Ok(d) => crate::pull::chain_ids(
+                        &d.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    ),
+                    Err(e) => {
+                        not_lazy.get_or_insert(format!("the image config: {e}"));
+                        Vec::new()
+                    }
+                };
+                ManifestFacts {
+                    layers,
+                    chain_ids,
+                    not_lazy,
+                }
             }
             Err(e) => ManifestFacts {
                 layers: Vec::new(),
+                chain_ids: Vec::new(),
                 not_lazy: Some(format!(
                     "{manifest} is not an image manifest clip reads: {e}"
                 )),
@@ -278,6 +313,8 @@ impl Lazy {
             checkpoint_bytes: self.cfg.checkpoint_mib.max(1) << 20,
             layer_store: Some(Arc::clone(&self.layer_store)),
             layers: Some(l.depth),
+            // The tree is committed under chain ids: every layer's diff_id is checked.
+            verify_diff_ids: true,
             ..IndexOptions::default()
         };
         let started = Instant::now();
@@ -393,8 +430,13 @@ impl Lazy {
         }
     }
 
-    /// Unmounts `key`'s tree (its server then exits).
+    /// Unmounts `key`'s tree (its server then exits), under the tree's lock: never while the
+    /// same tree is being mounted for a new snapshot.
     pub fn unmount(&self, key: &MountKey) {
+        let lock = self.lock_for(key);
+        let _g = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mp = self.mountpoint(key);
         if clip_core::fs::is_mounted(&mp) {
             if let Err(e) = clip_core::fs::unmount(&mp) {
@@ -412,5 +454,46 @@ impl Lazy {
     #[must_use]
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Removes what no snapshot needs: archives of trees in `keep`'s complement, logs and mount
+    /// points of trees not mounted (`mounted`), and mounts under `<root>/mnt` that no record
+    /// names (left by a snapshotter killed between mounting and saving).
+    pub fn collect(&self, keep: &std::collections::HashSet<MountKey>, mounted: &std::collections::HashSet<MountKey>) {
+        let names = |set: &std::collections::HashSet<MountKey>| -> std::collections::HashSet<String> {
+            set.iter().map(MountKey::file_name).collect()
+        };
+        let (keep, mounted) = (names(keep), names(mounted));
+        let entries = |dir: &str| {
+            std::fs::read_dir(self.root.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        };
+        for (name, path) in entries("archives") {
+            let stem = name.strip_suffix(".clip").unwrap_or(&name);
+            if !keep.contains(stem) {
+                tracing::info!(archive = %path.display(), "removing the archive of a tree no snapshot uses");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        for (name, path) in entries("logs") {
+            let stem = name.strip_suffix(".log").unwrap_or(&name);
+            if !mounted.contains(stem) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        for (name, path) in entries("mnt") {
+            if mounted.contains(&name) {
+                continue;
+            }
+            clip_core::fs::clean_stale_mount(&path);
+            if clip_core::fs::is_mounted(&path) {
+                tracing::info!(mountpoint = %path.display(), "unmounting a lazy tree no record names");
+                let _ = clip_core::fs::unmount(&path);
+            }
+            let _ = std::fs::remove_dir(&path);
+        }
     }
 }

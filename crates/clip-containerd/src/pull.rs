@@ -440,7 +440,7 @@ async fn pull_in(
                 ctx.put_content(digest.as_ref(), blob.to_vec(), HashMap::new())
                     .await?;
                 let mut d = diff::diff_client::DiffClient::new(ctx.channel.clone());
-                d.apply(ctx.r(diff::ApplyRequest {
+                let applied = d.apply(ctx.r(diff::ApplyRequest {
                     diff: Some(Descriptor {
                         media_type: layer.media_type().to_string(),
                         digest: digest.to_string(),
@@ -452,7 +452,28 @@ async fn pull_in(
                     sync_fs: false,
                 }))
                 .await
-                .with_context(|| format!("applying layer {i} ({digest})"))?;
+                .with_context(|| format!("applying layer {i} ({digest})"))?
+                .into_inner()
+                .applied
+                .map(|a| a.digest)
+                .unwrap_or_default();
+                // Committed under a chain id only if the content is what the diff_id (and so
+                // the chain id) promises, as containerd's own unpack checks.
+                let want = oci::diff_ids(&image.config)?
+                    .get(i)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                if applied != want {
+                    let _ = snaps
+                        .remove(ctx.r(snapshots::RemoveSnapshotRequest {
+                            snapshotter: opts.snapshotter.clone(),
+                            key: key.clone(),
+                        }))
+                        .await;
+                    bail!(
+                        "layer {i} ({digest}): wrong diff id calculated on extraction: {applied}, the image config says {want}"
+                    );
+                }
                 snaps
                     .commit(ctx.r(snapshots::CommitSnapshotRequest {
                         snapshotter: opts.snapshotter.clone(),

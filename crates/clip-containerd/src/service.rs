@@ -328,12 +328,27 @@ impl Snapshotter {
                 }
             }
         };
-        let layer = match self
+        // Anything that keeps this layer from being served lazily — labels that do not fit,
+        // a registry that refuses or fails (a pull secret this node lacks, 429), content whose
+        // diff_id is not the one its chain id promises — means an ordinary snapshot: containerd
+        // fetches and unpacks the layer itself. Never a failed pull that could be served.
+        let verified = self
             .inner
             .lazy
             .layer_of(labels, parent_depth)
-            .map_err(|e| lazy_status(&e))?
-        {
+            .map_err(|e| e.to_string())
+            .and_then(|l| l)
+            .and_then(|l| {
+                // The layer's content is checked against its diff_id (the tree up to it
+                // indexed, every layer streamed or already checked) before it is committed under
+                // a chain id that other images' pulls will trust.
+                self.inner
+                    .lazy
+                    .ensure_archive(&l)
+                    .map(|_| l)
+                    .map_err(|e| e.to_string())
+            });
+        let layer = match verified {
             Ok(l) => l,
             Err(why) => {
                 tracing::info!(key, target, reason = %why, "layer not lazy; preparing an ordinary snapshot");
@@ -341,7 +356,6 @@ impl Snapshotter {
                 return Ok(None);
             }
         };
-        let top = self.inner.lazy.is_top(&layer);
         {
             let mut st = self.lock();
             if st.get(target).is_some() {
@@ -368,19 +382,26 @@ impl Snapshotter {
             self.save(&st)?;
         }
         metrics::counter!("clip_snapshotter_lazy_layers_total").increment(1);
-        tracing::info!(target, image = %layer.image, depth = layer.depth, "layer committed lazily: nothing to fetch");
-        if top {
-            // Index the whole image now, so that the first container does not wait for it.
-            let lazy = Arc::clone(&self.inner);
-            std::thread::spawn(move || {
-                if let Err(e) = lazy.lazy.ensure_archive(&layer) {
-                    tracing::warn!(image = %layer.image, error = %e, "indexing ahead of the first container failed; it will be retried then");
-                }
-            });
-        }
+        tracing::info!(target, image = %layer.image, depth = layer.depth, "layer committed lazily: content checked, nothing to fetch");
         Ok(Some(Status::already_exists(format!(
             "target snapshot {target} already exists"
         ))))
+    }
+
+    /// Removes archives, logs and mounts of trees no snapshot uses (containerd's `Cleanup`).
+    fn collect_leftovers(&self) {
+        let (keep, mounted) = {
+            let st = self.lock();
+            let keep = st
+                .snapshots
+                .values()
+                .filter_map(|s| s.lazy.as_ref().map(LazyLayer::mount_key))
+                .chain(st.needed_mounts())
+                .collect();
+            let mounted = st.mounts.iter().map(|m| m.key.clone()).collect();
+            (keep, mounted)
+        };
+        self.inner.lazy.collect(&keep, &mounted);
     }
 
     /// Unmounts the trees no snapshot needs any more.
@@ -705,6 +726,7 @@ impl pb::snapshots_server::Snapshots for Snapshotter {
                 }
             }
             me.release_mounts();
+            me.collect_leftovers();
             Ok(())
         })
         .await?;

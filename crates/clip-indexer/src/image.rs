@@ -136,6 +136,9 @@ pub(crate) struct MergeOptions<'a> {
     pub(crate) store: Option<&'a dyn LayerIndexStore>,
     pub(crate) progress: Option<&'a ProgressFn<'a>>,
     pub(crate) limit: Option<usize>,
+    /// Only layers whose `diff_id` was checked here: stored indexes made from a TOC are not
+    /// reused (the layer is indexed by streaming it).
+    pub(crate) verified: bool,
 }
 
 pub(crate) fn merge_all(
@@ -150,6 +153,7 @@ pub(crate) fn merge_all(
         store,
         progress,
         limit,
+        verified,
     } = *opts;
     let mut descs = LayerDesc::of_image(manifest, config)?;
     if let Some(n) = limit {
@@ -179,7 +183,7 @@ pub(crate) fn merge_all(
                         break;
                     };
                     let i = d.index;
-                    let r = reusing(store, d, span, || layer(d));
+                    let r = reusing(store, d, span, verified, || layer(d));
                     if let (Some(p), Ok((done, reused))) = (progress, &r) {
                         p(&if *reused {
                             Progress::LayerReused {
@@ -277,6 +281,7 @@ fn reusing(
     store: Option<&dyn LayerIndexStore>,
     d: &LayerDesc,
     span: u64,
+    verified: bool,
     index: impl FnOnce() -> Result<IndexedLayer>,
 ) -> Result<(IndexedLayer, bool)> {
     let i = d.index;
@@ -291,7 +296,8 @@ fn reusing(
                 if s.digest == d.digest
                     && s.index.span == span
                     && s.index.compressed_size == d.size
-                    && Digest::from_sha256(s.index.diff_id) == d.diff_id =>
+                    && Digest::from_sha256(s.index.diff_id) == d.diff_id
+                    && !(verified && s.toc_indexed) =>
             {
                 return Ok((
                     IndexedLayer {
@@ -305,6 +311,9 @@ fn reusing(
                     },
                     true,
                 ));
+            }
+            Ok(s) if verified && s.toc_indexed => {
+                tracing::info!(key, layer = i, "stored layer index was made from a table of contents (diff_id unchecked); streaming the layer to check it");
             }
             Ok(_) => {
                 tracing::warn!(key, store = %store.describe(), layer = i, "stored layer index does not match the layer; indexing it again");

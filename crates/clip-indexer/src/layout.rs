@@ -111,6 +111,7 @@ pub fn layout_image(layout: &Path, opts: &IndexOptions) -> Result<ImageTree> {
             store: opts.layer_store.as_deref(),
             progress: None,
             limit: opts.layers,
+            verified: opts.verify_diff_ids,
         },
         |d| index_layout_layer(layout, d, span, opts.bytes_read.as_deref()),
     )

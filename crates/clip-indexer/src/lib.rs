@@ -164,6 +164,12 @@ pub struct IndexOptions {
     /// Index only the first N layers: the tree of a prefix of the image (what a containerd
     /// snapshot chain names when images share their lower layers). `None`: every layer.
     pub layers: Option<usize>,
+    /// Check every layer's `diff_id`: layers that carry a table of contents are streamed like
+    /// any other instead of being indexed from it, and stored indexes made from a TOC are not
+    /// reused. What a containerd snapshot committed under a chain id needs (the chain id
+    /// promises the uncompressed content); off by default (a TOC's per-chunk digests verify
+    /// every byte read, but not that the layer is the one its `diff_id` names).
+    pub verify_diff_ids: bool,
 }
 
 impl Default for IndexOptions {
@@ -178,6 +184,7 @@ impl Default for IndexOptions {
             layer_store: None,
             bytes_read: None,
             layers: None,
+            verify_diff_ids: false,
         }
     }
 }

@@ -51,9 +51,15 @@ pub(crate) fn registry_image(
             store: opts.layer_store.as_deref(),
             progress,
             limit: opts.layers,
+            verified: opts.verify_diff_ids,
         },
         |d| {
-            let why_streamed = match toc::announced(d) {
+            let announced = if opts.verify_diff_ids {
+                toc::Announced::Nothing
+            } else {
+                toc::announced(d)
+            };
+            let why_streamed = match announced {
                 toc::Announced::Nothing => None,
                 toc::Announced::Unusable(why) => Some(why),
                 toc::Announced::Toc(kind) => {

@@ -190,6 +190,7 @@ fn check(image: &ImageBuilder, span: u64, platform: Option<&str>) {
         layer_store: None,
         bytes_read: None,
         layers: None,
+        verify_diff_ids: false,
     };
     let summary = index_layout(&layout, &out, &opts).unwrap();
     let a = Archive::open(&out).unwrap();

@@ -158,6 +158,27 @@ impl ImageBuilder {
 }
 
 impl BuiltImage {
+    /// A hostile image: the (single-platform) image's config claims `diff_ids` — another
+    /// image's — while its layers stay its own; config and manifest blobs are rebuilt around
+    /// the lie (what a chain-id poisoning attack pushes).
+    pub fn forge_diff_ids(&mut self, diff_ids: &[String]) -> Result<()> {
+        let m = self
+            .manifests
+            .first_mut()
+            .ok_or_else(|| Error::InvalidImage("no manifest".into()))?;
+        let mut config: serde_json::Value = serde_json::from_slice(&m.config.bytes)
+            .map_err(|e| Error::InvalidImage(format!("config: {e}")))?;
+        config["rootfs"]["diff_ids"] = serde_json::json!(diff_ids);
+        m.config = Blob::new(&m.config.media_type.clone(), to_json(&config)?);
+        let mut manifest: serde_json::Value = serde_json::from_slice(&m.manifest.bytes)
+            .map_err(|e| Error::InvalidImage(format!("manifest: {e}")))?;
+        manifest["config"]["digest"] = serde_json::json!(m.config.digest);
+        manifest["config"]["size"] = serde_json::json!(m.config.bytes.len());
+        m.manifest = Blob::new(&m.manifest.media_type.clone(), to_json(&manifest)?);
+        self.index = None;
+        Ok(())
+    }
+
     /// The digest a client resolves the tag to.
     #[must_use]
     pub fn digest(&self) -> &str {
