@@ -878,17 +878,20 @@ fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
             ..ContainerdOptions::default()
         })
         .unwrap();
-        let net = clip_core::registry::BlockingClient::new(
-            clip_core::registry::ClientConfig::default(),
-        )
-        .unwrap();
+        let net =
+            clip_core::registry::BlockingClient::new(clip_core::registry::ClientConfig::default())
+                .unwrap();
         let opts = clip_containerd::pull::PullOptions {
             address: ctd.address().to_owned(),
             namespace: "default".into(),
             snapshotter: "clip".into(),
             platform: None,
         };
-        let attack = net.block_on(clip_containerd::pull::pull(&evil.reference, net.client(), &opts));
+        let attack = net.block_on(clip_containerd::pull::pull(
+            &evil.reference,
+            net.client(),
+            &opts,
+        ));
         let err = format!("{:#}", attack.expect_err("the forged image was pulled"));
         assert!(err.contains("wrong diff id"), "{err}");
         assert!(
@@ -912,4 +915,85 @@ fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
             .unwrap();
         assert_eq!(stdout(&o), "victim\n");
     }
+}
+
+/// A layer the snapshotter cannot serve lazily (here: a private registry whose credentials only
+/// the pulling client has) degrades to the ordinary path, and `clip containerd pull` streams its
+/// 100 MB blob to containerd in bounded messages (one message of it would pass containerd's
+/// 16 MiB gRPC limit) — the pull succeeds and the container runs (#33).
+#[test]
+fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(clip_testkit::RegistryOptions {
+        auth: clip_testkit::Auth::Basic {
+            username: "ci".into(),
+            password: "secret".into(),
+        },
+        tls: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let built = ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(Image::new(vec![Layer::new(vec![
+            Entry::dir("bin"),
+            Entry::file("bin/busybox", busybox).mode(0o755),
+            Entry::symlink("bin/cat", "busybox"),
+            Entry::file("etc/who", "private\n"),
+            Entry::file(
+                "opt/big.bin",
+                clip_testkit::image::random_bytes(7, 100 << 20),
+            ),
+        ])]))
+        .build()
+        .unwrap();
+    let pushed = reg.push(&built, "private/app", "v1").unwrap();
+    let snap = Snapshotter::start(dir.path());
+    let ctd = Containerd::start(&ContainerdOptions {
+        snapshotter_socket: Some(snap.socket.clone()),
+        ..ContainerdOptions::default()
+    })
+    .unwrap();
+    let net = clip_core::registry::BlockingClient::new(clip_core::registry::ClientConfig {
+        credentials: vec![(
+            reg.host(),
+            clip_core::registry::Credentials::Basic {
+                username: "ci".into(),
+                password: "secret".into(),
+            },
+        )],
+        ..clip_core::registry::ClientConfig::default()
+    })
+    .unwrap();
+    let opts = clip_containerd::pull::PullOptions {
+        address: ctd.address().to_owned(),
+        namespace: "default".into(),
+        snapshotter: "clip".into(),
+        platform: None,
+    };
+    let s = net
+        .block_on(clip_containerd::pull::pull(
+            &pushed.reference,
+            net.client(),
+            &opts,
+        ))
+        .unwrap();
+    assert_eq!((s.lazy_layers, s.applied_layers), (0, 1), "{s:?}");
+    assert!(snap.log().contains("layer not lazy"), "{}", snap.log());
+    let o = ctd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &pushed.reference,
+            &format!("private-{}", std::process::id()),
+            "/bin/cat",
+            "/etc/who",
+        ])
+        .unwrap();
+    assert_eq!(stdout(&o), "private\n");
 }

@@ -214,7 +214,10 @@ pub(crate) fn router(
     svc: Arc<ImageService>,
     limits: Limits,
     creds: Arc<Credentials>,
-    on_push: Option<(Arc<clip_core::service::on_push::PushIndexer>, Arc<Credentials>)>,
+    on_push: Option<(
+        Arc<clip_core::service::on_push::PushIndexer>,
+        Arc<Credentials>,
+    )>,
 ) -> axum::Router {
     let (on_push, webhook) = on_push.unzip();
     let app = Arc::new(App {

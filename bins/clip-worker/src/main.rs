@@ -266,8 +266,7 @@ fn serve(svc: &Arc<ImageService>, args: ServeArgs) -> anyhow::Result<()> {
                 );
             };
             let secrets = Arc::new(
-                auth::Credentials::load(Some(file), false)
-                    .context("indexOnPush.secretFile")?,
+                auth::Credentials::load(Some(file), false).context("indexOnPush.secretFile")?,
             );
             Some((
                 Arc::new(clip_core::service::on_push::PushIndexer::start(

@@ -1245,7 +1245,11 @@ fn images_are_indexed_when_pushed() {
         &["-X", "POST", "-H", &hook, "-d", &forged.to_string()],
         "/v1/registry-events",
     );
-    assert_eq!((v["ignored"].as_u64(), v["queued"].as_u64()), (Some(1), Some(0)), "{v}");
+    assert_eq!(
+        (v["ignored"].as_u64(), v["queued"].as_u64()),
+        (Some(1), Some(0)),
+        "{v}"
+    );
     // The API's token no longer works on the webhook, nor the webhook's secret on the API.
     let (code, _) = server.call(&["-H", &hook], "/v1/images");
     assert_eq!(code, 401);

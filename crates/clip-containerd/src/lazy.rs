@@ -249,7 +249,9 @@ impl Lazy {
                 // The config (verified against its digest) gives the diff_ids, and so the
                 // chain ids the layers may be committed under.
                 let config = oci::digest(m.config())?;
-                let limit = usize::try_from(m.config().size()).unwrap_or(usize::MAX).min(64 << 20);
+                let limit = usize::try_from(m.config().size())
+                    .unwrap_or(usize::MAX)
+                    .min(64 << 20);
                 let config_bytes = self
                     .net
                     .block_on(self.net.client().blob_bytes(&r, &config, limit))?;
@@ -459,10 +461,15 @@ impl Lazy {
     /// Removes what no snapshot needs: archives of trees in `keep`'s complement, logs and mount
     /// points of trees not mounted (`mounted`), and mounts under `<root>/mnt` that no record
     /// names (left by a snapshotter killed between mounting and saving).
-    pub fn collect(&self, keep: &std::collections::HashSet<MountKey>, mounted: &std::collections::HashSet<MountKey>) {
-        let names = |set: &std::collections::HashSet<MountKey>| -> std::collections::HashSet<String> {
-            set.iter().map(MountKey::file_name).collect()
-        };
+    pub fn collect(
+        &self,
+        keep: &std::collections::HashSet<MountKey>,
+        mounted: &std::collections::HashSet<MountKey>,
+    ) {
+        let names =
+            |set: &std::collections::HashSet<MountKey>| -> std::collections::HashSet<String> {
+                set.iter().map(MountKey::file_name).collect()
+            };
         let (keep, mounted) = (names(keep), names(mounted));
         let entries = |dir: &str| {
             std::fs::read_dir(self.root.join(dir))

@@ -52,11 +52,8 @@ pub fn serve(args: &MountServerArgs) -> anyhow::Result<()> {
     let shared = profile_obj.as_ref().and_then(|(o, limit)| {
         let bytes = net
             .block_on(async {
-                tokio::time::timeout(
-                    *limit,
-                    o.get_bounded(clip_core::service::MAX_SMALL_OBJECT),
-                )
-                .await
+                tokio::time::timeout(*limit, o.get_bounded(clip_core::service::MAX_SMALL_OBJECT))
+                    .await
             })
             .ok()?
             .ok()

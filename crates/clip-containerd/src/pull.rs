@@ -181,6 +181,129 @@ impl Ctx<'_> {
     }
 }
 
+/// The largest `Write` message a streamed blob is sent in (containerd's gRPC server takes up to
+/// 16 MiB per message).
+const WRITE_CHUNK: usize = 1 << 20;
+
+impl Ctx<'_> {
+    /// Streams blob `digest` (of `size` bytes) from the registry into containerd's content
+    /// store in messages of at most [`WRITE_CHUNK`] bytes; memory stays bounded whatever the
+    /// layer's size, and containerd checks the digest at the commit.
+    async fn stream_content(
+        &self,
+        client: &Client,
+        r: &Reference,
+        digest: &clip_core::format::Digest,
+        size: u64,
+    ) -> anyhow::Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (net, r2, d2) = (client.clone(), r.clone(), digest.clone());
+        let feeder = tokio::spawn(async move { net.stream_to(&r2, &d2, tx).await });
+        let reference = format!("clip-pull-{digest}");
+        let total = i64::try_from(size).unwrap_or(i64::MAX);
+        let expected = digest.to_string();
+        let failure: std::sync::Arc<std::sync::Mutex<Option<String>>> = std::sync::Arc::default();
+        struct State {
+            rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, clip_core::registry::Error>>,
+            offset: u64,
+            done: bool,
+        }
+        let (reference2, expected2, fail2) = (reference.clone(), expected.clone(), failure.clone());
+        let msgs = futures_util::stream::unfold(
+            State {
+                rx,
+                offset: 0,
+                done: false,
+            },
+            move |mut st| {
+                let (reference, expected, failure) =
+                    (reference2.clone(), expected2.clone(), fail2.clone());
+                async move {
+                    if st.done {
+                        return None;
+                    }
+                    let mut data = Vec::new();
+                    while data.len() < WRITE_CHUNK {
+                        match st.rx.recv().await {
+                            Some(Ok(c)) => data.extend_from_slice(&c),
+                            Some(Err(e)) => {
+                                *failure
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                    Some(e.to_string());
+                                return None;
+                            }
+                            None => break,
+                        }
+                    }
+                    let at = st.offset;
+                    st.offset += data.len() as u64;
+                    if st.offset > size {
+                        *failure
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(format!(
+                            "the blob is larger than its descriptor's {size} bytes"
+                        ));
+                        return None;
+                    }
+                    let msg = if data.is_empty() {
+                        st.done = true;
+                        content::WriteContentRequest {
+                            action: content::WriteAction::Commit as i32,
+                            r#ref: reference,
+                            total,
+                            expected,
+                            offset: i64::try_from(at).unwrap_or(i64::MAX),
+                            data: Vec::new(),
+                            labels: HashMap::new(),
+                        }
+                    } else {
+                        content::WriteContentRequest {
+                            action: content::WriteAction::Write as i32,
+                            r#ref: reference,
+                            total,
+                            expected,
+                            offset: i64::try_from(at).unwrap_or(i64::MAX),
+                            data,
+                            labels: HashMap::new(),
+                        }
+                    };
+                    Some((msg, st))
+                }
+            },
+        );
+        let mut c = content::content_client::ContentClient::new(self.channel.clone());
+        let written = match c.write(self.r(msgs)).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                let mut out = Ok(());
+                while let Some(m) = stream.message().await.transpose() {
+                    match m {
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::AlreadyExists => break,
+                        Err(s) => {
+                            out = Err(s);
+                            break;
+                        }
+                    }
+                }
+                out
+            }
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+            Err(s) => Err(s),
+        };
+        feeder.abort();
+        if let Some(why) = failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            bail!("fetching layer {digest} from the registry: {why}");
+        }
+        written.map_err(|s| anyhow::anyhow!("writing {digest} to containerd's content store: {s}"))
+    }
+}
+
 /// Pulls `reference` lazily into containerd (see the module docs); `client` reaches the
 /// registry.
 pub async fn pull(
@@ -434,29 +557,28 @@ async fn pull_in(
                 let mounts = resp.into_inner().mounts;
                 let digest = oci::digest(layer)?;
                 // The rare path (a layer clip cannot serve): the blob, bounded by its
-                // descriptor's size and verified, is handed to containerd in one piece.
-                let limit = usize::try_from(layer.size()).unwrap_or(usize::MAX);
-                let blob = client.blob_bytes(&image.reference, &digest, limit).await?;
-                ctx.put_content(digest.as_ref(), blob.to_vec(), HashMap::new())
+                // descriptor's size, streamed to containerd, which checks its digest.
+                ctx.stream_content(client, &image.reference, &digest, layer.size())
                     .await?;
                 let mut d = diff::diff_client::DiffClient::new(ctx.channel.clone());
-                let applied = d.apply(ctx.r(diff::ApplyRequest {
-                    diff: Some(Descriptor {
-                        media_type: layer.media_type().to_string(),
-                        digest: digest.to_string(),
-                        size: i64::try_from(layer.size()).unwrap_or(i64::MAX),
-                        annotations: HashMap::new(),
-                    }),
-                    mounts,
-                    payloads: HashMap::new(),
-                    sync_fs: false,
-                }))
-                .await
-                .with_context(|| format!("applying layer {i} ({digest})"))?
-                .into_inner()
-                .applied
-                .map(|a| a.digest)
-                .unwrap_or_default();
+                let applied = d
+                    .apply(ctx.r(diff::ApplyRequest {
+                        diff: Some(Descriptor {
+                            media_type: layer.media_type().to_string(),
+                            digest: digest.to_string(),
+                            size: i64::try_from(layer.size()).unwrap_or(i64::MAX),
+                            annotations: HashMap::new(),
+                        }),
+                        mounts,
+                        payloads: HashMap::new(),
+                        sync_fs: false,
+                    }))
+                    .await
+                    .with_context(|| format!("applying layer {i} ({digest})"))?
+                    .into_inner()
+                    .applied
+                    .map(|a| a.digest)
+                    .unwrap_or_default();
                 // Committed under a chain id only if the content is what the diff_id (and so
                 // the chain id) promises, as containerd's own unpack checks.
                 let want = oci::diff_ids(&image.config)?

@@ -163,8 +163,8 @@ pub fn mkdir_in_root(root: &Path, rel: &str, mode: u32) -> Result<(), ContainerE
         match open_in_root(&rootfd, &path, dir) {
             Ok(_) => {}
             Err(rustix::io::Errno::NOENT) => {
-                let parent = open_in_root(&rootfd, &prefix, dir)
-                    .map_err(|e| io(what())(e.into()))?;
+                let parent =
+                    open_in_root(&rootfd, &prefix, dir).map_err(|e| io(what())(e.into()))?;
                 match rustix::fs::mkdirat(&parent, comp, Mode::from_raw_mode(mode)) {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(io(what())(e.into())),
@@ -185,7 +185,11 @@ pub fn read_in_root(root: &Path, rel: &str, max: u64) -> Result<Option<Vec<u8>>,
     use std::io::Read as _;
     let what = || format!("reading {rel} inside {}", root.display());
     let rootfd = open_root(root).map_err(io(what()))?;
-    let fd = match open_in_root(&rootfd, rel, OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK) {
+    let fd = match open_in_root(
+        &rootfd,
+        rel,
+        OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK,
+    ) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(io(what())(e.into())),

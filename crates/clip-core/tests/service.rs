@@ -882,7 +882,9 @@ fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
     assert_eq!(r.reused_layers, 0, "{logs}");
     assert!(logs.contains("stored archive refused"), "{logs}");
     // B replaced the archive with its own, signed; a third node reuses it.
-    assert!(clip_core::objstore::signed::is_signed(&std::fs::read(&archive).unwrap()));
+    assert!(clip_core::objstore::signed::is_signed(
+        &std::fs::read(&archive).unwrap()
+    ));
     let c = node("c");
     assert!(c.pull_and_archive(&image).unwrap().reused);
     let m = c.pull_lazy(&id).unwrap();

@@ -603,4 +603,3 @@ fn span_len(l: &Layer, i: usize) -> u64 {
     let r = l.span_range(i);
     r.end - r.start
 }
-

@@ -378,17 +378,28 @@ mod tests {
         let wait = Duration::from_secs(2);
         let now = 1_000_000_000;
         assert!(!claim_is_stale(now, now, wait), "a fresh claim");
-        assert!(!claim_is_stale(now - 7_999, now, wait), "a claim within four waits");
+        assert!(
+            !claim_is_stale(now - 7_999, now, wait),
+            "a claim within four waits"
+        );
         assert!(claim_is_stale(now - 8_001, now, wait), "its holder died");
-        assert!(!claim_is_stale(now + 1_500, now, wait), "a peer's clock a little ahead");
-        assert!(claim_is_stale(now + 2_001, now, wait), "dated in the future");
+        assert!(
+            !claim_is_stale(now + 1_500, now, wait),
+            "a peer's clock a little ahead"
+        );
+        assert!(
+            claim_is_stale(now + 2_001, now, wait),
+            "dated in the future"
+        );
         assert!(claim_is_stale(u64::MAX, now, wait));
     }
 
     #[test]
     fn a_stored_span_is_never_read_beyond_what_its_frame_can_be() {
         let span = vec![7u8; 1 << 20];
-        let random: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let random: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         for bytes in [span, random] {
             let frame = zstd::bulk::compress(&bytes, 3).unwrap_or_default();
             assert!(frame.len() as u64 <= max_object(bytes.len() as u64));

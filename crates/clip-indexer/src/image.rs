@@ -313,7 +313,11 @@ fn reusing(
                 ));
             }
             Ok(s) if verified && s.toc_indexed => {
-                tracing::info!(key, layer = i, "stored layer index was made from a table of contents (diff_id unchecked); streaming the layer to check it");
+                tracing::info!(
+                    key,
+                    layer = i,
+                    "stored layer index was made from a table of contents (diff_id unchecked); streaming the layer to check it"
+                );
             }
             Ok(_) => {
                 tracing::warn!(key, store = %store.describe(), layer = i, "stored layer index does not match the layer; indexing it again");

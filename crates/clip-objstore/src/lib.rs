@@ -532,7 +532,10 @@ mod tests {
         assert!(!obj.put_if_absent(b"second").await.unwrap());
         assert_eq!(&obj.get_range(6..11).await.unwrap()[..], b"world");
         assert_eq!(obj.size().await.unwrap(), 11);
-        assert_eq!(&obj.get_bounded(11).await.unwrap().unwrap()[..], b"hello world");
+        assert_eq!(
+            &obj.get_bounded(11).await.unwrap().unwrap()[..],
+            b"hello world"
+        );
         assert!(matches!(
             obj.get_bounded(10).await,
             Err(Error::TooLarge { max: 10, .. })
@@ -540,8 +543,15 @@ mod tests {
         let local = dir.path().join("copy");
         assert!(obj.download_bounded(&local, 11).await.unwrap());
         assert_eq!(std::fs::read(&local).unwrap(), b"hello world");
-        assert!(obj.download_bounded(&dir.path().join("small"), 5).await.is_err());
-        assert!(!dir.path().join("small").exists(), "no partial file is left");
+        assert!(
+            obj.download_bounded(&dir.path().join("small"), 5)
+                .await
+                .is_err()
+        );
+        assert!(
+            !dir.path().join("small").exists(),
+            "no partial file is left"
+        );
         let parent = RemoteObject::open(
             &format!("file://{}/store", dir.path().display()),
             &RemoteOptions::default(),

@@ -57,7 +57,9 @@ pub enum SignError {
         key: String,
     },
     /// The signature does not match the object (altered, or signed for another name).
-    #[error("{name}: the signature does not match its bytes (altered, or copied from another name)")]
+    #[error(
+        "{name}: the signature does not match its bytes (altered, or copied from another name)"
+    )]
     BadSignature {
         /// The object's name.
         name: String,
@@ -117,7 +119,9 @@ impl std::str::FromStr for PublicKey {
         };
         let mut words = s.split_whitespace();
         if words.next() != Some(PUBLIC_PREFIX) {
-            return Err(bad("not a clip-ed25519 public key (clip keygen writes them)"));
+            return Err(bad(
+                "not a clip-ed25519 public key (clip keygen writes them)",
+            ));
         }
         let b64 = words.next().ok_or_else(|| bad("no key after the prefix"))?;
         let raw = base64::engine::general_purpose::STANDARD
@@ -166,7 +170,9 @@ impl SigningKey {
         };
         let mut words = text.split_whitespace();
         if words.next() != Some(PRIVATE_PREFIX) {
-            return Err(bad("not a clip-ed25519 private key (clip keygen writes them)"));
+            return Err(bad(
+                "not a clip-ed25519 private key (clip keygen writes them)",
+            ));
         }
         let der = base64::engine::general_purpose::STANDARD
             .decode(words.next().ok_or_else(|| bad("no key after the prefix"))?)
@@ -264,7 +270,12 @@ impl Trust {
 
     /// Checks `header` (the first [`HEADER_LEN`] bytes of a signed object) against a payload
     /// with SHA-256 `digest`.
-    pub fn check_header(&self, name: &str, header: &[u8], digest: &[u8; 32]) -> Result<(), SignError> {
+    pub fn check_header(
+        &self,
+        name: &str,
+        header: &[u8],
+        digest: &[u8; 32],
+    ) -> Result<(), SignError> {
         let damaged = || SignError::Damaged { name: name.into() };
         if header.len() < HEADER_LEN || !header.starts_with(MAGIC) {
             return Err(damaged());
@@ -347,28 +358,46 @@ mod tests {
         let sealed = fleet.seal("a.clip", b"archive bytes");
         assert_eq!(reader.open("a.clip", &sealed).unwrap(), b"archive bytes");
         // Another name, altered bytes, an unknown key, no signature: refused.
-        assert!(matches!(reader.open("b.clip", &sealed), Err(SignError::BadSignature { .. })));
+        assert!(matches!(
+            reader.open("b.clip", &sealed),
+            Err(SignError::BadSignature { .. })
+        ));
         let mut altered = sealed.clone();
         *altered.last_mut().unwrap() ^= 1;
-        assert!(matches!(reader.open("a.clip", &altered), Err(SignError::BadSignature { .. })));
+        assert!(matches!(
+            reader.open("a.clip", &altered),
+            Err(SignError::BadSignature { .. })
+        ));
         assert!(matches!(
             reader.open("a.clip", &other.seal("a.clip", b"archive bytes")),
             Err(SignError::UnknownKey { .. })
         ));
-        assert!(matches!(reader.open("a.clip", b"archive bytes"), Err(SignError::Unsigned { .. })));
-        assert!(matches!(reader.open("a.clip", &sealed[..50]), Err(SignError::Damaged { .. })));
+        assert!(matches!(
+            reader.open("a.clip", b"archive bytes"),
+            Err(SignError::Unsigned { .. })
+        ));
+        assert!(matches!(
+            reader.open("a.clip", &sealed[..50]),
+            Err(SignError::Damaged { .. })
+        ));
         let lax = Trust {
             allow_unsigned: true,
             ..Trust::default()
         };
         assert_eq!(lax.open("a.clip", b"plain").unwrap(), b"plain");
-        assert!(lax.open("a.clip", &sealed).is_err(), "signed, by nobody it trusts");
+        assert!(
+            lax.open("a.clip", &sealed).is_err(),
+            "signed, by nobody it trusts"
+        );
         // A signer trusts itself.
         let writer = Trust {
             signer: Some(fleet),
             ..Trust::default()
         };
-        assert_eq!(writer.open("a.clip", &writer.seal("a.clip", b"x")).unwrap(), b"x");
+        assert_eq!(
+            writer.open("a.clip", &writer.seal("a.clip", b"x")).unwrap(),
+            b"x"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("obj");
@@ -389,6 +418,9 @@ mod tests {
         assert!("ssh-ed25519 AAAA".parse::<PublicKey>().is_err());
         assert!("clip-ed25519 AAAA".parse::<PublicKey>().is_err());
         assert!(SigningKey::parse("clip-ed25519-private AAAA", "k").is_err());
-        assert!(!format!("{k:?}").contains(&text[21..40]), "a private key in Debug output");
+        assert!(
+            !format!("{k:?}").contains(&text[21..40]),
+            "a private key in Debug output"
+        );
     }
 }

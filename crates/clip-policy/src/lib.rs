@@ -666,9 +666,13 @@ imageService:
         .unwrap();
         let p = c.index_on_push.unwrap();
         assert!(p.trusts_host("reg.example.com:5000") && !p.trusts_host("evil.example.com"));
-        assert_eq!(p.secret_file.as_deref(), Some(Path::new("/etc/clip/push-secret")));
+        assert_eq!(
+            p.secret_file.as_deref(),
+            Some(Path::new("/etc/clip/push-secret"))
+        );
         assert!(
-            Config::from_yaml("imageService:\n  indexOnPush:\n    repositories: [\"*\"]\n").is_err(),
+            Config::from_yaml("imageService:\n  indexOnPush:\n    repositories: [\"*\"]\n")
+                .is_err(),
             "events from any host"
         );
         assert!(p.wants("any:5000", "team/a") && p.wants("h", "team/a/b"));

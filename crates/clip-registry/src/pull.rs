@@ -389,8 +389,10 @@ impl Client {
         rx
     }
 
-    /// Streams blob `digest` of `r` into `tx`, chunk by chunk.
-    async fn stream_to(
+    /// Streams blob `digest` of `r` into `tx` chunk by chunk (an error ends the stream), as
+    /// fast as the receiver takes them: memory stays bounded by the channel. The receiver
+    /// verifies the digest.
+    pub async fn stream_to(
         &self,
         r: &Reference,
         digest: &Digest,

@@ -28,13 +28,21 @@ pub(crate) fn keygen(file: &Path, out: &mut impl std::io::Write) -> anyhow::Resu
             .create_new(true)
             .mode(mode)
             .open(path)
-            .with_context(|| format!("creating {} (an existing key is never overwritten)", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "creating {} (an existing key is never overwritten)",
+                    path.display()
+                )
+            })?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
         Ok(())
     };
     if pub_path.exists() {
-        anyhow::bail!("{} exists; an existing key is never overwritten", pub_path.display());
+        anyhow::bail!(
+            "{} exists; an existing key is never overwritten",
+            pub_path.display()
+        );
     }
     create(file, 0o600, &private)?;
     create(&pub_path, 0o644, &public)?;

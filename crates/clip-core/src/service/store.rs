@@ -250,7 +250,11 @@ pub struct S3ArchiveStore {
 /// `allowUnsigned`). A `trustedKeys` entry is a public key's text or the path of a file of
 /// them, one per line (`#` comments allowed).
 pub fn trust(cfg: &clip_policy::Config) -> Result<Trust, ServiceError> {
-    let signer = cfg.signing_key.as_deref().map(SigningKey::load).transpose()?;
+    let signer = cfg
+        .signing_key
+        .as_deref()
+        .map(SigningKey::load)
+        .transpose()?;
     let mut trusted = Vec::new();
     for entry in &cfg.trusted_keys {
         if entry.trim_start().starts_with("clip-ed25519 ") {
@@ -567,13 +571,11 @@ pub(crate) fn open(
 ) -> Result<Arc<dyn ArchiveStore>, ServiceError> {
     Ok(match &cfg.archive_store {
         clip_policy::ArchiveStore::Local(dir) => Arc::new(LocalStore::open(dir)?),
-        clip_policy::ArchiveStore::S3(s3) => {
-            Arc::new(S3ArchiveStore::open(
-                s3,
-                &cfg.cache_dir,
-                runtime.clone(),
-                Arc::new(trust(cfg)?),
-            )?)
-        }
+        clip_policy::ArchiveStore::S3(s3) => Arc::new(S3ArchiveStore::open(
+            s3,
+            &cfg.cache_dir,
+            runtime.clone(),
+            Arc::new(trust(cfg)?),
+        )?),
     })
 }
