@@ -88,7 +88,7 @@ pub(crate) fn registry_image(
                             LayerMethod::ZstdChunkedToc,
                         ),
                     };
-                    match attempt {
+                    match attempt.and_then(|t| toc::bounded_spans(t, toc::MAX_TOC_SPAN)) {
                         Ok(t) => {
                             return Ok(IndexedLayer {
                                 entries: t.entries,

@@ -371,6 +371,34 @@ pub(super) fn entry_of(
     })
 }
 
+/// The largest chunk a TOC may make one span. A TOC's chunks are the image author's choice
+/// (stargz's `ctr-remote` takes any chunk size): a 1 GiB chunk would be fetched, decoded and
+/// verified as one buffer by every mount that reads a byte of it. A layer with a larger chunk
+/// is streamed instead, and gets clip's own checkpoints (`checkpointMiB` apart).
+pub const MAX_TOC_SPAN: u64 = 64 << 20;
+
+/// `t` if none of its spans is longer than `max`, else the error that makes the caller stream
+/// the layer.
+pub(crate) fn bounded_spans(t: TocLayer, max: u64) -> Result<TocLayer, Error> {
+    let ix = &t.index;
+    let longest = ix
+        .checkpoints
+        .iter()
+        .map(|c| c.uncompressed_offset)
+        .chain(std::iter::once(ix.uncompressed_size))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .max()
+        .unwrap_or(0);
+    if longest > max {
+        return Err(Error::Unsupported(format!(
+            "a TOC chunk of {longest} bytes is larger than the {max} bytes clip serves as one span"
+        )));
+    }
+    Ok(t)
+}
+
 /// Indexes layer `layer` (descriptor `d`) from its TOC; `fetch` returns exact byte ranges of the
 /// blob. Errors mean "stream this layer instead".
 pub(crate) fn index_from_toc(
@@ -658,5 +686,53 @@ mod toc_tests {
             ..d.clone()
         };
         assert!(index_from_toc(&fetch, 0, &small, &e.toc_digest, 1).is_err());
+    }
+}
+
+#[cfg(test)]
+mod span_bound_tests {
+    use super::*;
+
+    fn layer(offsets: &[u64], size: u64) -> TocLayer {
+        TocLayer {
+            entries: Vec::new(),
+            index: LayerIndex {
+                checkpoints: offsets
+                    .iter()
+                    .map(|&o| Checkpoint {
+                        kind: CheckpointKind::GzipMember,
+                        compressed_offset: o,
+                        uncompressed_offset: o,
+                        bits: 0,
+                        window: Vec::new(),
+                        span_digest: [0; 32],
+                        chain_head: None,
+                    })
+                    .collect(),
+                compressed_size: size,
+                uncompressed_size: size,
+                diff_id: [0; 32],
+                members: 1,
+                span: 4 << 20,
+                input: None,
+            },
+            fetched: 0,
+        }
+    }
+
+    /// The image author chooses a TOC's chunk sizes; a chunk above the bound makes the layer
+    /// streamed (clip's own checkpoints) instead of one giant span.
+    #[test]
+    fn a_toc_chunk_above_the_bound_makes_the_layer_streamed() {
+        assert!(bounded_spans(layer(&[0, 10, 20], 30), 10).is_ok());
+        assert!(
+            bounded_spans(layer(&[0, 10, 21], 30), 10).is_err(),
+            "a middle chunk"
+        );
+        assert!(
+            bounded_spans(layer(&[0, 10], 21), 10).is_err(),
+            "the last chunk"
+        );
+        assert!(bounded_spans(layer(&[], 0), 10).is_ok());
     }
 }
