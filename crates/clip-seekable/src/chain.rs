@@ -210,6 +210,179 @@ pub fn verify_span(
     }
 }
 
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+/// [`verify_span`] fed in pieces: the span's bytes as they are decoded, never all at once (for
+/// spans too large to hold in memory). [`SpanVerifier::finish`] gives the same verdict
+/// [`verify_span`] gives for the concatenated bytes.
+#[derive(Debug)]
+pub struct SpanVerifier {
+    mode: VerifyMode,
+    /// Bytes of the span seen so far.
+    seen: u64,
+    /// The span's length.
+    len: u64,
+    offset: u64,
+}
+
+#[derive(Debug)]
+enum VerifyMode {
+    /// A span with a digest of its own (TOC chunks).
+    Plain(sha2::Sha256, [u8; 32]),
+    /// A chain span: bytes before `cut` feed the chain, the rest must equal `want_tail`.
+    Chain {
+        chain: Chain,
+        cut: u64,
+        tail: Vec<u8>,
+        want_tail: Vec<u8>,
+        want_value: [u8; 32],
+    },
+    /// The layer's last span: the chain over everything ends in the `diff_id`.
+    Last {
+        chain: Chain,
+        size: u64,
+        diff_id: [u8; 32],
+    },
+    /// Both checkpoints in one 64-byte block: head plus bytes equal the next head.
+    Joined { joined: Vec<u8>, want: Vec<u8> },
+}
+
+impl SpanVerifier {
+    /// A verifier for span `i` of a layer with checkpoints `cps` ending as `end`.
+    pub fn new(cps: &[Checkpoint], i: usize, end: &LayerEnd) -> Result<Self, Error> {
+        let cp = cps
+            .get(i)
+            .ok_or_else(|| Error::BadCheckpoint(format!("no span {i}")))?;
+        let bad = || Error::SpanDigest {
+            offset: cp.uncompressed_offset,
+        };
+        let span_end = cps.get(i + 1).map_or(end.size, |n| n.uncompressed_offset);
+        let len = span_end
+            .checked_sub(cp.uncompressed_offset)
+            .ok_or_else(bad)?;
+        let Some(head) = &cp.chain_head else {
+            use sha2::Digest as _;
+            return Ok(Self {
+                mode: VerifyMode::Plain(sha2::Sha256::new(), cp.span_digest),
+                seen: 0,
+                len,
+                offset: cp.uncompressed_offset,
+            });
+        };
+        let start = cp.uncompressed_offset - cp.uncompressed_offset % 64;
+        if head.len() as u64 != cp.uncompressed_offset - start {
+            return Err(bad());
+        }
+        let mut chain = Chain::resume(&cp.span_digest, start);
+        chain.update(head);
+        let mode = match cps.get(i + 1) {
+            None => VerifyMode::Last {
+                chain,
+                size: end.size,
+                diff_id: end.diff_id,
+            },
+            Some(next) => {
+                let next_head = next.chain_head.as_deref().ok_or_else(bad)?;
+                let next_start = next.uncompressed_offset - next.uncompressed_offset % 64;
+                if next_start == start {
+                    if next.span_digest != cp.span_digest {
+                        return Err(bad());
+                    }
+                    VerifyMode::Joined {
+                        joined: head.clone(),
+                        want: next_head.to_vec(),
+                    }
+                } else {
+                    VerifyMode::Chain {
+                        chain,
+                        cut: next_start - cp.uncompressed_offset,
+                        tail: Vec::new(),
+                        want_tail: next_head.to_vec(),
+                        want_value: next.span_digest,
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            mode,
+            seen: 0,
+            len,
+            offset: cp.uncompressed_offset,
+        })
+    }
+
+    /// The span's length in bytes.
+    #[must_use]
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the span is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The next bytes of the span.
+    pub fn update(&mut self, data: &[u8]) {
+        let at = self.seen;
+        self.seen += data.len() as u64;
+        match &mut self.mode {
+            VerifyMode::Plain(h, _) => sha2::Digest::update(h, data),
+            VerifyMode::Last { chain, .. } => chain.update(data),
+            VerifyMode::Joined { joined, .. } => {
+                // At most 64 bytes can be right; keep no more than that.
+                let room = 65usize.saturating_sub(joined.len());
+                joined.extend_from_slice(&data[..data.len().min(room)]);
+            }
+            VerifyMode::Chain {
+                chain, cut, tail, ..
+            } => {
+                let before = usize::try_from(cut.saturating_sub(at))
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                chain.update(&data[..before]);
+                let room = 65usize.saturating_sub(tail.len());
+                let rest = &data[before..];
+                tail.extend_from_slice(&rest[..rest.len().min(room)]);
+            }
+        }
+    }
+
+    /// The verdict on everything fed.
+    pub fn finish(self) -> Result<(), Error> {
+        let bad = Error::SpanDigest {
+            offset: self.offset,
+        };
+        if self.seen != self.len {
+            return Err(bad);
+        }
+        let ok = match self.mode {
+            VerifyMode::Plain(h, want) => <[u8; 32]>::from(sha2::Digest::finalize(h)) == want,
+            VerifyMode::Last {
+                chain,
+                size,
+                diff_id,
+            } => chain.total() == size && chain.finalize() == diff_id,
+            VerifyMode::Joined { joined, want } => joined == want,
+            VerifyMode::Chain {
+                chain,
+                tail,
+                want_tail,
+                want_value,
+                ..
+            } => chain.value() == Some(want_value) && tail == want_tail,
+        };
+        if ok { Ok(()) } else { Err(bad) }
+    }
+}
+
 /// A name for span `i`'s content, for content-addressed caches: the span's sha256 in a plain
 /// layer; in a chained layer a sha256 over what pins the span down (its start and end chaining
 /// values and heads, or the layer's `diff_id` and size for the last span, and its length), so

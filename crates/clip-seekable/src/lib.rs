@@ -60,14 +60,16 @@
 
 mod chain;
 pub mod gzip;
+mod large;
 mod plain;
 mod span;
 pub mod stream;
 mod zlib;
 pub mod zstd_layer;
 
-pub use chain::{LayerEnd, span_key, verify_span};
+pub use chain::{LayerEnd, SpanVerifier, span_key, verify_span};
 pub use gzip::{CheckpointRequests, GzipIndexer};
+pub use large::decode_span_to;
 pub use plain::PlainIndexer;
 pub use span::{HashThread, InputDigest, InputFeed};
 pub use zstd_layer::ZstdIndexer;
