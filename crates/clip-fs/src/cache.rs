@@ -461,6 +461,30 @@ impl SpanCache {
 
     /// Writes a span file (temporary name, then renamed into place) and accounts for it.
     fn write(&self, digest: &[u8; 32], bytes: &[u8]) -> std::io::Result<SpanFile> {
+        self.write_with(digest, bytes.len() as u64, |put| put(bytes))
+    }
+
+    /// Stores a span of `len` bytes that `fill` produces in pieces (handing each to the `put`
+    /// it is given), without ever holding it whole: for spans too large for memory. `fill`
+    /// verifies the bytes as they pass and fails to abandon the span; nothing is stored then.
+    /// Unlike [`insert`](Self::insert) there is no memory fallback: a disk that cannot take the
+    /// span is an error.
+    pub fn insert_with(
+        &self,
+        digest: &[u8; 32],
+        len: u64,
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()>,
+    ) -> std::io::Result<SpanFile> {
+        self.write_with(digest, len, fill)
+            .inspect_err(|e| self.write_failed(e))
+    }
+
+    fn write_with(
+        &self,
+        digest: &[u8; 32],
+        len: u64,
+        fill: impl FnOnce(&mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()>,
+    ) -> std::io::Result<SpanFile> {
         let path = self.path(digest);
         if let Some(parent) = path.parent() {
             use std::os::unix::fs::DirBuilderExt as _;
@@ -484,17 +508,36 @@ impl SpanCache {
                 .mode(0o600)
                 .open(&tmp)?
         };
-        let mut trailer = [0u8; TRAILER as usize];
-        trailer[..8].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(bytes).to_le_bytes());
-        trailer[8..].copy_from_slice(MAGIC);
-        let written = f
-            .write_all(bytes)
-            .and_then(|()| f.write_all(&trailer))
-            .and_then(|()| {
-                Span::map(&f, bytes.len() as u64)
-                    .ok_or_else(|| std::io::Error::other("span file reads back wrong"))
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut written = 0u64;
+        let written = {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+            fill(&mut |piece: &[u8]| {
+                hasher.update(piece);
+                written += piece.len() as u64;
+                out.write_all(piece)
             })
-            .and_then(|span| std::fs::rename(&tmp, &path).map(|()| span));
+            .and_then(|()| {
+                if written == len {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "span of {written} bytes, {len} expected"
+                    )))
+                }
+            })
+            .and_then(|()| {
+                let mut trailer = [0u8; TRAILER as usize];
+                trailer[..8].copy_from_slice(&hasher.digest().to_le_bytes());
+                trailer[8..].copy_from_slice(MAGIC);
+                out.write_all(&trailer)?;
+                out.flush()
+            })
+        }
+        .and_then(|()| {
+            Span::map(&f, len).ok_or_else(|| std::io::Error::other("span file reads back wrong"))
+        })
+        .and_then(|span| std::fs::rename(&tmp, &path).map(|()| span));
         let span = match written {
             Ok(span) => span,
             Err(e) => {
@@ -502,7 +545,7 @@ impl SpanCache {
                 return Err(e);
             }
         };
-        let len = bytes.len() as u64 + TRAILER;
+        let len = len + TRAILER;
         self.inserted.fetch_add(len, Ordering::Relaxed);
         let file = self.remember(*digest, span);
         self.refresh_bound(false);

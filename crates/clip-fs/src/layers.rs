@@ -5,6 +5,11 @@
 //! missing spans with one ranged GET, decodes each span from its own checkpoint on a blocking
 //! thread, verifies it, and stores it. Concurrent requests for a span share one fetch (single
 //! flight). Bytes that fail verification are fetched once more, then reported — never served.
+//!
+//! A span longer than [`LARGE_SPAN`] (their lengths are partly the image author's choice: a
+//! single-frame zstd layer, an eStargz chunk) is never held in memory: it is fetched alone, in
+//! ranges of a few MiB, decoded and verified streaming into its cache file, and never goes
+//! through the span store (whose objects are read whole).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -17,6 +22,10 @@ use tokio::sync::watch;
 
 use crate::Error;
 use crate::cache::{SpanCache, SpanFile};
+
+/// Spans longer than this are decoded and verified streaming into the cache file, never into one
+/// buffer.
+pub const LARGE_SPAN: u64 = 16 << 20;
 
 /// One layer's random-access index.
 #[derive(Debug)]
@@ -323,9 +332,14 @@ impl V2Source {
                 let (tx, rx) = watch::channel(None);
                 inflight.insert(digest, rx.clone());
                 senders.push((span, digest, tx));
+                // A large span is fetched alone; none joins a run of small ones.
+                let ahead = if len > LARGE_SPAN { 0 } else { ahead };
                 while last + 1 < layer_index.checkpoints.len() && last < span + ahead {
                     let d = self.digest(layer, last + 1);
-                    if inflight.contains_key(&d) || self.cache.get_open(&d).is_some() {
+                    if inflight.contains_key(&d)
+                        || self.cache.get_open(&d).is_some()
+                        || span_len(layer_index, last + 1) > LARGE_SPAN
+                    {
                         break;
                     }
                     let (t, r) = watch::channel(None);
@@ -409,6 +423,13 @@ impl V2Source {
         last: usize,
     ) -> Vec<Result<SpanFile, Error>> {
         use futures_util::future::join_all;
+        if first == last && span_len(&self.layers[layer], first) > LARGE_SPAN {
+            let got = match self.fetch_large(layer, first).await {
+                Err(Error::Verify { .. }) => self.fetch_large(layer, first).await,
+                other => other,
+            };
+            return vec![got];
+        }
         let Some(store) = self.store.clone() else {
             return self.fetch_from_registry(layer, first, last).await;
         };
@@ -553,6 +574,86 @@ impl V2Source {
         .map_err(|e| Error::Io(std::io::Error::other(e)))
     }
 
+    /// Span `i` of `layer`, longer than [`LARGE_SPAN`]: its compressed range read in pieces,
+    /// decoded and verified streaming into its cache file (memory: a few MiB, whatever its
+    /// length). Bytes that fail verification are never served (the file is not kept).
+    async fn fetch_large(self: &Arc<Self>, layer: usize, i: usize) -> Result<SpanFile, Error> {
+        let handle = tokio::runtime::Handle::current();
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let l = &me.layers[layer];
+            let range = l.compressed_range(i, i);
+            let want = l.span_range(i);
+            let len = want.end - want.start;
+            let mut reader = Counted {
+                inner: me
+                    .client
+                    .range_reader(&handle, &me.reference, &l.digest, range.clone()),
+                n: &me.stats.fetched_bytes,
+            };
+            let mut verifier = Some(
+                clip_seekable::SpanVerifier::new(&l.checkpoints, i, &l.end)
+                    .map_err(|e| Error::Fetch(format!("layer {}: {e}", l.digest)))?,
+            );
+            let mut failure: Option<Error> = None;
+            let stored = me.cache.insert_with(&l.keys[i], len, |put| {
+                let decoded = clip_seekable::decode_span_to(
+                    l.media,
+                    &l.checkpoints[i],
+                    &mut reader,
+                    range.start,
+                    len,
+                    &mut |piece| {
+                        if let Some(v) = verifier.as_mut() {
+                            v.update(piece);
+                        }
+                        put(piece).map_err(|e| clip_seekable::Error::Corrupt {
+                            compressed: 0,
+                            reason: format!("writing the span to the cache: {e}"),
+                        })
+                    },
+                );
+                let verdict = decoded.and_then(|()| {
+                    verifier
+                        .take()
+                        .map_or(Ok(()), clip_seekable::SpanVerifier::finish)
+                });
+                verdict.map_err(|e| {
+                    let err = match e {
+                        clip_seekable::Error::SpanDigest { .. } => Error::Verify {
+                            layer: l.digest.clone(),
+                            offset: want.start,
+                        },
+                        other => Error::Fetch(format!(
+                            "layer {}: the span at uncompressed offset {}: {other}",
+                            l.digest, want.start
+                        )),
+                    };
+                    let io = std::io::Error::other(err.to_string());
+                    failure = Some(err);
+                    io
+                })
+            });
+            match stored {
+                Ok(f) => {
+                    me.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
+                    Ok(f)
+                }
+                Err(e) => {
+                    let err = failure.unwrap_or(Error::Io(e));
+                    if matches!(err, Error::Verify { .. }) {
+                        me.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(layer = %l.digest, offset = want.start, "span failed verification");
+                    }
+                    Err(err)
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+
     fn decode_span(
         &self,
         layer: usize,
@@ -583,6 +684,20 @@ impl V2Source {
         }
         self.stats.spans_fetched.fetch_add(1, Ordering::Relaxed);
         Ok(self.cache.insert(&l.keys[i], bytes))
+    }
+}
+
+/// A reader that counts the bytes it passes on.
+struct Counted<'a, R> {
+    inner: R,
+    n: &'a AtomicU64,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.fetch_add(k as u64, Ordering::Relaxed);
+        Ok(k)
     }
 }
 

@@ -59,6 +59,7 @@ use std::sync::atomic::Ordering;
 use clip_format::{Archive, ArchiveKind};
 
 pub use cache::{CacheStats, SpanCache};
+pub use layers::LARGE_SPAN;
 pub use profile::Profile;
 pub use spanstore::{SpanStoreOptions, SpanStoreStats};
 

@@ -64,7 +64,7 @@ pub use client::{
     is_loopback,
 };
 pub use oci::Platform;
-pub use pull::{BlobReader, PARALLEL_CHUNK, PARALLEL_MIN, PARALLEL_STREAMS};
+pub use pull::{BlobReader, PARALLEL_CHUNK, PARALLEL_MIN, PARALLEL_STREAMS, RANGE_READER_CHUNK};
 pub use push::CHUNK;
 pub use reference::{DOCKER_HUB, Reference};
 

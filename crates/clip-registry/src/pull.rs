@@ -299,6 +299,8 @@ pub struct BlobReader {
 /// Blobs at least this large are fetched with parallel range requests when the registry
 /// answers ranges ([`Client::blob_reader_sized`]).
 pub const PARALLEL_MIN: u64 = 64 << 20;
+/// The size of each request of a [`Client::range_reader`].
+pub const RANGE_READER_CHUNK: u64 = 4 << 20;
 /// The size of each range of a parallel fetch.
 pub const PARALLEL_CHUNK: u64 = 8 << 20;
 /// Ranges in flight during a parallel fetch (memory: this many chunks, plus one being read).
@@ -337,6 +339,39 @@ impl Client {
 
     /// The chunks of blob `digest` (of `size` bytes) in order, produced by a task on `runtime`:
     /// parallel ranges for a big blob of a registry that answers them, else one stream.
+    /// Bytes `range` of blob `digest`, as a blocking [`std::io::Read`] fed by a task on
+    /// `runtime`: exact ranges ([`Self::read_range`]) of at most [`RANGE_READER_CHUNK`] bytes, one
+    /// after another, at most two waiting — for ranges too large to hold in memory (a span of
+    /// gigabytes), read by a consumer on its own thread.
+    #[must_use]
+    pub fn range_reader(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        r: &Reference,
+        digest: &Digest,
+        range: Range<u64>,
+    ) -> BlobReader {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (client, r, digest) = (self.clone(), r.clone(), digest.clone());
+        runtime.spawn(async move {
+            let mut next = range.start;
+            while next < range.end {
+                let end = (next + RANGE_READER_CHUNK).min(range.end);
+                let res = client.read_range(&r, &digest, next..end).await;
+                let stop = res.is_err();
+                if tx.send(res).await.is_err() || stop {
+                    return;
+                }
+                next = end;
+            }
+        });
+        BlobReader {
+            rx,
+            current: Bytes::new(),
+            failed: false,
+        }
+    }
+
     pub(crate) fn blob_chunks(
         &self,
         runtime: &tokio::runtime::Handle,
