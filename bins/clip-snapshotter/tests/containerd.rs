@@ -405,6 +405,28 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         .path();
     let p = clip_core::fs::Profile::load(&profile).unwrap();
     assert!(p.touches.iter().any(|t| t.path == "/etc/greeting"), "{p:?}");
+    // Cleanup collects what no snapshot uses any more: the tree archives and their logs.
+    let root = dir.path().join("snap-root");
+    let count = |d: &str| std::fs::read_dir(root.join(d)).map_or(0, Iterator::count);
+    assert!(count("archives") > 0 && count("logs") > 0);
+    let rt = clip_testkit::runtime();
+    rt.block_on(async {
+        use clip_containerd::api::containerd::services::snapshots::v1 as pb;
+        let mut c = pb::snapshots_client::SnapshotsClient::new(
+            clip_containerd::pull::connect(&snap.socket).await.unwrap(),
+        );
+        c.cleanup(pb::CleanupRequest {
+            snapshotter: "clip".into(),
+        })
+        .await
+        .unwrap();
+    });
+    assert_eq!(
+        (count("archives"), count("logs"), count("mnt")),
+        (0, 0, 0),
+        "{}",
+        snap.log()
+    );
 }
 
 /// The pids of this snapshotter's mount servers.
@@ -834,7 +856,7 @@ fn setuid_programs_work_in_snapshotter_containers() {
 }
 
 /// Chain-id poisoning (#33): an image whose config copies a victim's `diff_ids` but ships its
-/// own layer (gzip, and eStargz, whose TOC alone would never check the diff_id) is not committed
+/// own layer (gzip, and eStargz, whose TOC alone would never check the `diff_id`) is not committed
 /// under the victim's chain id on this node; the victim pulled afterwards runs its own files.
 #[test]
 fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {

@@ -858,6 +858,20 @@ fn clip_containerd_pull_falls_back_to_an_ordinary_unpack() {
     );
 }
 
+/// A foreground mount server, killed (and its mount detached) when dropped.
+struct Server(std::process::Child, std::path::PathBuf);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = Command::new("fusermount3")
+            .args(["-uz"])
+            .arg(&self.1)
+            .status();
+    }
+}
+
 /// The largest anonymous memory (`RssAnon`) process `pid` reaches while `work` runs, sampled.
 fn peak_anon_kib(pid: u32, work: impl FnOnce()) -> u64 {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -924,17 +938,6 @@ fn author_sized_spans_are_read_with_bounded_memory() {
         let mp = dir.path().join(format!("mnt-{name}"));
         std::fs::create_dir(&mp).unwrap();
         // Killed (and its mount detached) however the test ends.
-        struct Server(std::process::Child, std::path::PathBuf);
-        impl Drop for Server {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-                let _ = Command::new("fusermount3")
-                    .args(["-uz"])
-                    .arg(&self.1)
-                    .status();
-            }
-        }
         let server = Server(
             Command::new(env!("CARGO_BIN_EXE_clip"))
                 .args([

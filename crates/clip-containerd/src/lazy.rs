@@ -116,6 +116,8 @@ pub struct Lazy {
     manifests: Mutex<HashMap<String, ManifestFacts>>,
     /// One lock per tree: a tree is indexed and mounted once, however many ask at once.
     busy: Mutex<HashMap<MountKey, Arc<Mutex<()>>>>,
+    /// Whole images whose indexing failed (not tried again for each of their layers).
+    whole_failed: Mutex<std::collections::HashSet<MountKey>>,
 }
 
 impl std::fmt::Debug for Lazy {
@@ -165,6 +167,7 @@ impl Lazy {
             server,
             manifests: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
+            whole_failed: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -214,14 +217,33 @@ impl Lazy {
         }))
     }
 
-    /// Whether `l` is the image's top layer (then its whole tree is worth indexing at once).
-    #[must_use]
-    pub fn is_top(&self, l: &LazyLayer) -> bool {
-        self.manifests
+    /// Checks that the content of `l`'s tree matches its `diff_id`s (and so the chain id it is
+    /// to be committed under) and leaves its archive ready. The first layer of an image that
+    /// needs it indexes the whole image at once (its layers in parallel, every `diff_id`
+    /// checked, the layer indexes kept), so the layers prepared after it only merge; when the
+    /// whole image fails (an upper layer that lies), `l`'s own prefix is checked on its own.
+    /// Blocking.
+    pub fn verify(&self, l: &LazyLayer) -> Result<PathBuf, LazyError> {
+        let top = self
+            .manifests
             .lock()
             .ok()
-            .and_then(|m| m.get(&l.manifest).map(|f| f.layers.len() == l.depth))
-            .unwrap_or(false)
+            .and_then(|m| m.get(&l.manifest).map(|f| f.layers.len()))
+            .filter(|&n| n > l.depth)
+            .map(|depth| LazyLayer { depth, ..l.clone() });
+        let failed = |k: &MountKey| self.whole_failed.lock().is_ok_and(|f| f.contains(k));
+        if let Some(top) = top.filter(|t| !failed(&t.mount_key()))
+            && let Err(e) = self.ensure_archive(&top)
+        {
+            tracing::info!(image = %l.image, error = %e, "indexing the whole image failed; checking the layers up to this one alone");
+            if let Ok(mut f) = self.whole_failed.lock() {
+                if f.len() > 1024 {
+                    f.clear();
+                }
+                f.insert(top.mount_key());
+            }
+        }
+        self.ensure_archive(l)
     }
 
     fn manifest_facts(&self, image: &str, manifest: &str) -> Result<ManifestFacts, LazyError> {

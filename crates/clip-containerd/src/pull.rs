@@ -181,6 +181,13 @@ impl Ctx<'_> {
     }
 }
 
+/// Where a streamed blob's `Write` messages stand.
+struct State {
+    rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, clip_core::registry::Error>>,
+    offset: u64,
+    done: bool,
+}
+
 /// The largest `Write` message a streamed blob is sent in (containerd's gRPC server takes up to
 /// 16 MiB per message).
 const WRITE_CHUNK: usize = 1 << 20;
@@ -203,11 +210,6 @@ impl Ctx<'_> {
         let total = i64::try_from(size).unwrap_or(i64::MAX);
         let expected = digest.to_string();
         let failure: std::sync::Arc<std::sync::Mutex<Option<String>>> = std::sync::Arc::default();
-        struct State {
-            rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, clip_core::registry::Error>>,
-            offset: u64,
-            done: bool,
-        }
         let (reference2, expected2, fail2) = (reference.clone(), expected.clone(), failure.clone());
         let msgs = futures_util::stream::unfold(
             State {

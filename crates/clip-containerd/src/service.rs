@@ -344,7 +344,7 @@ impl Snapshotter {
                 // a chain id that other images' pulls will trust.
                 self.inner
                     .lazy
-                    .ensure_archive(&l)
+                    .verify(&l)
                     .map(|_| l)
                     .map_err(|e| e.to_string())
             });

@@ -853,9 +853,9 @@ fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
         };
         service(&dir, cfg)
     };
-    let a = node("a");
-    let id = a.pull_and_archive(&image).unwrap().image_id;
-    drop(a);
+    let first = node("a");
+    let id = first.pull_and_archive(&image).unwrap().image_id;
+    drop(first);
     let bucket = s3.root().join("fleet/p");
     let archive = bucket.join(format!("{id}.clip"));
     let signed = std::fs::read(&archive).unwrap();
@@ -874,8 +874,8 @@ fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
     }
     assert_eq!(layers, 2);
 
-    let b = node("b");
-    let (r, logs) = with_logs(|| b.pull_and_archive(&image).unwrap());
+    let second = node("b");
+    let (r, logs) = with_logs(|| second.pull_and_archive(&image).unwrap());
     assert!(!r.reused, "an unsigned archive was reused: {r:?}");
     // Both layer indexes were in the store; neither was used (the refusal is logged on the
     // indexing threads, which these captured logs do not see).
@@ -885,20 +885,20 @@ fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
     assert!(clip_core::objstore::signed::is_signed(
         &std::fs::read(&archive).unwrap()
     ));
-    let c = node("c");
-    assert!(c.pull_and_archive(&image).unwrap().reused);
-    let m = c.pull_lazy(&id).unwrap();
+    let third = node("c");
+    assert!(third.pull_and_archive(&image).unwrap().reused);
+    let m = third.pull_lazy(&id).unwrap();
     assert_eq!(
         std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap(),
         clip_testkit::image::random_bytes(3, 3 << 20)
     );
-    c.unmount(&id).unwrap();
+    third.unmount(&id).unwrap();
 
     // A node that trusts only another key refuses the fleet's archive.
     let dir = top.path().join("d");
     std::fs::create_dir_all(&dir).unwrap();
     let (_, other) = clip_core::objstore::signed::SigningKey::generate().unwrap();
-    let d = service(
+    let fourth = service(
         &dir,
         Config {
             archive_store: store,
@@ -906,6 +906,6 @@ fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
             ..config(&dir, 2)
         },
     );
-    let (_, logs) = with_logs(|| d.pull_and_archive(&image));
+    let (_, logs) = with_logs(|| fourth.pull_and_archive(&image));
     assert!(logs.contains("not in trustedKeys"), "{logs}");
 }

@@ -547,7 +547,7 @@ impl SpanCache {
         };
         let len = len + TRAILER;
         self.inserted.fetch_add(len, Ordering::Relaxed);
-        let file = self.remember(*digest, span);
+        let opened = self.remember(*digest, span);
         self.refresh_bound(false);
         // The file is in place before its size is counted, so an eviction's rescan either
         // already sees it or runs after this addition.
@@ -557,7 +557,7 @@ impl SpanCache {
         if total > bound {
             self.evict_to(bound / 10 * 9, bound < self.max_bytes);
         }
-        Ok(file)
+        Ok(opened)
     }
 
     /// Counts and (at most once a minute) logs a failed span write.
