@@ -373,6 +373,10 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         "one mount for the image:\n{}",
         snap.log()
     );
+    let in_root = |d: &str| {
+        std::fs::read_dir(dir.path().join("snap-root").join(d)).map_or(0, Iterator::count)
+    };
+    assert!(in_root("archives") > 0 && in_root("logs") > 0);
     // Removing the image removes its snapshots and unmounts its tree.
     ctd.ctr(&["image", "rm", "--sync", &pushed.reference])
         .unwrap();
@@ -405,10 +409,9 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
         .path();
     let p = clip_core::fs::Profile::load(&profile).unwrap();
     assert!(p.touches.iter().any(|t| t.path == "/etc/greeting"), "{p:?}");
-    // Cleanup collects what no snapshot uses any more: the tree archives and their logs.
-    let root = dir.path().join("snap-root");
-    let count = |d: &str| std::fs::read_dir(root.join(d)).map_or(0, Iterator::count);
-    assert!(count("archives") > 0 && count("logs") > 0);
+    // Cleanup (containerd's after its GC, or asked) collects what no snapshot uses any more:
+    // the tree archives and their logs.
+    let count = in_root;
     let rt = clip_testkit::runtime();
     rt.block_on(async {
         use clip_containerd::api::containerd::services::snapshots::v1 as pb;
