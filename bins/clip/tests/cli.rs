@@ -910,7 +910,13 @@ fn author_sized_spans_are_read_with_bounded_memory() {
     }
     let dir = tempfile::tempdir().unwrap();
     let reg = clip_testkit::Registry::start_anonymous().unwrap();
-    let big = random_bytes(33, 96 << 20);
+    // 96 MiB passes both bounds (16 MiB spans, 64 MiB TOC chunks) by far; CLIP_BIG_SPAN_MIB
+    // runs it larger (the closing note of #33 reports 1024).
+    let mib: usize = std::env::var("CLIP_BIG_SPAN_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96);
+    let big = random_bytes(33, mib << 20);
     for (name, c) in [
         ("zstd", clip_testkit::Compression::Zstd),
         ("estargz", clip_testkit::Compression::EStargz(1 << 30)),
@@ -964,7 +970,8 @@ fn author_sized_spans_are_read_with_bounded_memory() {
             read = std::fs::read(mp.join("data/big.bin")).unwrap();
         });
         assert!(read == big, "{name}: wrong bytes");
-        // The one-buffer path held the span and its compressed bytes: over 192 MiB here.
+        // The one-buffer path held the span and its compressed bytes: twice the file (199 MiB
+        // measured for 96 MiB).
         assert!(
             peak < 64 << 10,
             "{name}: the mount server peaked at {} MiB of anonymous memory",

@@ -218,11 +218,11 @@ impl Lazy {
     }
 
     /// Checks that the content of `l`'s tree matches its `diff_id`s (and so the chain id it is
-    /// to be committed under) and leaves its archive ready. The first layer of an image that
-    /// needs it indexes the whole image at once (its layers in parallel, every `diff_id`
-    /// checked, the layer indexes kept), so the layers prepared after it only merge; when the
-    /// whole image fails (an upper layer that lies), `l`'s own prefix is checked on its own.
-    /// Blocking.
+    /// to be committed under). The first layer of an image that needs it indexes the whole image
+    /// at once (its layers in parallel, every `diff_id` checked, the layer indexes kept; the
+    /// image's archive is then ready for its first container), which checks every later layer
+    /// too; when the whole image fails (an upper layer that lies), `l`'s own prefix is indexed
+    /// and checked on its own. Blocking.
     pub fn verify(&self, l: &LazyLayer) -> Result<PathBuf, LazyError> {
         let top = self
             .manifests
@@ -232,15 +232,20 @@ impl Lazy {
             .filter(|&n| n > l.depth)
             .map(|depth| LazyLayer { depth, ..l.clone() });
         let failed = |k: &MountKey| self.whole_failed.lock().is_ok_and(|f| f.contains(k));
-        if let Some(top) = top.filter(|t| !failed(&t.mount_key()))
-            && let Err(e) = self.ensure_archive(&top)
-        {
-            tracing::info!(image = %l.image, error = %e, "indexing the whole image failed; checking the layers up to this one alone");
-            if let Ok(mut f) = self.whole_failed.lock() {
-                if f.len() > 1024 {
-                    f.clear();
+        if let Some(top) = top.filter(|t| !failed(&t.mount_key())) {
+            match self.ensure_archive(&top) {
+                // Every layer up to the top checked: so are this one's. Its own tree's archive
+                // is made when a container needs it.
+                Ok(path) => return Ok(path),
+                Err(e) => {
+                    tracing::info!(image = %l.image, error = %e, "indexing the whole image failed; checking the layers up to this one alone");
+                    if let Ok(mut f) = self.whole_failed.lock() {
+                        if f.len() > 1024 {
+                            f.clear();
+                        }
+                        f.insert(top.mount_key());
+                    }
                 }
-                f.insert(top.mount_key());
             }
         }
         self.ensure_archive(l)

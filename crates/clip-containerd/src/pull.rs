@@ -520,8 +520,32 @@ async fn pull_in(
             }))
             .await;
         if exists.is_ok() {
-            summary.existing_layers += 1;
-            continue;
+            // Held by this pull's lease from now on: containerd's GC (after another pull that
+            // failed, say) cannot remove it before the next layer is prepared on it.
+            let mut l = leases::leases_client::LeasesClient::new(ctx.channel.clone());
+            l.add_resource(req(
+                leases::AddResourceRequest {
+                    id: ctx.lease.clone(),
+                    resource: Some(leases::Resource {
+                        id: chain.clone(),
+                        r#type: format!("snapshots/{}", opts.snapshotter),
+                    }),
+                },
+                ctx.ns,
+                None,
+            ))
+            .await
+            .with_context(|| format!("holding layer {i} ({chain}) for the pull"))?;
+            let still = snaps
+                .stat(ctx.r(snapshots::StatSnapshotRequest {
+                    snapshotter: opts.snapshotter.clone(),
+                    key: chain.clone(),
+                }))
+                .await;
+            if still.is_ok() {
+                summary.existing_layers += 1;
+                continue;
+            }
         }
         let mut image_layers = digests[i..].join(",");
         image_layers.truncate(4000);
