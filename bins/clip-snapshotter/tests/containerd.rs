@@ -223,9 +223,16 @@ fn plain_ctr_pull_and_run_use_ordinary_overlay_snapshots() {
 
 /// `clip containerd pull` (the library it is a thin wrapper of), as JSON-ish counts.
 fn lazy_pull(ctd: &Containerd, reference: &str) -> clip_containerd::pull::PullSummary {
-    let net =
-        clip_core::registry::BlockingClient::new(clip_core::registry::ClientConfig::default())
-            .unwrap();
+    try_pull(ctd, reference, clip_core::registry::ClientConfig::default()).unwrap()
+}
+
+/// `clip containerd pull` of `reference` through the clip snapshotter, with `client`'s settings.
+fn try_pull(
+    ctd: &Containerd,
+    reference: &str,
+    client: clip_core::registry::ClientConfig,
+) -> anyhow::Result<clip_containerd::pull::PullSummary> {
+    let net = clip_core::registry::BlockingClient::new(client)?;
     let opts = clip_containerd::pull::PullOptions {
         address: ctd.address().to_owned(),
         namespace: "default".into(),
@@ -233,7 +240,6 @@ fn lazy_pull(ctd: &Containerd, reference: &str) -> clip_containerd::pull::PullSu
         platform: None,
     };
     net.block_on(clip_containerd::pull::pull(reference, net.client(), &opts))
-        .unwrap()
 }
 
 /// The busybox image with the testkit's edge-case layers on top: every entry kind and merge
@@ -904,20 +910,11 @@ fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
             ..ContainerdOptions::default()
         })
         .unwrap();
-        let net =
-            clip_core::registry::BlockingClient::new(clip_core::registry::ClientConfig::default())
-                .unwrap();
-        let opts = clip_containerd::pull::PullOptions {
-            address: ctd.address().to_owned(),
-            namespace: "default".into(),
-            snapshotter: "clip".into(),
-            platform: None,
-        };
-        let attack = net.block_on(clip_containerd::pull::pull(
+        let attack = try_pull(
+            &ctd,
             &evil.reference,
-            net.client(),
-            &opts,
-        ));
+            clip_core::registry::ClientConfig::default(),
+        );
         let err = format!("{:#}", attack.expect_err("the forged image was pulled"));
         assert!(err.contains("wrong diff id"), "{err}");
         assert!(
@@ -990,7 +987,7 @@ fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
         ..ContainerdOptions::default()
     })
     .unwrap();
-    let net = clip_core::registry::BlockingClient::new(clip_core::registry::ClientConfig {
+    let with_creds = clip_core::registry::ClientConfig {
         credentials: vec![(
             reg.host(),
             clip_core::registry::Credentials::Basic {
@@ -999,21 +996,8 @@ fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
             },
         )],
         ..clip_core::registry::ClientConfig::default()
-    })
-    .unwrap();
-    let opts = clip_containerd::pull::PullOptions {
-        address: ctd.address().to_owned(),
-        namespace: "default".into(),
-        snapshotter: "clip".into(),
-        platform: None,
     };
-    let s = net
-        .block_on(clip_containerd::pull::pull(
-            &pushed.reference,
-            net.client(),
-            &opts,
-        ))
-        .unwrap();
+    let s = try_pull(&ctd, &pushed.reference, with_creds).unwrap();
     assert_eq!((s.lazy_layers, s.applied_layers), (0, 1), "{s:?}");
     assert!(snap.log().contains("layer not lazy"), "{}", snap.log());
     let o = ctd

@@ -248,27 +248,21 @@ impl Ctx<'_> {
                         ));
                         return None;
                     }
-                    let msg = if data.is_empty() {
-                        st.done = true;
-                        content::WriteContentRequest {
-                            action: content::WriteAction::Commit as i32,
-                            r#ref: reference,
-                            total,
-                            expected,
-                            offset: i64::try_from(at).unwrap_or(i64::MAX),
-                            data: Vec::new(),
-                            labels: HashMap::new(),
-                        }
+                    // The last message, with no data, commits.
+                    st.done = data.is_empty();
+                    let action = if st.done {
+                        content::WriteAction::Commit
                     } else {
-                        content::WriteContentRequest {
-                            action: content::WriteAction::Write as i32,
-                            r#ref: reference,
-                            total,
-                            expected,
-                            offset: i64::try_from(at).unwrap_or(i64::MAX),
-                            data,
-                            labels: HashMap::new(),
-                        }
+                        content::WriteAction::Write
+                    };
+                    let msg = content::WriteContentRequest {
+                        action: action as i32,
+                        r#ref: reference,
+                        total,
+                        expected,
+                        offset: i64::try_from(at).unwrap_or(i64::MAX),
+                        data,
+                        labels: HashMap::new(),
                     };
                     Some((msg, st))
                 }

@@ -156,58 +156,12 @@ pub fn verify_span(
     end: &LayerEnd,
     bytes: &[u8],
 ) -> Result<(), Error> {
-    let cp = cps
-        .get(i)
-        .ok_or_else(|| Error::BadCheckpoint(format!("no span {i}")))?;
-    let bad = || Error::SpanDigest {
-        offset: cp.uncompressed_offset,
-    };
-    let span_end = cps.get(i + 1).map_or(end.size, |n| n.uncompressed_offset);
-    if span_end.checked_sub(cp.uncompressed_offset) != Some(bytes.len() as u64) {
-        return Err(bad());
+    let mut v = SpanVerifier::new(cps, i, end)?;
+    if v.len() != bytes.len() as u64 {
+        return Err(Error::SpanDigest { offset: v.offset });
     }
-    let Some(head) = &cp.chain_head else {
-        use sha2::Digest as _;
-        return if <[u8; 32]>::from(sha2::Sha256::digest(bytes)) == cp.span_digest {
-            Ok(())
-        } else {
-            Err(bad())
-        };
-    };
-    let start = cp.uncompressed_offset - cp.uncompressed_offset % 64;
-    if head.len() as u64 != cp.uncompressed_offset - start {
-        return Err(bad());
-    }
-    let mut chain = Chain::resume(&cp.span_digest, start);
-    let Some(next) = cps.get(i + 1) else {
-        chain.update(head);
-        chain.update(bytes);
-        return if chain.total() == end.size && chain.finalize() == end.diff_id {
-            Ok(())
-        } else {
-            Err(bad())
-        };
-    };
-    let next_head = next.chain_head.as_deref().ok_or_else(bad)?;
-    let next_start = next.uncompressed_offset - next.uncompressed_offset % 64;
-    if next_start == start {
-        // Both checkpoints stand in one 64-byte block: no block is completed between them.
-        let mut joined = head.clone();
-        joined.extend_from_slice(bytes);
-        return if next.span_digest == cp.span_digest && joined == next_head {
-            Ok(())
-        } else {
-            Err(bad())
-        };
-    }
-    let cut = usize::try_from(next_start - cp.uncompressed_offset).map_err(|_| bad())?;
-    chain.update(head);
-    chain.update(&bytes[..cut]);
-    if chain.value() == Some(next.span_digest) && bytes[cut..] == *next_head {
-        Ok(())
-    } else {
-        Err(bad())
-    }
+    v.update(bytes);
+    v.finish()
 }
 
 impl std::fmt::Debug for Chain {
