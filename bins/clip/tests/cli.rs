@@ -868,6 +868,7 @@ impl Drop for Server {
         let _ = Command::new("fusermount3")
             .args(["-uz"])
             .arg(&self.1)
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -971,9 +972,10 @@ fn author_sized_spans_are_read_with_bounded_memory() {
         });
         assert!(read == big, "{name}: wrong bytes");
         // The one-buffer path held the span and its compressed bytes: twice the file (199 MiB
-        // measured for 96 MiB).
+        // measured for 96 MiB). Streaming, the peak is read-ahead's spans in flight, whatever
+        // the file's size: 31 / 48 MiB for 96 MiB, 44 / 71 MiB for 1 GiB (zstd / eStargz).
         assert!(
-            peak < 64 << 10,
+            peak < 112 << 10,
             "{name}: the mount server peaked at {} MiB of anonymous memory",
             peak >> 10
         );
