@@ -387,24 +387,20 @@ impl Lazy {
             return Ok(MountRecord {
                 key,
                 mountpoint: mp,
-                archive,
-                pid: 0,
             });
         }
         std::fs::create_dir_all(&mp).map_err(io("creating", &mp))?;
-        let pid = self.spawn_server(&key, &archive, &mp)?;
+        self.spawn_server(&key, &archive, &mp)?;
         metrics::counter!("clip_snapshotter_mounts_total").increment(1);
         Ok(MountRecord {
             key,
             mountpoint: mp,
-            archive,
-            pid,
         })
     }
 
     /// Starts a mount server for `archive` at `mp` in a process group of its own (it outlives
     /// the snapshotter) and waits until the mount answers.
-    fn spawn_server(&self, key: &MountKey, archive: &Path, mp: &Path) -> Result<u32, LazyError> {
+    fn spawn_server(&self, key: &MountKey, archive: &Path, mp: &Path) -> Result<(), LazyError> {
         use std::os::unix::process::CommandExt as _;
         let log_path = self
             .root
@@ -439,7 +435,7 @@ impl Lazy {
                 // Reaped here when it exits (after an unmount); after a restart of the
                 // snapshotter it is init's to reap. It never dies with us.
                 std::thread::spawn(move || child.wait());
-                return Ok(pid);
+                return Ok(());
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -477,12 +473,6 @@ impl Lazy {
             clip_core::fs::clean_stale_mount(&mp);
         }
         let _ = std::fs::remove_dir(&mp);
-    }
-
-    /// The configuration in force.
-    #[must_use]
-    pub fn config(&self) -> &Config {
-        &self.cfg
     }
 
     /// Removes what no snapshot needs: archives of trees in `keep`'s complement, logs and mount

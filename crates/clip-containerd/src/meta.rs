@@ -114,10 +114,6 @@ pub struct MountRecord {
     pub key: MountKey,
     /// Where.
     pub mountpoint: PathBuf,
-    /// The v2 archive it serves.
-    pub archive: PathBuf,
-    /// The server's pid when started.
-    pub pid: u32,
 }
 
 /// Everything persisted.
@@ -254,6 +250,22 @@ impl State {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Metadata written by an earlier snapshotter (mount records with the `archive` and `pid`
+    /// fields it no longer keeps) still loads.
+    #[test]
+    fn older_metadata_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metadata.json");
+        std::fs::write(
+            &path,
+            r#"{"next_id":3,"snapshots":{},"mounts":[{"key":{"manifest":"sha256:ab","depth":2},"mountpoint":"/m","archive":"/a.clip","pid":42}]}"#,
+        )
+        .unwrap();
+        let st = State::load(&path).unwrap();
+        assert_eq!(st.mounts.len(), 1);
+        assert_eq!(st.mounts[0].key.depth, 2);
+    }
 
     fn snap(name: &str, parent: &str, kind: Kind, lazy: Option<usize>) -> Snapshot {
         Snapshot {

@@ -3,7 +3,8 @@
 //! # Model
 //!
 //! Configuration comes from defaults, then the YAML file's `imageService:` section, then the
-//! environment (`CLIP_VERSION`, `B9_BUILD_REGISTRY`, `CLIP_CACHE_DIR`): env > file > defaults.
+//! environment (`CLIP_VERSION`, `B9_BUILD_REGISTRY`, `CLIP_CACHE_DIR`,
+//! `CLIP_V2_ROLLOUT_PERCENT`): env > file > defaults.
 //! Decisions are pure functions of that configuration and of observed facts (is the build
 //! registry reachable? did the push or the index fail?), implementing the seed's behaviour matrix:
 //!

@@ -11,6 +11,8 @@
 //!   v1/v2, mount it once per image.
 //! - [`ImageService::run`] (`run`): a container of its own (overlay + OCI bundle + runc) on the
 //!   shared mount.
+//! - [`on_push::PushIndexer`] (`on_push`): index on push — a registry's notifications queue
+//!   `pull_and_archive` of each pushed image, so its archive exists before the first pull.
 //!
 //! Around them: the [`ArchiveStore`] the flows publish to (`store`), the typed errors and the
 //! [`FallbackReason`] (`error`), and the steps every flow shares (`flow`: looking in the store
