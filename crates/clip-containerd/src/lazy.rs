@@ -115,7 +115,7 @@ pub struct Lazy {
     server: ServerCommand,
     manifests: Mutex<HashMap<String, ManifestFacts>>,
     /// One lock per tree: a tree is indexed and mounted once, however many ask at once.
-    busy: Mutex<HashMap<MountKey, Arc<Mutex<()>>>>,
+    busy: clip_core::locks::KeyedLocks<MountKey>,
     /// Whole images whose indexing failed (not tried again for each of their layers).
     whole_failed: Mutex<std::collections::HashSet<MountKey>>,
 }
@@ -166,7 +166,7 @@ impl Lazy {
             layer_store: Arc::new(DirLayerStore::new(layers)),
             server,
             manifests: Mutex::new(HashMap::new()),
-            busy: Mutex::new(HashMap::new()),
+            busy: clip_core::locks::KeyedLocks::default(),
             whole_failed: Mutex::new(std::collections::HashSet::new()),
         })
     }
@@ -315,11 +315,7 @@ impl Lazy {
     }
 
     fn lock_for(&self, key: &MountKey) -> Arc<Mutex<()>> {
-        let mut busy = self
-            .busy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(busy.entry(key.clone()).or_default())
+        self.busy.get(key)
     }
 
     /// The v2 archive of `l`'s tree, indexed from the registry unless already there. Blocking.

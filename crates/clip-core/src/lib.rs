@@ -34,6 +34,7 @@
 //! ```
 
 pub mod container;
+pub mod locks;
 pub mod rfc3339;
 pub mod service;
 

@@ -88,7 +88,7 @@ pub struct ImageService {
     store: Arc<dyn ArchiveStore>,
     layer_store: Arc<dyn indexer::LayerIndexStore>,
     mounts: Mutex<HashMap<String, Arc<MountedImage>>>,
-    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    locks: crate::locks::KeyedLocks<String>,
 }
 
 impl std::fmt::Debug for ImageService {
@@ -172,7 +172,7 @@ impl ImageService {
             store,
             layer_store: Arc::new(indexer::Tiered(tiers)),
             mounts: Mutex::new(HashMap::new()),
-            locks: Mutex::new(HashMap::new()),
+            locks: crate::locks::KeyedLocks::default(),
         };
         svc.clean_dead_mounts();
         Ok(svc)
@@ -202,11 +202,7 @@ impl ImageService {
     }
 
     fn lock_for(&self, id: &str) -> Arc<Mutex<()>> {
-        let mut locks = self
-            .locks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(locks.entry(id.to_owned()).or_default())
+        self.locks.get(&id.to_owned())
     }
 
     fn index_options(&self) -> indexer::IndexOptions {
