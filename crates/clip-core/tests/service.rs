@@ -887,6 +887,14 @@ fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
     ));
     let third = node("c");
     assert!(third.pull_and_archive(&image).unwrap().reused);
+    // The store's listing reads through the signature header.
+    let listed = third.images().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|a| a.image_id == id && a.version.number() == 2 && a.bytes > 0),
+        "{listed:?}"
+    );
     let m = third.pull_lazy(&id).unwrap();
     assert_eq!(
         std::fs::read(m.mountpoint.join("usr/share/data.bin")).unwrap(),

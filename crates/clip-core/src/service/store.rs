@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clip_objstore::signed::{PublicKey, SigningKey, Trust};
+use clip_objstore::signed::{HEADER_LEN, PublicKey, SigningKey, Trust, is_signed};
 use clip_objstore::{RemoteObject, RemoteOptions};
 
 use super::error::{ServiceError, io};
@@ -449,7 +449,11 @@ impl ArchiveStore for S3ArchiveStore {
     }
 
     fn list(&self) -> Result<Vec<StoredArchive>, ServiceError> {
-        let prefix = self.object(self.prefix.trim_end_matches('/'))?;
+        // The prefix itself (not `object`, which names things below it).
+        let prefix = RemoteObject::open(
+            &format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/')),
+            &self.opts,
+        )?;
         let names = if self.prefix.is_empty() || self.prefix.ends_with('/') {
             self.runtime.block_on(prefix.list_children())?
         } else {
@@ -461,10 +465,21 @@ impl ArchiveStore for S3ArchiveStore {
                 continue;
             };
             let obj = self.object(&name)?;
-            let (head, bytes) = self.runtime.block_on(async {
-                Ok::<_, clip_objstore::Error>((obj.get_range(0..64).await?, obj.size().await?))
+            // A signed archive's header comes first: the archive's own starts after it.
+            let sig = HEADER_LEN as u64;
+            let (head, size) = self.runtime.block_on(async {
+                let size = obj.size().await?;
+                Ok::<_, clip_objstore::Error>((obj.get_range(0..size.min(64 + sig)).await?, size))
             })?;
-            let Some(kind) = format::peek_kind(&head) else {
+            let (head, bytes) = if is_signed(&head) {
+                (
+                    head.get(HEADER_LEN..).unwrap_or_default(),
+                    size.saturating_sub(sig),
+                )
+            } else {
+                (&head[..], size)
+            };
+            let Some(kind) = format::peek_kind(head) else {
                 continue;
             };
             out.push(StoredArchive {
