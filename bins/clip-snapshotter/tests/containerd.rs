@@ -938,7 +938,7 @@ fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
                 "--snapshotter",
                 "clip",
                 &victim.reference,
-                &format!("poison-{n}-{}", std::process::id()),
+                &cid(&format!("poison-{n}")),
                 "/bin/cat",
                 "/etc/who",
             ])
@@ -1007,7 +1007,7 @@ fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
             "--snapshotter",
             "clip",
             &pushed.reference,
-            &format!("private-{}", std::process::id()),
+            &cid("private"),
             "/bin/cat",
             "/etc/who",
         ])

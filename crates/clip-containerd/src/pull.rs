@@ -501,6 +501,10 @@ async fn pull_in(
         applied_layers: 0,
     };
     let digests: Vec<String> = layers.iter().map(|l| l.digest().to_string()).collect();
+    let diff_ids: Vec<String> = oci::diff_ids(&image.config)?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     for (i, (layer, chain)) in layers.iter().zip(chains).enumerate() {
         let parent = if i == 0 {
             String::new()
@@ -601,10 +605,7 @@ async fn pull_in(
                     .unwrap_or_default();
                 // Committed under a chain id only if the content is what the diff_id (and so
                 // the chain id) promises, as containerd's own unpack checks.
-                let want = oci::diff_ids(&image.config)?
-                    .get(i)
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
+                let want = diff_ids.get(i).map_or("", String::as_str);
                 if applied != want {
                     let _ = snaps
                         .remove(ctx.r(snapshots::RemoveSnapshotRequest {
