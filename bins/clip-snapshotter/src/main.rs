@@ -94,13 +94,13 @@ fn run() -> anyhow::Result<()> {
         config,
     }) = cli.command
     {
-        return clip_containerd::mount_server::serve(
+        return Ok(clip_containerd::mount_server::serve(
             &clip_containerd::mount_server::MountServerArgs {
                 archive,
                 mountpoint,
                 config,
             },
-        );
+        )?);
     }
     let cfg = clip_core::policy::Config::load(cli.config.as_deref())
         .context("loading the configuration")?;
@@ -122,7 +122,7 @@ fn run() -> anyhow::Result<()> {
         let snapshotter = tokio::task::spawn_blocking(move || {
             let lazy = clip_containerd::lazy::Lazy::new(&root, cfg, server)?;
             clip_containerd::Snapshotter::open(&root, lazy)
-                .map_err(|s| anyhow::anyhow!("opening {}: {}", root.display(), s.message()))
+                .with_context(|| format!("opening {}", root.display()))
         })
         .await??;
         if let (Some(addr), Some(handle)) = (cli.metrics_address, metrics) {
@@ -151,6 +151,6 @@ fn run() -> anyhow::Result<()> {
             }
             tracing::info!("stopping; lazy mounts keep serving running containers");
         };
-        clip_containerd::serve_unix(&cli.address, snapshotter, shutdown).await
+        Ok(clip_containerd::serve_unix(&cli.address, snapshotter, shutdown).await?)
     })
 }

@@ -239,7 +239,7 @@ fn try_pull(
         snapshotter: "clip".into(),
         platform: None,
     };
-    net.block_on(clip_containerd::pull::pull(reference, net.client(), &opts))
+    Ok(net.block_on(clip_containerd::pull::pull(reference, net.client(), &opts))?)
 }
 
 /// The busybox image with the testkit's edge-case layers on top: every entry kind and merge

@@ -7,17 +7,20 @@
 //! reusing the layer-index cache every clip process on the node shares (`<cacheDir>/layers`),
 //! and mounted once (`<root>/mnt/<manifest>-<depth>`), however many containers use it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clip_core::indexer::{DirLayerStore, IndexOptions, Input, LayerIndexStore};
+use clip_core::format::Digest;
+use clip_core::indexer::{IndexOptions, Input, LayerIndexStore};
+use clip_core::node;
 use clip_core::policy::Config;
 use clip_core::registry::{BlockingClient, Reference, oci};
 
 use crate::meta::{LazyLayer, MountKey, MountRecord};
+use crate::snapshots::Trees;
 
 /// The labels containerd's CRI plugin puts on a layer's snapshot (and `clip containerd pull`
 /// does too).
@@ -34,13 +37,72 @@ pub mod labels {
     pub const IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
 }
 
+/// Why a layer is not served lazily (an ordinary snapshot is prepared instead).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotLazy {
+    /// The `Prepare` carries no image labels.
+    #[error(
+        "no image labels (containerd's CRI plugin with disable_snapshot_annotations = false, or clip containerd pull, sends them)"
+    )]
+    NoLabels,
+    /// A label is not what it must be (a digest that does not parse).
+    #[error("label {label}: {reason}")]
+    BadLabel {
+        /// The label.
+        label: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A layer of the image is of a type clip does not index.
+    #[error("layer media type {0} is not one clip indexes")]
+    MediaType(String),
+    /// The manifest is not an image manifest clip reads.
+    #[error("{manifest} is not an image manifest clip reads: {reason}")]
+    Manifest {
+        /// Its digest.
+        manifest: Digest,
+        /// Why.
+        reason: String,
+    },
+    /// The image config is unreadable, or its `diff_id`s unusable.
+    #[error("the image config: {0}")]
+    Config(String),
+    /// The layer is not at this depth of the image.
+    #[error("layer {layer} is not layer {depth} of {image}@{manifest}")]
+    WrongLayer {
+        /// The layer.
+        layer: Digest,
+        /// The depth asked for.
+        depth: usize,
+        /// The image.
+        image: String,
+        /// Its manifest.
+        manifest: Digest,
+    },
+    /// The snapshot is to be committed under a name that is not the chain id at that depth.
+    #[error("the target {target} is not the chain id of layer {depth} of {image}@{manifest}")]
+    WrongChainId {
+        /// The target name.
+        target: String,
+        /// The depth.
+        depth: usize,
+        /// The image.
+        image: String,
+        /// Its manifest.
+        manifest: Digest,
+    },
+}
+
 /// Why something lazy failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
-    /// The registry did not answer or refused (the caller maps it to `Unavailable`).
+    /// The layer cannot be served lazily.
+    #[error(transparent)]
+    NotLazy(#[from] NotLazy),
+    /// The registry did not answer or refused.
     #[error("{0}")]
     Registry(Box<clip_core::registry::Error>),
-    /// Indexing failed.
+    /// Indexing failed (a layer whose content is not its `diff_id` too).
     #[error("indexing {image}: {source}")]
     Index {
         /// The image.
@@ -48,17 +110,12 @@ pub enum LazyError {
         /// Why.
         source: Box<clip_core::indexer::Error>,
     },
-    /// The image cannot be served lazily (the caller falls back to ordinary snapshots).
-    #[error("{0}")]
-    NotLazy(String),
-    /// Mounting failed.
-    #[error("mounting {}: {reason}", mountpoint.display())]
-    Mount {
-        /// Where.
-        mountpoint: PathBuf,
-        /// Why.
-        reason: String,
-    },
+    /// The registry client, a cache or a mount server could not be made.
+    #[error(transparent)]
+    Node(#[from] node::NodeError),
+    /// A state directory is not safe to use.
+    #[error(transparent)]
+    Host(#[from] clip_core::host::HostError),
     /// Local I/O.
     #[error("{context} {}: {source}", path.display())]
     Io {
@@ -90,11 +147,11 @@ fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Lazy
 #[derive(Debug, Clone)]
 struct ManifestFacts {
     /// Layer blob digests, bottom first.
-    layers: Vec<String>,
+    layers: Vec<Digest>,
     /// The chain ids of the image config's `diff_id`s, bottom first.
-    chain_ids: Vec<String>,
+    chain_ids: Vec<Digest>,
     /// Why it cannot be served lazily, if it cannot.
-    not_lazy: Option<String>,
+    not_lazy: Option<NotLazy>,
 }
 
 /// How to start a mount server: this program, re-run with the `mount-server` subcommand.
@@ -113,11 +170,11 @@ pub struct Lazy {
     net: BlockingClient,
     layer_store: Arc<dyn LayerIndexStore>,
     server: ServerCommand,
-    manifests: Mutex<HashMap<String, ManifestFacts>>,
+    manifests: Mutex<HashMap<Digest, ManifestFacts>>,
     /// One lock per tree: a tree is indexed and mounted once, however many ask at once.
     busy: clip_core::locks::KeyedLocks<MountKey>,
     /// Whole images whose indexing failed (not tried again for each of their layers).
-    whole_failed: Mutex<std::collections::HashSet<MountKey>>,
+    whole_failed: Mutex<HashSet<MountKey>>,
 }
 
 impl std::fmt::Debug for Lazy {
@@ -129,92 +186,87 @@ impl std::fmt::Debug for Lazy {
 }
 
 /// The reference `image` pinned to `manifest`.
-fn pinned(image: &str, manifest: &str) -> Result<Reference, LazyError> {
-    let r = Reference::parse(image)?;
-    Ok(Reference::parse(&format!(
-        "{}/{}@{manifest}",
-        r.registry, r.repository
-    ))?)
+fn pinned(image: &str, manifest: &Digest) -> Result<Reference, LazyError> {
+    Ok(Reference::parse(image)?.pinned(manifest.as_str()))
+}
+
+/// A digest label of a `Prepare`.
+fn digest_label(labels: &BTreeMap<String, String>, label: &'static str) -> Result<Digest, NotLazy> {
+    let v = labels.get(label).ok_or(NotLazy::NoLabels)?;
+    Digest::parse(v).map_err(|e| NotLazy::BadLabel {
+        label,
+        reason: e.to_string(),
+    })
 }
 
 impl Lazy {
     /// Lazy trees under `root`, reaching registries with `cfg`'s settings.
     pub fn new(root: &Path, cfg: Config, server: ServerCommand) -> Result<Self, LazyError> {
         for d in [root.join("archives"), root.join("mnt"), root.join("logs")] {
-            clip_core::format::private_dir(&d).map_err(|e| LazyError::Io {
-                context: "creating",
-                path: d.clone(),
-                source: std::io::Error::other(e),
-            })?;
+            clip_core::host::private_dir(&d)?;
         }
-        let net = BlockingClient::new(
-            clip_core::service::client_config(&cfg)
-                .map_err(|e| LazyError::NotLazy(format!("registry configuration: {e}")))?,
-        )?;
-        let layers = cfg.cache_dir.join("layers");
-        clip_core::format::private_dir(&cfg.cache_dir)
-            .and_then(|()| clip_core::format::private_dir(&layers))
-            .map_err(|e| LazyError::Io {
-                context: "creating",
-                path: layers.clone(),
-                source: std::io::Error::other(e),
-            })?;
         Ok(Self {
             root: root.to_owned(),
+            net: node::registry_client(&cfg)?,
+            layer_store: Arc::new(node::layer_cache(&cfg)?),
             cfg,
-            net,
-            layer_store: Arc::new(DirLayerStore::new(layers)),
             server,
             manifests: Mutex::new(HashMap::new()),
             busy: clip_core::locks::KeyedLocks::default(),
-            whole_failed: Mutex::new(std::collections::HashSet::new()),
+            whole_failed: Mutex::new(HashSet::new()),
         })
     }
 
     /// Decides whether the layer a `Prepare` describes with `labels` (CRI's, or `clip
     /// containerd pull`'s), sitting on a lazy tree of `parent_depth` layers, can be served
     /// lazily: the labels name an image, its manifest and this layer, the manifest (fetched from
-    /// the registry, by digest) lists this layer at that depth, and every layer is one clip reads.
-    /// Blocking (one manifest request per image). `Ok(Err(reason))`: not lazy, say why.
+    /// the registry, by digest) lists this layer at that depth, the target is the chain id at
+    /// that depth, and every layer is one clip reads. Blocking (one manifest and one config
+    /// request per image).
     pub fn layer_of(
         &self,
-        labels: &std::collections::BTreeMap<String, String>,
+        labels: &BTreeMap<String, String>,
         parent_depth: usize,
-    ) -> Result<Result<LazyLayer, String>, LazyError> {
-        let (Some(image), Some(manifest), Some(layer)) = (
-            labels.get(labels::IMAGE_REF),
-            labels.get(labels::MANIFEST),
-            labels.get(labels::LAYER),
-        ) else {
-            return Ok(Err(
-                "no image labels (containerd's CRI plugin with disable_snapshot_annotations = false, or clip containerd pull, sends them)".into(),
-            ));
-        };
-        let facts = self.manifest_facts(image, manifest)?;
+    ) -> Result<LazyLayer, LazyError> {
+        let image = labels.get(labels::IMAGE_REF).ok_or(NotLazy::NoLabels)?;
+        let manifest = digest_label(labels, labels::MANIFEST)?;
+        let layer = digest_label(labels, labels::LAYER)?;
+        let facts = self.manifest_facts(image, &manifest)?;
         if let Some(why) = facts.not_lazy {
-            return Ok(Err(why));
+            return Err(why.into());
         }
         let depth = parent_depth + 1;
-        if facts.layers.get(depth - 1) != Some(layer) {
-            return Ok(Err(format!(
-                "layer {layer} is not layer {depth} of {image}@{manifest}"
-            )));
+        if facts.layers.get(depth - 1) != Some(&layer) {
+            return Err(NotLazy::WrongLayer {
+                layer,
+                depth,
+                image: image.clone(),
+                manifest,
+            }
+            .into());
         }
         // The snapshot is to be committed under a chain id: it must be this image's chain id
         // at this depth (the layer's content is checked against its diff_id before the commit).
-        let chain = facts.chain_ids.get(depth - 1);
-        if labels.get(labels::TARGET) != chain {
-            return Ok(Err(format!(
-                "the target {} is not the chain id of layer {depth} of {image}@{manifest}",
-                labels.get(labels::TARGET).map_or("(none)", String::as_str)
-            )));
+        let target = labels.get(labels::TARGET).map_or("", String::as_str);
+        if facts
+            .chain_ids
+            .get(depth - 1)
+            .is_none_or(|c| c.as_str() != target)
+        {
+            return Err(NotLazy::WrongChainId {
+                target: target.to_owned(),
+                depth,
+                image: image.clone(),
+                manifest,
+            }
+            .into());
         }
-        Ok(Ok(LazyLayer {
+        Ok(LazyLayer {
             image: image.clone(),
-            manifest: manifest.clone(),
-            layer: layer.clone(),
+            manifest,
+            layer,
             depth,
-        }))
+        })
     }
 
     /// Checks that the content of `l`'s tree matches its `diff_id`s (and so the chain id it is
@@ -251,7 +303,7 @@ impl Lazy {
         self.ensure_archive(l)
     }
 
-    fn manifest_facts(&self, image: &str, manifest: &str) -> Result<ManifestFacts, LazyError> {
+    fn manifest_facts(&self, image: &str, manifest: &Digest) -> Result<ManifestFacts, LazyError> {
         if let Some(f) = self
             .manifests
             .lock()
@@ -263,55 +315,57 @@ impl Lazy {
         let r = pinned(image, manifest)?;
         let (bytes, _media, _digest) = self
             .net
-            .block_on(self.net.client().manifest(&r, manifest))?;
+            .block_on(self.net.client().manifest(&r, manifest.as_str()))?;
         let facts = match serde_json::from_slice::<oci::Manifest>(&bytes) {
-            Ok(m) => {
-                let layers = m.layers().iter().map(|d| d.digest().to_string()).collect();
-                let mut not_lazy = m.layers().iter().find_map(|d| {
-                    let t = d.media_type().to_string();
-                    let known = t.contains("tar")
-                        && (t.ends_with("tar") || t.contains("gzip") || t.contains("zstd"));
-                    (!known).then(|| format!("layer media type {t} is not one clip indexes"))
-                });
-                // The config (verified against its digest) gives the diff_ids, and so the
-                // chain ids the layers may be committed under.
-                let config = oci::digest(m.config())?;
-                let limit = usize::try_from(m.config().size())
-                    .unwrap_or(usize::MAX)
-                    .min(64 << 20);
-                let config_bytes = self
-                    .net
-                    .block_on(self.net.client().blob_bytes(&r, &config, limit))?;
-                let diff_ids = serde_json::from_slice::<oci::ImageConfiguration>(&config_bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| oci::diff_ids(&c).map_err(|e| e.to_string()));
-                let chain_ids = match diff_ids {
-                    Ok(d) => crate::pull::chain_ids(
-                        &d.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    ),
-                    Err(e) => {
-                        not_lazy.get_or_insert(format!("the image config: {e}"));
-                        Vec::new()
-                    }
-                };
-                ManifestFacts {
-                    layers,
-                    chain_ids,
-                    not_lazy,
-                }
-            }
+            Ok(m) => self.facts_of(&r, &m)?,
             Err(e) => ManifestFacts {
                 layers: Vec::new(),
                 chain_ids: Vec::new(),
-                not_lazy: Some(format!(
-                    "{manifest} is not an image manifest clip reads: {e}"
-                )),
+                not_lazy: Some(NotLazy::Manifest {
+                    manifest: manifest.clone(),
+                    reason: e.to_string(),
+                }),
             },
         };
         if let Ok(mut m) = self.manifests.lock() {
-            m.insert(manifest.to_owned(), facts.clone());
+            m.insert(manifest.clone(), facts.clone());
         }
         Ok(facts)
+    }
+
+    /// What manifest `m` of `r` says: its layers, and the chain ids of its config's
+    /// `diff_id`s (the config verified against its digest).
+    fn facts_of(&self, r: &Reference, m: &oci::Manifest) -> Result<ManifestFacts, LazyError> {
+        let mut layers = Vec::new();
+        let mut not_lazy = None;
+        for d in m.layers() {
+            if oci::MediaKind::of(d.media_type()).layer().is_none() {
+                not_lazy.get_or_insert(NotLazy::MediaType(d.media_type().to_string()));
+            }
+            layers.push(oci::digest(d)?);
+        }
+        let config = oci::digest(m.config())?;
+        let limit = usize::try_from(m.config().size())
+            .unwrap_or(usize::MAX)
+            .min(64 << 20);
+        let config_bytes = self
+            .net
+            .block_on(self.net.client().blob_bytes(r, &config, limit))?;
+        let diff_ids = serde_json::from_slice::<oci::ImageConfiguration>(&config_bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|c| oci::diff_ids(&c).map_err(|e| e.to_string()));
+        let chain_ids = match diff_ids {
+            Ok(d) => crate::pull::chain_ids(&d),
+            Err(e) => {
+                not_lazy.get_or_insert(NotLazy::Config(e));
+                Vec::new()
+            }
+        };
+        Ok(ManifestFacts {
+            layers,
+            chain_ids,
+            not_lazy,
+        })
     }
 
     fn lock_for(&self, key: &MountKey) -> Arc<Mutex<()>> {
@@ -332,15 +386,12 @@ impl Lazy {
         if clip_core::format::Archive::open(&path).is_ok() {
             return Ok(path);
         }
-        let r = pinned(&l.image, &l.manifest)?;
-        let reference = r.to_string();
+        let reference = pinned(&l.image, &l.manifest)?.to_string();
         let opts = IndexOptions {
-            checkpoint_bytes: self.cfg.checkpoint_mib.max(1) << 20,
-            layer_store: Some(Arc::clone(&self.layer_store)),
             layers: Some(l.depth),
             // The tree is committed under chain ids: every layer's diff_id is checked.
             verify_diff_ids: true,
-            ..IndexOptions::default()
+            ..node::index_options(&self.cfg, Arc::clone(&self.layer_store))
         };
         let started = Instant::now();
         let summary = clip_core::indexer::index(
@@ -397,16 +448,10 @@ impl Lazy {
     /// Starts a mount server for `archive` at `mp` in a process group of its own (it outlives
     /// the snapshotter) and waits until the mount answers.
     fn spawn_server(&self, key: &MountKey, archive: &Path, mp: &Path) -> Result<(), LazyError> {
-        use std::os::unix::process::CommandExt as _;
         let log_path = self
             .root
             .join("logs")
             .join(format!("{}.log", key.file_name()));
-        let log = clip_core::format::private_file(&log_path).map_err(|e| LazyError::Io {
-            context: "opening",
-            path: log_path.clone(),
-            source: std::io::Error::other(e),
-        })?;
         let mut cmd = Command::new(&self.server.program);
         cmd.arg("mount-server")
             .arg("--archive")
@@ -416,39 +461,9 @@ impl Lazy {
         if let Some(c) = &self.server.config {
             cmd.arg("--config").arg(c);
         }
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().map_err(io("opening", &log_path))?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(io("starting a mount server for", mp))?;
-        let start = Instant::now();
-        loop {
-            if clip_core::fs::is_mounted(mp) {
-                let pid = child.id();
-                tracing::info!(mountpoint = %mp.display(), pid, "lazy tree mounted");
-                // Reaped here when it exits (after an unmount); after a restart of the
-                // snapshotter it is init's to reap. It never dies with us.
-                std::thread::spawn(move || child.wait());
-                return Ok(());
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(LazyError::Mount {
-                    mountpoint: mp.to_owned(),
-                    reason: format!("the mount server exited ({status}): {}", log.trim_end()),
-                });
-            }
-            if start.elapsed() > Duration::from_mins(1) {
-                let _ = child.kill();
-                return Err(LazyError::Mount {
-                    mountpoint: mp.to_owned(),
-                    reason: "the mount did not answer within 60 s".into(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let pid = node::spawn_mount_server(cmd, mp, &log_path, Duration::from_mins(1))?;
+        tracing::info!(mountpoint = %mp.display(), pid, "lazy tree mounted");
+        Ok(())
     }
 
     /// Unmounts `key`'s tree (its server then exits), under the tree's lock: never while the
@@ -474,15 +489,10 @@ impl Lazy {
     /// Removes what no snapshot needs: archives of trees in `keep`'s complement, logs and mount
     /// points of trees not mounted (`mounted`), and mounts under `<root>/mnt` that no record
     /// names (left by a snapshotter killed between mounting and saving).
-    pub fn collect(
-        &self,
-        keep: &std::collections::HashSet<MountKey>,
-        mounted: &std::collections::HashSet<MountKey>,
-    ) {
-        let names =
-            |set: &std::collections::HashSet<MountKey>| -> std::collections::HashSet<String> {
-                set.iter().map(MountKey::file_name).collect()
-            };
+    pub fn collect(&self, keep: &HashSet<MountKey>, mounted: &HashSet<MountKey>) {
+        let names = |set: &HashSet<MountKey>| -> HashSet<String> {
+            set.iter().map(MountKey::file_name).collect()
+        };
         let (keep, mounted) = (names(keep), names(mounted));
         let entries = |dir: &str| {
             std::fs::read_dir(self.root.join(dir))
@@ -515,5 +525,38 @@ impl Lazy {
             }
             let _ = std::fs::remove_dir(&path);
         }
+    }
+}
+
+impl Trees for Lazy {
+    fn admit(
+        &self,
+        labels: &BTreeMap<String, String>,
+        parent_depth: usize,
+    ) -> Result<LazyLayer, LazyError> {
+        let layer = self.layer_of(labels, parent_depth)?;
+        // The layer's content is checked against its diff_id (the tree up to it indexed,
+        // every layer streamed or already checked) before it is committed under a chain id
+        // that other images' pulls will trust.
+        self.verify(&layer)?;
+        Ok(layer)
+    }
+
+    fn ensure_mounted(&self, layer: &LazyLayer) -> Result<MountRecord, LazyError> {
+        Lazy::ensure_mounted(self, layer)
+    }
+
+    fn is_live(&self, record: &MountRecord) -> bool {
+        // A dead server's mount still shows in mountinfo; statfs tells (and detaches it).
+        clip_core::fs::clean_stale_mount(&record.mountpoint);
+        clip_core::fs::is_mounted(&record.mountpoint)
+    }
+
+    fn unmount(&self, key: &MountKey) {
+        Lazy::unmount(self, key);
+    }
+
+    fn collect(&self, keep: &HashSet<MountKey>, mounted: &HashSet<MountKey>) {
+        Lazy::collect(self, keep, mounted);
     }
 }

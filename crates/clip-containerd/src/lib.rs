@@ -5,13 +5,21 @@
 //!
 //! containerd unpacks an image by preparing one snapshot per layer, bottom up, each named by its
 //! chain id, and runs a container on a writable snapshot prepared on the top one. With the CRI
-//! plugin's snapshot labels (or `clip containerd pull`'s), the [`service::Snapshotter`] answers each layer's
-//! `Prepare` by recording a committed snapshot and `AlreadyExists` — containerd then fetches and
-//! unpacks nothing — and gives a container an overlay whose lowest layer is a clip mount of the
-//! image's tree, indexed once from the registry ([`lazy`]) and mounted once per image by a server
-//! process that outlives the snapshotter ([`mount_server`]). Everything else is containerd's
-//! ordinary overlay model, persisted under `--root` ([`meta`]); `List` understands containerd's
-//! filters ([`filter`]).
+//! plugin's snapshot labels (or `clip containerd pull`'s), a layer's `Prepare` is answered by
+//! recording a committed snapshot and `AlreadyExists` — containerd then fetches and unpacks
+//! nothing — and a container gets an overlay whose lowest layer is a clip mount of the image's
+//! tree. The crate is split where the concerns part:
+//!
+//! - [`snapshots`]: the snapshot logic (containerd's overlay model, lazy commits, labels,
+//!   commit, remove, walk, usage, cleanup), typed [`snapshots::SnapshotError`]s, and the
+//!   [`snapshots::Trees`] seam it gets lazy trees through — testable without root or
+//!   containerd;
+//! - [`lazy`]: the real trees: which layers can be served lazily (checked against the registry
+//!   and their `diff_id`s), indexed once per image and depth, mounted once per tree by a server
+//!   process that outlives the snapshotter ([`mount_server`]);
+//! - [`service`]: the gRPC edge, where errors become containerd's status codes;
+//! - [`meta`]: the persisted state; [`filter`]: containerd's `List` filters;
+//! - [`pull`]: `clip containerd pull`, the client side.
 
 pub mod filter;
 pub mod lazy;
@@ -19,8 +27,27 @@ pub mod meta;
 pub mod mount_server;
 pub mod pull;
 pub mod service;
+pub mod snapshots;
 
 pub use service::Snapshotter;
+
+/// Why the snapshotter could not serve its socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket could not be made.
+    #[error("{context} {}: {source}", path.display())]
+    Socket {
+        /// What was being done.
+        context: &'static str,
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
 
 /// Serves `snapshotter` on the unix socket `path` (a stale socket file is replaced; the socket
 /// is `0600`, root's: containerd connects as root) until `shutdown` completes.
@@ -28,20 +55,30 @@ pub async fn serve_unix(
     path: &std::path::Path,
     snapshotter: Snapshotter,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+) -> Result<(), ServeError> {
     use std::os::unix::fs::PermissionsExt as _;
+    let err = |context: &'static str| {
+        move |source| ServeError::Socket {
+            context,
+            path: path.to_owned(),
+            source,
+        }
+    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::Socket {
+            context: "creating",
+            path: dir.to_owned(),
+            source,
+        })?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        Err(e) => return Err(err("removing")(e)),
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = tokio::net::UnixListener::bind(path).map_err(err("listening on"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(err("restricting"))?;
     tracing::info!(socket = %path.display(), "snapshotter serving");
     tonic::transport::Server::builder()
         .add_service(
@@ -53,8 +90,7 @@ pub async fn serve_unix(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,
         )
-        .await
-        .context("serving gRPC")?;
+        .await?;
     Ok(())
 }
 

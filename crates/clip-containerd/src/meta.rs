@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use clip_core::format::Digest;
 use serde::{Deserialize, Serialize};
 
 /// containerd's snapshot kinds.
@@ -46,9 +47,9 @@ pub struct LazyLayer {
     /// The image reference containerd pulled (`HOST/REPO:TAG` or `@digest`).
     pub image: String,
     /// The platform manifest's digest.
-    pub manifest: String,
+    pub manifest: Digest,
     /// This layer's blob digest.
-    pub layer: String,
+    pub layer: Digest,
     /// How many layers, from the bottom, this snapshot's tree holds.
     pub depth: usize,
 }
@@ -68,7 +69,7 @@ impl LazyLayer {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MountKey {
     /// Platform manifest digest.
-    pub manifest: String,
+    pub manifest: Digest,
     /// Number of layers.
     pub depth: usize,
 }
@@ -77,11 +78,7 @@ impl MountKey {
     /// A file-system-safe name for it (`<hex>-<depth>`).
     #[must_use]
     pub fn file_name(&self) -> String {
-        let hex = self
-            .manifest
-            .split_once(':')
-            .map_or(self.manifest.as_str(), |(_, h)| h);
-        format!("{hex}-{}", self.depth)
+        format!("{}-{}", self.manifest.hex(), self.depth)
     }
 }
 
@@ -131,7 +128,10 @@ pub struct State {
 /// Why the metadata could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
-    /// Reading or writing the file failed.
+    /// Writing it failed.
+    #[error("saving snapshot metadata: {0}")]
+    Save(#[from] clip_core::host::HostError),
+    /// Reading the file failed.
     #[error("snapshot metadata {}: {source}", path.display())]
     Io {
         /// The file.
@@ -183,10 +183,7 @@ impl State {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        clip_core::format::publish_bytes(path, &bytes).map_err(|e| MetaError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::other(e),
-        })
+        Ok(clip_core::host::publish_bytes(path, &bytes)?)
     }
 
     /// The snapshot named `name`.
@@ -259,7 +256,10 @@ mod tests {
         let path = dir.path().join("metadata.json");
         std::fs::write(
             &path,
-            r#"{"next_id":3,"snapshots":{},"mounts":[{"key":{"manifest":"sha256:ab","depth":2},"mountpoint":"/m","archive":"/a.clip","pid":42}]}"#,
+            format!(
+                r#"{{"next_id":3,"snapshots":{{}},"mounts":[{{"key":{{"manifest":"{}","depth":2}},"mountpoint":"/m","archive":"/a.clip","pid":42}}]}}"#,
+                Digest::sha256(b"m")
+            ),
         )
         .unwrap();
         let st = State::load(&path).unwrap();
@@ -278,8 +278,8 @@ mod tests {
             updated: now(),
             lazy: lazy.map(|depth| LazyLayer {
                 image: "r/i:t".into(),
-                manifest: "sha256:ab".into(),
-                layer: "sha256:cd".into(),
+                manifest: Digest::sha256(b"m"),
+                layer: Digest::sha256(b"l"),
                 depth,
             }),
         }
@@ -301,7 +301,10 @@ mod tests {
         assert!(st.has_children("l2") && !st.has_children("c"));
         let keys = st.needed_mounts();
         assert_eq!(keys.len(), 2, "{keys:?}");
-        assert_eq!(keys[0].file_name(), "ab-2");
+        assert_eq!(
+            keys[0].file_name(),
+            format!("{}-2", Digest::sha256(b"m").hex())
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.json");
         st.save(&p).unwrap();

@@ -342,10 +342,10 @@ pub fn write_bundle(dir: &Path, spec: &serde_json::Value) -> Result<PathBuf, Con
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let bytes = serde_json::to_vec_pretty(spec)
         .map_err(|e| ContainerError::Config(format!("serialising the spec: {e}")))?;
-    crate::format::publish_bytes(&dir.join("config.json"), &bytes).map_err(|e| {
+    crate::host::publish_bytes(&dir.join("config.json"), &bytes).map_err(|e| {
         ContainerError::Io {
             what: format!("writing {}/config.json", dir.display()),
-            source: std::io::Error::other(e),
+            source: e.into(),
         }
     })?;
     Ok(dir.to_owned())

@@ -14,11 +14,14 @@
 //! The flows are [`service::ImageService`]'s methods (one file each under `service/`), over an
 //! [`service::ArchiveStore`] (a local directory or an S3 prefix) and one registry client and
 //! runtime per service. Containers on a mount are [`container`]'s overlays and OCI bundles.
+//! What every clip process on a node builds from the configuration the same way — the registry
+//! client, the one span cache, index options, mounts with shared prefetch profiles, the
+//! serve-until-signal loop — is [`node`]'s, used by the service, the CLI and the snapshotter.
 //!
 //! For embedding without the service: [`create_from_oci_image`] (the seed's
 //! `CreateFromOCIImage`: index an image straight from its registry into a v2 archive), and the
 //! capability crates re-exported as [`crate::format`], [`registry`], [`indexer`], [`archive`],
-//! [`extract`], [`fs`] and [`policy`] (the seed's `MountArchive` is [`fs::mount_archive`]).
+//! [`extract`], [`fs`], [`host`] and [`policy`] (the seed's `MountArchive` is [`fs::mount_archive`]).
 //!
 //! Start from `examples/embed_index_and_read.rs` (run by the test suite): index an image
 //! straight from its registry, mount it lazily, read one file.
@@ -35,6 +38,7 @@
 
 pub mod container;
 pub mod locks;
+pub mod node;
 pub mod rfc3339;
 pub mod service;
 
@@ -42,6 +46,7 @@ pub use clip_archive as archive;
 pub use clip_extract as extract;
 pub use clip_format as format;
 pub use clip_fs as fs;
+pub use clip_host as host;
 pub use clip_indexer as indexer;
 pub use clip_objstore as objstore;
 pub use clip_policy as policy;

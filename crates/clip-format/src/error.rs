@@ -90,6 +90,9 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// Publishing a file on the host failed (temp file, fsync, rename).
+    #[error(transparent)]
+    Host(#[from] clip_host::HostError),
 }
 
 /// Result with [`Error`].

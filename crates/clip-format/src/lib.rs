@@ -53,7 +53,6 @@ mod entry;
 mod error;
 pub mod merge;
 mod meta;
-pub mod private;
 mod read;
 pub mod sparse;
 pub mod spec;
@@ -69,12 +68,11 @@ pub use meta::{
     Checkpoint, CheckpointKind, ImageConfig, LayerInfo, MediaKind, Meta, Remote, Source,
     sha256_bytes,
 };
-pub use private::{PrivateError, private_dir, private_file};
 pub use read::{Archive, DataLocation, EntryKind, SectionInfo};
 pub use sparse::{SparseMap, SparseReader};
 pub use spec::{FORMAT_VERSION, MAGIC, SectionId};
 pub use tree::{LayerSpan, Metadata, NodeKind, Tree};
-pub use write::{WriteSummary, publish_bytes, write_v2};
+pub use write::{WriteSummary, write_v2};
 pub use write_v1::{V1Writer, write_v1_remote};
 
 /// The three kinds of archive.

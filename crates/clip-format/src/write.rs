@@ -5,8 +5,6 @@
 //! renames it into place and fsyncs the directory, so readers never see a partial archive.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 
 use crate::ArchiveKind;
@@ -313,14 +311,6 @@ pub(crate) fn assemble(kind: ArchiveKind, sections: &[Section]) -> Vec<u8> {
     out
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
-pub fn publish_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = temp_beside(path)?;
-    tmp.write_all(bytes)
-        .map_err(|e| io("writing", tmp.path(), e))?;
-    persist(tmp, path)
-}
-
 pub(crate) fn io(context: &'static str, path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         context,
@@ -330,30 +320,15 @@ pub(crate) fn io(context: &'static str, path: &Path, source: std::io::Error) -> 
 }
 
 pub(crate) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    tempfile::Builder::new()
-        .prefix(".clip-tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| io("creating a temp file in", dir, e))
+    Ok(clip_host::temp_beside(path)?)
 }
 
 pub(crate) fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| io("syncing", tmp.path(), e))?;
-    tmp.persist(path)
-        .map_err(|e| io("renaming into", path, e.error))?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    Ok(clip_host::persist(tmp, path)?)
+}
+
+pub(crate) fn publish_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(clip_host::publish_bytes(path, bytes)?)
 }
 
 /// What a writer produced.

@@ -237,10 +237,10 @@ impl SpanCache {
         // Spans hold the content of private images: the cache is its owner's alone.
         let mut unwritable = None;
         for d in [dir.to_owned(), dir.join("spans"), dir.join("tmp")] {
-            match clip_format::private_dir(&d) {
+            match clip_host::private_dir(&d) {
                 Ok(()) => {}
-                Err(e @ clip_format::PrivateError::Unsafe { .. }) => {
-                    return Err(std::io::Error::other(e));
+                Err(e @ clip_host::HostError::Unsafe { .. }) => {
+                    return Err(e.into());
                 }
                 Err(e) => {
                     unwritable = Some(e);
@@ -262,7 +262,8 @@ impl SpanCache {
                     let _ = std::fs::remove_file(&probe);
                 }
                 Err(e) => {
-                    unwritable = Some(clip_format::PrivateError::Io {
+                    unwritable = Some(clip_host::HostError::Io {
+                        context: "writing in",
                         path: probe,
                         source: e,
                     });

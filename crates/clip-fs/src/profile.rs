@@ -58,7 +58,7 @@ impl Profile {
     pub fn save(&self, path: &Path) -> Result<(), crate::Error> {
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| crate::Error::Config(format!("profile: {e}")))?;
-        clip_format::publish_bytes(path, &json)?;
+        clip_host::publish_bytes(path, &json).map_err(std::io::Error::from)?;
         Ok(())
     }
 }

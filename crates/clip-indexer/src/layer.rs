@@ -150,18 +150,13 @@ pub(crate) fn index_layer<C: Chunks>(
     } else {
         MediaKind::Tar
     };
-    let declared = if d.media_type.contains("zstd") {
-        Some(MediaKind::Zstd)
-    } else if d.media_type.contains("gzip") {
-        Some(MediaKind::Gzip)
-    } else if matches!(
-        d.media_type.as_str(),
-        "application/vnd.oci.image.layer.v1.tar" | "application/vnd.docker.image.rootfs.diff.tar"
-    ) {
-        Some(MediaKind::Tar)
-    } else {
-        None
-    };
+    let declared = clip_registry::oci::MediaKind::of_str(&d.media_type)
+        .layer()
+        .map(|c| match c {
+            clip_registry::oci::Compression::None => MediaKind::Tar,
+            clip_registry::oci::Compression::Gzip => MediaKind::Gzip,
+            clip_registry::oci::Compression::Zstd => MediaKind::Zstd,
+        });
     if let Some(decl) = declared
         && decl != media
         && d.size > 0

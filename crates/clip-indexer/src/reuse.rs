@@ -493,7 +493,7 @@ impl LayerIndexStore for DirLayerStore {
                 format!("bad layer index key {key:?}"),
             ));
         }
-        clip_format::private_dir(&self.dir).map_err(std::io::Error::other)?;
+        clip_host::private_dir(&self.dir)?;
         let target = self.dir.join(key);
         if target.exists() {
             return Ok(false);

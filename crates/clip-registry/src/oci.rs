@@ -18,10 +18,99 @@ use crate::Error;
 /// Media type of a Docker manifest list (OCI calls it an image index).
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// Media type of a Docker image manifest (schema 2).
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// What a media type names, as far as clip cares: the one classifier every crate asks (the
+/// indexer, the TOC readers, the snapshotter, index on push).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaKind {
+    /// An image index or a Docker manifest list.
+    Index,
+    /// An image manifest (OCI, or Docker schema 2).
+    Manifest,
+    /// A layer: a tar stream, compressed as said.
+    Layer(Compression),
+    /// Anything else (configs, artifacts, encrypted or foreign layers clip cannot read).
+    Other,
+}
+
+/// How a layer's tar stream is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// gzip (eStargz too).
+    Gzip,
+    /// zstd (zstd:chunked too).
+    Zstd,
+}
+
+impl MediaKind {
+    /// Classifies `media`.
+    #[must_use]
+    pub fn of(media: &MediaType) -> Self {
+        match media {
+            MediaType::ImageIndex => Self::Index,
+            MediaType::ImageManifest => Self::Manifest,
+            #[allow(deprecated)]
+            MediaType::ImageLayer | MediaType::ImageLayerNonDistributable => {
+                Self::Layer(Compression::None)
+            }
+            #[allow(deprecated)]
+            MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => {
+                Self::Layer(Compression::Gzip)
+            }
+            #[allow(deprecated)]
+            MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => {
+                Self::Layer(Compression::Zstd)
+            }
+            other => Self::of_str(other.as_ref()),
+        }
+    }
+
+    /// Classifies a media type given as text (a descriptor's field, a notification's). Media
+    /// types are compared exactly, as registries and runtimes do.
+    #[must_use]
+    #[allow(clippy::case_sensitive_file_extension_comparisons)]
+    pub fn of_str(media: &str) -> Self {
+        match media {
+            "application/vnd.oci.image.index.v1+json" | DOCKER_MANIFEST_LIST => Self::Index,
+            "application/vnd.oci.image.manifest.v1+json" | DOCKER_MANIFEST => Self::Manifest,
+            // Docker's rootfs.diff.tar[.gzip] (and the foreign variant), the OCI tar[+gzip|+zstd]
+            // types and their non-distributable forms: a tar stream with a known compression.
+            // Anything else (`+encrypted`, a custom suffix) is not a layer clip reads.
+            m if m.starts_with("application/vnd.oci.image.layer.")
+                || m.starts_with("application/vnd.docker.image.rootfs.") =>
+            {
+                if m.ends_with(".tar") {
+                    Self::Layer(Compression::None)
+                } else if m.ends_with(".tar+gzip") || m.ends_with(".tar.gzip") {
+                    Self::Layer(Compression::Gzip)
+                } else if m.ends_with(".tar+zstd") || m.ends_with(".tar.zstd") {
+                    Self::Layer(Compression::Zstd)
+                } else {
+                    Self::Other
+                }
+            }
+            _ => Self::Other,
+        }
+    }
+
+    /// The compression of a layer type (`None` for anything that is not a layer clip reads).
+    #[must_use]
+    pub fn layer(self) -> Option<Compression> {
+        match self {
+            Self::Layer(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
 /// Whether `media` names an image index or a Docker manifest list.
 #[must_use]
 pub fn is_index(media: &MediaType) -> bool {
-    matches!(media, MediaType::ImageIndex) || media.to_string() == DOCKER_MANIFEST_LIST
+    MediaKind::of(media) == MediaKind::Index
 }
 
 /// The descriptor's digest as one clip can verify (sha256 or sha512); any other algorithm is
@@ -132,6 +221,59 @@ pub fn diff_ids(c: &ImageConfiguration) -> Result<Vec<Digest>, Error> {
         .iter()
         .map(|d| Digest::parse(d).map_err(|e| Error::Unsupported(format!("diff_id: {e}"))))
         .collect()
+}
+
+#[cfg(test)]
+mod media_tests {
+    use super::{Compression, MediaKind, MediaType};
+
+    #[test]
+    fn media_types_are_classified_once() {
+        for (m, k) in [
+            (
+                "application/vnd.oci.image.layer.v1.tar",
+                MediaKind::Layer(Compression::None),
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                MediaKind::Layer(Compression::Gzip),
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                MediaKind::Layer(Compression::Zstd),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                MediaKind::Layer(Compression::Gzip),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                MediaKind::Layer(Compression::Gzip),
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar",
+                MediaKind::Layer(Compression::None),
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+                MediaKind::Other,
+            ),
+            ("application/vnd.oci.image.config.v1+json", MediaKind::Other),
+            (
+                "application/vnd.docker.distribution.manifest.list.v2+json",
+                MediaKind::Index,
+            ),
+            ("application/vnd.oci.image.index.v1+json", MediaKind::Index),
+            (
+                "application/vnd.docker.distribution.manifest.v2+json",
+                MediaKind::Manifest,
+            ),
+            ("text/plain", MediaKind::Other),
+        ] {
+            assert_eq!(MediaKind::of_str(m), k, "{m}");
+            assert_eq!(MediaKind::of(&MediaType::from(m)), k, "{m}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ pub(crate) fn man(dir: &Path) -> anyhow::Result<()> {
         let mut buf = Vec::new();
         clap_mangen::Man::new(page).render(&mut buf)?;
         let path = dir.join(format!("{name}.1"));
-        clip_core::format::publish_bytes(&path, &buf)?;
+        clip_core::host::publish_bytes(&path, &buf)?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 #![allow(clippy::print_stderr)]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
@@ -31,7 +31,8 @@ pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
     let options = clip_core::fs::MountOptions {
         archive: args.file,
         mountpoint: args.mountpoint,
-        cache_dir,
+        // The node's one span cache: `<cache dir>/spans`, as the worker and the snapshotter.
+        cache_dir: clip_core::node::span_cache_dir(&cache_dir),
         cache_bytes: args.cache_size,
         cache_min_free_percent: args.cache_min_free,
         registry: Some(args.registry.client(&host)?),
@@ -69,29 +70,12 @@ fn foreground(options: clip_core::fs::MountOptions) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    let mountpoint = options.mountpoint.clone();
+    let (archive, mountpoint) = (options.archive.clone(), options.mountpoint.clone());
     let args_had_store = options.span_store.is_some();
-    let handle = clip_core::fs::mount_archive(options)
+    let handle = clip_core::node::MountBuilder::from_options(options)
+        .mount(&archive, &mountpoint)
         .with_context(|| format!("mounting at {}", mountpoint.display()))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let why = rt.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let why = loop {
-            tokio::select! {
-                _ = term.recv() => break "SIGTERM",
-                _ = int.recv() => break "SIGINT",
-                _ = hup.recv() => break "SIGHUP",
-                _ = tick.tick() => if handle.is_finished() { break "unmounted" },
-            }
-        };
-        Ok::<_, std::io::Error>(why)
-    })?;
+    let why = clip_core::node::serve_until_signal(&handle)?;
     let stats = handle.stats();
     handle.unmount()?;
     eprintln!(
@@ -124,10 +108,9 @@ fn foreground(options: clip_core::fs::MountOptions) -> anyhow::Result<()> {
 /// `CACHE_DIR/logs/<mount point>.log` (a private directory; the file is opened without following
 /// symlinks), and returns once the mount answers (or reports why it did not).
 fn spawn_background(mountpoint: &Path, cache_dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt as _;
     let log_dir = cache_dir.join("logs");
-    clip_core::format::private_dir(cache_dir)?;
-    clip_core::format::private_dir(&log_dir)?;
+    clip_core::host::private_dir(cache_dir)?;
+    clip_core::host::private_dir(&log_dir)?;
     let canon = std::fs::canonicalize(mountpoint)
         .with_context(|| format!("mount point {}", mountpoint.display()))?;
     let log_path = log_dir.join(format!(
@@ -139,39 +122,15 @@ fn spawn_background(mountpoint: &Path, cache_dir: &Path) -> anyhow::Result<()> {
     if clip_core::fs::is_mounted(&canon) {
         bail!("{} is already a clip mount point", canon.display());
     }
-    let log = clip_core::format::private_file(&log_path)?;
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     args.push("--foreground".into());
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("starting the mount server")?;
-    let start = Instant::now();
-    loop {
-        if clip_core::fs::is_mounted(&canon) {
-            eprintln!(
-                "mounted at {} (server pid {}, log {})",
-                canon.display(),
-                child.id(),
-                log_path.display()
-            );
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!("the mount server exited ({status}):\n{}", log.trim_end());
-        }
-        if start.elapsed() > Duration::from_mins(1) {
-            let _ = child.kill();
-            bail!(
-                "the mount did not answer within 60 s; see {}",
-                log_path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args);
+    let pid = clip_core::node::spawn_mount_server(cmd, &canon, &log_path, Duration::from_mins(1))?;
+    eprintln!(
+        "mounted at {} (server pid {pid}, log {})",
+        canon.display(),
+        log_path.display()
+    );
+    Ok(())
 }

@@ -26,6 +26,9 @@ pub enum ServiceError {
     /// Mounting failed.
     #[error(transparent)]
     Mount(#[from] fs::Error),
+    /// Building the node's client, caches or mounts from the configuration failed.
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
     /// The archive is invalid.
     #[error(transparent)]
     Format(#[from] format::Error),
@@ -57,9 +60,10 @@ pub enum ServiceError {
         #[source]
         source: std::io::Error,
     },
-    /// A directory clip keeps private state in is not safe to use (another owner, a symlink).
+    /// A directory clip keeps private state in is not safe to use (another owner, a symlink),
+    /// or a file could not be published.
     #[error(transparent)]
-    Private(#[from] format::PrivateError),
+    Host(#[from] crate::host::HostError),
     /// No archive for this image id in the store.
     #[error("no archive for image {0} in the archive store")]
     UnknownImage(String),

@@ -45,7 +45,7 @@ use clip_policy::Config;
 use sha2::{Digest as _, Sha256};
 
 pub use error::{FallbackReason, ServiceError};
-pub use lazy::{MountedImage, span_store_options};
+pub use lazy::MountedImage;
 pub use run::RunOutput;
 pub use store::{ArchiveStore, ArchiveVersion, MAX_SMALL_OBJECT, StoredArchive};
 
@@ -100,51 +100,6 @@ impl std::fmt::Debug for ImageService {
     }
 }
 
-/// Registry client settings from the configuration: per-registry credentials, insecure hosts,
-/// CAs and client certificates, then docker's `config.json`; certs.d roots; mirrors from
-/// registries.conf.
-pub fn client_config(cfg: &Config) -> Result<registry::ClientConfig, ServiceError> {
-    let mut client_cfg = registry::ClientConfig::default().with_docker_config()?;
-    for (host, e) in &cfg.registries {
-        let host = if host == "docker" { "docker.io" } else { host };
-        if e.insecure {
-            client_cfg.insecure.push(host.to_owned());
-        }
-        if e.ca_file.is_some() || e.client_cert.is_some() {
-            client_cfg.registry_tls.push((
-                host.to_owned(),
-                registry::trust::RegistryTls {
-                    ca_file: e.ca_file.clone(),
-                    client_cert: e.client_cert.clone(),
-                    client_key: e.client_key.clone(),
-                },
-            ));
-        }
-        if let (Some(u), Some(p)) = (&e.username, &e.password) {
-            client_cfg.credentials.push((
-                host.to_owned(),
-                registry::Credentials::Basic {
-                    username: u.clone(),
-                    password: p.clone(),
-                },
-            ));
-        }
-    }
-    client_cfg.certs_dirs.clone_from(&cfg.certs_dirs);
-    client_cfg.mirrors = match &cfg.registries_conf {
-        Some(conf) if !conf.exists() => {
-            return Err(registry::Error::Config(format!(
-                "imageService.registriesConf {}: no such file",
-                conf.display()
-            ))
-            .into());
-        }
-        Some(conf) => registry::mirrors::load(conf)?,
-        None => registry::mirrors::load_system()?,
-    };
-    Ok(client_cfg)
-}
-
 impl ImageService {
     /// A service for `cfg`: one registry client (credentials from the config, then docker's
     /// `config.json`) and one runtime for all its flows and mounts.
@@ -156,14 +111,13 @@ impl ImageService {
             cfg.mount_base.clone(),
             cfg.mount_base.join("containers"),
         ] {
-            crate::format::private_dir(&d)?;
+            crate::host::private_dir(&d)?;
         }
-        let net = registry::BlockingClient::new(client_config(&cfg)?)?;
+        let net = crate::node::registry_client(&cfg)?;
         let store = store::open(&cfg, net.handle())?;
         // Layer indexes: this worker's cache first, then the store every worker shares.
-        let mut tiers: Vec<Box<dyn indexer::LayerIndexStore>> = vec![Box::new(
-            indexer::DirLayerStore::new(cfg.cache_dir.join("layers")),
-        )];
+        let mut tiers: Vec<Box<dyn indexer::LayerIndexStore>> =
+            vec![Box::new(crate::node::layer_cache(&cfg)?)];
         tiers.extend(store.shared_layer_indexes());
         let svc = Self {
             cfg,
@@ -206,11 +160,7 @@ impl ImageService {
     }
 
     fn index_options(&self) -> indexer::IndexOptions {
-        indexer::IndexOptions {
-            checkpoint_bytes: self.cfg.checkpoint_mib << 20,
-            layer_store: Some(Arc::clone(&self.layer_store)),
-            ..indexer::IndexOptions::default()
-        }
+        crate::node::index_options(&self.cfg, Arc::clone(&self.layer_store))
     }
 
     /// A fresh path in the store's staging directory for image `id`'s new archive.

@@ -158,19 +158,11 @@ impl std::fmt::Debug for PushIndexer {
 }
 
 fn is_manifest(media: &str) -> bool {
-    matches!(
-        media,
-        "application/vnd.oci.image.manifest.v1+json"
-            | "application/vnd.docker.distribution.manifest.v2+json"
-    )
+    registry::oci::MediaKind::of_str(media) == registry::oci::MediaKind::Manifest
 }
 
 fn is_index(media: &str) -> bool {
-    matches!(
-        media,
-        "application/vnd.oci.image.index.v1+json"
-            | "application/vnd.docker.distribution.manifest.list.v2+json"
-    )
+    registry::oci::MediaKind::of_str(media) == registry::oci::MediaKind::Index
 }
 
 /// `HOST[:PORT]` of a URL like `http://127.0.0.1:5000/v2/…`.

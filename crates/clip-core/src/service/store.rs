@@ -135,8 +135,8 @@ impl LocalStore {
     /// The store in `dir` (created if missing).
     pub fn open(dir: &Path) -> Result<Self, ServiceError> {
         let staging = dir.join(".staging");
-        format::private_dir(dir)?;
-        format::private_dir(&staging)?;
+        crate::host::private_dir(dir)?;
+        crate::host::private_dir(&staging)?;
         Ok(Self {
             dir: dir.to_owned(),
             staging,
@@ -213,7 +213,7 @@ impl ArchiveStore for LocalStore {
             "{name}.{}",
             short_hash(&[std::process::id().to_string().as_bytes(), name.as_bytes()])
         ));
-        format::publish_bytes(&tmp, bytes)?;
+        crate::host::publish_bytes(&tmp, bytes)?;
         let target = self.dir.join(name);
         let created = match std::fs::hard_link(&tmp, &target) {
             Ok(()) => true,
@@ -287,12 +287,12 @@ impl S3ArchiveStore {
         let staging = cache_dir.join("outgoing");
         let copies = cache_dir.join("archives");
         for d in [&staging, &copies] {
-            format::private_dir(d)?;
+            crate::host::private_dir(d)?;
         }
         Ok(Self {
             bucket: s3.bucket.clone(),
             prefix: s3.prefix.clone(),
-            opts: remote_options(s3),
+            opts: crate::node::remote_options(s3),
             runtime,
             staging,
             copies,
@@ -370,18 +370,6 @@ const MAX_ARCHIVE_OBJECT: u64 = 4 << 30;
 pub const MAX_SMALL_OBJECT: u64 = 32 << 20;
 /// The largest layer index read from a shared store.
 const MAX_LAYER_INDEX_OBJECT: u64 = 256 << 20;
-
-/// Object-store settings from the configuration's `s3:` section.
-#[must_use]
-pub fn remote_options(s3: &clip_policy::S3Store) -> RemoteOptions {
-    RemoteOptions {
-        endpoint: s3.endpoint.clone(),
-        region: s3.region.clone(),
-        access_key_id: s3.access_key_id.clone(),
-        secret_access_key: s3.secret_access_key.clone(),
-        path_style: s3.force_path_style,
-    }
-}
 
 impl ArchiveStore for S3ArchiveStore {
     fn location(&self, id: &str) -> String {

@@ -106,8 +106,9 @@ pub(super) fn zstd_annotations(d: &LayerDesc) -> (Option<&str>, Option<&str>) {
 /// What `d` announces: a usable TOC, one that cannot be used (with the reason), or nothing.
 #[must_use]
 pub fn announced(d: &LayerDesc) -> Announced {
-    let zstd_media = d.media_type.contains("zstd");
-    let gzip_media = d.media_type.contains("gzip");
+    let compression = clip_registry::oci::MediaKind::of_str(&d.media_type).layer();
+    let zstd_media = compression == Some(clip_registry::oci::Compression::Zstd);
+    let gzip_media = compression == Some(clip_registry::oci::Compression::Gzip);
     if d.annotations.contains_key(TOC_DIGEST_ANNOTATION) {
         return if gzip_media {
             Announced::Toc(TocKind::EStargz)
@@ -168,7 +169,10 @@ pub fn toc_digest(d: &LayerDesc) -> Option<&str> {
     d.annotations
         .get(TOC_DIGEST_ANNOTATION)
         .map(String::as_str)
-        .filter(|_| d.media_type.contains("gzip"))
+        .filter(|_| {
+            clip_registry::oci::MediaKind::of_str(&d.media_type).layer()
+                == Some(clip_registry::oci::Compression::Gzip)
+        })
 }
 
 #[derive(serde::Deserialize)]

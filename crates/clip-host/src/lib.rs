@@ -1,4 +1,5 @@
-//! What clip leaves on a host is its owner's alone.
+//! Host hygiene: what clip leaves on a host is its owner's alone, and nothing half-written is
+//! ever seen.
 //!
 //! Archives, span caches, layer indexes, profiles, logs and mount points can hold the content of
 //! private images, and a root daemon that writes through a path another user can prepare is a
@@ -7,7 +8,11 @@
 //! symlink) owned by this process's user, tightened to `0700` if it was wider — and every file
 //! opened by a fixed name is opened with [`private_file`]: `O_NOFOLLOW`, `0600`, and refused when
 //! someone else owns it. Files written under temporary names (archives, spans, indexes) are
-//! created `0600` with random names (`O_EXCL`) and renamed into place.
+//! created `0600` with random names (`O_EXCL`) and renamed into place: [`temp_beside`] and
+//! [`persist`] (fsync, rename, fsync of the directory), or [`publish_bytes`] for both at once.
+//!
+//! The lowest crate of the workspace: the archive format, the caches, the services and the
+//! snapshotter all keep their state through it.
 
 use std::fs::File;
 use std::os::unix::fs::{
@@ -15,10 +20,10 @@ use std::os::unix::fs::{
 };
 use std::path::{Path, PathBuf};
 
-/// Why a private path could not be had.
+/// Why a private path could not be had, or a file not published.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum PrivateError {
+pub enum HostError {
     /// The path exists but is not what it must be (a symlink, another kind of file, or owned by
     /// someone else).
     #[error("{}: {reason} — clip keeps private state here; remove it or choose another path", path.display())]
@@ -28,9 +33,11 @@ pub enum PrivateError {
         /// What is wrong with it.
         reason: String,
     },
-    /// Creating, checking or opening it failed.
-    #[error("{}: {source}", path.display())]
+    /// Creating, checking, opening, writing or renaming it failed.
+    #[error("{context} {}: {source}", path.display())]
     Io {
+        /// What was being done.
+        context: &'static str,
         /// The path.
         path: PathBuf,
         /// Why.
@@ -39,9 +46,27 @@ pub enum PrivateError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PrivateError + use<> {
+impl From<HostError> for std::io::Error {
+    fn from(e: HostError) -> Self {
+        let kind = match &e {
+            HostError::Unsafe { .. } => std::io::ErrorKind::PermissionDenied,
+            HostError::Io { source, .. } => source.kind(),
+        };
+        Self::new(kind, e)
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HostError + use<> {
+    at("at", path)
+}
+
+fn at(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError + use<> {
     let path = path.to_owned();
-    move |source| PrivateError::Io { path, source }
+    move |source| HostError::Io {
+        context,
+        path,
+        source,
+    }
 }
 
 fn euid() -> u32 {
@@ -50,7 +75,7 @@ fn euid() -> u32 {
 
 /// Creates `dir` (its missing parents with default modes) as a `0700` directory, or checks an
 /// existing one: a real directory owned by this user, tightened to `0700` if wider.
-pub fn private_dir(dir: &Path) -> Result<(), PrivateError> {
+pub fn private_dir(dir: &Path) -> Result<(), HostError> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
     }
@@ -60,7 +85,7 @@ pub fn private_dir(dir: &Path) -> Result<(), PrivateError> {
         Err(e) => return Err(io(dir)(e)),
     }
     let md = std::fs::symlink_metadata(dir).map_err(io(dir))?;
-    let unsafe_path = |reason: String| PrivateError::Unsafe {
+    let unsafe_path = |reason: String| HostError::Unsafe {
         path: dir.to_owned(),
         reason,
     };
@@ -85,7 +110,7 @@ pub fn private_dir(dir: &Path) -> Result<(), PrivateError> {
 
 /// Opens `path` for writing, truncated, as a `0600` file of this user: a symlink at `path` is
 /// not followed (the open fails), and an existing file owned by someone else is refused.
-pub fn private_file(path: &Path) -> Result<File, PrivateError> {
+pub fn private_file(path: &Path) -> Result<File, HostError> {
     // O_NOFOLLOW: a planted symlink fails the open instead of redirecting it.
     #[allow(clippy::cast_possible_wrap)]
     let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
@@ -99,7 +124,7 @@ pub fn private_file(path: &Path) -> Result<File, PrivateError> {
         .map_err(|e| {
             if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
                 // The last component is a symbolic link.
-                PrivateError::Unsafe {
+                HostError::Unsafe {
                     path: path.to_owned(),
                     reason: "is a symbolic link".into(),
                 }
@@ -110,7 +135,7 @@ pub fn private_file(path: &Path) -> Result<File, PrivateError> {
     let md = f.metadata().map_err(io(path))?;
     let me = euid();
     if !md.is_file() || md.uid() != me {
-        return Err(PrivateError::Unsafe {
+        return Err(HostError::Unsafe {
             path: path.to_owned(),
             reason: format!("is not a regular file of uid {me}"),
         });
@@ -121,6 +146,43 @@ pub fn private_file(path: &Path) -> Result<File, PrivateError> {
             .map_err(io(path))?;
     }
     Ok(f)
+}
+
+/// A new `0600` temporary file in `path`'s directory (random name, `O_EXCL`), to be
+/// [`persist`]ed as `path` once complete.
+pub fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile, HostError> {
+    let dir = parent_of(path);
+    tempfile::Builder::new()
+        .prefix(".clip-tmp-")
+        .tempfile_in(dir)
+        .map_err(at("creating a temp file in", dir))
+}
+
+/// Publishes a complete temporary file as `path`: fsync, rename over `path`, fsync of the
+/// directory. A crash leaves the old file or the new one, never a mix.
+pub fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), HostError> {
+    tmp.as_file()
+        .sync_all()
+        .map_err(at("syncing", tmp.path()))?;
+    tmp.persist(path)
+        .map_err(|e| at("renaming into", path)(e.error))?;
+    if let Ok(d) = File::open(parent_of(path)) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically ([`temp_beside`], then [`persist`]).
+pub fn publish_bytes(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
+    let mut tmp = temp_beside(path)?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(at("writing", tmp.path()))?;
+    persist(tmp, path)
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 #[cfg(test)]
@@ -139,16 +201,23 @@ mod tests {
         assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&d, &link).unwrap();
-        assert!(matches!(
-            private_dir(&link),
-            Err(PrivateError::Unsafe { .. })
-        ));
+        assert!(matches!(private_dir(&link), Err(HostError::Unsafe { .. })));
         let file = tmp.path().join("file");
         std::fs::write(&file, b"x").unwrap();
-        assert!(matches!(
-            private_dir(&file),
-            Err(PrivateError::Unsafe { .. })
-        ));
+        assert!(matches!(private_dir(&file), Err(HostError::Unsafe { .. })));
+    }
+
+    #[test]
+    fn published_files_replace_the_old_one_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("state.json");
+        publish_bytes(&p, b"old").unwrap();
+        publish_bytes(&p, b"new state").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new state");
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temp file left behind");
+        let err = publish_bytes(&tmp.path().join("no/such/dir/x"), b"x").unwrap_err();
+        assert!(matches!(err, HostError::Io { .. }), "{err}");
     }
 
     #[test]
@@ -159,7 +228,7 @@ mod tests {
         let log = tmp.path().join("x.log");
         std::os::unix::fs::symlink(&victim, &log).unwrap();
         let err = private_file(&log).unwrap_err();
-        assert!(matches!(err, PrivateError::Unsafe { .. }), "{err}");
+        assert!(matches!(err, HostError::Unsafe { .. }), "{err}");
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         let ok = tmp.path().join("ok.log");
         std::fs::write(&ok, b"old content").unwrap();
