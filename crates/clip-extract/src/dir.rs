@@ -557,10 +557,11 @@ fn fill_from_registry(
         .source
         .clone()
         .ok_or_else(|| Error::Unsupported("v2 archive without a registry source".into()))?;
-    let reference = clip_registry::Reference::parse(&format!(
-        "{}/{}@{}",
-        source.registry, source.repository, source.manifest_digest
-    ))?;
+    let reference = clip_registry::Reference::at_digest(
+        &source.registry,
+        &source.repository,
+        source.manifest_digest.as_str(),
+    )?;
     let net = opts.client()?;
     let mut written = 0u64;
     for (layer, (info, jobs)) in (0u32..).zip(layers.iter().zip(jobs.iter_mut())) {

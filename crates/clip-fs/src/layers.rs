@@ -97,7 +97,7 @@ pub(crate) struct FetchStats {
 }
 
 /// What a fetch in flight publishes to the readers waiting on it (`None` until it is done).
-pub(crate) type Outcome = Option<Result<SpanFile, String>>;
+pub(crate) type Outcome = Option<Result<SpanFile, Arc<Error>>>;
 
 /// Waits for the fetch another task leads (single flight) and takes its outcome.
 pub(crate) async fn join_fetch(mut rx: watch::Receiver<Outcome>) -> Result<SpanFile, Error> {
@@ -108,7 +108,7 @@ pub(crate) async fn join_fetch(mut rx: watch::Receiver<Outcome>) -> Result<SpanF
         .clone();
     match outcome {
         Some(Ok(f)) => Ok(f),
-        Some(Err(e)) => Err(Error::Fetch(e)),
+        Some(Err(e)) => Err(Error::Shared(e)),
         None => Err(Error::Fetch("no outcome".into())),
     }
 }
@@ -174,12 +174,11 @@ impl V2Source {
             .source
             .clone()
             .ok_or_else(|| Error::Config("v2 archive without a registry source".into()))?;
-        let reference = Reference::parse(&format!(
-            "{}/{}@{}",
+        let reference = Reference::at_digest(
             registry_override.unwrap_or(&source.registry),
-            source.repository,
-            source.manifest_digest
-        ))?;
+            &source.repository,
+            source.manifest_digest.as_str(),
+        )?;
         let layers = archive
             .layers()
             .into_iter()
@@ -312,9 +311,7 @@ impl V2Source {
         }
         // Disk lookups hash the file once: keep that off the async workers.
         let me = Arc::clone(self);
-        let found = tokio::task::spawn_blocking(move || me.cache.get(&digest, len))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        let found = tokio::task::spawn_blocking(move || me.cache.get(&digest, len)).await?;
         if let Some(f) = found {
             return Ok(f);
         }
@@ -362,11 +359,10 @@ impl V2Source {
             let results = self.fetch_group(layer, first, last).await;
             let mut mine = Err(Error::Config("span not fetched".into()));
             for ((idx, _, tx), r) in senders.into_iter().zip(results) {
-                let _ = tx.send(Some(
-                    r.as_ref().map(Arc::clone).map_err(ToString::to_string),
-                ));
+                let r = r.map_err(Arc::new);
+                let _ = tx.send(Some(r.clone()));
                 if idx == span {
-                    mine = r;
+                    mine = r.map_err(Error::Shared);
                 }
             }
             return mine;
@@ -571,7 +567,7 @@ impl V2Source {
                 .collect()
         })
         .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))
+        .map_err(Error::from)
     }
 
     /// Span `i` of `layer`, longer than [`LARGE_SPAN`]: its compressed range read in pieces,
@@ -650,8 +646,7 @@ impl V2Source {
                 }
             }
         })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        .await?
     }
 
     fn decode_span(

@@ -116,6 +116,12 @@ pub enum Error {
     /// Local I/O failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The fetch another read led (single flight) failed: its error, shared.
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
+    /// A blocking task of the mount failed (panicked or was cancelled).
+    #[error("a worker task of the mount failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// What to mount and how.

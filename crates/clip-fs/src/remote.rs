@@ -82,14 +82,13 @@ impl RemoteFiles {
             if matches!(result, Err(Error::Verify { .. })) {
                 result = self.fetch(offset, length, &sha256).await;
             }
-            let _ = tx.send(Some(
-                result.as_ref().map(Arc::clone).map_err(ToString::to_string),
-            ));
+            let result = result.map_err(Arc::new);
+            let _ = tx.send(Some(result.clone()));
             self.inflight
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&sha256);
-            return result;
+            return result.map_err(Error::Shared);
         }
         crate::layers::join_fetch(rx).await
     }

@@ -88,14 +88,14 @@ impl Client {
     }
 
     /// The Authorization header to send proactively, if the host's scheme is known.
-    pub(crate) fn cached_auth(&self, host: &str, scope: &str) -> Option<String> {
+    pub(crate) fn cached_auth(&self, host: &str, scope: &Scope) -> Option<String> {
         // The state lock is released before `basic_header`, which takes it again.
         let bearer = {
             let st = self.state.lock().ok()?;
             match st.schemes.get(host)? {
                 Scheme::Basic => None,
                 Scheme::Bearer { .. } => {
-                    let t = st.tokens.get(&(host.to_owned(), scope.to_owned()))?;
+                    let t = st.tokens.get(&(host.to_owned(), scope.clone()))?;
                     Some((Instant::now() < t.refresh_at).then(|| format!("Bearer {}", t.value)))
                 }
             }
@@ -110,7 +110,7 @@ impl Client {
     pub(crate) async fn authenticate(
         &self,
         host: &str,
-        scope: &str,
+        scope: &Scope,
         challenge: &str,
     ) -> Result<(), Error> {
         let mut wanted_scopes: Vec<String> = Vec::new();
@@ -131,8 +131,9 @@ impl Client {
             let mut scopes: Vec<String> = get("scope")
                 .map(|s| s.split(' ').map(str::to_owned).collect())
                 .unwrap_or_default();
-            if !scopes.iter().any(|x| x == scope) {
-                scopes.push(scope.to_owned());
+            let ours = scope.to_string();
+            if !scopes.contains(&ours) {
+                scopes.push(ours);
             }
             wanted_scopes = scopes;
             Scheme::Bearer {
@@ -194,7 +195,7 @@ impl Client {
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 return Err(Error::Unauthorized {
                     host: host.into(),
-                    repository: scope_repo(scope),
+                    repository: scope.repository().to_owned(),
                 });
             }
             if !status.is_success() {
@@ -225,7 +226,7 @@ impl Client {
             let early = (lifetime / 5).min(Duration::from_secs(30));
             if let Ok(mut st) = self.state.lock() {
                 st.tokens.insert(
-                    (host.to_owned(), scope.to_owned()),
+                    (host.to_owned(), scope.clone()),
                     Token {
                         value: value.to_owned(),
                         refresh_at: Instant::now() + lifetime.saturating_sub(early),
@@ -250,10 +251,43 @@ fn realm_host(u: &reqwest::Url) -> String {
         .unwrap_or_default()
 }
 
-pub(crate) fn scope_repo(scope: &str) -> String {
-    scope
-        .trim_start_matches("repository:")
-        .rsplit_once(':')
-        .map_or(scope, |(r, _)| r)
-        .to_owned()
+/// What a request may do in a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Access {
+    /// Read manifests and blobs.
+    Pull,
+    /// Read and write (uploads, manifests, cross-repository mounts).
+    PullPush,
+}
+
+/// A token scope: distribution's `repository:NAME:ACTIONS`, the key tokens are cached under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Scope {
+    repository: String,
+    access: Access,
+}
+
+impl Scope {
+    /// `access` to `repository`.
+    pub(crate) fn new(repository: &str, access: Access) -> Self {
+        Self {
+            repository: repository.to_owned(),
+            access,
+        }
+    }
+
+    /// The repository.
+    pub(crate) fn repository(&self) -> &str {
+        &self.repository
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let actions = match self.access {
+            Access::Pull => "pull",
+            Access::PullPush => "pull,push",
+        };
+        write!(f, "repository:{}:{actions}", self.repository)
+    }
 }

@@ -119,7 +119,7 @@ pub(crate) enum Scheme {
 }
 
 pub(crate) struct State {
-    pub(crate) tokens: HashMap<(String, String), Token>,
+    pub(crate) tokens: HashMap<(String, crate::auth::Scope), Token>,
     pub(crate) schemes: HashMap<String, Scheme>,
     /// For loopback and insecure hosts: whether HTTPS worked (`true`) or plain HTTP is used.
     pub(crate) https: HashMap<String, bool>,
@@ -257,7 +257,7 @@ fn http_client(cfg: &ClientConfig, tls: rustls::ClientConfig) -> Result<reqwest:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{challenge_params, pattern_matches, scope_repo};
+    use crate::auth::{Access, Scope, challenge_params, pattern_matches};
     use crate::transport::backoff;
 
     #[test]
@@ -279,7 +279,11 @@ mod tests {
         );
         assert_eq!(p[0], ("realm".into(), "http://h/token".into()));
         assert_eq!(p[2].1, "repository:a/b:pull,push");
-        assert_eq!(scope_repo("repository:a/b:pull"), "a/b");
+        assert_eq!(
+            Scope::new("a/b", Access::PullPush).to_string(),
+            "repository:a/b:pull,push"
+        );
+        assert_eq!(Scope::new("a/b", Access::Pull).repository(), "a/b");
         let policy = RetryPolicy::default();
         assert!(backoff(&policy, 10) <= policy.max_delay);
     }

@@ -154,6 +154,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether asking again later can succeed: the registry was unreachable, answered outside
+    /// the protocol (a 5xx or 429 after the retries), or local I/O failed. A reference that
+    /// does not parse, a refused credential, a missing image, content that fails its digest or
+    /// a configuration error stay what they are.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. } | Self::Protocol { .. } | Self::Io { .. }
+        )
+    }
+
     fn transport(url: &str, e: &reqwest::Error) -> Self {
         let host = reqwest::Url::parse(url)
             .ok()

@@ -47,7 +47,7 @@ impl Client {
             .send_with(
                 r.api_host(),
                 &r.repository,
-                "pull,push",
+                crate::auth::Access::PullPush,
                 method,
                 path,
                 headers,

@@ -174,6 +174,13 @@ impl Reference {
         }
     }
 
+    /// The image `digest` in `repository` on `registry` (`host[:port]`), as recorded in an
+    /// archive's source or a registry's notification; checked and normalised like any parsed
+    /// reference.
+    pub fn at_digest(registry: &str, repository: &str, digest: &str) -> Result<Self, Error> {
+        Self::parse(&format!("{registry}/{repository}@{digest}"))
+    }
+
     /// The same image pinned by `digest` (tag kept for display).
     #[must_use]
     pub fn pinned(&self, digest: &str) -> Self {

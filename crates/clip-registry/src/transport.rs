@@ -12,6 +12,7 @@ use reqwest::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 
 use crate::Error;
+use crate::auth::{Access, Scope};
 use crate::client::{Client, MAX_DOCUMENT, RetryPolicy, is_loopback};
 
 impl Client {
@@ -24,7 +25,7 @@ impl Client {
         method: &Method,
         headers: &[(reqwest::header::HeaderName, String)],
         body: Option<Bytes>,
-        scope: &str,
+        scope: &Scope,
     ) -> Result<reqwest::Response, Error> {
         let location = resp
             .headers()
@@ -143,11 +144,11 @@ impl Client {
         path: &str,
         headers: &[(reqwest::header::HeaderName, String)],
     ) -> Result<reqwest::Response, Error> {
-        self.send_with(host, repository, "pull", method, path, headers, None)
+        self.send_with(host, repository, Access::Pull, method, path, headers, None)
             .await
     }
 
-    /// [`Self::send`] with the scope's actions (`pull` or `pull,push`) and an optional body.
+    /// [`Self::send`] with the access asked for and an optional body.
     /// `path` may also be an absolute URL on `host` (an upload `Location`). Pull requests go to
     /// the host's mirrors first, in order ([`crate::mirrors`]).
     #[allow(clippy::too_many_arguments)]
@@ -155,13 +156,13 @@ impl Client {
         &self,
         host: &str,
         repository: &str,
-        actions: &str,
+        access: Access,
         method: Method,
         path: &str,
         headers: &[(reqwest::header::HeaderName, String)],
         body: Option<Bytes>,
     ) -> Result<reqwest::Response, Error> {
-        let pull = actions == "pull"
+        let pull = access == Access::Pull
             && (method == Method::GET || method == Method::HEAD)
             && path.starts_with('/');
         if pull {
@@ -183,7 +184,7 @@ impl Client {
                     .send_to(
                         &m.host,
                         repository,
-                        actions,
+                        access,
                         method.clone(),
                         path,
                         headers,
@@ -211,7 +212,7 @@ impl Client {
         }
         let policy = self.cfg.retry.clone();
         self.send_to(
-            host, repository, actions, method, path, headers, body, &policy,
+            host, repository, access, method, path, headers, body, &policy,
         )
         .await
     }
@@ -222,7 +223,7 @@ impl Client {
         &self,
         host: &str,
         repository: &str,
-        actions: &str,
+        access: Access,
         method: Method,
         path: &str,
         headers: &[(reqwest::header::HeaderName, String)],
@@ -236,7 +237,7 @@ impl Client {
         } else {
             format!("{}{path}", self.base_url(host))
         };
-        let scope = format!("repository:{repository}:{actions}");
+        let scope = Scope::new(repository, access);
         // A blob the registry redirected recently: go straight to the target (no credentials);
         // if the target no longer answers (expired signed URL), ask the registry again.
         if method == Method::GET {

@@ -13,7 +13,7 @@ use sha2::{Digest as _, Sha256};
 use super::error::{FallbackReason, ServiceError, io};
 use super::flow::Phase;
 use super::store::ArchiveVersion;
-use super::{ArchiveResult, ImageService};
+use super::{ArchiveResult, ImageId, ImageService};
 use crate::{archive, indexer, registry};
 
 impl ImageService {
@@ -60,7 +60,7 @@ impl ImageService {
     ) -> Result<ArchiveResult, ServiceError> {
         let start = Instant::now();
         let id = build_id(dockerfile, context, build_args)?;
-        let plan = clip_policy::build_plan(&self.cfg, &id, &self.probe());
+        let plan = clip_policy::build_plan(&self.cfg, id.as_str(), &self.probe());
         let planned = match plan {
             BuildPlan::PushAndIndex { .. } => ArchiveVersion::V2,
             BuildPlan::V1 { .. } => ArchiveVersion::V1,
@@ -72,7 +72,7 @@ impl ImageService {
         let name = format!("localhost/clip-build-{id}");
         self.bud(dockerfile, context, build_args, &name)?;
         let out = self.staged_path(&id);
-        if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, &id) {
+        if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, id.as_str()) {
             tracing::info!(image_id = %id, percent = self.cfg.clip_v2_rollout_percent, "outside the v2 rollout: this image uses v1");
         }
         let fallback = match plan {
@@ -155,7 +155,7 @@ impl ImageService {
         &self,
         name: &str,
         registry_host: &str,
-        id: &str,
+        id: &ImageId,
         out: &Path,
     ) -> Result<usize, FallbackReason> {
         let target = format!("{registry_host}/clip/build-{id}:latest");
@@ -272,7 +272,7 @@ fn build_id(
     dockerfile: &Path,
     context: &Path,
     build_args: &[(String, String)],
-) -> Result<String, ServiceError> {
+) -> Result<ImageId, ServiceError> {
     use std::os::unix::fs::PermissionsExt as _;
     let mut h = Sha256::new();
     h.update(std::fs::read(dockerfile).map_err(io("reading", dockerfile))?);
@@ -313,5 +313,5 @@ fn build_id(
         h.update(v.as_bytes());
         h.update(b"\n");
     }
-    Ok(hex::encode(&h.finalize()[..8]))
+    Ok(ImageId::parse(&hex::encode(&h.finalize()[..8])).unwrap_or_else(|| ImageId::hashed(&[])))
 }

@@ -80,6 +80,24 @@ pub enum ServiceError {
     },
 }
 
+impl ServiceError {
+    /// Whether the same flow can succeed if tried again later (an outage, a full disk, a store
+    /// that did not answer), as opposed to an image or a configuration that will fail the same
+    /// way every time.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Registry(e) | Self::Index(indexer::Error::Registry(e)) => e.is_transient(),
+            Self::Index(indexer::Error::Io { .. })
+            | Self::Store(_)
+            | Self::Io { .. }
+            | Self::Spawn { .. }
+            | Self::Tool { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// An `io::Error` at `path` while doing `context`.
 pub(crate) fn io(
     context: &'static str,

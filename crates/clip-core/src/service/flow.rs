@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::error::{FallbackReason, ServiceError};
 use super::store::{ArchiveVersion, StoredArchive};
-use super::{ArchiveResult, ImageService};
+use super::{ArchiveResult, ImageId, ImageService};
 use crate::format;
 
 /// A flow in progress: its name (the metrics label), when it started, and whether its archive
@@ -44,13 +44,13 @@ enum Lookup {
 
 impl ImageService {
     /// Image `id`'s archive in the store, read enough to know its version.
-    fn lookup(&self, id: &str) -> Result<Lookup, ServiceError> {
+    fn lookup(&self, id: &ImageId) -> Result<Lookup, ServiceError> {
         let local = match self.store.get(id) {
             Ok(Some(local)) => local,
             Ok(None) => return Ok(Lookup::Absent),
             // Not signed by a key this node trusts: never served, replaced by this node's own.
             Err(ServiceError::Untrusted(e)) => {
-                tracing::warn!(image_id = id, archive = %self.store.location(id), error = %e, "stored archive refused; it will be replaced");
+                tracing::warn!(image_id = %id, archive = %self.store.location(id), error = %e, "stored archive refused; it will be replaced");
                 metrics::counter!("clip_store_objects_refused_total", "kind" => "archive")
                     .increment(1);
                 return Ok(Lookup::Damaged);
@@ -59,13 +59,13 @@ impl ImageService {
         };
         match format::Archive::open(&local) {
             Ok(a) => Ok(Lookup::Found(StoredArchive {
-                image_id: id.to_owned(),
+                image_id: id.to_string(),
                 location: self.store.location(id),
                 bytes: std::fs::metadata(&local).map_or(0, |m| m.len()),
                 version: ArchiveVersion::of(a.kind()),
             })),
             Err(e) => {
-                tracing::warn!(image_id = id, archive = %self.store.location(id), error = %e, "stored archive is unreadable; it will be replaced");
+                tracing::warn!(image_id = %id, archive = %self.store.location(id), error = %e, "stored archive is unreadable; it will be replaced");
                 self.store.forget_copy(id);
                 Ok(Lookup::Damaged)
             }
@@ -79,7 +79,7 @@ impl ImageService {
     pub(crate) fn begin(
         &self,
         name: &'static str,
-        id: &str,
+        id: &ImageId,
         planned: ArchiveVersion,
         start: Instant,
     ) -> Result<Result<Flow, ArchiveResult>, ServiceError> {
@@ -89,7 +89,7 @@ impl ImageService {
                 return Ok(Err(Self::reused(name, found, start)));
             }
             Lookup::Found(found) => {
-                tracing::info!(image_id = id, archive = %found.location, "the store holds a {} archive; replacing it with {planned}", found.version);
+                tracing::info!(image_id = %id, archive = %found.location, "the store holds a {} archive; replacing it with {planned}", found.version);
                 true
             }
             Lookup::Damaged => true,
@@ -123,7 +123,7 @@ impl ImageService {
     pub(crate) fn finish(
         &self,
         flow: Flow,
-        id: &str,
+        id: &ImageId,
         version: ArchiveVersion,
         local: &Path,
         fallback: Option<&FallbackReason>,
@@ -137,9 +137,9 @@ impl ImageService {
             self.store.put_if_absent(id, local)?
         };
         if created {
-            tracing::info!(image_id = id, archive = %self.store.location(id), "archive stored");
+            tracing::info!(image_id = %id, archive = %self.store.location(id), "archive stored");
         } else {
-            tracing::info!(image_id = id, archive = %self.store.location(id), "archive already stored by another worker; reusing it");
+            tracing::info!(image_id = %id, archive = %self.store.location(id), "archive already stored by another worker; reusing it");
             if let Lookup::Found(found) = self.lookup(id)? {
                 return Ok(Self::reused(flow.name, found, flow.start));
             }
@@ -155,7 +155,7 @@ impl ImageService {
                 .increment(1);
         }
         Ok(ArchiveResult {
-            image_id: id.to_owned(),
+            image_id: id.to_string(),
             version,
             archive: self.store.location(id),
             bytes,

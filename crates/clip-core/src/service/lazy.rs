@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::ImageId;
 use super::ImageService;
 use super::error::{ServiceError, io};
-use super::store::{ArchiveStore, ArchiveVersion, valid_id};
+use super::store::{ArchiveStore, ArchiveVersion};
 use crate::{format, fs, node};
 
 /// A mounted image.
@@ -61,9 +62,11 @@ impl ImageService {
     /// Fetches image `id`'s archive into the local cache, detects its version and mounts it
     /// once; concurrent callers for the same image share one mount.
     pub fn pull_lazy(&self, id: &str) -> Result<Arc<MountedImage>, ServiceError> {
-        if !valid_id(id) {
-            return Err(ServiceError::UnknownImage(id.to_owned()));
-        }
+        let id = ImageId::parse(id).ok_or_else(|| ServiceError::UnknownImage(id.to_owned()))?;
+        self.pull_lazy_id(&id)
+    }
+
+    fn pull_lazy_id(&self, id: &ImageId) -> Result<Arc<MountedImage>, ServiceError> {
         let lock = self.lock_for(id);
         let _guard = lock
             .lock()
@@ -72,19 +75,21 @@ impl ImageService {
             .mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(id)
+            .get(id.as_str())
         {
             return Ok(Arc::clone(m));
         }
         let local = self
             .store
             .get(id)?
-            .ok_or_else(|| ServiceError::UnknownImage(id.to_owned()))?;
+            .ok_or_else(|| ServiceError::UnknownImage(id.to_string()))?;
         let archive = format::Archive::open(&local)?;
         let version = ArchiveVersion::of(archive.kind());
         match version {
-            ArchiveVersion::V2 => tracing::info!(image_id = id, "detected v2 (OCI) archive format"),
-            ArchiveVersion::V1 => tracing::info!(image_id = id, "detected v1 archive format"),
+            ArchiveVersion::V2 => {
+                tracing::info!(image_id = %id, "detected v2 (OCI) archive format")
+            }
+            ArchiveVersion::V1 => tracing::info!(image_id = %id, "detected v1 archive format"),
         }
         let config = archive.meta().image.clone();
         let manifest = archive
@@ -94,7 +99,7 @@ impl ImageService {
             .map(|s| s.manifest_digest.to_string())
             .unwrap_or_default();
         drop(archive);
-        let mountpoint = self.cfg.mount_base.join(id);
+        let mountpoint = self.cfg.mount_base.join(id.as_str());
         std::fs::create_dir_all(&mountpoint).map_err(io("creating", &mountpoint))?;
         metrics::counter!("clip_mounts_total", "version" => version.label()).increment(1);
         let mut builder = node::MountBuilder::from_config(&self.cfg, &self.net);
@@ -103,7 +108,7 @@ impl ImageService {
             // published, or record this run's to publish.
             builder = builder.share_profiles(node::ProfileSharing {
                 objects: Arc::new(StoreProfiles(Arc::clone(&self.store))),
-                name: id.to_owned(),
+                name: id.to_string(),
                 image: manifest,
                 window: std::time::Duration::from_secs(self.cfg.profile_window_secs),
                 record_dir: self.cfg.cache_dir.clone(),
@@ -111,7 +116,7 @@ impl ImageService {
         }
         let mounted = builder.mount(&local, &mountpoint)?;
         let m = Arc::new(MountedImage {
-            image_id: id.to_owned(),
+            image_id: id.to_string(),
             version,
             mountpoint,
             config,
@@ -120,7 +125,7 @@ impl ImageService {
         self.mounts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.to_owned(), Arc::clone(&m));
+            .insert(id.to_string(), Arc::clone(&m));
         Ok(m)
     }
 

@@ -31,6 +31,7 @@
 mod build;
 mod error;
 mod flow;
+mod id;
 mod lazy;
 pub mod on_push;
 mod pull;
@@ -45,6 +46,7 @@ use clip_policy::Config;
 use sha2::{Digest as _, Sha256};
 
 pub use error::{FallbackReason, ServiceError};
+pub use id::ImageId;
 pub use lazy::MountedImage;
 pub use run::RunOutput;
 pub use store::{ArchiveStore, ArchiveVersion, MAX_SMALL_OBJECT, StoredArchive};
@@ -88,7 +90,7 @@ pub struct ImageService {
     store: Arc<dyn ArchiveStore>,
     layer_store: Arc<dyn indexer::LayerIndexStore>,
     mounts: Mutex<HashMap<String, Arc<MountedImage>>>,
-    locks: crate::locks::KeyedLocks<String>,
+    locks: crate::locks::KeyedLocks<ImageId>,
 }
 
 impl std::fmt::Debug for ImageService {
@@ -155,8 +157,8 @@ impl ImageService {
         self.store.list()
     }
 
-    fn lock_for(&self, id: &str) -> Arc<Mutex<()>> {
-        self.locks.get(&id.to_owned())
+    fn lock_for(&self, id: &ImageId) -> Arc<Mutex<()>> {
+        self.locks.get(id)
     }
 
     fn index_options(&self) -> indexer::IndexOptions {
@@ -164,7 +166,7 @@ impl ImageService {
     }
 
     /// A fresh path in the store's staging directory for image `id`'s new archive.
-    fn staged_path(&self, id: &str) -> PathBuf {
+    fn staged_path(&self, id: &ImageId) -> PathBuf {
         self.store.staging().join(format!(
             "{id}.{}.clip",
             short_hash(&[

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
-use super::ImageService;
+use super::{ImageService, ServiceError};
 use crate::registry;
 
 /// How many jobs wait at most; a fuller queue refuses the envelope (the registry retries).
@@ -323,43 +323,68 @@ fn next_job(shared: &Shared) -> Option<Job> {
     }
 }
 
+/// Why an index-on-push job failed.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    /// Resolving the pushed manifest failed.
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    /// Archiving it failed.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+impl JobError {
+    /// Whether a retry can help; a permanent failure (a denied pull, a deleted manifest, an
+    /// image clip cannot read) is not tried again.
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Registry(e) => e.is_transient(),
+            Self::Service(e) => e.is_transient(),
+        }
+    }
+}
+
 fn work(svc: &ImageService, shared: &Shared) {
     while let Some(mut job) = next_job(shared) {
-        match index_job(svc, shared, &job) {
-            Ok(()) => {}
-            Err(e) => {
-                job.attempts += 1;
-                if job.attempts >= ATTEMPTS {
-                    let key = format!("{}/{}@{}", job.host, job.repository, job.digest);
-                    tracing::error!(image = %key, attempts = job.attempts, error = %e, "index on push: giving up until the next event for this image");
-                    metrics::counter!("clip_index_on_push_failures_total").increment(1);
-                    // Forgotten, so that the next event for it (a push again, the registry's
-                    // retry) queues it anew instead of counting as a duplicate forever.
-                    shared
-                        .queue
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .forget(&key);
-                } else {
-                    let delay = Duration::from_secs(1 << (job.attempts - 1));
-                    tracing::warn!(image = %format!("{}/{}@{}", job.host, job.repository, job.digest), attempt = job.attempts, retry_in_s = delay.as_secs(), error = %e, "index on push failed; retrying");
-                    job.not_before = Instant::now() + delay;
-                    let mut q = shared
-                        .queue
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    q.jobs.push_back(job);
-                    drop(q);
-                    shared.wake.notify_all();
-                }
-            }
+        let Err(e) = index_job(svc, shared, &job) else {
+            continue;
+        };
+        job.attempts += 1;
+        let key = format!("{}/{}@{}", job.host, job.repository, job.digest);
+        if job.attempts >= ATTEMPTS || !e.is_transient() {
+            let reason = if e.is_transient() {
+                "attempts exhausted"
+            } else {
+                "permanent failure"
+            };
+            tracing::error!(image = %key, attempts = job.attempts, reason, error = %e, "index on push: giving up until the next event for this image");
+            metrics::counter!("clip_index_on_push_failures_total").increment(1);
+            // Forgotten, so that the next event for it (a push again, the registry's retry)
+            // queues it anew instead of counting as a duplicate forever.
+            shared
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .forget(&key);
+            continue;
         }
+        let delay = Duration::from_secs(1 << (job.attempts - 1));
+        tracing::warn!(image = %key, attempt = job.attempts, retry_in_s = delay.as_secs(), error = %e, "index on push failed; retrying");
+        job.not_before = Instant::now() + delay;
+        shared
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .jobs
+            .push_back(job);
+        shared.wake.notify_all();
     }
 }
 
 /// One job: an index is expanded into its configured platforms' manifests (queued as jobs of
 /// their own); a manifest of a configured platform is archived.
-fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), String> {
+fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), JobError> {
     let conf = svc.config().index_on_push.clone().unwrap_or_default();
     let platforms: Vec<registry::Platform> = if conf.platforms.is_empty() {
         vec![registry::oci::host_platform()]
@@ -369,8 +394,8 @@ fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), Strin
             .filter_map(|p| registry::oci::parse_platform(p))
             .collect()
     };
-    let pinned = format!("{}/{}@{}", job.host, job.repository, job.digest);
-    let reference = registry::Reference::parse(&pinned).map_err(|e| e.to_string())?;
+    let reference = registry::Reference::at_digest(&job.host, &job.repository, &job.digest)?;
+    let pinned = reference.to_string();
     let net = svc.registry();
     if job.index {
         for p in &platforms {
@@ -394,16 +419,14 @@ fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), Strin
                 Err(registry::Error::NotFound { .. }) => {
                     tracing::info!(image = %pinned, platform = %registry::oci::platform_name(p), "index on push: no such platform in the index");
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
         shared.wake.notify_all();
         return Ok(());
     }
     // A platform manifest: only if it is one of the configured platforms.
-    let img = net
-        .block_on(net.client().resolve(&reference, None))
-        .map_err(|e| e.to_string())?;
+    let img = net.block_on(net.client().resolve(&reference, None))?;
     let mut offered = registry::Platform::default();
     offered.set_os(img.config.os().clone());
     offered.set_architecture(img.config.architecture().clone());
@@ -418,7 +441,7 @@ fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), Strin
         return Ok(());
     }
     let started = Instant::now();
-    let r = svc.pull_and_archive(&pinned).map_err(|e| e.to_string())?;
+    let r = svc.pull_and_archive(&pinned)?;
     let lag = job
         .pushed_at
         .and_then(|t| SystemTime::now().duration_since(t).ok());

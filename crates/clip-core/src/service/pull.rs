@@ -7,7 +7,7 @@ use clip_policy::PullPlan;
 
 use super::error::{FallbackReason, ServiceError};
 use super::store::ArchiveVersion;
-use super::{ArchiveResult, ImageService, short_hash};
+use super::{ArchiveResult, ImageId, ImageService};
 use crate::{archive, indexer, registry};
 
 impl ImageService {
@@ -18,12 +18,12 @@ impl ImageService {
         let resolved = self
             .net
             .block_on(self.net.client().resolve(&reference, None))?;
-        let id = short_hash(&[
+        let id = ImageId::hashed(&[
             reference.registry.as_bytes(),
             reference.repository.as_bytes(),
             resolved.manifest_digest.as_str().as_bytes(),
         ]);
-        let plan = clip_policy::pull_plan(&self.cfg, &id);
+        let plan = clip_policy::pull_plan(&self.cfg, id.as_str());
         let planned = match plan {
             PullPlan::IndexFromRegistry => ArchiveVersion::V2,
             PullPlan::CopyAndArchive => ArchiveVersion::V1,
@@ -33,7 +33,7 @@ impl ImageService {
             Err(stored) => return Ok(stored),
         };
         let out = self.staged_path(&id);
-        if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, &id) {
+        if self.cfg.clip_version == 2 && !clip_policy::in_v2_rollout(&self.cfg, id.as_str()) {
             tracing::info!(image = image_ref, image_id = %id, percent = self.cfg.clip_v2_rollout_percent, "outside the v2 rollout: this image uses v1");
         }
         let mut fallback = None;

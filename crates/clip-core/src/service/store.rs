@@ -21,6 +21,7 @@ use clip_objstore::signed::{HEADER_LEN, PublicKey, SigningKey, Trust, is_signed}
 use clip_objstore::{RemoteObject, RemoteOptions};
 
 use super::error::{ServiceError, io};
+use super::id::ImageId;
 use super::short_hash;
 use crate::{format, indexer};
 
@@ -90,18 +91,18 @@ pub struct StoredArchive {
 /// Where `<id>.clip` archives live.
 pub trait ArchiveStore: Send + Sync + std::fmt::Debug {
     /// Where image `id`'s archive lives (a path or URL), for results and logs.
-    fn location(&self, id: &str) -> String;
+    fn location(&self, id: &ImageId) -> String;
     /// Image `id`'s archive as a local file: the store's own file (local store) or a copy in the
     /// cache (S3); `None` when the store does not have it.
-    fn get(&self, id: &str) -> Result<Option<PathBuf>, ServiceError>;
+    fn get(&self, id: &ImageId) -> Result<Option<PathBuf>, ServiceError>;
     /// Forgets a local copy made by [`ArchiveStore::get`] (it is damaged); a no-op for a local
     /// store.
-    fn forget_copy(&self, id: &str);
+    fn forget_copy(&self, id: &ImageId);
     /// Publishes the finished archive at `local` under `id` unless the store has one already;
     /// `Ok(true)` when this call published it. `local` is consumed either way.
-    fn put_if_absent(&self, id: &str, local: &Path) -> Result<bool, ServiceError>;
+    fn put_if_absent(&self, id: &ImageId, local: &Path) -> Result<bool, ServiceError>;
     /// Publishes `local` under `id`, over whatever the store holds. `local` is consumed.
-    fn replace(&self, id: &str, local: &Path) -> Result<(), ServiceError>;
+    fn replace(&self, id: &ImageId, local: &Path) -> Result<(), ServiceError>;
     /// The archives in the store, sorted by id.
     fn list(&self) -> Result<Vec<StoredArchive>, ServiceError>;
     /// Where flows write new archives before publishing them.
@@ -113,15 +114,6 @@ pub trait ArchiveStore: Send + Sync + std::fmt::Debug {
     /// Stores a small object beside the archives unless one exists (create-only); `Ok(true)`
     /// when this call stored it.
     fn put_small_if_absent(&self, name: &str, bytes: &[u8]) -> Result<bool, ServiceError>;
-}
-
-/// Image ids are names, not paths: `[A-Za-z0-9_-]+`.
-#[must_use]
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A local directory of `<id>.clip` files; new archives are staged in `<dir>/.staging`.
@@ -143,24 +135,24 @@ impl LocalStore {
         })
     }
 
-    fn path(&self, id: &str) -> PathBuf {
+    fn path(&self, id: &ImageId) -> PathBuf {
         self.dir.join(format!("{id}.clip"))
     }
 }
 
 impl ArchiveStore for LocalStore {
-    fn location(&self, id: &str) -> String {
+    fn location(&self, id: &ImageId) -> String {
         self.path(id).display().to_string()
     }
 
-    fn get(&self, id: &str) -> Result<Option<PathBuf>, ServiceError> {
+    fn get(&self, id: &ImageId) -> Result<Option<PathBuf>, ServiceError> {
         let p = self.path(id);
         Ok(p.exists().then_some(p))
     }
 
-    fn forget_copy(&self, _id: &str) {}
+    fn forget_copy(&self, _id: &ImageId) {}
 
-    fn put_if_absent(&self, id: &str, local: &Path) -> Result<bool, ServiceError> {
+    fn put_if_absent(&self, id: &ImageId, local: &Path) -> Result<bool, ServiceError> {
         // A hard link is created only if the name is free: the local create-only write.
         let target = self.path(id);
         let created = match std::fs::hard_link(local, &target) {
@@ -172,7 +164,7 @@ impl ArchiveStore for LocalStore {
         Ok(created)
     }
 
-    fn replace(&self, id: &str, local: &Path) -> Result<(), ServiceError> {
+    fn replace(&self, id: &ImageId, local: &Path) -> Result<(), ServiceError> {
         let target = self.path(id);
         std::fs::rename(local, &target).map_err(io("publishing", &target))
     }
@@ -183,14 +175,11 @@ impl ArchiveStore for LocalStore {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let id = name.strip_suffix(".clip")?.to_owned();
-                if !valid_id(&id) {
-                    return None;
-                }
+                let id = ImageId::parse(name.strip_suffix(".clip")?)?;
                 let a = format::Archive::open(&e.path()).ok()?;
                 Some(StoredArchive {
                     location: e.path().display().to_string(),
-                    image_id: id,
+                    image_id: id.to_string(),
                     bytes: e.metadata().ok()?.len(),
                     version: ArchiveVersion::of(a.kind()),
                 })
@@ -308,7 +297,7 @@ impl S3ArchiveStore {
         Ok(RemoteObject::open(&self.url(name), &self.opts)?)
     }
 
-    fn copy_path(&self, id: &str) -> PathBuf {
+    fn copy_path(&self, id: &ImageId) -> PathBuf {
         self.copies.join(format!("{id}.clip"))
     }
 
@@ -318,7 +307,7 @@ impl S3ArchiveStore {
     /// bytes and the data object, if any.
     fn prepare(
         &self,
-        id: &str,
+        id: &ImageId,
         local: &Path,
     ) -> Result<(Vec<u8>, Option<RemoteObject>), ServiceError> {
         let kind = format::Archive::open(local)?.kind();
@@ -329,7 +318,7 @@ impl S3ArchiveStore {
         let nonce = super::short_hash(&[
             std::process::id().to_string().as_bytes(),
             format!("{:?}", std::time::SystemTime::now()).as_bytes(),
-            id.as_bytes(),
+            id.as_str().as_bytes(),
         ]);
         let data_url = self.url(&format!("{id}.data.{nonce}.clip"));
         let meta = local.with_extension("remote.clip");
@@ -372,11 +361,11 @@ pub const MAX_SMALL_OBJECT: u64 = 32 << 20;
 const MAX_LAYER_INDEX_OBJECT: u64 = 256 << 20;
 
 impl ArchiveStore for S3ArchiveStore {
-    fn location(&self, id: &str) -> String {
+    fn location(&self, id: &ImageId) -> String {
         self.url(&format!("{id}.clip"))
     }
 
-    fn get(&self, id: &str) -> Result<Option<PathBuf>, ServiceError> {
+    fn get(&self, id: &ImageId) -> Result<Option<PathBuf>, ServiceError> {
         let local = self.copy_path(id);
         if local.exists() {
             return Ok(Some(local));
@@ -402,11 +391,11 @@ impl ArchiveStore for S3ArchiveStore {
         Ok(Some(local))
     }
 
-    fn forget_copy(&self, id: &str) {
+    fn forget_copy(&self, id: &ImageId) {
         let _ = std::fs::remove_file(self.copy_path(id));
     }
 
-    fn put_if_absent(&self, id: &str, local: &Path) -> Result<bool, ServiceError> {
+    fn put_if_absent(&self, id: &ImageId, local: &Path) -> Result<bool, ServiceError> {
         let prepared = self.prepare(id, local);
         let _ = std::fs::remove_file(local);
         let (bytes, data) = prepared?;
@@ -424,7 +413,7 @@ impl ArchiveStore for S3ArchiveStore {
         Ok(created)
     }
 
-    fn replace(&self, id: &str, local: &Path) -> Result<(), ServiceError> {
+    fn replace(&self, id: &ImageId, local: &Path) -> Result<(), ServiceError> {
         let prepared = self.prepare(id, local);
         let _ = std::fs::remove_file(local);
         let (bytes, _) = prepared?;
@@ -449,7 +438,7 @@ impl ArchiveStore for S3ArchiveStore {
         };
         let mut out = Vec::new();
         for name in names {
-            let Some(id) = name.strip_suffix(".clip").filter(|id| valid_id(id)) else {
+            let Some(id) = name.strip_suffix(".clip").and_then(ImageId::parse) else {
                 continue;
             };
             let obj = self.object(&name)?;
@@ -471,7 +460,7 @@ impl ArchiveStore for S3ArchiveStore {
                 continue;
             };
             out.push(StoredArchive {
-                image_id: id.to_owned(),
+                image_id: id.to_string(),
                 location: obj.url().to_owned(),
                 bytes,
                 version: ArchiveVersion::of(kind),
