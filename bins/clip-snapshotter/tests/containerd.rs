@@ -7,16 +7,13 @@ use std::time::{Duration, Instant};
 
 use clip_testkit::{Containerd, ContainerdOptions, Entry, Image, ImageBuilder, Layer, Registry};
 
-fn can_run() -> bool {
-    let ok = clip_testkit::is_root()
-        && Path::new("/dev/fuse").exists()
-        && clip_testkit::process::have_program("containerd")
-        && clip_testkit::process::have_program("ctr");
-    if !ok {
-        eprintln!("skipping: needs root, /dev/fuse and containerd");
-    }
-    ok
-}
+/// What these tests need from the machine.
+const NEEDS: &[clip_testkit::Need] = &[
+    clip_testkit::Need::Root,
+    clip_testkit::Need::Fuse,
+    clip_testkit::Need::Program("containerd"),
+    clip_testkit::Need::Program("ctr"),
+];
 
 /// A running `clip-snapshotter`; on drop it is killed and its lazy mounts detached.
 struct Snapshotter {
@@ -109,16 +106,7 @@ impl Drop for Snapshotter {
 
 /// An image that runs: busybox in the base layer, a file on top.
 fn busybox_image(greeting: &str) -> ImageBuilder {
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let base = Layer::new(vec![
-        Entry::dir("bin"),
-        Entry::file("bin/busybox", busybox).mode(0o755),
-        Entry::symlink("bin/sh", "busybox"),
-        Entry::symlink("bin/cat", "busybox"),
-        Entry::dir("etc"),
-        Entry::file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
-        Entry::dir("tmp").mode(0o1777),
-    ]);
+    let base = clip_testkit::image::busybox_base();
     let top = Layer::new(vec![Entry::file("etc/greeting", greeting)]);
     ImageBuilder::new(clip_testkit::ManifestFormat::Oci).image(Image::new(vec![base, top]))
 }
@@ -161,7 +149,7 @@ fn stdout(o: &std::process::Output) -> String {
 /// overlay snapshots; the image runs, and removing it removes its snapshots.
 #[test]
 fn plain_ctr_pull_and_run_use_ordinary_overlay_snapshots() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -245,15 +233,9 @@ fn try_pull(
 /// The busybox image with the testkit's edge-case layers on top: every entry kind and merge
 /// rule, in a container (gzip and plain layers: this umoci predates zstd).
 fn edge_busybox() -> ImageBuilder {
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let mut layers = vec![Layer::new(vec![
-        Entry::dir("bin"),
-        Entry::file("bin/busybox", busybox).mode(0o755),
-        Entry::symlink("bin/sh", "busybox"),
-        Entry::symlink("bin/cat", "busybox"),
-        Entry::symlink("bin/sleep", "busybox"),
-        Entry::file("etc/greeting", "lazy\n"),
-    ])];
+    let mut entries = clip_testkit::image::busybox_entries(&["sh", "cat", "sleep"]);
+    entries.push(Entry::file("etc/greeting", "lazy\n"));
+    let mut layers = vec![Layer::new(entries)];
     layers.extend(
         clip_testkit::image::edge_image([
             clip_testkit::Compression::Gzip,
@@ -270,7 +252,7 @@ fn edge_busybox() -> ImageBuilder {
 /// umoci's unpack, and containers of one image share one mount.
 #[test]
 fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     clip_testkit::oracle::require_oracle_tools().unwrap();
@@ -459,7 +441,7 @@ fn mount_servers(root: &Path) -> Vec<i32> {
 /// and new containers start. A tree whose server died is mounted again at the next start.
 #[test]
 fn a_killed_snapshotter_leaves_running_containers_alone() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -577,7 +559,7 @@ fn a_killed_snapshotter_leaves_running_containers_alone() {
 #[test]
 fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
     use clip_containerd::api::containerd::services::snapshots::v1 as pb;
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -697,7 +679,7 @@ fn bad_input_gets_clear_errors_and_leaves_nothing_behind() {
 #[test]
 fn cri_pull_image_is_lazy_and_a_container_runs_on_it() {
     use clip_containerd::api::runtime::v1 as cri;
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -784,7 +766,7 @@ fn cri_pull_image_is_lazy_and_a_container_runs_on_it() {
 #[test]
 fn setuid_programs_work_in_snapshotter_containers() {
     use clip_containerd::api::containerd::services::snapshots::v1 as pb;
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -869,7 +851,7 @@ fn setuid_programs_work_in_snapshotter_containers() {
 /// under the victim's chain id on this node; the victim pulled afterwards runs its own files.
 #[test]
 fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let busybox = std::fs::read("/bin/busybox").unwrap();
@@ -953,7 +935,7 @@ fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
 /// 16 MiB gRPC limit) — the pull succeeds and the container runs (#33).
 #[test]
 fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -966,18 +948,16 @@ fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
         ..Default::default()
     })
     .unwrap();
-    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut entries = clip_testkit::image::busybox_entries(&["cat"]);
+    entries.extend([
+        Entry::file("etc/who", "private\n"),
+        Entry::file(
+            "opt/big.bin",
+            clip_testkit::image::random_bytes(7, 100 << 20),
+        ),
+    ]);
     let built = ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
-        .image(Image::new(vec![Layer::new(vec![
-            Entry::dir("bin"),
-            Entry::file("bin/busybox", busybox).mode(0o755),
-            Entry::symlink("bin/cat", "busybox"),
-            Entry::file("etc/who", "private\n"),
-            Entry::file(
-                "opt/big.bin",
-                clip_testkit::image::random_bytes(7, 100 << 20),
-            ),
-        ])]))
+        .image(Image::new(vec![Layer::new(entries)]))
         .build()
         .unwrap();
     let pushed = reg.push(&built, "private/app", "v1").unwrap();

@@ -215,7 +215,7 @@ fn index_straight_from_a_registry() {
 /// `clip umount` ends that process.
 #[test]
 fn mount_serves_in_the_background_until_umount() {
-    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -287,7 +287,7 @@ fn mount_serves_in_the_background_until_umount() {
 /// same point detaches it and serves again.
 #[test]
 fn a_dead_mount_is_cleaned_at_the_next_mount() {
-    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -336,7 +336,7 @@ fn a_dead_mount_is_cleaned_at_the_next_mount() {
 /// symlink, fails the mount and leaves the target untouched.
 #[test]
 fn the_mount_log_never_follows_a_planted_symlink() {
-    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -751,7 +751,7 @@ fn lazy_reads_go_through_a_pull_through_mirror() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    if !(clip_testkit::is_root() && std::path::Path::new("/dev/fuse").exists()) {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let read_all = |mp: &std::path::Path| {
@@ -794,7 +794,10 @@ fn lazy_reads_go_through_a_pull_through_mirror() {
 #[test]
 fn clip_containerd_pull_falls_back_to_an_ordinary_unpack() {
     use clip_testkit::{Containerd, ContainerdOptions, Entry, Image, ImageBuilder, Layer};
-    if !clip_testkit::is_root() || !clip_testkit::process::have_program("containerd") {
+    if !clip_testkit::require(&[
+        clip_testkit::Need::Root,
+        clip_testkit::Need::Program("containerd"),
+    ]) {
         return;
     }
     let busybox = std::fs::read("/bin/busybox").unwrap();
@@ -905,8 +908,7 @@ fn peak_anon_kib(pid: u32, work: impl FnOnce()) -> u64 {
 #[test]
 fn author_sized_spans_are_read_with_bounded_memory() {
     use clip_testkit::image::{Entry, Image, Layer, random_bytes};
-    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: needs root and /dev/fuse");
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -11,20 +11,7 @@ use clip_testkit::image::{RuntimeConfig, SparseFormat};
 use clip_testkit::{Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry};
 
 fn busybox_image() -> Image {
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let base = Layer::new(vec![
-        Entry::dir("bin"),
-        Entry::file("bin/busybox", busybox).mode(0o755),
-        Entry::symlink("bin/sh", "busybox"),
-        Entry::dir("etc"),
-        Entry::file(
-            "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
-        ),
-        Entry::file("etc/group", "root:x:0:\napp:x:1000:\n"),
-        Entry::dir("tmp").mode(0o1777),
-        Entry::dir("home/app").owner(1000, 1000),
-    ]);
+    let base = clip_testkit::image::busybox_base();
     let top = Layer::new(vec![
         Entry::file("etc/greeting", "hello from a lazy image\n"),
         Entry::sparse(
@@ -48,8 +35,11 @@ fn busybox_image() -> Image {
 
 #[test]
 fn runc_runs_the_images_command_on_an_overlay_of_the_lazy_mount() {
-    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: needs root, /dev/fuse and runc");
+    if !clip_testkit::require(&[
+        clip_testkit::Need::Root,
+        clip_testkit::Need::Fuse,
+        clip_testkit::Need::Program("runc"),
+    ]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -153,8 +143,11 @@ fn check_sparse(path: &std::path::Path) {
 /// and containerd containers.
 #[test]
 fn setuid_programs_are_root_only_inside_containers() {
-    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: needs root, /dev/fuse and runc");
+    if !clip_testkit::require(&[
+        clip_testkit::Need::Root,
+        clip_testkit::Need::Fuse,
+        clip_testkit::Need::Program("runc"),
+    ]) {
         return;
     }
     let ids = clip_testkit::probe::ids_program().unwrap();

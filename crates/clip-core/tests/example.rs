@@ -8,8 +8,7 @@ use clip_testkit::{Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry};
 
 #[test]
 fn the_embedding_example_indexes_mounts_and_reads_one_file() {
-    if !clip_testkit::is_root() || !std::path::Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: mounting needs root and /dev/fuse");
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let reg = Registry::start_anonymous().unwrap();

@@ -12,15 +12,12 @@ use clip_testkit::{
     Auth, Entry, Image, ImageBuilder, Layer, ManifestFormat, Registry, RegistryOptions,
 };
 
-fn can_run() -> bool {
-    let ok = clip_testkit::is_root()
-        && Path::new("/dev/fuse").exists()
-        && clip_testkit::process::have_program("buildah");
-    if !ok {
-        eprintln!("skipping: needs root, /dev/fuse and buildah");
-    }
-    ok
-}
+/// What these tests need from the machine.
+const NEEDS: &[clip_testkit::Need] = &[
+    clip_testkit::Need::Root,
+    clip_testkit::Need::Fuse,
+    clip_testkit::Need::Program("buildah"),
+];
 
 /// Log lines of the current thread, captured.
 #[derive(Clone, Default)]
@@ -125,7 +122,7 @@ fn push_sample(reg: &Registry) -> String {
 
 #[test]
 fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let reg = private_registry();
@@ -272,7 +269,7 @@ fn build_context(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 
 #[test]
 fn build_v2_with_the_registry_up_then_run_it_in_a_container() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let reg = Registry::start_anonymous().unwrap();
@@ -333,7 +330,7 @@ fn build_v2_with_the_registry_up_then_run_it_in_a_container() {
 
 #[test]
 fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -396,7 +393,7 @@ fn build_v2_with_the_registry_down_falls_back_to_v1_and_v1_builds_work() {
 
 #[test]
 fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let s3 = clip_testkit::S3::start().unwrap();
@@ -468,7 +465,7 @@ fn an_s3_archive_store_holds_v2_indexes_and_v1_data_for_pull_lazy() {
 /// error, instead of serving a tree whose every read fails.
 #[test]
 fn pull_lazy_from_a_registry_demanding_a_client_certificate() {
-    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let reg = Registry::start(RegistryOptions {
@@ -527,7 +524,7 @@ fn pull_lazy_from_a_registry_demanding_a_client_certificate() {
 /// its first reads are cache hits. A damaged profile in the store is ignored.
 #[test]
 fn the_first_run_shares_its_profile_and_later_mounts_prefetch_it() {
-    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let reg = Registry::start_anonymous().unwrap();
@@ -584,7 +581,7 @@ fn the_first_run_shares_its_profile_and_later_mounts_prefetch_it() {
 
 #[test]
 fn workers_with_a_span_store_read_what_the_first_worker_fetched() {
-    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let s3 = clip_testkit::S3::start().unwrap();
@@ -643,7 +640,7 @@ fn workers_with_a_span_store_read_what_the_first_worker_fetched() {
 
 #[test]
 fn a_build_can_record_the_profile_by_running_the_image_once_with_a_time_limit() {
-    if !can_run() {
+    if !clip_testkit::require(NEEDS) {
         return;
     }
     let reg = Registry::start_anonymous().unwrap();
@@ -692,7 +689,7 @@ fn a_build_can_record_the_profile_by_running_the_image_once_with_a_time_limit() 
 
 #[test]
 fn a_later_run_that_reads_more_refines_the_shared_profile_a_bounded_number_of_times() {
-    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let reg = Registry::start_anonymous().unwrap();
@@ -783,11 +780,11 @@ fn a_later_run_that_reads_more_refines_the_shared_profile_a_bounded_number_of_ti
 /// it inside the container's rootfs, never on the host (#33).
 #[test]
 fn a_symlinked_working_directory_stays_inside_the_container() {
-    if !(clip_testkit::is_root()
-        && Path::new("/dev/fuse").exists()
-        && clip_testkit::process::have_program("runc"))
-    {
-        eprintln!("skipping: needs root, /dev/fuse and runc");
+    if !clip_testkit::require(&[
+        clip_testkit::Need::Root,
+        clip_testkit::Need::Fuse,
+        clip_testkit::Need::Program("runc"),
+    ]) {
         return;
     }
     let host = std::path::PathBuf::from(format!("/var/tmp/clip-escape-{}", std::process::id()));
@@ -824,8 +821,7 @@ fn a_symlinked_working_directory_stays_inside_the_container() {
 /// indexed again), and the node's tree is the image's (#33).
 #[test]
 fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
-    if !(clip_testkit::is_root() && Path::new("/dev/fuse").exists()) {
-        eprintln!("skipping: needs root and /dev/fuse");
+    if !clip_testkit::require(clip_testkit::MOUNT) {
         return;
     }
     let s3 = clip_testkit::S3::start().unwrap();

@@ -283,8 +283,10 @@ fn hostile_inputs_are_refused_and_nothing_lands_outside() {
 
 #[test]
 fn a_debian_image_to_v1_and_back_equals_umoci() {
-    if !clip_testkit::is_root() {
-        eprintln!("skipping: debootstrap needs root");
+    if !clip_testkit::require(&[
+        clip_testkit::Need::Root,
+        clip_testkit::Need::Program("debootstrap"),
+    ]) {
         return;
     }
     oracle::require_oracle_tools().unwrap();

@@ -407,4 +407,117 @@ mod tests {
         assert_eq!(max_object(0), 64 << 10);
         assert_eq!(max_object(u64::MAX), u64::MAX);
     }
+
+    fn store(dir: &std::path::Path, backoff: Duration) -> Arc<SpanStore> {
+        let mut o = SpanStoreOptions::new(
+            &format!("file://{}", dir.display()),
+            RemoteOptions::default(),
+        );
+        o.claim_wait = Duration::from_millis(200);
+        o.backoff = backoff;
+        o.timeout = Duration::from_secs(5);
+        Arc::new(SpanStore::open(&o).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn one_worker_claims_a_span_the_others_wait_for_its_upload() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (
+            store(dir.path(), Duration::from_secs(30)),
+            store(dir.path(), Duration::from_secs(30)),
+        );
+        let key = [1u8; 32];
+        rt().block_on(async {
+            assert!(a.claim(&key).await, "the first claim is taken");
+            assert!(!b.claim(&key).await, "a live peer's claim is respected");
+            assert!(
+                b.wait_for(&key, 5).await.is_none(),
+                "nothing uploaded yet: waits, then gives up"
+            );
+            a.upload(key, b"hello".to_vec(), true);
+            a.drain(Duration::from_secs(5)).await;
+            let got = b.wait_for(&key, 5).await.unwrap_or_default();
+            assert_eq!(decode(&got, 5).as_deref(), Some(&b"hello"[..]));
+            // The claim stays after the upload: a late peer reads the store, not the registry.
+            assert!(!b.claim(&key).await);
+            assert_eq!(a.stats().uploads, 1);
+            assert_eq!(b.stats().waited, 2);
+        });
+    }
+
+    #[test]
+    fn a_dead_workers_claim_and_a_failed_fetchs_claim_are_taken_over() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (a, b) = (
+            store(dir.path(), Duration::from_secs(30)),
+            store(dir.path(), Duration::from_secs(30)),
+        );
+        let (dead, failed) = ([2u8; 32], [3u8; 32]);
+        // A claim written long ago (its holder died), one dated far ahead, and garbage.
+        let claims = dir.path().join("claims");
+        std::fs::create_dir_all(&claims).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(claims.join(hex::encode(dead)), b"1000").unwrap_or_else(|e| panic!("{e}"));
+        let future = [4u8; 32];
+        std::fs::write(claims.join(hex::encode(future)), u64::MAX.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let garbage = [5u8; 32];
+        std::fs::write(claims.join(hex::encode(garbage)), b"not a time")
+            .unwrap_or_else(|e| panic!("{e}"));
+        rt().block_on(async {
+            for k in [dead, future, garbage] {
+                assert!(
+                    b.claim(&k).await,
+                    "stale claim {} taken over",
+                    hex::encode(&k[..1])
+                );
+            }
+            // A fetch that failed drops its claim: the next worker claims the span itself.
+            assert!(a.claim(&failed).await);
+            a.release(failed);
+            let t0 = Instant::now();
+            while !b.claim(&failed).await {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "the claim was never released"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+
+    #[test]
+    fn a_failing_store_is_left_alone_for_the_backoff_then_asked_again() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = store(dir.path(), Duration::from_millis(300));
+        let key = [6u8; 32];
+        // The store's directories are files: every operation fails.
+        std::fs::write(dir.path().join("claims"), b"").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("spans"), b"").unwrap_or_else(|e| panic!("{e}"));
+        rt().block_on(async {
+            assert!(s.claim(&key).await, "an unusable store: fetch it yourself");
+            assert_eq!(s.stats().errors, 1);
+            assert!(s.is_down());
+            // While down: not asked at all (no new errors), uploads skipped.
+            assert!(s.get(&key, 5).await.is_none());
+            s.upload(key, b"hello".to_vec(), false);
+            assert_eq!((s.stats().errors, s.stats().uploads_skipped), (1, 1));
+            // After the backoff, and with the store repaired, it is used again.
+            std::fs::remove_file(dir.path().join("claims")).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::remove_file(dir.path().join("spans")).unwrap_or_else(|e| panic!("{e}"));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(!s.is_down());
+            assert!(s.claim(&key).await);
+            s.upload(key, b"hello".to_vec(), true);
+            s.drain(Duration::from_secs(5)).await;
+            assert_eq!(s.stats().uploads, 1);
+            assert!(s.get(&key, 5).await.is_some());
+        });
+    }
 }

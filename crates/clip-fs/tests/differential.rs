@@ -9,15 +9,9 @@
 //! each layer did.
 #![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
 
-use std::path::Path;
-
 use clip_fs::{MountOptions, mount_archive};
 use clip_testkit::image::{RandomImageOptions, random_image};
 use clip_testkit::{CompareOptions, ImageBuilder, ManifestFormat, Registry, Snapshot, oracle};
-
-fn can_mount() -> bool {
-    clip_testkit::is_root() && Path::new("/dev/fuse").exists()
-}
 
 /// Layers for `seed`: spread over 50..=150.
 fn layers_for(seed: u64) -> usize {
@@ -56,7 +50,7 @@ fn differences(registry: &Registry, seed: u64, layers: usize) -> Vec<String> {
     let extracted = dir.path().join("extracted");
     clip_extract::extract(&v1, &extracted, &clip_extract::ExtractOptions::default()).unwrap();
     views.push(("v1 extract", Snapshot::scan(&extracted).unwrap()));
-    if can_mount() {
+    if clip_testkit::require(clip_testkit::MOUNT) {
         // v2: indexed from the registry, read through the lazy mount.
         let v2 = dir.path().join("v2.clip");
         let input = clip_indexer::Input::Registry {

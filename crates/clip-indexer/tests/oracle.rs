@@ -549,8 +549,10 @@ fn malformed_sparse_files_are_typed_errors() {
 
 #[test]
 fn a_real_debian_rootfs_packed_by_gnu_tar_matches_umoci() {
-    if !clip_testkit::is_root() {
-        eprintln!("skipping: debootstrap needs root");
+    if !clip_testkit::require(&[
+        clip_testkit::Need::Root,
+        clip_testkit::Need::Program("debootstrap"),
+    ]) {
         return;
     }
     // Two layers: the distribution, and a small change on top with a whiteout.

@@ -20,7 +20,9 @@
 //! - The oracle: [`oracle::oracle_unpack`] (`skopeo copy` + `umoci unpack`) and [`Snapshot::compare`],
 //!   which reports every difference between two trees.
 //!
-//! A service's log goes to a file in its temp directory and is printed when a test panics.
+//! A service's log goes to a file in its temp directory and is printed when a test panics. A
+//! test that needs root, FUSE or a program says so with [`require`]: it skips loudly, and fails
+//! under `scripts/test` and CI, so a green run means every test ran.
 //!
 //! ```no_run
 //! use clip_testkit::{Registry, ImageBuilder, ManifestFormat, image::{edge_cases, EdgeCaseOptions}};
@@ -45,6 +47,7 @@ pub mod pki;
 pub mod probe;
 pub mod process;
 pub mod registry;
+pub mod require;
 pub mod s3;
 pub mod snapshot;
 pub mod tap;
@@ -57,6 +60,7 @@ pub use error::{Error, Result};
 pub use fake::{FakeRegistry, FakeRequest, FakeResponse};
 pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, SparseFormat};
 pub use registry::{Auth, Registry, RegistryOptions};
+pub use require::{MOUNT, Need, require};
 pub use s3::S3;
 pub use snapshot::{CompareOptions, Snapshot, assert_same};
 pub use tap::Tap;

@@ -572,8 +572,10 @@ fn oci_layout_unpacks_with_umoci() {
 
 #[test]
 fn buildah_builds_and_pushes_into_the_registry() {
-    if !clip_testkit::is_root() {
-        eprintln!("skipping: buildah with chroot isolation needs root here");
+    if !clip_testkit::require(&[
+        clip_testkit::Need::Root,
+        clip_testkit::Need::Program("buildah"),
+    ]) {
         return;
     }
     let reg = Registry::start_anonymous().unwrap();

@@ -87,9 +87,11 @@ impl ImageService {
         let version = ArchiveVersion::of(archive.kind());
         match version {
             ArchiveVersion::V2 => {
-                tracing::info!(image_id = %id, "detected v2 (OCI) archive format")
+                tracing::info!(image_id = %id, "detected v2 (OCI) archive format");
             }
-            ArchiveVersion::V1 => tracing::info!(image_id = %id, "detected v1 archive format"),
+            ArchiveVersion::V1 => {
+                tracing::info!(image_id = %id, "detected v1 archive format");
+            }
         }
         let config = archive.meta().image.clone();
         let manifest = archive

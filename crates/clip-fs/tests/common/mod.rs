@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-/// Whether this process can mount (root and `/dev/fuse`); sets up test logging once.
+/// Whether this process can mount (root and `/dev/fuse`; [`clip_testkit::require`] skips
+/// loudly, or fails under `scripts/test`); sets up test logging once.
 pub(crate) fn can_mount() -> bool {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -12,11 +13,7 @@ pub(crate) fn can_mount() -> bool {
         )
         .with_test_writer()
         .try_init();
-    if !clip_testkit::is_root() || !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: mounting needs root and /dev/fuse");
-        return false;
-    }
-    true
+    clip_testkit::require(clip_testkit::MOUNT)
 }
 
 /// A one-layer image holding `files` (path, bytes), its layer compressed with `compression`.

@@ -371,3 +371,42 @@ impl Image {
         self
     }
 }
+
+/// `bin/busybox` (this machine's, mode 0755) and a symlink to it for each of `applets`
+/// (`sh`, `cat`, …): the smallest image content that runs commands.
+///
+/// # Panics
+/// When `/bin/busybox` cannot be read (`scripts/setup` installs it).
+#[must_use]
+pub fn busybox_entries(applets: &[&str]) -> Vec<Entry> {
+    #[allow(clippy::expect_used)]
+    let busybox = std::fs::read("/bin/busybox").expect("reading /bin/busybox");
+    let mut out = vec![
+        Entry::dir("bin"),
+        Entry::file("bin/busybox", busybox).mode(0o755),
+    ];
+    out.extend(
+        applets
+            .iter()
+            .map(|a| Entry::symlink(&format!("bin/{a}"), "busybox")),
+    );
+    out
+}
+
+/// A base layer containers run on: busybox with `sh`, `cat` and `sleep`, `root` and `app`
+/// (uid 1000, home `/home/app`) in `/etc/passwd` and `/etc/group`, and a sticky `/tmp`.
+#[must_use]
+pub fn busybox_base() -> Layer {
+    let mut entries = busybox_entries(&["sh", "cat", "sleep"]);
+    entries.extend([
+        Entry::dir("etc"),
+        Entry::file(
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        ),
+        Entry::file("etc/group", "root:x:0:\napp:x:1000:\n"),
+        Entry::dir("tmp").mode(0o1777),
+        Entry::dir("home/app").owner(1000, 1000),
+    ]);
+    Layer::new(entries)
+}
