@@ -105,7 +105,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 4)]
     max_flows: usize,
     /// Largest uploaded build context (bytes; K/M/G suffixes).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = clip_core::policy::parse_size)]
     max_context_bytes: u64,
     /// Longest a request may take, in seconds, before it is answered 408.
     #[arg(long, default_value_t = 3600)]
@@ -117,20 +117,6 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok()
         .filter(|m| *m <= 0o777)
         .ok_or_else(|| format!("{s:?} is not an octal mode"))
-}
-
-/// `1048576`, `512K`, `64M`, `10G` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M') => (&s[..s.len() - 1], 1 << 20),
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size"))
 }
 
 /// The version `--version` prints: the program's and the archive format it reads and writes.

@@ -163,7 +163,7 @@ pub(crate) struct MountArgs {
     #[arg(long, env = "CLIP_CACHE_DIR")]
     pub(crate) cache_dir: Option<PathBuf>,
     /// Cache size bound: bytes, or with a K/M/G/T suffix.
-    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    #[arg(long, default_value = "10G", value_parser = clip_core::policy::parse_size)]
     pub(crate) cache_size: u64,
     /// Percentage of the cache's filesystem to keep free: the cache shrinks below its size
     /// when the disk fills from elsewhere.
@@ -180,7 +180,7 @@ pub(crate) struct MountArgs {
     pub(crate) readahead_spans: usize,
     /// v2: fetch whole layers in the background after mounting, at most RATE bytes/s
     /// (K/M/G suffixes); off by default.
-    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    #[arg(long, value_name = "RATE", value_parser = clip_core::policy::parse_size)]
     pub(crate) background_fetch: Option<u64>,
     /// Read the image from this registry host instead of the recorded one (a mirror).
     #[arg(long, value_name = "HOST")]
@@ -342,28 +342,6 @@ impl RemoteArgs {
             ..Default::default()
         }
     }
-}
-
-/// `1048576`, `512K`, `64M`, `10G`, `1T` (powers of 1024).
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown size suffix {c:?}")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size"))
 }
 
 /// `os/arch[/variant]`.

@@ -538,6 +538,31 @@ pub enum RegistryDown {
     },
 }
 
+/// A size that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a size (bytes, or a number with K, M, G or T: powers of 1024)")]
+pub struct SizeError(pub String);
+
+/// A size as people write it on a command line: `1048576`, `512K`, `64M`, `10G`, `1T`
+/// (powers of 1024; `KiB`, `MB` and lower case too). The one parser every clip program uses.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(SizeError(s.to_owned())),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| SizeError(s.to_owned()))
+}
+
 /// Whether image `image_id` is inside the v2 rollout: a stable hash (FNV-1a) of the id, mod
 /// 100, under `clipV2RolloutPercent` — the same answer on every worker, every time.
 #[must_use]
@@ -582,6 +607,23 @@ pub fn build_plan(cfg: &Config, image_id: &str, probe: &RegistryProbe) -> BuildP
                 why: why.clone(),
             }),
         },
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_one_way_everywhere() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in ["", "K", "1.5G", "-1", "10X", "99999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
     }
 }
 
