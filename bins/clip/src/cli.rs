@@ -159,7 +159,9 @@ pub(crate) struct MountArgs {
     pub(crate) file: PathBuf,
     /// An existing directory.
     pub(crate) mountpoint: PathBuf,
-    /// Span cache shared by all mounts (default /var/cache/clip as root).
+    /// The node's clip cache directory, shared by all mounts, the worker and the snapshotter:
+    /// spans go to `DIR/spans`, logs of background mounts to `DIR/logs` (default
+    /// /var/cache/clip as root).
     #[arg(long, env = "CLIP_CACHE_DIR")]
     pub(crate) cache_dir: Option<PathBuf>,
     /// Cache size bound: bytes, or with a K/M/G/T suffix.
