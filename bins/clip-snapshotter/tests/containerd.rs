@@ -247,6 +247,8 @@ fn edge_busybox() -> ImageBuilder {
     ImageBuilder::new(clip_testkit::ManifestFormat::Oci).image(Image::new(layers))
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// `clip containerd pull` puts only the manifest and config into containerd and commits every
 /// layer lazily; `ctr run --snapshotter clip` runs the image, its root filesystem equals
 /// umoci's unpack, and containers of one image share one mount.
@@ -436,6 +438,8 @@ fn mount_servers(root: &Path) -> Vec<i32> {
         .collect()
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// `kill -9` of the snapshotter while a container reads its image: the container finishes
 /// (the tree's server is a process of its own), the restarted snapshotter adopts the live mount,
 /// and new containers start. A tree whose server died is mounted again at the next start.
@@ -553,6 +557,8 @@ fn a_killed_snapshotter_leaves_running_containers_alone() {
     assert_eq!(stdout(&o), "lazy\n");
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// Bad input: a registry that is down when a layer is prepared (an ordinary snapshot with one
 /// log line saying why, nothing committed lazily), a parent that is another snapshotter's (`NotFound`), filters it cannot parse
 /// (`InvalidArgument`), and a configuration with unknown keys (the snapshotter refuses to start).

@@ -229,161 +229,18 @@ pub(crate) fn router(
     let context_limit = usize::try_from(limits.max_context_bytes).unwrap_or(usize::MAX);
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/v1/pull",
-            post(
-                |State(a): State<Svc>, body: Result<Bytes, BytesRejection>| async move {
-                    let r: PullReq = json(&body?)?;
-                    let out = a.flow(move |s| Ok(s.pull_and_archive(&r.image)?)).await?;
-                    Ok::<_, ApiError>(Json(out))
-                },
-            ),
-        )
-        .route(
-            "/v1/build",
-            post(
-                |State(a): State<Svc>, body: Result<Bytes, BytesRejection>| async move {
-                    let r: BuildReq = json(&body?)?;
-                    let (ctx, df) = confined(
-                        a.svc.config().build_context_root.as_deref(),
-                        &r.context,
-                        r.dockerfile.as_deref(),
-                    )?;
-                    let args: Vec<_> = r.build_args.into_iter().collect();
-                    let out = a
-                        .flow(move |s| Ok(s.build_and_archive(&df, &ctx, &args)?))
-                        .await?;
-                    Ok::<_, ApiError>(Json(out))
-                },
-            ),
-        )
+        .route("/v1/pull", post(pull))
+        .route("/v1/build", post(build))
         .route(
             "/v1/build-context",
-            post(
-                |State(a): State<Svc>,
-                 Query(q): Query<BTreeMap<String, String>>,
-                 body: Result<Bytes, BytesRejection>| async move {
-                    let body = body?;
-                    let max = a.limits.max_context_bytes;
-                    let out = a
-                        .flow(move |s| {
-                            let dir = tempfile::tempdir().map_err(|e| {
-                                ApiError(
-                                    StatusCode::INTERNAL_SERVER_ERROR,
-                                    format!("staging the context: {e}"),
-                                )
-                            })?;
-                            clip_core::extract::untar(
-                                &body[..],
-                                dir.path(),
-                                clip_core::extract::UntarLimits {
-                                    max_bytes: max,
-                                    ..Default::default()
-                                },
-                            )
-                            .map_err(|e| {
-                                bad_request(format!("the uploaded context (a tar stream): {e}"))
-                            })?;
-                            let name = q.get("dockerfile").map_or("Dockerfile", String::as_str);
-                            let (ctx, df) = confined(
-                                Some(dir.path()),
-                                dir.path(),
-                                Some(&dir.path().join(name)),
-                            )?;
-                            let args: Vec<(String, String)> = q
-                                .iter()
-                                .filter_map(|(k, v)| {
-                                    k.strip_prefix("arg.").map(|k| (k.to_owned(), v.clone()))
-                                })
-                                .collect();
-                            Ok(s.build_and_archive(&df, &ctx, &args)?)
-                        })
-                        .await?;
-                    Ok::<_, ApiError>(Json(out))
-                },
-            )
-            .layer(axum::extract::DefaultBodyLimit::max(context_limit)),
+            post(build_context).layer(axum::extract::DefaultBodyLimit::max(context_limit)),
         )
-        .route(
-            "/v1/images/{id}/mount",
-            post(|State(a): State<Svc>, Path(id): Path<String>| async move {
-                let m = a.flow(move |s| Ok(s.pull_lazy(&id)?)).await?;
-                Ok::<_, ApiError>(Json(mount_json(&m)))
-            })
-            .delete(|State(a): State<Svc>, Path(id): Path<String>| async move {
-                a.read(move |s| s.unmount(&id)).await?;
-                Ok::<_, ApiError>(StatusCode::NO_CONTENT)
-            }),
-        )
-        .route(
-            "/v1/images/{id}/run",
-            post(
-                |State(a): State<Svc>,
-                 Path(id): Path<String>,
-                 body: Result<Bytes, BytesRejection>| async move {
-                    let r: RunReq = json(&body?)?;
-                    let out = a
-                        .flow(move |s| Ok(s.run(&id, (!r.args.is_empty()).then_some(&r.args[..]))?))
-                        .await?;
-                    Ok::<_, ApiError>(Json(out))
-                },
-            ),
-        )
-        .route(
-            WEBHOOK,
-            post(
-                |State(a): State<Svc>, body: Result<Bytes, BytesRejection>| async move {
-                    use clip_core::service::on_push::OnPushError;
-                    let body = body?;
-                    let Some(q) = a.on_push.clone() else {
-                        return Err(ApiError(
-                            StatusCode::NOT_FOUND,
-                            OnPushError::NotConfigured.to_string(),
-                        ));
-                    };
-                    let out = tokio::task::spawn_blocking(move || q.submit(&body))
-                        .await
-                        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-                        .map_err(|e| match e {
-                            OnPushError::QueueFull => {
-                                ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                            }
-                            other => bad_request(other),
-                        })?;
-                    Ok::<_, ApiError>(Json(out))
-                },
-            ),
-        )
-        .route(
-            "/v1/images",
-            get(|State(a): State<Svc>| async move {
-                let images = a.read(ImageService::images).await?;
-                Ok::<_, ApiError>(Json(images))
-            }),
-        )
-        .route(
-            "/v1/mounts",
-            get(|State(a): State<Svc>| async move {
-                Json(
-                    a.svc
-                        .mounts()
-                        .iter()
-                        .map(|m| mount_json(m))
-                        .collect::<Vec<_>>(),
-                )
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(a): State<Svc>| async move {
-                let mut text = PROMETHEUS
-                    .get()
-                    .map(metrics_exporter_prometheus::PrometheusHandle::render)
-                    .unwrap_or_default();
-                text.push_str(&metrics(&a.svc));
-                text
-            }),
-        )
+        .route("/v1/images/{id}/mount", post(mount).delete(unmount))
+        .route("/v1/images/{id}/run", post(run))
+        .route(WEBHOOK, post(push_event))
+        .route("/v1/images", get(images))
+        .route("/v1/mounts", get(mounts))
+        .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON))
         .layer(axum::middleware::from_fn_with_state(
@@ -395,6 +252,146 @@ pub(crate) fn router(
             guard,
         ))
         .with_state(app)
+}
+
+type Body = Result<Bytes, BytesRejection>;
+
+/// `POST /v1/pull`.
+async fn pull(State(a): State<Svc>, body: Body) -> Result<impl IntoResponse, ApiError> {
+    let r: PullReq = json(&body?)?;
+    let out = a.flow(move |s| Ok(s.pull_and_archive(&r.image)?)).await?;
+    Ok(Json(out))
+}
+
+/// `POST /v1/build`: a context beneath `buildContextRoot`.
+async fn build(State(a): State<Svc>, body: Body) -> Result<impl IntoResponse, ApiError> {
+    let r: BuildReq = json(&body?)?;
+    let (ctx, df) = confined(
+        a.svc.config().build_context_root.as_deref(),
+        &r.context,
+        r.dockerfile.as_deref(),
+    )?;
+    let args: Vec<_> = r.build_args.into_iter().collect();
+    let out = a
+        .flow(move |s| Ok(s.build_and_archive(&df, &ctx, &args)?))
+        .await?;
+    Ok(Json(out))
+}
+
+/// `POST /v1/build-context`: an uploaded tar stream as the context (bounded), with
+/// `?dockerfile=` and `?arg.NAME=VALUE`.
+async fn build_context(
+    State(a): State<Svc>,
+    Query(q): Query<BTreeMap<String, String>>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let body = body?;
+    let max = a.limits.max_context_bytes;
+    let out = a
+        .flow(move |s| {
+            let dir = tempfile::tempdir().map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("staging the context: {e}"),
+                )
+            })?;
+            clip_core::extract::untar(
+                &body[..],
+                dir.path(),
+                clip_core::extract::UntarLimits {
+                    max_bytes: max,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| bad_request(format!("the uploaded context (a tar stream): {e}")))?;
+            let name = q.get("dockerfile").map_or("Dockerfile", String::as_str);
+            let (ctx, df) = confined(Some(dir.path()), dir.path(), Some(&dir.path().join(name)))?;
+            let args: Vec<(String, String)> = q
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("arg.").map(|k| (k.to_owned(), v.clone())))
+                .collect();
+            Ok(s.build_and_archive(&df, &ctx, &args)?)
+        })
+        .await?;
+    Ok(Json(out))
+}
+
+/// `POST /v1/images/{id}/mount` (PullLazy).
+async fn mount(
+    State(a): State<Svc>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let m = a.flow(move |s| Ok(s.pull_lazy(&id)?)).await?;
+    Ok(Json(mount_json(&m)))
+}
+
+/// `DELETE /v1/images/{id}/mount`.
+async fn unmount(
+    State(a): State<Svc>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    a.read(move |s| s.unmount(&id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/images/{id}/run`.
+async fn run(
+    State(a): State<Svc>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let r: RunReq = json(&body?)?;
+    let out = a
+        .flow(move |s| Ok(s.run(&id, (!r.args.is_empty()).then_some(&r.args[..]))?))
+        .await?;
+    Ok(Json(out))
+}
+
+/// The index-on-push webhook: a registry's notification envelope.
+async fn push_event(State(a): State<Svc>, body: Body) -> Result<impl IntoResponse, ApiError> {
+    use clip_core::service::on_push::OnPushError;
+    let body = body?;
+    let Some(q) = a.on_push.clone() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            OnPushError::NotConfigured.to_string(),
+        ));
+    };
+    let out = tokio::task::spawn_blocking(move || q.submit(&body))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| match e {
+            OnPushError::QueueFull => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            other => bad_request(other),
+        })?;
+    Ok(Json(out))
+}
+
+/// `GET /v1/images`.
+async fn images(State(a): State<Svc>) -> Result<impl IntoResponse, ApiError> {
+    let images = a.read(ImageService::images).await?;
+    Ok(Json(images))
+}
+
+/// `GET /v1/mounts`.
+async fn mounts(State(a): State<Svc>) -> impl IntoResponse {
+    Json(
+        a.svc
+            .mounts()
+            .iter()
+            .map(|m| mount_json(m))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// `GET /metrics`: the process's recorder, then the service's own gauges.
+async fn metrics_text(State(a): State<Svc>) -> String {
+    let mut text = PROMETHEUS
+        .get()
+        .map(metrics_exporter_prometheus::PrometheusHandle::render)
+        .unwrap_or_default();
+    text.push_str(&metrics(&a.svc));
+    text
 }
 
 /// Every request: the credential check (read-only endpoints may be public), then a time limit.

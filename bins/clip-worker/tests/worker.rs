@@ -207,6 +207,8 @@ fn tar_of(dir: &Path, out: &Path) {
     );
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 #[test]
 fn the_api_on_its_unix_socket_pulls_mounts_builds_reports_and_shuts_down_cleanly() {
     if !clip_testkit::require(NEEDS) {
@@ -364,6 +366,8 @@ fn the_api_on_its_unix_socket_pulls_mounts_builds_reports_and_shuts_down_cleanly
     assert!(again.stop().success());
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// Over TCP: tokens (with rotation), mutual TLS, public read-only endpoints, and the listeners
 /// that are refused at start.
 #[test]
@@ -512,7 +516,7 @@ fn tcp_needs_a_credential_and_tls_off_loopback() {
 /// Builds read host paths only beneath `imageService.buildContextRoot` (symlinks resolved
 /// first); uploads are bounded; flows are bounded; slow requests end with 408.
 #[test]
-fn builds_are_confined_and_requests_bounded() {
+fn builds_are_confined_and_uploads_bounded() {
     if !clip_testkit::require(NEEDS) {
         return;
     }
@@ -600,7 +604,15 @@ fn builds_are_confined_and_requests_bounded() {
     // server has no request limit of its own).
     let (code, body) = build(&root.join("app"));
     assert_eq!(code, 200, "{body}");
-    drop(server);
+}
+
+#[test]
+fn requests_are_bounded_in_time_and_in_number() {
+    if !clip_testkit::require(NEEDS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), 1);
 
     // Request limits, with nothing left to chance: a registry that accepts connections and never
     // answers holds a pull for as long as the client waits (a minute), so the pull outlives the
@@ -655,6 +667,8 @@ fn builds_are_confined_and_requests_bounded() {
     assert_eq!(busy.0, 429, "{}", busy.1);
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// A registry password is a secret: after a whole pull, build, mount and run cycle with trace
 /// logging, it (and its base64 forms) appears nowhere — not in the logs, `/metrics`, any JSON
 /// answer, the archives or the caches.
@@ -945,6 +959,8 @@ fn s3_config(dir: &Path, prefix: &str, version: u8, s3: &clip_testkit::S3) -> st
 
 const WORKERS: usize = 4;
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// Several worker processes, one registry, one S3 store (s3s-fs): concurrent pulls of one image
 /// publish one archive (create-only writes; losers reuse it and drop their own v1 data), every
 /// worker mounts that archive, a later pull does no work, and a new image that shares the base
@@ -1124,6 +1140,8 @@ fn a_fleet_of_workers_shares_one_archive_store() {
     );
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// Index on push: the registry's notifications reach the worker (with the registry's
 /// configured bearer token); a `skopeo copy` into a configured repository leaves a v2 archive in
 /// the store, so the first pull anywhere is `reused`; the same push again indexes nothing new;

@@ -137,6 +137,8 @@ fn check_sparse(path: &std::path::Path) {
     );
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 /// A setuid-root program of an image: from the host path of a (default, nosuid) mount it runs
 /// with the caller's ids; with `suid` it would run as root (the probe works); inside a runc
 /// container on an overlay of the nosuid mount it runs as root, as setuid programs do in docker

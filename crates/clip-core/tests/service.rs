@@ -120,6 +120,8 @@ fn push_sample(reg: &Registry) -> String {
     reg.push(&built, "team/sample", "v1").unwrap().reference
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 #[test]
 fn pull_v2_and_v1_from_a_private_registry_mount_side_by_side() {
     if !clip_testkit::require(NEEDS) {

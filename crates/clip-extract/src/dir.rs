@@ -177,7 +177,58 @@ fn apply_meta(dir: BorrowedFd<'_>, name: &[u8], e: &Entry<'_>, as_root: bool) ->
     Ok(())
 }
 
+/// Makes directory `name` in `pfd` (`0700` until its metadata is applied last), or accepts a
+/// directory already there; anything else there is refused.
+fn make_dir(pfd: BorrowedFd<'_>, name: &[u8], path: &[u8]) -> Result<()> {
+    let Err(err) = rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(0o700)) else {
+        return Ok(());
+    };
+    let is_dir = rustix::fs::statat(pfd, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| st.st_mode & 0o170_000 == 0o040_000);
+    if err == rustix::io::Errno::EXIST && is_dir {
+        return Ok(());
+    }
+    Err(if err == rustix::io::Errno::EXIST {
+        unsafe_path(path, "exists and is not a directory")
+    } else {
+        sys("creating", path)(err)
+    })
+}
+
+/// Makes entry `e` (a symlink, device, FIFO or socket) in `pfd`; devices only as root.
+fn make_special(pfd: BorrowedFd<'_>, e: &Entry<'_>, path: &[u8], as_root: bool) -> Result<()> {
+    let name = e.name();
+    let (ft, dev) = match e.kind() {
+        EntryKind::Symlink => {
+            let target = e.symlink_target().unwrap_or_default();
+            return rustix::fs::symlinkat(target, pfd, name).map_err(sys("creating", path));
+        }
+        kind @ (EntryKind::CharDevice | EntryKind::BlockDevice) => {
+            if !as_root {
+                return Err(Error::NeedsRoot {
+                    path: String::from_utf8_lossy(path).into_owned(),
+                });
+            }
+            let (major, minor) = e.rdev().unwrap_or((0, 0));
+            let ft = if kind == EntryKind::CharDevice {
+                rustix::fs::FileType::CharacterDevice
+            } else {
+                rustix::fs::FileType::BlockDevice
+            };
+            (ft, rustix::fs::makedev(major, minor))
+        }
+        EntryKind::Fifo => (rustix::fs::FileType::Fifo, 0),
+        EntryKind::Socket => (rustix::fs::FileType::Socket, 0),
+        EntryKind::Dir | EntryKind::File => return Ok(()),
+    };
+    rustix::fs::mknodat(pfd, name, ft, Mode::from_raw_mode(0o600), dev)
+        .map_err(sys("creating", path))
+}
+
 /// Extracts the archive at `archive` into `dir` (created if missing; should be empty).
+// Over 100 lines on purpose: the three phases of an extraction (make every entry, fill file data
+// in layer order, apply metadata children first) share their bookkeeping (parents cache,
+// hard-link map, jobs); the per-kind work is in make_dir, make_special and the fill functions.
 pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<ExtractSummary> {
     let a = Archive::open(archive)?;
     let remote_kind = a.kind() == ArchiveKind::V1Remote;
@@ -213,17 +264,7 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
         summary.entries += 1;
         match e.kind() {
             EntryKind::Dir => {
-                if let Err(err) = rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(0o700)) {
-                    let is_dir = rustix::fs::statat(pfd, name, AtFlags::SYMLINK_NOFOLLOW)
-                        .is_ok_and(|st| st.st_mode & 0o170_000 == 0o040_000);
-                    if err != rustix::io::Errno::EXIST || !is_dir {
-                        return Err(if err == rustix::io::Errno::EXIST {
-                            unsafe_path(&path, "exists and is not a directory")
-                        } else {
-                            sys("creating", &path)(err)
-                        });
-                    }
-                }
+                make_dir(pfd, name, &path)?;
                 dirs.push(i);
                 continue;
             }
@@ -301,40 +342,11 @@ pub fn extract(archive: &Path, dir: &Path, opts: &ExtractOptions) -> Result<Extr
                     _ => {}
                 }
             }
-            EntryKind::Symlink => {
-                let target = e.symlink_target().unwrap_or_default();
-                rustix::fs::symlinkat(target, pfd, name).map_err(sys("creating", &path))?;
-            }
-            kind @ (EntryKind::CharDevice | EntryKind::BlockDevice) => {
-                if !as_root {
-                    return Err(Error::NeedsRoot {
-                        path: String::from_utf8_lossy(&path).into_owned(),
-                    });
-                }
-                let (major, minor) = e.rdev().unwrap_or((0, 0));
-                let ft = if kind == EntryKind::CharDevice {
-                    rustix::fs::FileType::CharacterDevice
-                } else {
-                    rustix::fs::FileType::BlockDevice
-                };
-                rustix::fs::mknodat(
-                    pfd,
-                    name,
-                    ft,
-                    Mode::from_raw_mode(0o600),
-                    rustix::fs::makedev(major, minor),
-                )
-                .map_err(sys("creating", &path))?;
-            }
-            EntryKind::Fifo | EntryKind::Socket => {
-                let ft = if e.kind() == EntryKind::Fifo {
-                    rustix::fs::FileType::Fifo
-                } else {
-                    rustix::fs::FileType::Socket
-                };
-                rustix::fs::mknodat(pfd, name, ft, Mode::from_raw_mode(0o600), 0)
-                    .map_err(sys("creating", &path))?;
-            }
+            EntryKind::Symlink
+            | EntryKind::CharDevice
+            | EntryKind::BlockDevice
+            | EntryKind::Fifo
+            | EntryKind::Socket => make_special(pfd, &e, &path, as_root)?,
         }
         meta_order.push(i);
     }

@@ -82,6 +82,9 @@ fn beneath(
 }
 
 /// Extracts the tar stream `input` into `dir` (created if missing; should be empty).
+// Over 100 lines on purpose: one pass over an untrusted tar stream into a directory: header,
+// extension records and the entry they describe are handled in arrival order with every path
+// resolved beneath the root; the pending-record state would otherwise cross functions.
 pub fn untar(input: impl Read, dir: &Path, limits: UntarLimits) -> Result<UntarSummary> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         context: "creating",

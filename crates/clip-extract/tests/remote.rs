@@ -18,6 +18,8 @@ fn options(s3: &S3) -> RemoteOptions {
     )
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 #[test]
 fn upload_extract_and_range_reads_through_s3_and_a_local_store() {
     let s3 = S3::start().unwrap();

@@ -32,6 +32,8 @@ fn oracle_tree(registry: &Registry, dir: &Path, image: &ImageBuilder) -> Snapsho
     Snapshot::scan(&root).unwrap()
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 #[test]
 fn image_to_v1_to_extract_equals_umoci_for_layouts_and_registries() {
     oracle::require_oracle_tools().unwrap();

@@ -433,29 +433,36 @@ pub fn is_mounted(mountpoint: &Path) -> bool {
     })
 }
 
-/// Mounts an archive; returns once the mount answers.
-pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
-    let started = std::time::Instant::now();
-    clean_stale_mount(&options.mountpoint);
-    let archive = Arc::new(Archive::open(&options.archive)?);
-    let net = match &options.registry {
-        Some(n) => n.clone(),
-        None => clip_registry::BlockingClient::new(
-            clip_registry::ClientConfig::default().with_docker_config()?,
-        )?,
+/// Where a mount's file data comes from: the `fs` side, and the sources the handle keeps
+/// (v2 spans, v1-remote files).
+type DataSources = (
+    fs::Data,
+    Option<Arc<layers::V2Source>>,
+    Option<Arc<remote::RemoteFiles>>,
+);
+
+/// The data sources of `archive`: v1 data in the archive, v2 spans read from the registry
+/// through `net` (the registry checked first, unless told not to), or v1 data in an object.
+fn data_sources(
+    archive: &Arc<Archive>,
+    options: &MountOptions,
+    net: &clip_registry::BlockingClient,
+) -> Result<DataSources, Error> {
+    let cache = || {
+        SpanCache::open_with(
+            &options.cache_dir,
+            options.cache_bytes,
+            options.cache_min_free_percent,
+        )
+        .map(Arc::new)
     };
-    let (data, v2, v1_remote) = match archive.kind() {
+    Ok(match archive.kind() {
         ArchiveKind::V1Local => (fs::Data::V1Local, None, None),
         ArchiveKind::V2Oci => {
-            let cache = Arc::new(SpanCache::open_with(
-                &options.cache_dir,
-                options.cache_bytes,
-                options.cache_min_free_percent,
-            )?);
             let mut src = layers::V2Source::new(
-                &archive,
+                archive,
                 net.client().clone(),
-                cache,
+                cache()?,
                 options.registry_override.as_deref(),
             )?;
             if let Some(o) = &options.span_store {
@@ -472,31 +479,21 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
                 archive.meta().remote.clone().ok_or_else(|| {
                     Error::Config("v1-remote archive without a data object".into())
                 })?;
-            let cache = Arc::new(SpanCache::open_with(
-                &options.cache_dir,
-                options.cache_bytes,
-                options.cache_min_free_percent,
-            )?);
             let object = clip_objstore::RemoteObject::open(&remote.url, &options.remote)
                 .map_err(|e| Error::Config(e.to_string()))?;
-            let files = Arc::new(remote::RemoteFiles::new(object, remote.data_offset, cache));
+            let files = Arc::new(remote::RemoteFiles::new(
+                object,
+                remote.data_offset,
+                cache()?,
+            ));
             (fs::Data::V1Remote(Arc::clone(&files)), None, Some(files))
         }
-    };
-    let recorder = options
-        .record_profile
-        .as_ref()
-        .map(|_| Arc::new(profile::Recorder::default()));
-    let inodes = Arc::new(fs::Inodes::new(&archive));
-    let fs = fs::ClipFs::new(
-        Arc::clone(&archive),
-        Arc::clone(&inodes),
-        data,
-        net.handle().clone(),
-        recorder.clone(),
-        options.readahead_spans,
-    );
-    let served = Arc::clone(&fs.served);
+    })
+}
+
+/// The FUSE session's settings: read-only, `nosuid`/`nodev` unless asked, other users allowed
+/// (containers), one cloned `/dev/fuse` descriptor per dispatch thread.
+fn fuse_config(options: &MountOptions) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -520,6 +517,36 @@ pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
     }
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
+    config
+}
+
+/// Mounts an archive; returns once the mount answers.
+pub fn mount_archive(options: MountOptions) -> Result<MountHandle, Error> {
+    let started = std::time::Instant::now();
+    clean_stale_mount(&options.mountpoint);
+    let archive = Arc::new(Archive::open(&options.archive)?);
+    let net = match &options.registry {
+        Some(n) => n.clone(),
+        None => clip_registry::BlockingClient::new(
+            clip_registry::ClientConfig::default().with_docker_config()?,
+        )?,
+    };
+    let (data, v2, v1_remote) = data_sources(&archive, &options, &net)?;
+    let recorder = options
+        .record_profile
+        .as_ref()
+        .map(|_| Arc::new(profile::Recorder::default()));
+    let inodes = Arc::new(fs::Inodes::new(&archive));
+    let fs = fs::ClipFs::new(
+        Arc::clone(&archive),
+        Arc::clone(&inodes),
+        data,
+        net.handle().clone(),
+        recorder.clone(),
+        options.readahead_spans,
+    );
+    let served = Arc::clone(&fs.served);
+    let config = fuse_config(&options);
     let session = fuser::Session::new(fs, &options.mountpoint, &config)
         .and_then(fuser::Session::spawn)
         .map_err(|e| Error::Mount {

@@ -34,6 +34,9 @@ fn assemble(src: &V2Source, layer: usize, start: u64, end: u64, spans: &[SpanFil
 impl ClipFs {
     /// Reads `want` (offset, length) of the bytes a file stores at `loc` (layer, offset in the
     /// layer, stored length); `expand` turns a sparse file's stored bytes into its logical ones.
+    // Over 100 lines on purpose: the v2 read path: a read's span range, read-ahead for a
+    // sequential reader, the cached fast path, then fetches and the reply, in the order a read
+    // meets them.
     pub(crate) fn read_v2(
         &self,
         src: &Arc<V2Source>,

@@ -141,6 +141,9 @@ pub(crate) struct MergeOptions<'a> {
     pub(crate) verified: bool,
 }
 
+// Over 100 lines on purpose: the parallel layer pipeline (workers, ordered merge, reuse and
+// progress accounting) shares one scope of threads and channels; its steps are small closures
+// over that scope.
 pub(crate) fn merge_all(
     manifest: &oci::Manifest,
     config: &oci::ImageConfiguration,

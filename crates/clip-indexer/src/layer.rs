@@ -105,6 +105,8 @@ pub(crate) struct IndexedLayer {
     pub(crate) why_streamed: Option<String>,
 }
 
+// Over 100 lines on purpose: one layer streamed once: sniffing, hashing, decompression with
+// checkpoints and the tar walk are wired together here and run as one pipeline.
 pub(crate) fn index_layer<C: Chunks>(
     src: C,
     d: &LayerDesc,

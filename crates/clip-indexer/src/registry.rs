@@ -12,6 +12,8 @@ use crate::layer::{IndexedLayer, index_layer};
 use crate::{Error, IndexOptions, LayerMethod, Progress, ProgressFn, Result, toc};
 
 /// The merged image `reference` names, indexed straight from its registry.
+// Over 100 lines on purpose: resolves an image and prepares every layer's input (TOC, stored
+// index or stream) in one place, so the per-layer decision and its log line sit together.
 pub(crate) fn registry_image(
     reference: &str,
     net: &BlockingClient,

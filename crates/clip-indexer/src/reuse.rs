@@ -187,6 +187,9 @@ pub(crate) fn encode_parts(
 
 /// Decodes stored layer-index bytes; file spans name layer `layer`. Never panics; every length
 /// is checked against the bytes present before it is used.
+// Over 100 lines on purpose: the decoder of the layer-index format (untrusted bytes from a shared
+// store): one bounds-checked pass in the order docs/format.md specifies the fields, so each check
+// sits beside the field it guards.
 pub fn decode(bytes: &[u8], layer: u32) -> Result<StoredLayer, DecodeError> {
     let bad = |s: &str| DecodeError(s.to_owned());
     if bytes.len() < MAGIC.len() + 4 + 8 || &bytes[..8] != MAGIC {

@@ -43,6 +43,10 @@ impl<R: Read> Seek for Forward<R> {
 
 /// Reads every entry of a layer. File data stays where it is: each file records its offset in
 /// the uncompressed stream. Files larger than `large` get a checkpoint requested at their start.
+// Over 100 lines on purpose: one pass over an untrusted tar stream: the header, PAX and GNU
+// extension records and the entry they describe are parsed in the order they arrive, every length
+// bounded before use; split up, that state (pending long names, PAX records, sparse maps) would
+// cross function boundaries.
 pub(crate) fn walk<R: Read + Seek>(
     reader: R,
     layer: u32,

@@ -438,6 +438,8 @@ fn pax_tar(records: &[(&str, &str)], name: &str, body: &[u8]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+// Over 100 lines on purpose: a table of malformed sparse inputs, each fed through the indexer
+// and checked in turn.
 #[test]
 fn malformed_sparse_files_are_typed_errors() {
     let map_1x0 = |text: &str, data: usize| {
@@ -748,6 +750,8 @@ fn assert_only_subsecond_mtime(diffs: &[String]) {
     );
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 #[test]
 fn a_second_image_reuses_the_stored_indexes_of_its_shared_layers() {
     oracle::require_oracle_tools().unwrap();

@@ -107,6 +107,9 @@ impl Client {
     }
 
     /// Answers a challenge: learns the scheme and, for Bearer, fetches a token for `scope`.
+    // Over 100 lines on purpose: the token exchange (challenge parameters, scopes, OAuth2 refresh
+    // token or Basic, the answer's expiry) is one protocol conversation; each step uses what the
+    // previous one learnt.
     pub(crate) async fn authenticate(
         &self,
         host: &str,

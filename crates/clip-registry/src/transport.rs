@@ -217,7 +217,55 @@ impl Client {
         .await
     }
 
+    /// A blob the registry redirected recently: straight to the target (no credentials). `None`
+    /// when there is none, or the target no longer answers (an expired signed URL: forgotten,
+    /// the registry is asked again).
+    async fn via_remembered_redirect(
+        &self,
+        url: &str,
+        headers: &[(reqwest::header::HeaderName, String)],
+    ) -> Option<reqwest::Response> {
+        let target = self.state.lock().ok().and_then(|st| {
+            st.redirects
+                .get(url)
+                .filter(|(_, until)| Instant::now() < *until)
+                .map(|(t, _)| t.clone())
+        })?;
+        let mut req = self.http.get(&target);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Ok(resp) = req.send().await
+            && resp.status().is_success()
+        {
+            return Some(resp);
+        }
+        if let Ok(mut st) = self.state.lock() {
+            st.redirects.remove(url);
+        }
+        None
+    }
+
+    /// Whether an HTTPS request to `host` that failed with `e` is to be tried over plain HTTP:
+    /// a loopback or insecure host, not known to speak HTTPS (unknown, or a concurrent first
+    /// request already found plain HTTP), whose peer does not speak TLS at all — never after a
+    /// TLS failure (an untrusted certificate, a refused client certificate).
+    fn falls_back_to_http(&self, host: &str, e: &reqwest::Error) -> bool {
+        let not_https = self
+            .state
+            .lock()
+            .ok()
+            .is_some_and(|st| st.https.get(host) != Some(&true));
+        self.may_use_http(host) && not_https && crate::trust::peer_speaks_no_tls(e)
+    }
+
     /// One host: authentication, one re-authentication on 401/403, redirects, retries.
+    ///
+    /// Over 100 lines on purpose: one request's state machine (re-authenticate once, follow a
+    /// redirect, fall back to plain HTTP once, retry with back-off until the policy's attempts
+    /// or deadline) stays in one loop, so its bookkeeping — the attempt count, whether it
+    /// re-authenticated, the HTTPS error a plain-HTTP answer may have to report — is in one
+    /// place.
     #[allow(clippy::too_many_arguments)]
     async fn send_to(
         &self,
@@ -238,29 +286,10 @@ impl Client {
             format!("{}{path}", self.base_url(host))
         };
         let scope = Scope::new(repository, access);
-        // A blob the registry redirected recently: go straight to the target (no credentials);
-        // if the target no longer answers (expired signed URL), ask the registry again.
-        if method == Method::GET {
-            let cached = self.state.lock().ok().and_then(|st| {
-                st.redirects
-                    .get(&url)
-                    .filter(|(_, until)| Instant::now() < *until)
-                    .map(|(t, _)| t.clone())
-            });
-            if let Some(target) = cached {
-                let mut req = self.http.get(&target);
-                for (k, v) in headers {
-                    req = req.header(k, v);
-                }
-                if let Ok(resp) = req.send().await
-                    && resp.status().is_success()
-                {
-                    return Ok(resp);
-                }
-                if let Ok(mut st) = self.state.lock() {
-                    st.redirects.remove(&url);
-                }
-            }
+        if method == Method::GET
+            && let Some(resp) = self.via_remembered_redirect(&url, headers).await
+        {
+            return Ok(resp);
         }
         let mut https_error: Option<Error> = None;
         let start = Instant::now();
@@ -326,12 +355,7 @@ impl Client {
                         return Err(e);
                     }
                     if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-                        let after = resp
-                            .headers()
-                            .get(RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<u64>().ok())
-                            .map(Duration::from_secs);
+                        let after = retry_after(&resp);
                         if attempt >= policy.attempts || start.elapsed() >= policy.deadline {
                             return Err(Error::Protocol {
                                 url,
@@ -344,18 +368,7 @@ impl Client {
                     }
                 }
                 Err(e) => {
-                    // Not known to speak HTTPS: either unknown, or a concurrent first request
-                    // already found plain HTTP while this one was probing HTTPS.
-                    let not_https = self
-                        .state
-                        .lock()
-                        .ok()
-                        .is_some_and(|st| st.https.get(host) != Some(&true));
-                    if url.starts_with("https://")
-                        && self.may_use_http(host)
-                        && not_https
-                        && crate::trust::peer_speaks_no_tls(&e)
-                    {
+                    if url.starts_with("https://") && self.falls_back_to_http(host, &e) {
                         // First contact with a loopback/insecure host that does not speak TLS:
                         // plain HTTP. Never after a TLS failure (an untrusted certificate, a
                         // refused client certificate): that is reported as what it is.
@@ -432,4 +445,13 @@ pub(crate) fn backoff(p: &RetryPolicy, attempt: u32) -> Duration {
     x ^= x << 17;
     let frac = (x % 1000) as u32;
     (exp / 2) + exp / 2 * frac / 1000
+}
+
+/// A `Retry-After` header in seconds.
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    resp.headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs)
 }

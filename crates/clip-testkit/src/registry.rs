@@ -117,6 +117,8 @@ impl Registry {
     }
 
     /// Starts a registry as described by `options` and waits until `/v2/` answers.
+    // Over 100 lines on purpose: test support: writes the registry's configuration (auth, TLS,
+    // notifications) and starts it; the configuration reads as one document.
     pub fn start(options: RegistryOptions) -> Result<Self> {
         let program = which("docker-registry").ok_or_else(|| Error::MissingProgram {
             program: "docker-registry".into(),

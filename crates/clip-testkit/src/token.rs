@@ -246,6 +246,8 @@ fn basic_credentials(header: Option<&str>) -> Option<(String, String)> {
     Some((u.to_owned(), p.to_owned()))
 }
 
+// Over 100 lines on purpose: test support: the token server's request handling (Basic check,
+// scope grant, expiry on demand) as one readable handler.
 fn serve(shared: &Shared, conn: &TcpStream) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let req = read_request(conn)?;

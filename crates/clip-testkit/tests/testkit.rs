@@ -107,6 +107,8 @@ fn basic_auth_registry_rejects_anonymous_and_wrong_passwords() {
     assert_eq!(client.get_manifest("tk/private", "v1").unwrap().status, 200);
 }
 
+// Over 100 lines on purpose: one end-to-end scenario on real services, each step building on
+// the state the one before left.
 #[test]
 fn token_registry_tokens_grant_scoped_access_and_expire() {
     let lifetime = Duration::from_secs(3);

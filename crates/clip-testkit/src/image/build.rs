@@ -252,6 +252,8 @@ fn layer_media_type(format: ManifestFormat, c: Compression) -> Result<&'static s
     })
 }
 
+// Over 100 lines on purpose: test support: assembles an image's blobs, config and manifest (OCI
+// or Docker) as the two formats lay them out.
 fn build_manifest(img: &Image, format: ManifestFormat) -> Result<BuiltManifest> {
     let mut layers = Vec::new();
     for layer in &img.layers {

@@ -41,6 +41,8 @@ impl Default for EdgeCaseOptions {
 /// directory replacing a file, implicit parents, `./`-prefixed paths, a same-layer whiteout, and
 /// PAX sparse files (formats 0.0, 0.1 and 1.0).
 #[must_use]
+// Over 100 lines on purpose: a table of test entries (every kind and merge rule), read top to
+// bottom; splitting it would only scatter the table.
 pub fn edge_cases(o: &EdgeCaseOptions) -> Image {
     let s = o.seed;
     let long_dir = format!("data/{}/{}", "d".repeat(60), "e".repeat(60));
