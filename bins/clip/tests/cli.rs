@@ -280,7 +280,8 @@ fn mount_serves_in_the_background_until_umount() {
         "12Q",
     ]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown size suffix"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("\"12Q\" is not a size"), "{err}");
 }
 
 /// A mount whose server was killed leaves a dead mount point (ENOTCONN); the next mount of the

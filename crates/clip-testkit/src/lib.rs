@@ -21,7 +21,7 @@
 //!   which reports every difference between two trees.
 //!
 //! A service's log goes to a file in its temp directory and is printed when a test panics. A
-//! test that needs root, FUSE or a program says so with [`require`]: it skips loudly, and fails
+//! test that needs root, FUSE or a program says so with [`require()`]: it skips loudly, and fails
 //! under `scripts/test` and CI, so a green run means every test ran.
 //!
 //! ```no_run

@@ -1,6 +1,6 @@
 //! Tests that say when they did not run.
 //!
-//! A test that needs root, FUSE or a program asks [`require`] first. Where something is
+//! A test that needs root, FUSE or a program asks [`require()`] first. Where something is
 //! missing it prints one loud line (`SKIPPED <test>: needs …`) and returns `false`, and the
 //! test returns. Under the project's own test run (`scripts/test` sets `CLIP_TEST_REQUIRE_ALL=1`)
 //! and in CI (`CI` set), a missing need is a failure instead: a green run means every test ran.

@@ -468,6 +468,32 @@ mod tests {
     }
 
     #[test]
+    fn only_failures_a_retry_can_fix_are_retried() {
+        let unreachable = registry::Error::Unreachable {
+            host: "r".into(),
+            reason: "connection refused".into(),
+        };
+        assert!(JobError::from(unreachable).is_transient());
+        let denied = registry::Error::Unauthorized {
+            host: "r".into(),
+            repository: "a".into(),
+        };
+        assert!(!JobError::from(denied).is_transient());
+        let gone = registry::Error::NotFound {
+            what: "manifest".into(),
+            repository: "a".into(),
+            host: "r".into(),
+        };
+        assert!(!JobError::Service(ServiceError::Registry(gone)).is_transient());
+        let io = ServiceError::Io {
+            context: "writing",
+            path: "/x".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        assert!(JobError::Service(io).is_transient());
+    }
+
+    #[test]
     fn urls() {
         assert_eq!(
             url_host("http://127.0.0.1:5000/v2/a/manifests/x"),

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-/// Whether this process can mount (root and `/dev/fuse`; [`clip_testkit::require`] skips
+/// Whether this process can mount (root and `/dev/fuse`; [`clip_testkit::require()`] skips
 /// loudly, or fails under `scripts/test`); sets up test logging once.
 pub(crate) fn can_mount() -> bool {
     let _ = tracing_subscriber::fmt()
