@@ -144,6 +144,14 @@ pub(crate) struct IndexArgs {
     /// again, new layer indexes are added.
     #[arg(long, value_name = "DIR", env = "CLIP_LAYER_CACHE")]
     pub(crate) layer_cache: Option<PathBuf>,
+    /// Then attach the image's layer indexes to it in its registry (an OCI 1.1 artifact whose
+    /// subject is the platform manifest), so that every node and worker finds them instead of
+    /// streaming the layers.
+    #[arg(long, conflicts_with = "oci_layout")]
+    pub(crate) attach: bool,
+    /// Do not look for layer indexes attached to the image in its registry.
+    #[arg(long)]
+    pub(crate) no_attached: bool,
     #[command(flatten)]
     pub(crate) registry: RegistryArgs,
     /// Print a JSON summary.

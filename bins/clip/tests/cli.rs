@@ -987,3 +987,168 @@ fn author_sized_spans_are_read_with_bounded_memory() {
         drop(server);
     }
 }
+
+/// `clip index --attach` attaches the image's layer indexes to it in its own registry (Debian's
+/// distribution 2.8 has no referrers API: the referrers tag schema); a later `clip index`
+/// anywhere finds them and streams no layer; `--no-attached` ignores them; a damaged
+/// attachment, and an attachment made for another image but listed for this one, are refused
+/// and the layers are indexed as usual.
+#[test]
+fn an_attached_index_travels_with_the_image() {
+    use clip_core::format::Digest;
+    use clip_core::indexer::attached::ARTIFACT_TYPE;
+    use clip_core::registry::referrers::{
+        ArtifactBlob, INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, tag_schema_tag,
+    };
+    use clip_core::registry::{BlockingClient, ClientConfig, Reference};
+    use clip_testkit::image::{Entry, Image, Layer, random_bytes};
+    let reg = clip_testkit::Registry::start_anonymous().unwrap();
+    let image = |seed: u64| {
+        let img = Image::new(vec![
+            Layer::new(vec![Entry::file(
+                "base/a.bin",
+                random_bytes(seed, 300 << 10),
+            )]),
+            Layer::new(vec![Entry::file("mid/b.txt", format!("{seed}\n"))]),
+            Layer::new(vec![Entry::file(
+                "top/c.bin",
+                random_bytes(seed + 1, 100 << 10),
+            )]),
+        ]);
+        clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+            .image(img)
+            .build()
+            .unwrap()
+    };
+    let app = reg.push(&image(1), "team/app", "v1").unwrap();
+    let damaged = reg.push(&image(7), "team/app", "v2").unwrap();
+    // The same layers as `app` under another config: the keys of `app`'s attachment fit it.
+    let foreign = {
+        let mut img = Image::new(vec![
+            Layer::new(vec![Entry::file("base/a.bin", random_bytes(1, 300 << 10))]),
+            Layer::new(vec![Entry::file("mid/b.txt", "1\n")]),
+            Layer::new(vec![Entry::file("top/c.bin", random_bytes(2, 100 << 10))]),
+        ]);
+        img.config.env = vec!["OTHER=1".into()];
+        let built = clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+            .image(img)
+            .build()
+            .unwrap();
+        reg.push(&built, "team/app", "v3").unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let index = |reference: &str, name: &str, extra: &[&str]| -> serde_json::Value {
+        let out = dir.path().join(name);
+        let mut args = vec!["index", reference, "-o", out.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        let o = clip(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+
+    // Attach: indexed here (every layer streamed), then attached.
+    let out = dir.path().join("a.clip");
+    let o = clip(&[
+        "index",
+        &app.reference,
+        "-o",
+        out.to_str().unwrap(),
+        "--attach",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("attached 3 layer indexes"),
+        "{}",
+        stderr(&o)
+    );
+    let first: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(first["reused_layers"], 0);
+
+    // The registry lists it for the image's manifest, through the tag schema.
+    let net = BlockingClient::new(ClientConfig::default()).unwrap();
+    let r = Reference::parse(&app.reference).unwrap();
+    let subject = Digest::parse(&app.digest).unwrap();
+    let listed = net
+        .block_on(net.client().referrers(&r, &subject, Some(ARTIFACT_TYPE)))
+        .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let tags = net.block_on(net.client().tags(&r)).unwrap();
+    assert!(tags.contains(&tag_schema_tag(&subject)), "{tags:?}");
+
+    // Elsewhere (no layer cache at all): every layer's index comes from the attachment, and the
+    // tree is the same.
+    let again = index(&app.reference, "b.clip", &[]);
+    assert_eq!(again["reused_layers"], 3, "{again}");
+    for k in ["entries", "checkpoints", "layers", "manifest_digest"] {
+        assert_eq!(again[k], first[k], "{k}");
+    }
+    let ls = |name: &str| clip(&["ls", dir.path().join(name).to_str().unwrap(), "/mid"]).stdout;
+    assert_eq!(ls("a.clip"), ls("b.clip"));
+    assert_eq!(
+        index(&app.reference, "c.clip", &["--no-attached"])["reused_layers"],
+        0
+    );
+
+    // A damaged attachment: blobs under the right keys that are not layer indexes.
+    let rd = Reference::parse(&damaged.reference).unwrap();
+    let img = net.block_on(net.client().resolve(&rd, None)).unwrap();
+    let blobs = img
+        .manifest
+        .layers()
+        .iter()
+        .map(|d| ArtifactBlob {
+            media_type: "application/vnd.dev.clip.layer-index.v2".into(),
+            bytes: b"not a layer index".to_vec().into(),
+            annotations: [(
+                clip_core::indexer::attached::KEY_ANNOTATION.to_owned(),
+                clip_core::indexer::layer_key(
+                    &Digest::parse(d.digest().as_ref()).unwrap(),
+                    4 << 20,
+                ),
+            )]
+            .into(),
+        })
+        .collect();
+    let (mbytes, _, _) = net
+        .block_on(net.client().manifest(&rd, img.manifest_digest.as_str()))
+        .unwrap();
+    net.block_on(net.client().attach(
+        &rd,
+        (
+            &img.manifest_digest,
+            MANIFEST_MEDIA_TYPE,
+            mbytes.len() as u64,
+        ),
+        ARTIFACT_TYPE,
+        blobs,
+        std::collections::BTreeMap::new(),
+    ))
+    .unwrap();
+    assert_eq!(index(&damaged.reference, "d.clip", &[])["reused_layers"], 0);
+
+    // An attachment made for `app`, listed under `foreign`'s tag: its subject is not `foreign`.
+    let foreign_subject = Digest::parse(&foreign.digest).unwrap();
+    let list = serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [{
+        "mediaType": MANIFEST_MEDIA_TYPE, "digest": listed[0].digest.to_string(),
+        "size": listed[0].size, "artifactType": ARTIFACT_TYPE}]});
+    net.block_on(net.client().push_manifest(
+        &r,
+        &tag_schema_tag(&foreign_subject),
+        INDEX_MEDIA_TYPE,
+        serde_json::to_vec(&list).unwrap().into(),
+    ))
+    .unwrap();
+    assert_eq!(index(&foreign.reference, "e.clip", &[])["reused_layers"], 0);
+    // (The same layers did come from an attachment made for them: the refusal is the subject's.)
+    let o = clip(&[
+        "index",
+        &foreign.reference,
+        "-o",
+        dir.path().join("f.clip").to_str().unwrap(),
+        "--attach",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(index(&foreign.reference, "g.clip", &[])["reused_layers"], 3);
+}

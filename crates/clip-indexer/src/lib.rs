@@ -45,6 +45,7 @@
 //! # Ok::<(), clip_indexer::Error>(())
 //! ```
 
+pub mod attached;
 mod image;
 mod layer;
 mod layout;
@@ -53,6 +54,7 @@ mod reuse;
 mod tarwalk;
 pub mod toc;
 
+pub use attached::{AttachSummary, Attached, attach};
 pub use image::{ImageTree, LayerDesc};
 pub use layer::index_gzip_layer;
 pub use layout::{layout_blob, layout_image};

@@ -26,6 +26,9 @@
 //! challenge names), monolithic and chunked uploads, manifests and indexes, tag lists, and
 //! [`Client::push_layout`] for OCI layouts as buildah writes them.
 //!
+//! Referrers ([`referrers`]): artifacts attached to a manifest (OCI 1.1 `subject`), attached
+//! and found through the referrers API or, where a registry lacks it, the referrers tag schema.
+//!
 //! Redirects are followed by hand: credentials go only to the registry, and a blob's redirect
 //! target (object storage) is reused for a minute, falling back to the registry when it stops
 //! answering.
@@ -55,6 +58,7 @@ pub mod oci;
 mod pull;
 mod push;
 mod reference;
+pub mod referrers;
 mod transport;
 pub mod trust;
 

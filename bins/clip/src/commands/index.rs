@@ -14,13 +14,21 @@ use crate::cli::{IndexArgs, split_layout};
 
 pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
     check_output(&args.output)?;
-    let layer_store = args
+    // Attaching needs every layer's index kept: a temporary layer cache when none is named.
+    let scratch = (args.attach && args.layer_cache.is_none())
+        .then(tempfile::tempdir)
+        .transpose()?;
+    let local = args
         .layer_cache
-        .map(|d| Arc::new(DirLayerStore::new(d)) as Arc<dyn LayerIndexStore>);
+        .clone()
+        .or_else(|| scratch.as_ref().map(|d| d.path().to_owned()))
+        .map(DirLayerStore::new);
     let mut opts = IndexOptions {
-        platform: args.platform,
+        platform: args.platform.clone(),
         checkpoint_bytes: args.checkpoint_mib.max(1) << 20,
-        layer_store,
+        layer_store: local
+            .clone()
+            .map(|l| Arc::new(l) as Arc<dyn LayerIndexStore>),
         ..IndexOptions::default()
     };
     let start = std::time::Instant::now();
@@ -47,6 +55,10 @@ pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
             .context("name an image, or use --oci-layout DIR")?;
         let reference = Reference::parse(&image)?;
         let client = args.registry.client(&reference.registry)?;
+        if !args.no_attached {
+            opts.layer_store =
+                with_attached(&client, &reference, args.platform.as_ref(), local.clone())?;
+        }
         let line2 = std::sync::Arc::clone(&line);
         let progress = move |p: &Progress| {
             if let Progress::Resolved { bytes, .. } = p {
@@ -60,10 +72,27 @@ pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
             reference: &image,
             client: &client,
         };
-        (
-            index(input, &args.output, &opts, Some(&progress))?,
-            reference.to_string(),
-        )
+        let s = index(input, &args.output, &opts, Some(&progress))?;
+        if args.attach
+            && let Some(local) = &local
+        {
+            let a = clip_core::indexer::attach(
+                &client,
+                &image,
+                args.platform.as_ref(),
+                local,
+                opts.checkpoint_bytes,
+                None,
+            )?;
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!(
+                    "attached {} layer indexes ({} bytes) to {}@{} as {}",
+                    a.layers, a.bytes, reference, a.subject, a.artifact
+                );
+            }
+        }
+        (s, reference.to_string())
     };
     summary(
         &s,
@@ -73,6 +102,43 @@ pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
         json,
         out,
     )
+}
+
+/// The layer stores to index with: the local cache (if any), then the layer indexes attached to
+/// the image in its registry (if any are found for the platform manifest).
+fn with_attached(
+    client: &clip_core::registry::BlockingClient,
+    reference: &Reference,
+    platform: Option<&clip_core::registry::Platform>,
+    local: Option<DirLayerStore>,
+) -> anyhow::Result<Option<Arc<dyn LayerIndexStore>>> {
+    let resolved = client.block_on(client.client().resolve(reference, platform))?;
+    let attached = match clip_core::indexer::Attached::find(
+        client,
+        &resolved.reference,
+        &resolved.manifest_digest,
+        None,
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("looking for attached layer indexes failed ({e}); indexing here");
+            }
+            None
+        }
+    };
+    let mut tiers: Vec<Box<dyn LayerIndexStore>> = Vec::new();
+    if let Some(l) = local {
+        tiers.push(Box::new(l));
+    }
+    if let Some(a) = attached {
+        tiers.push(Box::new(a));
+    }
+    Ok(match tiers.len() {
+        0 => None,
+        _ => Some(Arc::new(clip_core::indexer::Tiered(tiers))),
+    })
 }
 
 /// Progress on stderr, one line per layer (stdout stays the summary).
