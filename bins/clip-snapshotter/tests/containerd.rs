@@ -1000,3 +1000,104 @@ fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
         .unwrap();
     assert_eq!(stdout(&o), "private\n");
 }
+
+/// The index travels with the image: an image whose layer indexes are attached in its registry,
+/// signed with the fleet's key, is prepared lazily by a node that trusts the key without
+/// streaming any layer; the same attachment unsigned is refused (the tree is committed under
+/// chain ids other pulls trust) and the node indexes the image itself.
+#[test]
+fn a_signed_attachment_spares_the_node_streaming_the_layers() {
+    use clip_core::indexer::{DirLayerStore, IndexOptions, Input, attach, index};
+    if !clip_testkit::require(NEEDS) {
+        return;
+    }
+    let reg = Registry::start_anonymous().unwrap();
+    // Two images (other chain ids): one attached signed, one unsigned.
+    let image = |greeting: &str| {
+        let mut entries = clip_testkit::image::busybox_entries(&["sh", "cat"]);
+        entries.push(Entry::file("etc/greeting", greeting));
+        ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+            .image(Image::new(vec![
+                Layer::new(entries),
+                Layer::new(vec![Entry::file(
+                    "opt/data.bin",
+                    clip_testkit::image::random_bytes(5, 2 << 20),
+                )]),
+            ]))
+            .build()
+            .unwrap()
+    };
+    let signed = reg
+        .push(&image("attached\n"), "fleet/signed", "v1")
+        .unwrap();
+    let unsigned = reg
+        .push(&image("unsigned\n"), "fleet/unsigned", "v1")
+        .unwrap();
+    // CI (or index on push) indexes the image once and attaches its layer indexes.
+    let ci = tempfile::tempdir().unwrap();
+    let (key_text, key) = clip_core::objstore::signed::SigningKey::generate().unwrap();
+    let net =
+        clip_core::registry::BlockingClient::new(clip_core::registry::ClientConfig::default())
+            .unwrap();
+    let store = DirLayerStore::new(ci.path().join("layers"));
+    let span = 1 << 20;
+    for (image, seal) in [(&signed.reference, true), (&unsigned.reference, false)] {
+        let opts = IndexOptions {
+            checkpoint_bytes: span,
+            layer_store: Some(std::sync::Arc::new(store.clone())),
+            ..IndexOptions::default()
+        };
+        let input = Input::Registry {
+            reference: image,
+            client: &net,
+        };
+        index(input, &ci.path().join("a.clip"), &opts, None).unwrap();
+        let sealer = |k: &str, b: &[u8]| key.seal(k, b);
+        attach(&net, image, None, &store, span, seal.then_some(&sealer)).unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("snapshotter.yaml"),
+        format!(
+            "imageService:\n  cacheDir: {}\n  cacheSizeGiB: 1\n  checkpointMiB: 1\n  trustedKeys: [\"{}\"]\n",
+            dir.path().join("cache").display(),
+            key.public()
+        ),
+    )
+    .unwrap();
+    drop(key_text);
+    let snap = Snapshotter::start(dir.path());
+    let ctd = Containerd::start(&ContainerdOptions {
+        snapshotter_socket: Some(snap.socket.clone()),
+        ..ContainerdOptions::default()
+    })
+    .unwrap();
+    let s = lazy_pull(&ctd, &signed.reference);
+    assert_eq!(s.lazy_layers, 2, "{s:?}");
+    let log = snap.log();
+    assert!(log.contains("found attached layer indexes"), "{log}");
+    assert!(log.contains("layers_reused=2"), "nothing streamed: {log}");
+    let o = ctd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            &signed.reference,
+            &cid("attached"),
+            "cat",
+            "/etc/greeting",
+        ])
+        .unwrap();
+    assert_eq!(stdout(&o), "attached\n");
+
+    // Unsigned: refused, the image is indexed here (its layers streamed), still lazily.
+    let s = lazy_pull(&ctd, &unsigned.reference);
+    assert_eq!(s.lazy_layers, 2, "{s:?}");
+    let log = snap.log();
+    assert!(
+        log.contains("unsigned, and this tree needs signed layer indexes"),
+        "{log}"
+    );
+}

@@ -169,6 +169,9 @@ pub struct Lazy {
     cfg: Config,
     net: BlockingClient,
     layer_store: Arc<dyn LayerIndexStore>,
+    /// Checks layer indexes attached to images in their registries (signed ones only: trees
+    /// are committed under chain ids other pulls trust).
+    trust: Arc<clip_core::objstore::signed::Trust>,
     server: ServerCommand,
     manifests: Mutex<HashMap<Digest, ManifestFacts>>,
     /// One lock per tree: a tree is indexed and mounted once, however many ask at once.
@@ -209,6 +212,7 @@ impl Lazy {
             root: root.to_owned(),
             net: node::registry_client(&cfg)?,
             layer_store: Arc::new(node::layer_cache(&cfg)?),
+            trust: Arc::new(node::trust(&cfg)?),
             cfg,
             server,
             manifests: Mutex::new(HashMap::new()),
@@ -386,13 +390,20 @@ impl Lazy {
         if clip_core::format::Archive::open(&path).is_ok() {
             return Ok(path);
         }
-        let reference = pinned(&l.image, &l.manifest)?.to_string();
-        let opts = IndexOptions {
+        let r = pinned(&l.image, &l.manifest)?;
+        let reference = r.to_string();
+        // Layer indexes attached to the image in its registry, signed by a trusted key, are
+        // used like the node's own: those layers are not streamed.
+        let attached =
+            node::attached_indexes(&self.net, &r, &l.manifest, Arc::clone(&self.trust), true)
+                .map(Arc::new);
+        let mut opts = IndexOptions {
             layers: Some(l.depth),
             // The tree is committed under chain ids: every layer's diff_id is checked.
             verify_diff_ids: true,
             ..node::index_options(&self.cfg, Arc::clone(&self.layer_store))
         };
+        opts.layer_store = node::with_attached(opts.layer_store.take(), attached);
         let started = Instant::now();
         let summary = clip_core::indexer::index(
             Input::Registry {

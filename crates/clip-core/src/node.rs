@@ -55,6 +55,18 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// A signing key or a trusted key is unusable.
+    #[error(transparent)]
+    Keys(#[from] crate::objstore::signed::SignError),
+    /// A file of trusted keys could not be read.
+    #[error("reading trusted keys {}: {source}", path.display())]
+    TrustedKeys {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A mount server exited, or did not answer in time.
     #[error("mounting {}: {reason}", mountpoint.display())]
     Server {
@@ -140,6 +152,91 @@ pub fn index_options(
         layer_store: Some(layer_store),
         ..indexer::IndexOptions::default()
     }
+}
+
+/// What this node signs with and accepts from shared places — stores and attachments in
+/// registries (`signingKey`, `trustedKeys`, `allowUnsigned`). A `trustedKeys` entry is a public
+/// key's text or the path of a file of them, one per line (`#` comments allowed).
+pub fn trust(cfg: &Config) -> Result<crate::objstore::signed::Trust, NodeError> {
+    use crate::objstore::signed::{PublicKey, SigningKey, Trust};
+    let signer = cfg
+        .signing_key
+        .as_deref()
+        .map(SigningKey::load)
+        .transpose()?;
+    let mut trusted = Vec::new();
+    for entry in &cfg.trusted_keys {
+        if entry.trim_start().starts_with("clip-ed25519 ") {
+            trusted.push(entry.parse::<PublicKey>()?);
+            continue;
+        }
+        let text = std::fs::read_to_string(entry).map_err(|source| NodeError::TrustedKeys {
+            path: PathBuf::from(entry),
+            source,
+        })?;
+        for line in text.lines().map(str::trim) {
+            if !line.is_empty() && !line.starts_with('#') {
+                trusted.push(line.parse::<PublicKey>()?);
+            }
+        }
+    }
+    Ok(Trust {
+        signer,
+        trusted,
+        allow_unsigned: cfg.allow_unsigned,
+    })
+}
+
+/// The layer indexes attached to `manifest` in `reference`'s repository, each checked by
+/// `trust` (signed by a trusted key, or unsigned where `allowUnsigned`; with `signed_only`,
+/// unsigned never — for trees committed under chain ids). `None` when there are none or the
+/// registry does not answer, with one log line saying why the image is indexed here.
+#[must_use]
+pub fn attached_indexes(
+    net: &registry::BlockingClient,
+    reference: &registry::Reference,
+    manifest: &crate::format::Digest,
+    trust: Arc<crate::objstore::signed::Trust>,
+    signed_only: bool,
+) -> Option<indexer::Attached> {
+    let verify: indexer::attached::Verifier = Arc::new(move |key: &str, bytes: Vec<u8>| {
+        if signed_only && !crate::objstore::signed::is_signed(&bytes) {
+            return Err("unsigned, and this tree needs signed layer indexes".to_owned());
+        }
+        trust
+            .open(key, &bytes)
+            .map(<[u8]>::to_vec)
+            .map_err(|e| e.to_string())
+    });
+    match indexer::Attached::find(net, reference, manifest, Some(verify)) {
+        Ok(Some(a)) => Some(a),
+        Ok(None) => {
+            tracing::info!(image = %reference, "no layer indexes attached to the image; indexing here");
+            None
+        }
+        Err(e) => {
+            tracing::info!(image = %reference, error = %e, "looking for attached layer indexes failed; indexing here");
+            None
+        }
+    }
+}
+
+/// `base`, then the layer indexes attached to the image (if found): the tiers to index
+/// `reference` (pinned at `manifest`) with.
+#[must_use]
+pub fn with_attached(
+    base: Option<Arc<dyn indexer::LayerIndexStore>>,
+    attached: Option<Arc<indexer::Attached>>,
+) -> Option<Arc<dyn indexer::LayerIndexStore>> {
+    let Some(a) = attached else {
+        return base;
+    };
+    let mut tiers: Vec<Box<dyn indexer::LayerIndexStore>> = Vec::new();
+    if let Some(b) = base {
+        tiers.push(Box::new(b));
+    }
+    tiers.push(Box::new(a));
+    Some(Arc::new(indexer::Tiered(tiers)))
 }
 
 /// Object-store settings from the configuration's `s3:` sections.

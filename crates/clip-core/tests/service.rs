@@ -915,3 +915,47 @@ fn rewritten_archives_and_layer_indexes_in_a_shared_store_are_refused() {
     let (_, logs) = with_logs(|| fourth.pull_and_archive(&image));
     assert!(logs.contains("not in trustedKeys"), "{logs}");
 }
+
+/// A worker attaches what it indexed to the image in its registry, signed with the fleet's key;
+/// another worker with its own store and an empty cache finds it and streams no layer. A
+/// worker that does not trust the key, or a second attach of the same image, uses or makes
+/// nothing new.
+#[test]
+fn an_attached_signed_index_is_found_by_every_worker_that_trusts_the_key() {
+    let reg = Registry::start_anonymous().unwrap();
+    let image = push_sample(&reg);
+    let keys = tempfile::tempdir().unwrap();
+    let key = fleet_key(keys.path());
+    let public = clip_core::objstore::signed::SigningKey::load(&key)
+        .unwrap()
+        .public()
+        .to_string();
+
+    let a = tempfile::tempdir().unwrap();
+    let mut cfg = config(a.path(), 2);
+    cfg.signing_key = Some(key.clone());
+    let first = service(a.path(), cfg);
+    let r = first.pull_and_archive(&image).unwrap();
+    assert_eq!((r.reused_layers, r.attached_layers), (0, 0));
+    let attached = first.attach_index(&image).unwrap().expect("attached");
+    assert_eq!(attached.layers, 2);
+    assert!(
+        first.attach_index(&image).unwrap().is_none(),
+        "attached once"
+    );
+
+    // Another worker, its own store and cache, trusting the fleet's key.
+    let b = tempfile::tempdir().unwrap();
+    let mut cfg = config(b.path(), 2);
+    cfg.trusted_keys = vec![public];
+    let second = service(b.path(), cfg);
+    let r = second.pull_and_archive(&image).unwrap();
+    assert_eq!((r.reused_layers, r.attached_layers), (2, 2), "{r:?}");
+
+    // A worker that trusts no key (signatures required by default): indexes the image itself.
+    let c = tempfile::tempdir().unwrap();
+    let third = service(c.path(), config(c.path(), 2));
+    let (r, logs) = with_logs(|| third.pull_and_archive(&image).unwrap());
+    assert!(logs.contains("found attached layer indexes"), "{logs}");
+    assert_eq!((r.reused_layers, r.attached_layers), (0, 0), "{r:?}");
+}

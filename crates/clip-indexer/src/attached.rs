@@ -57,6 +57,7 @@ pub struct Attached {
     artifact: Digest,
     blobs: HashMap<String, (Digest, u64)>,
     verify: Option<Verifier>,
+    used: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Attached {
@@ -108,6 +109,7 @@ impl Attached {
                 artifact: found.digest.clone(),
                 blobs,
                 verify,
+                used: std::sync::atomic::AtomicUsize::new(0),
             }));
         }
         Ok(None)
@@ -123,6 +125,12 @@ impl Attached {
     #[must_use]
     pub fn len(&self) -> usize {
         self.blobs.len()
+    }
+
+    /// How many layer indexes were handed out (read, and accepted by the verifier).
+    #[must_use]
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether it carries none.
@@ -155,7 +163,7 @@ impl LayerIndexStore for Attached {
                 return None;
             }
         };
-        match &self.verify {
+        let out = match &self.verify {
             None => Some(bytes),
             Some(v) => match v(key, bytes) {
                 Ok(b) => Some(b),
@@ -164,7 +172,11 @@ impl LayerIndexStore for Attached {
                     None
                 }
             },
+        };
+        if out.is_some() {
+            self.used.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        out
     }
 
     fn put(&self, _key: &str, _bytes: &[u8]) -> std::io::Result<bool> {

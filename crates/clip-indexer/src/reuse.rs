@@ -457,6 +457,21 @@ pub trait LayerIndexStore: Send + Sync + std::fmt::Debug {
     }
 }
 
+impl<T: LayerIndexStore + ?Sized> LayerIndexStore for std::sync::Arc<T> {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        (**self).get(key)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> std::io::Result<bool> {
+        (**self).put(key, bytes)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn discard(&self, key: &str) {
+        (**self).discard(key);
+    }
+}
+
 /// Layer indexes as files in a local directory (temp file, fsync, hard link into place: the
 /// link fails if another process got there first).
 #[derive(Debug, Clone)]

@@ -214,6 +214,11 @@ pub struct IndexOnPush {
     /// `POST /v1/registry-events`.
     #[serde(rename = "secretFile")]
     pub secret_file: Option<PathBuf>,
+    /// Attach what is indexed to the image in its registry (its layer indexes as an OCI 1.1
+    /// artifact whose subject is the platform manifest, signed with `signingKey` where one is
+    /// configured), so that every node and worker finds them. Needs push access to the
+    /// repository.
+    pub attach: bool,
 }
 
 impl IndexOnPush {

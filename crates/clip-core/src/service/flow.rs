@@ -115,6 +115,7 @@ impl ImageService {
             seconds: start.elapsed().as_secs_f64(),
             reused: true,
             reused_layers: 0,
+            attached_layers: 0,
         }
     }
 
@@ -163,6 +164,7 @@ impl ImageService {
             seconds: flow.start.elapsed().as_secs_f64(),
             reused: false,
             reused_layers,
+            attached_layers: 0,
         })
     }
 }

@@ -73,6 +73,9 @@ pub struct ArchiveResult {
     pub reused: bool,
     /// Layers whose stored index was reused instead of fetching the layer (v2).
     pub reused_layers: usize,
+    /// Of those, layers whose index came from the attachment in the image's registry
+    /// ([`crate::node::attached_indexes`]).
+    pub attached_layers: usize,
 }
 
 /// Options beyond the configuration file.
@@ -89,6 +92,7 @@ pub struct ImageService {
     net: registry::BlockingClient,
     store: Arc<dyn ArchiveStore>,
     layer_store: Arc<dyn indexer::LayerIndexStore>,
+    trust: Arc<clip_objstore::signed::Trust>,
     mounts: Mutex<HashMap<String, Arc<MountedImage>>>,
     locks: crate::locks::KeyedLocks<ImageId>,
 }
@@ -121,12 +125,14 @@ impl ImageService {
         let mut tiers: Vec<Box<dyn indexer::LayerIndexStore>> =
             vec![Box::new(crate::node::layer_cache(&cfg)?)];
         tiers.extend(store.shared_layer_indexes());
+        let trust = Arc::new(crate::node::trust(&cfg)?);
         let svc = Self {
             cfg,
             opts,
             net,
             store,
             layer_store: Arc::new(indexer::Tiered(tiers)),
+            trust,
             mounts: Mutex::new(HashMap::new()),
             locks: crate::locks::KeyedLocks::default(),
         };

@@ -442,6 +442,19 @@ fn index_job(svc: &ImageService, shared: &Shared, job: &Job) -> Result<(), JobEr
     }
     let started = Instant::now();
     let r = svc.pull_and_archive(&pinned)?;
+    if conf.attach && r.version == super::ArchiveVersion::V2 {
+        // The index travels with the image: every node finds it. A failure to attach (no push
+        // access) leaves the archive in the store and is logged, not retried.
+        match svc.attach_index(&pinned) {
+            Ok(Some(a)) => {
+                tracing::info!(image = %pinned, artifact = %a.artifact, layers = a.layers, "index on push: attached the layer indexes to the image");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(image = %pinned, error = %e, "index on push: attaching the layer indexes failed");
+            }
+        }
+    }
     let lag = job
         .pushed_at
         .and_then(|t| SystemTime::now().duration_since(t).ok());

@@ -1,6 +1,7 @@
 //! PullAndArchiveImage: v2 indexes straight from the source registry; v1 copies the image into
 //! an OCI layout, extracts and archives it. Any v2 failure falls back to v1.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use clip_policy::PullPlan;
@@ -46,7 +47,20 @@ impl ImageService {
                 reference: image_ref,
                 client: &self.net,
             };
-            match indexer::index(input, &out, &self.index_options(), None) {
+            // The layer indexes attached to the image in its registry, if any: layers they
+            // cover are not streamed.
+            let attached = crate::node::attached_indexes(
+                &self.net,
+                &resolved.reference,
+                &resolved.manifest_digest,
+                Arc::clone(&self.trust),
+                false,
+            )
+            .map(Arc::new);
+            let mut opts = self.index_options();
+            opts.layer_store =
+                crate::node::with_attached(opts.layer_store.take(), attached.clone());
+            match indexer::index(input, &out, &opts, None) {
                 Ok(s) => {
                     tracing::info!(
                         image = image_ref,
@@ -54,7 +68,10 @@ impl ImageService {
                         reused_layers = s.reused_layers,
                         "v2 archive created directly from registry"
                     );
-                    return self.finish(flow, &id, ArchiveVersion::V2, &out, None, s.reused_layers);
+                    let mut r =
+                        self.finish(flow, &id, ArchiveVersion::V2, &out, None, s.reused_layers)?;
+                    r.attached_layers = attached.as_ref().map_or(0, |a| a.used());
+                    return Ok(r);
                 }
                 Err(e) => {
                     let reason = FallbackReason::IndexFailed(e);
@@ -66,5 +83,40 @@ impl ImageService {
         tracing::info!(image = image_ref, "Creating legacy archive (Clip v1)");
         archive::archive_image(image_ref, &self.net, None, &out, None)?;
         self.finish(flow, &id, ArchiveVersion::V1, &out, fallback.as_ref(), 0)
+    }
+}
+
+impl ImageService {
+    /// Attaches the layer indexes of `image_ref` (as this worker indexed them, in its layer
+    /// cache) to the image in its registry, signed with `signingKey` where one is configured;
+    /// `None` when the image already carries an attachment of every layer.
+    pub fn attach_index(
+        &self,
+        image_ref: &str,
+    ) -> Result<Option<indexer::AttachSummary>, ServiceError> {
+        let reference = registry::Reference::parse(image_ref)?;
+        let resolved = self
+            .net
+            .block_on(self.net.client().resolve(&reference, None))?;
+        let present = indexer::Attached::find(
+            &self.net,
+            &resolved.reference,
+            &resolved.manifest_digest,
+            None,
+        )?;
+        if present.is_some_and(|a| a.len() >= resolved.manifest.layers().len()) {
+            return Ok(None);
+        }
+        let local = crate::node::layer_cache(&self.cfg)?;
+        let trust = Arc::clone(&self.trust);
+        let seal = move |key: &str, bytes: &[u8]| trust.seal(key, bytes);
+        Ok(Some(indexer::attach(
+            &self.net,
+            resolved.reference.to_string().as_str(),
+            None,
+            &local,
+            self.cfg.checkpoint_mib.max(1) << 20,
+            Some(&seal),
+        )?))
     }
 }

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clip_objstore::signed::{HEADER_LEN, PublicKey, SigningKey, Trust, is_signed};
+use clip_objstore::signed::{HEADER_LEN, Trust, is_signed};
 use clip_objstore::{RemoteObject, RemoteOptions};
 
 use super::error::{ServiceError, io};
@@ -233,35 +233,6 @@ pub struct S3ArchiveStore {
     staging: PathBuf,
     copies: PathBuf,
     trust: Arc<Trust>,
-}
-
-/// What this node signs with and accepts from shared stores (`signingKey`, `trustedKeys`,
-/// `allowUnsigned`). A `trustedKeys` entry is a public key's text or the path of a file of
-/// them, one per line (`#` comments allowed).
-pub fn trust(cfg: &clip_policy::Config) -> Result<Trust, ServiceError> {
-    let signer = cfg
-        .signing_key
-        .as_deref()
-        .map(SigningKey::load)
-        .transpose()?;
-    let mut trusted = Vec::new();
-    for entry in &cfg.trusted_keys {
-        if entry.trim_start().starts_with("clip-ed25519 ") {
-            trusted.push(entry.parse::<PublicKey>()?);
-            continue;
-        }
-        let text = std::fs::read_to_string(entry).map_err(io("reading trusted keys", entry))?;
-        for line in text.lines().map(str::trim) {
-            if !line.is_empty() && !line.starts_with('#') {
-                trusted.push(line.parse::<PublicKey>()?);
-            }
-        }
-    }
-    Ok(Trust {
-        signer,
-        trusted,
-        allow_unsigned: cfg.allow_unsigned,
-    })
 }
 
 impl S3ArchiveStore {
@@ -567,7 +538,7 @@ pub(crate) fn open(
             s3,
             &cfg.cache_dir,
             runtime.clone(),
-            Arc::new(trust(cfg)?),
+            Arc::new(crate::node::trust(cfg)?),
         )?),
     })
 }
