@@ -163,7 +163,9 @@ pub(crate) struct IndexArgs {
 #[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Args)]
 pub(crate) struct MountArgs {
-    /// The archive.
+    /// The archive, or an image reference: mounted by reference, from the layer indexes
+    /// attached to the image in its registry where it has them, else indexed here (the archive
+    /// is kept in CACHE_DIR/archives).
     pub(crate) file: PathBuf,
     /// An existing directory.
     pub(crate) mountpoint: PathBuf,

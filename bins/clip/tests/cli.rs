@@ -1151,4 +1151,42 @@ fn an_attached_index_travels_with_the_image() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(index(&foreign.reference, "g.clip", &[])["reused_layers"], 3);
+
+    // Mount by reference: from the attachment, nothing indexed here.
+    if clip_testkit::require(clip_testkit::MOUNT) {
+        let mp = dir.path().join("mnt-ref");
+        let cache = dir.path().join("cache-ref");
+        std::fs::create_dir(&mp).unwrap();
+        let mount = |what: &str| {
+            clip(&[
+                "mount",
+                what,
+                mp.to_str().unwrap(),
+                "--cache-dir",
+                cache.to_str().unwrap(),
+            ])
+        };
+        let o = mount(&app.reference);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("3 layers, 3 from the index attached to the image"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(std::fs::read(mp.join("mid/b.txt")).unwrap(), b"1\n");
+        assert!(clip(&["umount", mp.to_str().unwrap()]).status.success());
+        // Again: the archive made the first time is mounted, nothing is indexed.
+        let o = mount(&app.reference);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!stderr(&o).contains("indexed"), "{}", stderr(&o));
+        assert!(clip(&["umount", mp.to_str().unwrap()]).status.success());
+        // Neither an archive nor a reference: a clear error.
+        let o = mount("no/such:file:::");
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("no such archive, and not an image reference"),
+            "{}",
+            stderr(&o)
+        );
+    }
 }

@@ -14,10 +14,13 @@ pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
         .cache_dir
         .clone()
         .unwrap_or_else(clip_core::fs::default_cache_dir);
+    // By reference: the archive made here (before a background server starts, so that its
+    // wait for the mount is not spent indexing).
+    let file = archive_for(&args, &cache_dir)?;
     if !args.foreground {
         return spawn_background(&args.mountpoint, &cache_dir);
     }
-    let archive = super::open(&args.file)?;
+    let archive = super::open(&file)?;
     let host = args
         .registry_mirror
         .clone()
@@ -29,7 +32,7 @@ pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
         .map(|p| clip_core::fs::Profile::load(&p))
         .transpose()?;
     let options = clip_core::fs::MountOptions {
-        archive: args.file,
+        archive: file,
         mountpoint: args.mountpoint,
         // The node's one span cache: `<cache dir>/spans`, as the worker and the snapshotter.
         cache_dir: clip_core::node::span_cache_dir(&cache_dir),
@@ -52,6 +55,64 @@ pub(crate) fn run(args: MountArgs) -> anyhow::Result<()> {
         ..clip_core::fs::MountOptions::default()
     };
     foreground(options)
+}
+
+/// The archive to mount: `args.file` when it is one; for an image reference, its v2 archive in
+/// `CACHE_DIR/archives/<manifest>.clip`, made from the layer indexes attached to the image where
+/// it has them (and the node's layer cache), else by indexing the image here.
+fn archive_for(args: &MountArgs, cache_dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use clip_core::indexer::{self, DirLayerStore, LayerIndexStore};
+    use std::sync::Arc;
+    if args.file.exists() {
+        return Ok(args.file.clone());
+    }
+    let text = args.file.to_string_lossy();
+    let reference = clip_core::registry::Reference::parse(&text).with_context(|| {
+        format!("{text}: no such archive, and not an image reference to mount by reference")
+    })?;
+    let net = args.registry.client(&reference.registry)?;
+    let resolved = net.block_on(net.client().resolve(&reference, None))?;
+    let archives = cache_dir.join("archives");
+    clip_core::host::private_dir(cache_dir)?;
+    clip_core::host::private_dir(&archives)?;
+    let path = archives.join(format!("{}.clip", resolved.manifest_digest.hex()));
+    if clip_core::format::Archive::open(&path).is_ok() {
+        return Ok(path);
+    }
+    let layers = cache_dir.join("layers");
+    clip_core::host::private_dir(&layers)?;
+    let attached =
+        indexer::Attached::find(&net, &resolved.reference, &resolved.manifest_digest, None)
+            .unwrap_or_else(|e| {
+                eprintln!("looking for attached layer indexes failed ({e}); indexing here");
+                None
+            })
+            .map(Arc::new);
+    let used = attached.clone();
+    let opts = indexer::IndexOptions {
+        layer_store: clip_core::node::with_attached(
+            Some(Arc::new(DirLayerStore::new(layers)) as Arc<dyn LayerIndexStore>),
+            attached,
+        ),
+        ..indexer::IndexOptions::default()
+    };
+    let pinned = resolved.reference.to_string();
+    let s = indexer::index(
+        indexer::Input::Registry {
+            reference: &pinned,
+            client: &net,
+        },
+        &path,
+        &opts,
+        None,
+    )?;
+    eprintln!(
+        "indexed {pinned}: {} layers, {} from the index attached to the image, {} reused from this node's cache",
+        s.layers,
+        used.as_ref().map_or(0, |a| a.used()),
+        s.reused_layers - used.as_ref().map_or(0, |a| a.used()).min(s.reused_layers)
+    );
+    Ok(path)
 }
 
 /// `clip umount`.
