@@ -165,7 +165,7 @@ pub(crate) struct IndexArgs {
 pub(crate) struct MountArgs {
     /// The archive, or an image reference: mounted by reference, from the layer indexes
     /// attached to the image in its registry where it has them, else indexed here (the archive
-    /// is kept in CACHE_DIR/archives).
+    /// is kept in the cache directory).
     pub(crate) file: PathBuf,
     /// An existing directory.
     pub(crate) mountpoint: PathBuf,
