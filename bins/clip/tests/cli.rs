@@ -1190,3 +1190,76 @@ fn an_attached_index_travels_with_the_image() {
         );
     }
 }
+
+/// Where the registry speaks the referrers API (the testkit's front), attachments are listed by
+/// it (no tag-schema tag is written) and found through it; a multi-platform image gets one
+/// attachment per platform manifest, each found for its own platform only.
+#[test]
+fn attachments_use_the_referrers_api_and_follow_each_platform() {
+    use clip_core::format::Digest;
+    use clip_core::indexer::attached::ARTIFACT_TYPE;
+    use clip_core::registry::referrers::tag_schema_tag;
+    use clip_core::registry::{BlockingClient, ClientConfig, Reference};
+    use clip_testkit::image::{Entry, Image, Layer, random_bytes};
+    let reg = clip_testkit::ReferrersRegistry::start().unwrap();
+    let platform = |arch: &str, seed: u64| {
+        Image::new(vec![
+            Layer::new(vec![Entry::file(
+                "base/a.bin",
+                random_bytes(seed, 200 << 10),
+            )]),
+            Layer::new(vec![Entry::file("arch", format!("{arch}\n"))]),
+        ])
+        .platform("linux", arch, None)
+    };
+    let built = clip_testkit::ImageBuilder::new(clip_testkit::ManifestFormat::Oci)
+        .image(platform("amd64", 1))
+        .image(platform("arm64", 2))
+        .build()
+        .unwrap();
+    let pushed = reg.push(&built, "team/multi", "v1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let index = |arch: &str, name: &str, extra: &[&str]| -> (serde_json::Value, String) {
+        let out = dir.path().join(name);
+        let p = format!("linux/{arch}");
+        let mut args = vec![
+            "index",
+            &pushed.reference,
+            "-o",
+            out.to_str().unwrap(),
+            "--platform",
+            &p,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = clip(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (serde_json::from_slice(&o.stdout).unwrap(), stderr(&o))
+    };
+    for arch in ["amd64", "arm64"] {
+        let (v, err) = index(arch, &format!("{arch}-a.clip"), &["--attach"]);
+        assert_eq!(v["reused_layers"], 0, "{v}");
+        assert!(err.contains("attached 2 layer indexes"), "{err}");
+    }
+    assert_eq!(reg.recorded(), 2, "one attachment per platform manifest");
+    let net = BlockingClient::new(ClientConfig::default()).unwrap();
+    let r = Reference::parse(&pushed.reference).unwrap();
+    let tags = net.block_on(net.client().tags(&r)).unwrap();
+    assert_eq!(tags, ["v1"], "the API lists them: no tag-schema tag");
+    for arch in ["amd64", "arm64"] {
+        let (v, _) = index(arch, &format!("{arch}-b.clip"), &[]);
+        assert_eq!(v["reused_layers"], 2, "{arch}: {v}");
+        let subject = Digest::parse(v["manifest_digest"].as_str().unwrap()).unwrap();
+        let listed = net
+            .block_on(net.client().referrers(&r, &subject, Some(ARTIFACT_TYPE)))
+            .unwrap();
+        assert_eq!(listed.len(), 1, "{arch}: {listed:?}");
+        assert!(!tags.contains(&tag_schema_tag(&subject)));
+    }
+    assert!(
+        reg.requests()
+            .iter()
+            .any(|q| q.method == "GET" && q.path.contains("/referrers/sha256:")),
+        "found through the referrers API"
+    );
+}

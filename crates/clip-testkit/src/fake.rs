@@ -21,7 +21,12 @@ pub struct FakeRequest {
     pub path: String,
     /// Headers, names lowercased.
     pub headers: Vec<(String, String)>,
+    /// The body (up to [`MAX_BODY`] bytes).
+    pub body: Vec<u8>,
 }
+
+/// The largest request body the fake server reads.
+pub const MAX_BODY: usize = 64 << 20;
 
 impl FakeRequest {
     /// A header's value.
@@ -176,7 +181,7 @@ fn serve(
             if let Some((k, v)) = h.split_once(':') {
                 let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_owned());
                 if k == "content-length" {
-                    len = v.parse().unwrap_or(0).min(1 << 20);
+                    len = v.parse().unwrap_or(0).min(MAX_BODY);
                 }
                 headers.push((k, v));
             }
@@ -187,6 +192,7 @@ fn serve(
             method,
             path,
             headers,
+            body,
         };
         if let Ok(mut l) = log.lock() {
             l.push(req.clone());

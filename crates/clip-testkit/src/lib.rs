@@ -8,7 +8,8 @@
 //! - [`Registry`] — the CNCF distribution registry (`docker-registry serve`), anonymous, with
 //!   htpasswd Basic auth, with Bearer tokens from the testkit's [`token`] server (configurable
 //!   lifetime, so expiry is testable), and/or with TLS from a generated CA. It can be stopped and
-//!   restarted on the same port to model an outage.
+//!   restarted on the same port to model an outage. [`ReferrersRegistry`] puts a front before one
+//!   that speaks the OCI 1.1 referrers API (distribution 2.8 does not).
 //! - [`Tap`] — a TCP forwarder that records whether each connection opened with TLS.
 //! - [`S3`] — the `s3s-fs` S3 API server with random credentials.
 //! - [`ImageBuilder`] — seeded, deterministic OCI and Docker images (every compression, every
@@ -46,6 +47,7 @@ pub mod oracle;
 pub mod pki;
 pub mod probe;
 pub mod process;
+pub mod referrers;
 pub mod registry;
 pub mod require;
 pub mod s3;
@@ -59,6 +61,7 @@ pub use containerd::{Containerd, ContainerdOptions};
 pub use error::{Error, Result};
 pub use fake::{FakeRegistry, FakeRequest, FakeResponse};
 pub use image::{Compression, Entry, Image, ImageBuilder, Layer, ManifestFormat, SparseFormat};
+pub use referrers::ReferrersRegistry;
 pub use registry::{Auth, Registry, RegistryOptions};
 pub use require::{MOUNT, Need, require};
 pub use s3::S3;
