@@ -1263,3 +1263,59 @@ fn attachments_use_the_referrers_api_and_follow_each_platform() {
         "found through the referrers API"
     );
 }
+
+/// Through a pull-through mirror (registries.conf): the attachment is found through the mirror
+/// (the tag schema, which the mirror fetches from upstream), and a second `clip index` anywhere
+/// streams no layer.
+#[test]
+fn attachments_are_found_through_a_pull_through_mirror() {
+    let upstream = clip_testkit::Registry::start_anonymous().unwrap();
+    let (built, _) = small_image();
+    let pushed = upstream.push(&built, "team/mirrored", "v1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // CI attaches, straight to the registry.
+    let o = clip(&[
+        "index",
+        &pushed.reference,
+        "-o",
+        dir.path().join("ci.clip").to_str().unwrap(),
+        "--attach",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mirror = clip_testkit::Registry::start(clip_testkit::RegistryOptions {
+        proxy_of: Some(upstream.base_url()),
+        ..Default::default()
+    })
+    .unwrap();
+    let conf = dir.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{}\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            upstream.host(),
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    let env = [("CLIP_REGISTRIES_CONF", conf.as_path())];
+    let o = clip_env(
+        &[
+            "index",
+            &pushed.reference,
+            "-o",
+            dir.path().join("node.clip").to_str().unwrap(),
+            "--json",
+        ],
+        &env,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["reused_layers"], 1, "{v}");
+    let tag = format!("sha256-{}", pushed.digest.trim_start_matches("sha256:"));
+    assert!(
+        mirror
+            .log()
+            .contains(&format!("/v2/team/mirrored/manifests/{tag}")),
+        "the attachment was not looked up through the mirror"
+    );
+}
