@@ -149,6 +149,10 @@ pub(crate) struct IndexArgs {
     /// streaming the layers.
     #[arg(long, conflicts_with = "oci_layout")]
     pub(crate) attach: bool,
+    /// With `--attach`: sign the attached layer indexes with this key (`clip keygen`), as the
+    /// fleet's nodes require (their `trustedKeys`).
+    #[arg(long, value_name = "FILE", requires = "attach")]
+    pub(crate) signing_key: Option<PathBuf>,
     /// Do not look for layer indexes attached to the image in its registry.
     #[arg(long)]
     pub(crate) no_attached: bool,

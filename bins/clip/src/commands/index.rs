@@ -76,13 +76,21 @@ pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
         if args.attach
             && let Some(local) = &local
         {
+            let key = args
+                .signing_key
+                .as_deref()
+                .map(clip_core::objstore::signed::SigningKey::load)
+                .transpose()?;
+            let seal = key
+                .as_ref()
+                .map(|k| move |name: &str, bytes: &[u8]| k.seal(name, bytes));
             let a = clip_core::indexer::attach(
                 &client,
                 &image,
                 args.platform.as_ref(),
                 local,
                 opts.checkpoint_bytes,
-                None,
+                seal.as_ref().map(|s| s as clip_core::indexer::attached::Sealer<'_>),
             )?;
             #[allow(clippy::print_stderr)]
             {

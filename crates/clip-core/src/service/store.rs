@@ -8,7 +8,7 @@
 //! ([`S3LayerStore`]), so base layers are indexed once per fleet.
 //!
 //! What is read back from an S3 store is bounded in size and, unless `allowUnsigned`, must be
-//! signed by a key the node trusts ([`trust`], `clip_objstore::signed`): archives and layer
+//! signed by a key the node trusts ([`crate::node::trust`], `clip_objstore::signed`): archives and layer
 //! indexes are written signed with `signingKey` (the object's name bound into the signature) and
 //! an unsigned, altered or foreign-signed one is refused — an archive is then replaced by this
 //! node's own, a layer index indexed again. A local directory store is the node's own disk and
