@@ -3,8 +3,9 @@
 //!
 //! # Model
 //!
-//! The attachment carries the image's per-layer indexes ([`crate::reuse`]'s encoding, one blob
-//! per layer, annotated with its store key), not a merged archive. Layer indexes are a function
+//! The attachment carries the image's per-layer indexes (the stored layer-index encoding,
+//! [`crate::encode_layer_index`]; one blob per layer, annotated with its store key), not a
+//! merged archive. Layer indexes are a function
 //! of the layer blob and the span size only, so images that share base layers push the same
 //! blobs — the registry stores them once — and a node's layer-index cache fills by layer digest
 //! whichever image brought them. A node builds the archive from them (merging is local and

@@ -90,7 +90,8 @@ pub(crate) fn run(args: IndexArgs, out: &mut impl Write) -> anyhow::Result<()> {
                 args.platform.as_ref(),
                 local,
                 opts.checkpoint_bytes,
-                seal.as_ref().map(|s| s as clip_core::indexer::attached::Sealer<'_>),
+                seal.as_ref()
+                    .map(|s| s as clip_core::indexer::attached::Sealer<'_>),
             )?;
             #[allow(clippy::print_stderr)]
             {
