@@ -122,32 +122,10 @@ fn with_attached(
     local: Option<DirLayerStore>,
 ) -> anyhow::Result<Option<Arc<dyn LayerIndexStore>>> {
     let resolved = client.block_on(client.client().resolve(reference, platform))?;
-    let attached = match clip_core::indexer::Attached::find(
-        client,
-        &resolved.reference,
-        &resolved.manifest_digest,
-        None,
-    ) {
-        Ok(a) => a,
-        Err(e) => {
-            #[allow(clippy::print_stderr)]
-            {
-                eprintln!("looking for attached layer indexes failed ({e}); indexing here");
-            }
-            None
-        }
-    };
-    let mut tiers: Vec<Box<dyn LayerIndexStore>> = Vec::new();
-    if let Some(l) = local {
-        tiers.push(Box::new(l));
-    }
-    if let Some(a) = attached {
-        tiers.push(Box::new(a));
-    }
-    Ok(match tiers.len() {
-        0 => None,
-        _ => Some(Arc::new(clip_core::indexer::Tiered(tiers))),
-    })
+    Ok(clip_core::node::with_attached(
+        local.map(|l| Arc::new(l) as Arc<dyn LayerIndexStore>),
+        super::attached(client, &resolved).map(Arc::new),
+    ))
 }
 
 /// Progress on stderr, one line per layer (stdout stays the summary).

@@ -14,6 +14,23 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clip_core::format::Archive;
 
+/// The layer indexes attached to `image`'s platform manifest in its registry, unsigned ones
+/// included (a user's command against a registry they chose); a failed lookup is said on stderr
+/// and means indexing here.
+pub(crate) fn attached(
+    net: &clip_core::registry::BlockingClient,
+    image: &clip_core::registry::ResolvedImage,
+) -> Option<clip_core::indexer::Attached> {
+    clip_core::indexer::Attached::find(net, &image.reference, &image.manifest_digest, None)
+        .unwrap_or_else(|e| {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("looking for attached layer indexes failed ({e}); indexing here");
+            }
+            None
+        })
+}
+
 /// Writes `clip.1` and `clip-SUBCOMMAND.1` into `dir`, from the same definitions as `--help`.
 /// `clip keygen FILE`: a signing key pair, written create-only (the private key `0600`).
 pub(crate) fn keygen(file: &Path, out: &mut impl std::io::Write) -> anyhow::Result<()> {

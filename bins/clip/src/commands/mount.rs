@@ -81,13 +81,7 @@ fn archive_for(args: &MountArgs, cache_dir: &Path) -> anyhow::Result<std::path::
     }
     let layers = cache_dir.join("layers");
     clip_core::host::private_dir(&layers)?;
-    let attached =
-        indexer::Attached::find(&net, &resolved.reference, &resolved.manifest_digest, None)
-            .unwrap_or_else(|e| {
-                eprintln!("looking for attached layer indexes failed ({e}); indexing here");
-                None
-            })
-            .map(Arc::new);
+    let attached = super::attached(&net, &resolved).map(Arc::new);
     let used = attached.clone();
     let opts = indexer::IndexOptions {
         layer_store: clip_core::node::with_attached(
