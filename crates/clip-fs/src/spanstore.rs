@@ -408,14 +408,20 @@ mod tests {
         assert_eq!(max_object(u64::MAX), u64::MAX);
     }
 
-    fn store(dir: &std::path::Path, backoff: Duration) -> Arc<SpanStore> {
+    /// Nothing in these tests may depend on how fast the machine is: no store operation times
+    /// out, no claim goes stale, and no back-off ends by itself within a test.
+    const NEVER: Duration = Duration::from_mins(10);
+
+    /// A handle on the store in `dir` that waits `claim_wait` for a peer's upload (a live claim
+    /// goes stale after four of those).
+    fn store(dir: &std::path::Path, claim_wait: Duration) -> Arc<SpanStore> {
         let mut o = SpanStoreOptions::new(
             &format!("file://{}", dir.display()),
             RemoteOptions::default(),
         );
-        o.claim_wait = Duration::from_millis(200);
-        o.backoff = backoff;
-        o.timeout = Duration::from_secs(5);
+        o.claim_wait = claim_wait;
+        o.backoff = NEVER;
+        o.timeout = NEVER;
         Arc::new(SpanStore::open(&o).unwrap_or_else(|e| panic!("{e}")))
     }
 
@@ -429,36 +435,32 @@ mod tests {
     #[test]
     fn one_worker_claims_a_span_the_others_wait_for_its_upload() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let (a, b) = (
-            store(dir.path(), Duration::from_secs(30)),
-            store(dir.path(), Duration::from_secs(30)),
-        );
+        let (a, b) = (store(dir.path(), NEVER), store(dir.path(), NEVER));
+        // A peer that waits only briefly for an upload.
+        let impatient = store(dir.path(), Duration::from_millis(200));
         let key = [1u8; 32];
         rt().block_on(async {
             assert!(a.claim(&key).await, "the first claim is taken");
             assert!(!b.claim(&key).await, "a live peer's claim is respected");
             assert!(
-                b.wait_for(&key, 5).await.is_none(),
+                impatient.wait_for(&key, 5).await.is_none(),
                 "nothing uploaded yet: waits, then gives up"
             );
             a.upload(key, b"hello".to_vec(), true);
-            a.drain(Duration::from_secs(5)).await;
+            a.drain(NEVER).await;
             let got = b.wait_for(&key, 5).await.unwrap_or_default();
             assert_eq!(decode(&got, 5).as_deref(), Some(&b"hello"[..]));
             // The claim stays after the upload: a late peer reads the store, not the registry.
             assert!(!b.claim(&key).await);
             assert_eq!(a.stats().uploads, 1);
-            assert_eq!(b.stats().waited, 2);
+            assert_eq!((b.stats().waited, impatient.stats().waited), (1, 1));
         });
     }
 
     #[test]
     fn a_dead_workers_claim_and_a_failed_fetchs_claim_are_taken_over() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let (a, b) = (
-            store(dir.path(), Duration::from_secs(30)),
-            store(dir.path(), Duration::from_secs(30)),
-        );
+        let (a, b) = (store(dir.path(), NEVER), store(dir.path(), NEVER));
         let (dead, failed) = ([2u8; 32], [3u8; 32]);
         // A claim written long ago (its holder died), one dated far ahead, and garbage.
         let claims = dir.path().join("claims");
@@ -483,10 +485,7 @@ mod tests {
             a.release(failed);
             let t0 = Instant::now();
             while !b.claim(&failed).await {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(10),
-                    "the claim was never released"
-                );
+                assert!(t0.elapsed() < NEVER, "the claim was never released");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
@@ -495,7 +494,7 @@ mod tests {
     #[test]
     fn a_failing_store_is_left_alone_for_the_backoff_then_asked_again() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = store(dir.path(), Duration::from_millis(300));
+        let s = store(dir.path(), NEVER);
         let key = [6u8; 32];
         // The store's directories are files: every operation fails.
         std::fs::write(dir.path().join("claims"), b"").unwrap_or_else(|e| panic!("{e}"));
@@ -508,14 +507,18 @@ mod tests {
             assert!(s.get(&key, 5).await.is_none());
             s.upload(key, b"hello".to_vec(), false);
             assert_eq!((s.stats().errors, s.stats().uploads_skipped), (1, 1));
-            // After the backoff, and with the store repaired, it is used again.
+            // After the backoff (made to end now), and with the store repaired, it is used
+            // again.
             std::fs::remove_file(dir.path().join("claims")).unwrap_or_else(|e| panic!("{e}"));
             std::fs::remove_file(dir.path().join("spans")).unwrap_or_else(|e| panic!("{e}"));
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(s.is_down(), "still within the backoff");
+            *s.down_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
             assert!(!s.is_down());
             assert!(s.claim(&key).await);
             s.upload(key, b"hello".to_vec(), true);
-            s.drain(Duration::from_secs(5)).await;
+            s.drain(NEVER).await;
             assert_eq!(s.stats().uploads, 1);
             assert!(s.get(&key, 5).await.is_some());
         });
