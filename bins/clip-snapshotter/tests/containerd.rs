@@ -111,6 +111,15 @@ fn busybox_image(greeting: &str) -> ImageBuilder {
     ImageBuilder::new(clip_testkit::ManifestFormat::Oci).image(Image::new(vec![base, top]))
 }
 
+/// A fresh containerd whose proxy plugin `clip` is `snap`.
+fn containerd_with(snap: &Snapshotter) -> Containerd {
+    Containerd::start(&ContainerdOptions {
+        snapshotter_socket: Some(snap.socket.clone()),
+        ..ContainerdOptions::default()
+    })
+    .unwrap()
+}
+
 /// A container id unique on this machine (runc keeps its state under one global root).
 fn cid(name: &str) -> String {
     format!(
@@ -162,11 +171,7 @@ fn plain_ctr_pull_and_run_use_ordinary_overlay_snapshots() {
         )
         .unwrap();
     let snap = Snapshotter::start(dir.path());
-    let ctd = Containerd::start(&ContainerdOptions {
-        snapshotter_socket: Some(snap.socket.clone()),
-        ..ContainerdOptions::default()
-    })
-    .unwrap();
+    let ctd = containerd_with(&snap);
     ctd.ctr(&[
         "image",
         "pull",
@@ -291,11 +296,7 @@ fn clip_containerd_pull_then_ctr_run_is_lazy_and_equals_umoci() {
     )
     .unwrap();
     let snap = Snapshotter::start(dir.path());
-    let ctd = Containerd::start(&ContainerdOptions {
-        snapshotter_socket: Some(snap.socket.clone()),
-        ..ContainerdOptions::default()
-    })
-    .unwrap();
+    let ctd = containerd_with(&snap);
     let s = lazy_pull(&ctd, &pushed.reference);
     let layers = built.manifests[0].layers.len();
     assert_eq!(s.lazy_layers, layers, "{s:?}");
@@ -454,11 +455,7 @@ fn a_killed_snapshotter_leaves_running_containers_alone() {
         .push(&edge_busybox().build().unwrap(), "test/restart", "v1")
         .unwrap();
     let mut snap = Snapshotter::start(dir.path());
-    let ctd = Containerd::start(&ContainerdOptions {
-        snapshotter_socket: Some(snap.socket.clone()),
-        ..ContainerdOptions::default()
-    })
-    .unwrap();
+    let ctd = containerd_with(&snap);
     lazy_pull(&ctd, &pushed.reference);
     let reader = cid("reader");
     let script = "i=0; while [ $i -lt 60 ]; do busybox cat /etc/greeting /bin/busybox > /dev/null || exit 7; i=$((i+1)); busybox sleep 0.05; done; echo finished";
@@ -794,11 +791,7 @@ fn setuid_programs_work_in_snapshotter_containers() {
         .unwrap();
     let pushed = reg.push(&built, "test/setuid", "v1").unwrap();
     let snap = Snapshotter::start(dir.path());
-    let ctd = Containerd::start(&ContainerdOptions {
-        snapshotter_socket: Some(snap.socket.clone()),
-        ..ContainerdOptions::default()
-    })
-    .unwrap();
+    let ctd = containerd_with(&snap);
     lazy_pull(&ctd, &pushed.reference);
     // A single layer: its chain id is its diff_id.
     let chain = built.manifests[0].layers[0].diff_id.clone();
@@ -893,11 +886,7 @@ fn a_layer_is_committed_under_a_chain_id_only_for_content_that_matches_it() {
         let evil = reg.push(&evil, "evil/app", "v1").unwrap();
         let victim = reg.push(&victim, "good/app", "v1").unwrap();
         let snap = Snapshotter::start(dir.path());
-        let ctd = Containerd::start(&ContainerdOptions {
-            snapshotter_socket: Some(snap.socket.clone()),
-            ..ContainerdOptions::default()
-        })
-        .unwrap();
+        let ctd = containerd_with(&snap);
         let attack = try_pull(
             &ctd,
             &evil.reference,
@@ -968,11 +957,7 @@ fn a_layer_the_snapshotter_cannot_serve_is_streamed_to_containerd() {
         .unwrap();
     let pushed = reg.push(&built, "private/app", "v1").unwrap();
     let snap = Snapshotter::start(dir.path());
-    let ctd = Containerd::start(&ContainerdOptions {
-        snapshotter_socket: Some(snap.socket.clone()),
-        ..ContainerdOptions::default()
-    })
-    .unwrap();
+    let ctd = containerd_with(&snap);
     let with_creds = clip_core::registry::ClientConfig {
         credentials: vec![(
             reg.host(),
@@ -1068,11 +1053,7 @@ fn a_signed_attachment_spares_the_node_streaming_the_layers() {
     .unwrap();
     drop(key_text);
     let snap = Snapshotter::start(dir.path());
-    let ctd = Containerd::start(&ContainerdOptions {
-        snapshotter_socket: Some(snap.socket.clone()),
-        ..ContainerdOptions::default()
-    })
-    .unwrap();
+    let ctd = containerd_with(&snap);
     let s = lazy_pull(&ctd, &signed.reference);
     assert_eq!(s.lazy_layers, 2, "{s:?}");
     let log = snap.log();

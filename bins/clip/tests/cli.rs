@@ -600,6 +600,25 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A registries.conf in `dir` naming `mirror` (insecure) as `upstream`'s mirror; its path.
+fn mirror_conf(
+    dir: &std::path::Path,
+    upstream: &clip_testkit::Registry,
+    mirror: &clip_testkit::Registry,
+) -> std::path::PathBuf {
+    let conf = dir.join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{}\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            upstream.host(),
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
 /// A small image: one 2 MiB file and one small one, in one gzip layer.
 fn small_image() -> (clip_testkit::image::BuiltImage, Vec<u8>) {
     use clip_testkit::image::{Entry, Image, Layer, random_bytes};
@@ -716,16 +735,7 @@ fn lazy_reads_go_through_a_pull_through_mirror() {
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("registries.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[[registry]]\nlocation = \"{}\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
-            upstream.host(),
-            mirror.host()
-        ),
-    )
-    .unwrap();
+    let conf = mirror_conf(dir.path(), &upstream, &mirror);
     let env = [("CLIP_REGISTRIES_CONF", conf.as_path())];
     let archive = dir.path().join("mirrored.clip");
     let o = clip_env(
@@ -1287,16 +1297,7 @@ fn attachments_are_found_through_a_pull_through_mirror() {
         ..Default::default()
     })
     .unwrap();
-    let conf = dir.path().join("registries.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[[registry]]\nlocation = \"{}\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
-            upstream.host(),
-            mirror.host()
-        ),
-    )
-    .unwrap();
+    let conf = mirror_conf(dir.path(), &upstream, &mirror);
     let env = [("CLIP_REGISTRIES_CONF", conf.as_path())];
     let o = clip_env(
         &[
