@@ -313,5 +313,5 @@ fn build_id(
         h.update(v.as_bytes());
         h.update(b"\n");
     }
-    Ok(ImageId::parse(&hex::encode(&h.finalize()[..8])).unwrap_or_else(|| ImageId::hashed(&[])))
+    Ok(ImageId::from_digest(&h.finalize().into()))
 }

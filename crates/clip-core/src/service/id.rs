@@ -30,6 +30,12 @@ impl ImageId {
         Self(super::short_hash(parts))
     }
 
+    /// The id of what a SHA-256 `digest` names: its first 8 bytes in hex.
+    #[must_use]
+    pub(crate) fn from_digest(digest: &[u8; 32]) -> Self {
+        Self(hex::encode(&digest[..8]))
+    }
+
     /// The id as text.
     #[must_use]
     pub fn as_str(&self) -> &str {
@@ -71,5 +77,7 @@ mod tests {
             );
         }
         assert_eq!(ImageId::hashed(&[b"a"]).as_str().len(), 16);
+        let id = ImageId::from_digest(&[0xab; 32]);
+        assert_eq!(ImageId::parse(id.as_str()), Some(id));
     }
 }
